@@ -1,0 +1,257 @@
+"""The sparsity manifest and the checkpoint writer every stage shares.
+
+A checkpoint is a Hugging Face directory (safetensors) plus ``sparsity_manifest.json``:
+
+- per prunable layer: structure (``unstructured`` or ``N:M``, N zeros of M), target and measured
+  sparsity, nonzero count, shape, and a SHA-256 digest of the keep-mask;
+- the model-level totals, the recipe and history of stages that produced it, where the dense weights
+  came from (DSnoT and re-pruning need them), and the package versions.
+
+Writes go to a temporary directory beside the target and are renamed into place, so a crash or a
+full disk never leaves a half-written checkpoint that looks complete. An existing target is refused
+unless ``overwrite=True``. On load, :func:`verify_manifest` recomputes every digest: a manifest that
+disagrees with the weights (tampering, a foreign checkpoint, a bug) is an error.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .errors import CheckpointExistsError, ManifestError, SparseRuntimeError
+from .sparsity import NMPattern, mask_digest, nm_compliant, parse_structure
+
+MANIFEST_NAME = "sparsity_manifest.json"
+MANIFEST_FORMAT = "sparse-runtime/sparsity-manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class LayerRecord:
+    structure: str  # "unstructured" | "N:M"
+    target: Optional[float]
+    measured: float
+    nnz: int
+    shape: list[int]
+    mask_sha256: str
+
+
+@dataclass
+class Manifest:
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    base_model: str = ""
+    dense_source: Optional[str] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def total_measured(self) -> float:
+        n = sum(_numel(r.shape) for r in self.layers.values())
+        z = sum(_numel(r.shape) - r.nnz for r in self.layers.values())
+        return z / n if n else 0.0
+
+    @property
+    def total_target(self) -> Optional[float]:
+        if not self.layers or any(r.target is None for r in self.layers.values()):
+            return None
+        n = sum(_numel(r.shape) for r in self.layers.values())
+        return sum(r.target * _numel(r.shape) for r in self.layers.values()) / n
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "created": self.created,
+            "base_model": self.base_model,
+            "dense_source": self.dense_source,
+            "total": {"target": self.total_target, "measured": self.total_measured},
+            "layers": {k: asdict(v) for k, v in self.layers.items()},
+            "history": self.history,
+            "extra": self.extra,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where} is not a sparse-runtime sparsity manifest (format field missing or foreign)")
+        if int(data.get("version", 0)) > MANIFEST_VERSION:
+            raise ManifestError(f"{where} has manifest version {data.get('version')}; this sparse-runtime "
+                                f"reads up to {MANIFEST_VERSION}: upgrade sparse-runtime")
+        try:
+            layers = {k: LayerRecord(**v) for k, v in data["layers"].items()}
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"{where} is corrupt: {e}") from e
+        return cls(layers=layers, base_model=data.get("base_model", ""), dense_source=data.get("dense_source"),
+                   history=list(data.get("history", [])), extra=dict(data.get("extra", {})),
+                   versions=dict(data.get("versions", {})), created=data.get("created", ""))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("sparse-runtime", "torch", "transformers", "onnx", "onnxruntime", "optimum"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def layer_record(weight: torch.Tensor, structure: Optional[str] = None, target: Optional[float] = None) -> LayerRecord:
+    keep = weight.detach() != 0
+    nnz = int(keep.sum().item())
+    return LayerRecord(
+        structure=structure or "unstructured",
+        target=None if target is None else float(target),
+        measured=1.0 - nnz / max(1, keep.numel()),
+        nnz=nnz,
+        shape=list(weight.shape),
+        mask_sha256=mask_digest(keep),
+    )
+
+
+def build_manifest(model, family=None, *, targets: Optional[dict[str, float]] = None,
+                   structures: Optional[dict[str, str]] = None, base_model: str = "",
+                   dense_source: Optional[str] = None, previous: Optional[Manifest] = None,
+                   step: Optional[dict[str, Any]] = None, extra: Optional[dict[str, Any]] = None) -> Manifest:
+    """Measure ``model``'s block linears and describe them. ``previous`` carries history/targets
+    forward so a chain of stages keeps its record; ``step`` is appended to the history."""
+    from .models.family import family_of
+
+    family = family or family_of(model)
+    targets = dict(targets or {})
+    structures = dict(structures or {})
+    layers = {}
+    for name, lin in family.iter_linears(model):
+        prev = previous.layers.get(name) if previous else None
+        target = targets.get(name, prev.target if prev else None)
+        structure = structures.get(name, prev.structure if prev else "unstructured")
+        layers[name] = layer_record(lin.weight, structure, target)
+    m = Manifest(
+        layers=layers,
+        base_model=base_model or (previous.base_model if previous else ""),
+        dense_source=dense_source if dense_source is not None else (previous.dense_source if previous else None),
+        history=list(previous.history) if previous else [],
+        extra=dict(previous.extra) if previous else {},
+        versions=package_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if step:
+        m.history.append(step)
+    if extra:
+        m.extra.update(extra)
+    return m
+
+
+def verify_manifest(model, manifest: Manifest, family=None, *, rtol_sparsity: float = 0.0) -> None:
+    """Recompute every layer's mask digest and structure; raise :class:`ManifestError` on disagreement."""
+    from .models.family import family_of
+
+    family = family or family_of(model)
+    actual = dict(family.iter_linears(model))
+    missing = sorted(set(manifest.layers) - set(actual))
+    if missing:
+        raise ManifestError(
+            f"the manifest names layers the model does not have ({', '.join(missing[:3])}...): "
+            "it belongs to another model; rebuild it with `sparse-runtime inspect --write-manifest`"
+        )
+    bad = []
+    for name, rec in manifest.layers.items():
+        w = actual[name].weight.detach()
+        if list(w.shape) != list(rec.shape):
+            bad.append(f"{name}: shape {list(w.shape)} != manifest {rec.shape}")
+            continue
+        keep = w != 0
+        nnz = int(keep.sum().item())
+        if nnz != rec.nnz or mask_digest(keep) != rec.mask_sha256:
+            bad.append(f"{name}: {nnz} nonzeros (manifest says {rec.nnz}) or a different mask")
+            continue
+        pattern = parse_structure(rec.structure)
+        if isinstance(pattern, NMPattern) and not nm_compliant(w, pattern):
+            bad.append(f"{name}: manifest says {rec.structure} but the weights break that pattern")
+    if bad:
+        raise ManifestError("the sparsity manifest disagrees with the weights (tampered or corrupt checkpoint): "
+                            + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
+
+def read_manifest(path: os.PathLike) -> Manifest:
+    p = Path(path)
+    f = p / MANIFEST_NAME if p.is_dir() else p
+    if not f.is_file():
+        raise ManifestError(f"no sparsity manifest at {f}; this is not a sparse-runtime checkpoint")
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    return Manifest.from_json(data, str(f))
+
+
+class atomic_directory:
+    """Context manager yielding a temporary directory that replaces ``target`` on success.
+
+    ``target`` existing is an error unless ``overwrite``; on failure the temporary directory is
+    removed and ``target`` is untouched. A full disk becomes a clear error.
+    """
+
+    def __init__(self, target: os.PathLike, overwrite: bool = False) -> None:
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self.tmp: Optional[Path] = None
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.overwrite:
+            raise CheckpointExistsError(f"{self.target} already exists; choose another --out or pass --overwrite")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise SparseRuntimeError(
+                    f"the disk holding {self.target.parent} is full; nothing was written. Free space or "
+                    "choose another --out") from exc
+            return False
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def save_checkpoint(model, tokenizer, out: os.PathLike, manifest: Manifest, *, overwrite: bool = False,
+                    extra_files: Optional[dict[str, str]] = None) -> Path:
+    """Write model (safetensors), tokenizer and manifest atomically to ``out``."""
+    out = Path(out)
+    with atomic_directory(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out

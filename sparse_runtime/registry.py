@@ -1,0 +1,46 @@
+"""A tiny registry: one per kind of thing (pruning method, allocation, repair, exporter, engine, stage).
+
+Adding a method is adding one file and one ``@REGISTRY.register("name")`` line; nothing else changes.
+Lookups of unknown names fail with the list of known ones, so a typo names its own fix.
+"""
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        key = name.lower()
+
+        def deco(obj: T) -> T:
+            if key in self._items and self._items[key] is not obj:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        key = str(name).lower()
+        if key not in self._items:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
+            )
+        return self._items[key]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return str(name).lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
