@@ -176,12 +176,15 @@ def sequential_pass(
     device: Optional[torch.device | str] = None,
     offload: bool = False,
     batch_size: int = 8,
+    on_block_start: Optional[Callable[[int, nn.Module], None]] = None,
     on_block_end: Optional[Callable[[int, nn.Module, BlockInputs, list[torch.Tensor]], None]] = None,
     desc: str = "blocks",
 ) -> DriverTiming:
     """Walk the blocks in order; see the module docstring. ``layer_filter(full_name)`` picks the
     linears to hand to ``on_layer`` (default: all of the family's block linears).
 
+    ``on_block_start(i, block)`` runs after the block reached the device and before its statistics
+    pass (e.g. to restore dense weights for a repair that needs them).
     ``on_block_end(i, block, inputs, outputs)`` sees the block's inputs and its (pruned) outputs,
     e.g. for reconstruction errors. Returns phase timings.
     """
@@ -206,6 +209,8 @@ def sequential_pass(
         home = next(block.parameters()).device
         if offload or home != dev:
             block.to(dev)
+        if on_block_start is not None:
+            on_block_start(bi, block)
         linears = family.block_linears(block)
         prefix = f"{family.blocks_path}.{bi}."
         for group in groups_all:
