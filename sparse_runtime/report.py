@@ -90,7 +90,7 @@ def save_results(name: str, title: str, rows: Sequence[dict[str, Any]], *, proto
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
-    md = "\n".join(header_lines(title, protocol, model, notes)) + markdown_table(rows, columns)
+    md = "\n".join(header_lines(title, protocol, model, notes)) + "\n" + markdown_table(rows, columns)
     payload = {"title": title, "protocol": protocol, "model": model, "notes": notes, "machine": machine_info(),
                "versions": versions(), "rows": list(rows), **(extra or {})}
     for suffix, text in ((".md", md), (".json", json.dumps(payload, indent=1, default=str))):

@@ -1,0 +1,33 @@
+"""``sparse-runtime run RECIPE.yaml``: run (or resume) a recipe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import Command
+
+
+def add_arguments(p):
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--model", default=None, help="override the recipe's model")
+    p.add_argument("--data-dir", default=None, help="override the recipe's data directory")
+    p.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
+    p.add_argument("--overwrite", action="store_true", help="stages may replace existing outputs")
+
+
+def run(args) -> int:
+    from ..recipe import Recipe, run_recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    if args.model:
+        recipe.model = args.model
+    if args.data_dir:
+        recipe.data_dir = args.data_dir
+    work = Path(args.workdir or Path("runs") / recipe.name)
+    ctx = run_recipe(recipe, work, overwrite=args.overwrite, fresh=args.fresh)
+    print(f"recipe {recipe.name!r} finished; outputs in {work}; final model: {ctx.model}")
+    return 0
+
+
+COMMAND = Command("run", "run a recipe (a YAML list of stages); resumes from the last finished step",
+                  add_arguments, run)

@@ -1,0 +1,116 @@
+"""The foundation's stages: load, evaluate, report."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+from ..recipe import STAGES, Stage, StageContext, StageResult
+
+
+@dataclass
+class LoadConfig:
+    model: Optional[str] = None  # default: the recipe's model
+    dtype: str = "float32"
+
+
+@STAGES.register("load")
+class LoadStage(Stage):
+    """Resolve the model (converting the embedded GGUF once), check its family, measure sparsity."""
+
+    name = "load"
+    Config = LoadConfig
+
+    def run(self, ctx: StageContext, cfg: LoadConfig, out_dir: Path) -> StageResult:
+        from ..inspect import inspect_sparsity
+        from ..models import load_model
+
+        lm = load_model(cfg.model or ctx.model, cfg.dtype)
+        rep = inspect_sparsity(lm.model, lm.family)
+        spec = str(lm.path) if lm.path else lm.source
+        n_params = sum(p.numel() for p in lm.model.parameters())
+        return StageResult(model=spec, metrics={"model": lm.source, "family": lm.family.name, "parameters": n_params,
+                                                "block_sparsity": rep.total, "nm": rep.nm_all})
+
+
+@dataclass
+class EvaluateConfig:
+    ppl: bool = True
+    protocol: Optional[str] = None  # default: the recipe's protocol
+    zeroshot: list[str] = field(default_factory=list)  # task names, or ["all"] / ["wanda"] / ["atp"]
+    limit: Optional[int] = None  # items per zero-shot task (first N)
+    batch_size: int = 8
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("evaluate.limit must be a positive number of items per task")
+
+
+@STAGES.register("evaluate")
+class EvaluateStage(Stage):
+    """WikiText-2 perplexity under the protocol and, optionally, zero-shot accuracy."""
+
+    name = "evaluate"
+    Config = EvaluateConfig
+
+    def run(self, ctx: StageContext, cfg: EvaluateConfig, out_dir: Path) -> StageResult:
+        from ..eval.perplexity import wikitext2_perplexity
+        from ..models import load_model
+
+        lm = load_model(ctx.model, cfg.dtype)
+        metrics: dict = {"model": ctx.model}
+        if cfg.ppl:
+            r = wikitext2_perplexity(lm.model, lm.tokenizer, cfg.protocol or ctx.protocol, ctx.data_dir)
+            metrics["perplexity"] = r.as_dict()
+        if cfg.zeroshot:
+            from ..eval.zeroshot import evaluate_zeroshot
+
+            tasks = cfg.zeroshot[0] if len(cfg.zeroshot) == 1 else cfg.zeroshot
+            z = evaluate_zeroshot(lm.model, lm.tokenizer, tasks=tasks, limit=cfg.limit,
+                                  batch_size=cfg.batch_size, data_dir=ctx.data_dir)
+            metrics["zeroshot"] = z.as_dict()
+        (out_dir / "results.json").write_text(json.dumps(metrics, indent=1, default=str))
+        return StageResult(metrics=metrics)
+
+
+@dataclass
+class ReportConfig:
+    title: Optional[str] = None
+
+
+@STAGES.register("report")
+class ReportStage(Stage):
+    """Collect every earlier step's metrics into ``report.md`` (with machine and versions)."""
+
+    name = "report"
+    Config = ReportConfig
+
+    def run(self, ctx: StageContext, cfg: ReportConfig, out_dir: Path) -> StageResult:
+        from ..report import header_lines, markdown_table
+
+        rows = []
+        for i, rec in enumerate(ctx.results):
+            m = rec.get("metrics", {}) or {}
+            row = {"step": i, "stage": rec.get("stage"), "seconds": round(rec.get("seconds", 0.0), 1),
+                   "model": rec.get("output_model")}
+            if "perplexity" in m:
+                row["ppl"] = m["perplexity"]["ppl"]
+                row["ppl protocol"] = f"{m['perplexity']['protocol']} (seqlen {m['perplexity']['seqlen']}, {m['perplexity']['windows']} windows)"
+            if "block_sparsity" in m:
+                row["sparsity"] = m["block_sparsity"]
+            if "zeroshot" in m:
+                row["zero-shot mean acc"] = m["zeroshot"].get("mean_acc")
+            rows.append(row)
+        lines = header_lines(cfg.title or f"Run report: {ctx.workdir.name}", ctx.protocol, ctx.model)
+        text = "\n".join(lines) + "\n" + markdown_table(rows)
+        for rec in ctx.results:
+            z = (rec.get("metrics") or {}).get("zeroshot")
+            if z and z.get("rows"):
+                text += "\n## Zero-shot (lm-eval conventions, 0-shot)\n\n" + markdown_table(z["rows"])
+        (out_dir / "report.md").write_text(text)
+        (ctx.workdir / "report.md").write_text(text)
+        print(text)
+        return StageResult(metrics={"report": str(ctx.workdir / "report.md")})
