@@ -1,0 +1,18 @@
+"""Adapters for repairing sparse models by fine-tuning, behind one interface (:class:`SparseAdapter`)
+and one registry (:data:`FINETUNE_METHODS`). Importing this package registers the built-in methods:
+``masked-lora`` (autograd reference), ``lors`` (weight recompute, rearranged backward, gradient-SVD
+init) and ``dense-lora`` (plain LoRA, merged then re-pruned: the papers' LoRA*)."""
+from .base import (ADAPTERS, FINETUNE_METHODS, AdapterConfig, FinetuneMethod, SparseAdapter, TrainingCallback,
+                   adapter_state_dict, adapters_of, attach_adapters, count_trainable, dense_weight_gradients,
+                   detach_adapters, infer_masks_warning, iter_adapters, load_adapter_state_dict, parse_ranks,
+                   trainable_parameters)
+from .lora import LoRAAdapterBase, LoRAConfig
+from .masked_lora import MaskedLoRA, MaskedLoRAConfig
+from .lors import GRAD_MODES, LoRSAdapter, LoRSConfig, LoRSFunction
+from .dense_lora import DenseLoRA, DenseLoRAConfig
+
+__all__ = ["ADAPTERS", "FINETUNE_METHODS", "AdapterConfig", "FinetuneMethod", "SparseAdapter", "TrainingCallback",
+           "adapter_state_dict", "adapters_of", "attach_adapters", "count_trainable", "dense_weight_gradients",
+           "detach_adapters", "infer_masks_warning", "iter_adapters", "load_adapter_state_dict", "parse_ranks",
+           "trainable_parameters", "LoRAAdapterBase", "LoRAConfig", "MaskedLoRA", "MaskedLoRAConfig", "GRAD_MODES",
+           "LoRSAdapter", "LoRSConfig", "LoRSFunction", "DenseLoRA", "DenseLoRAConfig"]
