@@ -1,0 +1,508 @@
+"""One-shot pruning, the public verb: ``prune_model(model, tokenizer, PruneConfig(...))``.
+
+The flow (methods.md 1.2, 2, 4, 9.1):
+
+1. validate everything (options, layer selection, N:M divisibility, ATP's beta range) BEFORE any
+   work: a bad option costs nothing;
+2. draw the calibration windows (C4, the protocol's count/length/seed) unless the method needs no
+   data (plain magnitude);
+3. allocate per-block sparsities (uniform, OWL's outlier pass, ATP's schedule and its held-out beta
+   search);
+4. one sequential pass (:func:`sparse_runtime.calibration.sequential_pass`): per block, statistics
+   on the block's inputs, then for each selected linear the pruner makes the mask, an optional
+   refiner (DSnoT) changes it on the same statistics, the weight is written, and the pruned block
+   produces the next block's inputs.
+
+``prune_checkpoint`` wraps it: load, prune, write the checkpoint with its sparsity manifest (whose
+``dense_source`` records where the dense weights came from) and a per-layer sparsity plot.
+
+Which layers: the family's decoder-block linears (q, k, v, o, gate, up, down), filtered by
+``include``/``exclude`` glob patterns over full names (``model.layers.*.mlp.*``). Embeddings and
+lm_head are never pruned (dense, as in every paper here).
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .allocation import ALLOCATIONS, AllocationRequest, BlockLayout
+from .calibration import DriverTiming, InputStatistics, LayerTask, sequential_pass
+from .errors import CheckpointExistsError, ConfigError, SparseRuntimeError
+from .pruning import PRUNERS, REFINERS, MaskRefiner
+from .sparsity import NMPattern, check_sparsity, nm_compliant, parse_structure, structure_name
+
+# Refiners are imported by a fixed name -> module table, never from a user string.
+_REFINER_MODULES = {"dsnot": "sparse_runtime.repair.dsnot"}
+HELDOUT_SETS = ("wikitext2-valid", "c4")
+WIKITEXT2_VALID_REL = "wikitext-2/tokens_pytorch_examples/valid.txt"
+
+
+@dataclass
+class PruneConfig:
+    """Options of one-shot pruning (defaults follow the papers; see docs/pruning.md).
+
+    ``structure``: ``"unstructured"`` or ``"N:M"`` = N ZEROS in every M consecutive inputs of a row
+    (the papers' "prune N of M": ``2:4`` keeps 2 of 4, ``4:8`` prunes 4 of 8). With N:M the
+    sparsity is N/M; ``sparsity`` may be left out or must equal it.
+    ``allocation``: ``uniform`` | ``owl`` (``owl_m``, ``owl_lambda``) | ``atp`` (``atp_beta``: a number
+    in (0, min(2S/(L-1), 2(1-S)/(L-1))] or ``"auto"``: a search scored on held-out data).
+    Calibration ``nsamples``/``seqlen``/``seed`` default to the ``protocol``'s (``quick``).
+    """
+
+    method: str = "wanda"
+    sparsity: Optional[float] = None
+    structure: str = "unstructured"
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    atp_beta: Union[float, str] = "auto"
+    atp_candidates: int = 4
+    atp_step: Optional[float] = None
+    atp_heldout: str = "wikitext2-valid"
+    atp_heldout_windows: int = 16
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    per_row: bool = False
+    true_sequential: bool = False
+    protocol: Optional[str] = None
+    nsamples: Optional[int] = None
+    seqlen: Optional[int] = None
+    seed: Optional[int] = None
+    percdamp: float = 0.01
+    blocksize: int = 128
+    device: Optional[str] = None
+    offload: bool = False
+    batch_size: int = 8
+    refine: Optional[str] = None
+    refine_options: dict = field(default_factory=dict)
+
+    # -- resolved views -------------------------------------------------------------------------
+    @property
+    def pattern(self) -> Optional[NMPattern]:
+        return parse_structure(self.structure)
+
+    @property
+    def target(self) -> float:
+        p = self.pattern
+        return p.sparsity if p is not None else float(self.sparsity)
+
+    def calibration(self) -> dict[str, Any]:
+        from .protocols import get_protocol
+
+        proto = get_protocol(self.protocol or "quick")
+        return {"protocol": proto.name, "nsamples": self.nsamples or proto.calib_samples,
+                "seqlen": self.seqlen or proto.calib_seqlen,
+                "seed": proto.calib_seed if self.seed is None else self.seed}
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Model-independent checks; :func:`check_model` does the rest. Raises ConfigError."""
+        from .protocols import get_protocol
+
+        PRUNERS.get(self.method)
+        ALLOCATIONS.get(self.allocation)
+        pattern = parse_structure(self.structure)
+        if pattern is None:
+            if self.sparsity is None:
+                raise ConfigError("give a sparsity in [0, 1) (the fraction of weights set to zero), e.g. 0.5")
+            check_sparsity(self.sparsity)
+        elif self.sparsity is not None and abs(float(self.sparsity) - pattern.sparsity) > 1e-9:
+            raise ConfigError(f"N:M {pattern} prunes exactly {pattern.sparsity:g} of the weights ({pattern.n} zeros of "
+                              f"every {pattern.m}); drop the sparsity option or set it to {pattern.sparsity:g}")
+        if pattern is not None and self.allocation != "uniform":
+            raise ConfigError(
+                f"allocation {self.allocation!r} cannot be combined with N:M {pattern}: a uniform N:M pattern leaves "
+                "nothing to allocate, and the papers' mixed per-layer-N N:M mode is not implemented; use "
+                "allocation='uniform' with N:M, or unstructured sparsity with OWL/ATP")
+        get_protocol(self.protocol or "quick")
+        for name, v, lo in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("blocksize", self.blocksize, 1),
+                            ("batch_size", self.batch_size, 1), ("atp_candidates", self.atp_candidates, 1),
+                            ("atp_heldout_windows", self.atp_heldout_windows, 1)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not 0 <= float(self.percdamp) < 10:
+            raise ConfigError(f"percdamp (SparseGPT dampening, a fraction of mean(diag H)) must be in [0, 10), got {self.percdamp}")
+        if self.method == "sparsegpt" and pattern is not None and self.blocksize % pattern.m:
+            raise ConfigError(f"SparseGPT's blocksize {self.blocksize} must be a multiple of M={pattern.m} so N:M groups "
+                              "do not straddle column blocks")
+        if self.allocation == "owl":
+            ALLOCATIONS.get("owl")().check(self.target, BlockLayout([0, 1], [1, 1]), self)
+        if self.allocation == "atp":
+            b = self.atp_beta
+            if isinstance(b, str):
+                if b.strip().lower() != "auto":
+                    try:
+                        b = float(b)
+                    except ValueError:
+                        raise ConfigError(f"atp_beta must be a positive number or 'auto', got {self.atp_beta!r}") from None
+                    self.atp_beta = b
+                else:
+                    self.atp_beta = "auto"
+            if not isinstance(self.atp_beta, str) and not float(self.atp_beta) > 0:
+                raise ConfigError(f"ATP beta={self.atp_beta} is out of range: it must be > 0 (and at most "
+                                  "min(2S/(L-1), 2(1-S)/(L-1)))")
+            if self.atp_step is not None and not self.atp_step > 0:
+                raise ConfigError(f"atp_step must be > 0, got {self.atp_step}")
+            if self.atp_heldout not in HELDOUT_SETS:
+                raise ConfigError(f"atp_heldout must be one of {', '.join(HELDOUT_SETS)} (never the test set), "
+                                  f"got {self.atp_heldout!r}")
+        if not isinstance(self.include, (list, tuple)) or not isinstance(self.exclude, (list, tuple)):
+            raise ConfigError("include/exclude are lists of glob patterns over full layer names")
+        if self.refine is not None and str(self.refine).lower() not in _REFINER_MODULES:
+            raise ConfigError(f"unknown refiner {self.refine!r}; choose one of: {', '.join(sorted(_REFINER_MODULES))}")
+        if not isinstance(self.refine_options, dict):
+            raise ConfigError("refine_options must be a mapping of option names to values")
+
+
+@dataclass
+class PruneResult:
+    method: str
+    structure: str
+    allocation: str
+    sparsity_target: float  # parameter-weighted over the selected linears
+    sparsity_measured: float
+    targets: dict[str, float]
+    structures: dict[str, str]
+    measured: dict[str, float]
+    block_rates: dict[int, float]
+    allocation_info: dict[str, Any]
+    timing: dict[str, float]
+    peak_rss_mb: Optional[float]
+    calibration: dict[str, Any]
+    refiner: Optional[str] = None
+    checkpoint: Optional[str] = None
+    plot: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+class _PeakRSS:
+    """Peak resident memory of this process over a region (Linux: reset VmHWM via clear_refs)."""
+
+    def __init__(self) -> None:
+        self.reset_ok = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = True
+        except OSError:
+            pass
+
+    @staticmethod
+    def read_mb() -> Optional[float]:
+        try:
+            m = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+            if m:
+                return int(m.group(1)) / 1024
+        except OSError:
+            pass
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        except Exception:
+            return None
+
+
+def select_layers(model, family, cfg: PruneConfig) -> dict[str, tuple[int, str, torch.nn.Linear]]:
+    """``{full name: (block index, short name, linear)}`` of the layers to prune, in model order."""
+    out = {}
+    for bi, block in enumerate(family.blocks(model)):
+        for short, lin in family.block_linears(block).items():
+            name = f"{family.blocks_path}.{bi}.{short}"
+            if any(fnmatch.fnmatchcase(name, p) for p in cfg.include) and \
+                    not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+                out[name] = (bi, short, lin)
+    if not out:
+        raise ConfigError(f"include={cfg.include} / exclude={cfg.exclude} select no layer; names look like "
+                          f"'{family.blocks_path}.0.self_attn.q_proj' (embeddings and lm_head are never pruned)")
+    return out
+
+
+def layout_of(selected: dict[str, tuple[int, str, torch.nn.Linear]]) -> BlockLayout:
+    params: dict[int, int] = {}
+    for bi, _, lin in selected.values():
+        params[bi] = params.get(bi, 0) + lin.weight.numel()
+    blocks = sorted(params)
+    return BlockLayout(blocks, [params[b] for b in blocks])
+
+
+def check_model(model, family, cfg: PruneConfig):
+    """Model-dependent checks (selection, N:M divisibility, allocation options such as ATP's beta
+    bound). Returns (selected, layout)."""
+    selected = select_layers(model, family, cfg)
+    pattern = cfg.pattern
+    if pattern is not None:
+        for name, (_, _, lin) in selected.items():
+            pattern.check_divides(lin.in_features, name)
+    layout = layout_of(selected)
+    ALLOCATIONS.get(cfg.allocation)().check(cfg.target, layout, cfg)
+    return selected, layout
+
+
+def resolve_refiner(spec: Union[None, str, MaskRefiner], options: Optional[dict] = None) -> Optional[MaskRefiner]:
+    """``None``, a refiner object, or a known name (imported from a fixed table, never from the string)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        if not callable(getattr(spec, "refine", None)):
+            raise ConfigError(f"refiner {spec!r} has no refine() method (see sparse_runtime.pruning.MaskRefiner)")
+        return spec
+    key = spec.lower()
+    module = _REFINER_MODULES.get(key)
+    if module is None:
+        raise ConfigError(f"unknown refiner {spec!r}; choose one of: {', '.join(sorted(_REFINER_MODULES))}")
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"refiner {spec!r} is not available in this installation ({e})") from e
+    if key not in REFINERS:
+        raise ConfigError(f"refiner {spec!r} is not available: {module} did not register it "
+                          f"(REFINERS.register({key!r})); update sparse-runtime or run without the refiner")
+    obj = REFINERS.get(key)
+    if isinstance(obj, type) or (callable(obj) and not callable(getattr(obj, "refine", None))):
+        try:
+            return obj(**(options or {}))
+        except TypeError as e:
+            raise ConfigError(f"bad options for refiner {spec!r}: {e}") from e
+    if options:
+        raise ConfigError(f"refiner {spec!r} takes no options")
+    return obj
+
+
+def heldout_ids(tokenizer, cfg: PruneConfig, data_dir=None) -> tuple[torch.Tensor, int]:
+    """Held-out tokens for ATP's beta search, never the WikiText-2 TEST split: the WikiText-2
+    validation split (its first ``atp_heldout_windows`` windows), or fresh C4 windows drawn with
+    seed calibration seed + 1000."""
+    from .data.paths import find_file
+    from .data.text import c4_windows, tokenize_stream
+    from .protocols import get_protocol
+
+    seqlen = get_protocol(cfg.protocol or "quick").eval_seqlen
+    n = cfg.atp_heldout_windows
+    if cfg.atp_heldout == "c4":
+        seed = cfg.calibration()["seed"] + 1000
+        return c4_windows(tokenizer, n, seqlen, seed, data_dir).reshape(-1), seqlen
+    p = find_file(WIKITEXT2_VALID_REL, data_dir, what="WikiText-2 validation split (tokens_pytorch_examples/valid.txt)")
+    text = p.read_text(encoding="utf-8")
+    ids = tokenize_stream(tokenizer, text[: max(4000, 12 * seqlen * n)])  # enough text for n windows
+    if ids.numel() < seqlen * n:
+        ids = tokenize_stream(tokenizer, text)
+    return ids[: seqlen * n], seqlen
+
+
+def _check_refined(name: str, before_keep: torch.Tensor, new: torch.Tensor, ref: torch.Tensor,
+                   pattern: Optional[NMPattern]) -> None:
+    if new.shape != ref.shape:
+        raise SparseRuntimeError(f"the refiner returned shape {tuple(new.shape)} for {name}, expected {tuple(ref.shape)}")
+    over = (new != 0).sum(1) > before_keep.sum(1)
+    if bool(over.any()):
+        raise SparseRuntimeError(f"the refiner made rows of {name} denser than the mask allows "
+                                 f"({int(over.sum())} rows): refiners must keep each row's count")
+    if pattern is not None and not nm_compliant(new, pattern):
+        raise SparseRuntimeError(f"the refiner broke the {pattern} pattern of {name}")
+
+
+class _Pruning:
+    """One pruning job on one model: the pass, the allocation trials, the timing."""
+
+    def __init__(self, model, family, cfg, pruner, refiner, selected, calib_ids):
+        self.model, self.family, self.cfg = model, family, cfg
+        self.pruner, self.refiner, self.selected, self.calib_ids = pruner, refiner, selected, calib_ids
+        self.pattern = cfg.pattern
+        self.needs = frozenset(pruner.needs) | frozenset(getattr(refiner, "needs", frozenset()) if refiner else ())
+        self.uses_data = bool(self.needs) or refiner is not None
+
+    def _driver(self, on_layer, needs, layer_filter, desc) -> DriverTiming:
+        c = self.cfg
+        return sequential_pass(self.model, self.family, self.calib_ids, on_layer, needs=needs, layer_filter=layer_filter,
+                               true_sequential=c.true_sequential, device=c.device, offload=c.offload,
+                               batch_size=c.batch_size, desc=desc)
+
+    def stats_pass(self, on_layer, needs) -> DriverTiming:
+        """A pass WITHOUT pruning (OWL's pass 1)."""
+        return self._driver(on_layer, needs, lambda n: n in self.selected, "statistics (no pruning)")
+
+    def prune_linear(self, task: LayerTask, sparsity: float) -> None:
+        w = task.linear.weight.data
+        if sparsity <= 0 and self.pattern is None and self.refiner is None:
+            return
+        dense = w.clone() if self.refiner is not None else w
+        out = self.pruner.prune(task, sparsity, self.pattern)
+        new = out.weight
+        if self.refiner is not None:
+            new = self.refiner.refine(task, dense, out.weight, out.keep, self.pattern, sparsity)
+            _check_refined(task.name, out.keep, new, out.weight, self.pattern)
+        w.copy_(new.to(device=w.device, dtype=w.dtype))
+
+    def run(self, targets: dict[str, float]) -> DriverTiming:
+        def on_layer(task: LayerTask) -> None:
+            self.prune_linear(task, targets[task.name])
+
+        if self.uses_data:
+            return self._driver(on_layer, self.needs, lambda n: n in targets, f"prune {self.cfg.method}")
+        t0 = time.perf_counter()  # plain magnitude: no calibration data needed
+        for name, (bi, short, lin) in self.selected.items():
+            on_layer(LayerTask(bi, name, short, lin, InputStatistics(lin.in_features, frozenset())))
+        dt = time.perf_counter() - t0
+        return DriverTiming(layer_s=dt, total_s=dt)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: lin.weight.data.detach().to("cpu", copy=True) for n, (_, _, lin) in self.selected.items()}
+
+    def restore(self, weights: dict[str, torch.Tensor]) -> None:
+        for n, (_, _, lin) in self.selected.items():
+            lin.weight.data.copy_(weights[n].to(lin.weight.device))
+
+
+def _targets(selected, layout: BlockLayout, rates) -> dict[str, float]:
+    by_block = dict(zip(layout.blocks, rates))
+    return {name: float(by_block[bi]) for name, (bi, _, _) in selected.items()}
+
+
+@torch.no_grad()
+def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=None,
+                refiner: Union[None, str, MaskRefiner] = None, calib_ids: Optional[torch.Tensor] = None) -> PruneResult:
+    """Prune ``model`` in place (see the module docstring) and describe what was done.
+
+    ``refiner`` (an object, or a name such as ``"dsnot"``) overrides ``cfg.refine``; ``calib_ids``
+    ([n, seqlen] token ids) skips drawing the calibration windows (benchmarks cache them).
+    """
+    from .models.family import family_of
+
+    t_all = time.perf_counter()
+    cfg.validate()
+    family = family or family_of(model)
+    selected, layout = check_model(model, family, cfg)
+    refiner_obj = resolve_refiner(refiner if refiner is not None else cfg.refine, cfg.refine_options)
+    refiner_name = (refiner if isinstance(refiner, str) else type(refiner).__name__) if refiner is not None else cfg.refine
+    pruner = PRUNERS.get(cfg.method).from_config(cfg)
+    allocator = ALLOCATIONS.get(cfg.allocation)()
+    S = cfg.target
+    calib = cfg.calibration()
+    peak = _PeakRSS()
+    job = _Pruning(model, family, cfg, pruner, refiner_obj, selected, calib_ids)
+
+    t0 = time.perf_counter()
+    if (job.uses_data or allocator.needs_calibration) and job.calib_ids is None:
+        from .data.text import c4_windows
+
+        job.calib_ids = c4_windows(tokenizer, calib["nsamples"], calib["seqlen"], calib["seed"], data_dir)
+    data_s = time.perf_counter() - t0
+
+    # ATP's beta search: prune from dense with each candidate, score on held-out data, keep the best.
+    best: dict[str, Any] = {"score": math.inf, "key": None}
+    dense_copy: dict[str, torch.Tensor] = {}
+    held: dict[str, Any] = {}
+
+    def trial(rates) -> float:
+        from .eval.perplexity import perplexity_from_ids
+
+        if not dense_copy:
+            dense_copy.update(job.snapshot())
+        if not held:
+            held["ids"], held["seqlen"] = heldout_ids(tokenizer, cfg, data_dir)
+        timing = job.run(_targets(selected, layout, rates))
+        r = perplexity_from_ids(model, held["ids"], held["seqlen"], desc="held-out ppl", protocol="heldout")
+        score = r.ppl if math.isfinite(r.ppl) else math.inf
+        if score < best["score"] or best["key"] is None:
+            best.update(score=score, key=tuple(rates), weights=job.snapshot(), timing=timing)
+        job.restore(dense_copy)
+        return score
+
+    t0 = time.perf_counter()
+    req = AllocationRequest(S, layout, cfg, stats_pass=job.stats_pass, trial=trial)
+    alloc = allocator.allocate(req)
+    targets = _targets(selected, layout, alloc.rates)
+    reused = best["key"] is not None and best["key"] == tuple(alloc.rates)
+    if reused:
+        job.restore(best["weights"])
+        timing = best["timing"]
+    alloc_s = time.perf_counter() - t0
+    dense_copy.clear()
+    best.pop("weights", None)
+
+    if not reused:
+        timing = job.run(targets)
+
+    structures = {n: structure_name(cfg.pattern) for n in selected}
+    measured, nz, nn_ = {}, 0, 0
+    for name, (_, _, lin) in selected.items():
+        z = int((lin.weight.data == 0).sum().item())
+        measured[name] = z / lin.weight.numel()
+        nz += z
+        nn_ += lin.weight.numel()
+    target_w = sum(targets[n] * selected[n][2].weight.numel() for n in selected) / nn_
+    total_s = time.perf_counter() - t_all
+    t = {"total_s": total_s, "calibration_data_s": data_s,
+         "allocation_s": alloc_s - (timing.total_s if reused else 0.0),
+         "prune_pass_s": timing.total_s, "calibration_forward_s": timing.forward_s,
+         "stats_mask_s": timing.layer_s, "embed_s": timing.embed_s}
+    return PruneResult(method=cfg.method, structure=structure_name(cfg.pattern), allocation=cfg.allocation,
+                       sparsity_target=target_w, sparsity_measured=nz / nn_, targets=targets, structures=structures,
+                       measured=measured, block_rates=dict(zip(layout.blocks, alloc.rates)),
+                       allocation_info=alloc.info, timing=t, peak_rss_mb=peak.read_mb(), calibration=calib,
+                       refiner=refiner_name)
+
+
+def _dense_source(lm, model_spec) -> str:
+    prev = lm.manifest
+    if prev is not None and prev.dense_source and prev.total_measured > 0:
+        return prev.dense_source  # the input was already sparse: its dense origin is further back
+    p = Path(str(model_spec)).expanduser()
+    return str(p.resolve()) if p.exists() else str(model_spec)
+
+
+def prune_checkpoint(model_spec, cfg: PruneConfig, out, overwrite: bool = False, data_dir=None, *,
+                     dtype: str = "float32", refiner: Union[None, str, MaskRefiner] = None,
+                     plot: bool = True) -> PruneResult:
+    """Load ``model_spec``, prune it, write ``out`` (HF safetensors + sparsity manifest, atomically),
+    plus ``layer_sparsity.png`` and ``prune_report.json`` beside it. Returns the :class:`PruneResult`."""
+    import json
+
+    from .manifest import build_manifest, save_checkpoint
+    from .models import load_model
+
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    lm = load_model(model_spec, dtype)
+    check_model(lm.model, lm.family, cfg)
+    result = prune_model(lm.model, lm.tokenizer, cfg, family=lm.family, data_dir=data_dir, refiner=refiner)
+    dense_source = _dense_source(lm, model_spec)
+    prev = lm.manifest
+    targets = dict(result.targets)
+    for name, _ in lm.family.iter_linears(lm.model):
+        if name not in targets:
+            rec = prev.layers.get(name) if prev else None
+            targets[name] = rec.target if rec is not None and rec.target is not None else 0.0
+    step = {"stage": "prune", "input": str(model_spec), "method": cfg.method, "structure": result.structure,
+            "sparsity": cfg.target, "allocation": cfg.allocation, "allocation_info": result.allocation_info,
+            "refine": result.refiner, "config": asdict(cfg), "calibration": result.calibration,
+            "measured": result.sparsity_measured, "timing": result.timing}
+    manifest = build_manifest(lm.model, lm.family, targets=targets, structures=result.structures,
+                              base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
+                              dense_source=dense_source, previous=prev, step=step)
+    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite)
+    result.checkpoint = str(out)
+    if plot:
+        from .plots import plot_layer_sparsity
+
+        title = f"{cfg.method} {result.structure} {cfg.allocation}: target {result.sparsity_target:.3f}, " \
+                f"measured {result.sparsity_measured:.3f}"
+        result.plot = str(plot_layer_sparsity(result.targets, result.measured, out / "layer_sparsity.png", title))
+    tmp = out / ".prune_report.json.tmp"
+    tmp.write_text(json.dumps(result.as_dict(), indent=1, default=str))
+    tmp.replace(out / "prune_report.json")
+    return result

@@ -1,0 +1,48 @@
+"""Magnitude pruning: the papers' baseline (methods.md 1.4).
+
+Score S_ij = |W_ij|. Unstructured: one threshold per MATRIX (Wanda's ``prune_magnitude`` sorts all
+|W| of the layer and zeros the floor(numel * s) smallest), so rows end up with different counts;
+``per_row=True`` zeros floor(C_in * s) per output row instead (an option, not the papers' baseline).
+N:M: the N smallest |W| in every group of M consecutive inputs of every row.
+
+Needs no calibration data: magnitude runs without the sequential driver unless a refiner or an
+allocation needs input statistics.
+
+Deviation: the official code zeros every entry ``<=`` the threshold, which prunes more than
+floor(numel * s) on ties; we break ties with a stable sort so the count is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..calibration import LayerTask
+from ..sparsity import NMPattern, nm_prune_mask, topk_prune_mask
+from .base import PRUNERS, PruneOutput, apply_keep
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: Optional[NMPattern] = None,
+                   per_row: bool = False) -> torch.Tensor:
+    """Keep-mask (True = kept) of magnitude pruning on a plain tensor."""
+    score = weight.detach().float().abs()
+    if pattern is not None:
+        return nm_prune_mask(score, pattern)
+    return topk_prune_mask(score, sparsity, per_row=per_row)
+
+
+@PRUNERS.register("magnitude")
+@dataclass
+class MagnitudePruner:
+    per_row: bool = False
+    needs: frozenset = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg) -> "MagnitudePruner":
+        return cls(per_row=bool(cfg.per_row))
+
+    def prune(self, task: LayerTask, sparsity: float, pattern: Optional[NMPattern]) -> PruneOutput:
+        w = task.linear.weight.data
+        keep = magnitude_mask(w, sparsity, pattern, self.per_row)
+        return PruneOutput(apply_keep(w, keep), keep)
