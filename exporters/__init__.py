@@ -1,0 +1,159 @@
+"""Exporters: turn a (pruned) model into files an engine can serve, each verified on load.
+
+``export(model_dir_or_spec, format, out, overwrite=False, **options) -> ExportResult``
+
+Formats (one module each, registered in :data:`EXPORTERS`):
+
+- ``onnx`` (:mod:`exporters.onnx_ort`): decoder with KV cache for ONNX Runtime (optimum's
+  text-generation-with-past graph); float32 or float16; optional ORT graph optimisation; optional
+  ONNX sparse initializers (smaller file only: ORT densifies them on load); external data > 2 GB.
+- ``deepsparse`` (:mod:`exporters.onnx_deepsparse`): static-shape prefill + fixed-cache decode
+  graphs, opset 18 / IR 8, with DeepSparse's share of optimised ops when its engine is installed.
+- ``semi-structured`` (:mod:`exporters.semi_structured`): 2:4 values + 2-bit position metadata,
+  loaded as ``SparseSemiStructuredTensor`` on CUDA and as dense weights on CPU.
+- ``bitmask`` (:mod:`exporters.bitmask`): compressed-tensors' former ``sparse-bitmask`` layout.
+
+Every export is written into a temporary directory, reloaded and checked against the float32
+PyTorch model (logits on a fixed prompt, masks and N:M patterns), and only then renamed into place
+with an ``export_manifest.json``. A failed check leaves nothing behind.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from sparse_runtime.errors import ConfigError
+from sparse_runtime.registry import Registry
+
+from .manifest import EXPORT_MANIFEST_NAME, read_export_manifest, write_export_manifest
+from .verify import ExportVerificationError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class CommonOptions:
+    """Options every format takes. ``dtype``: the dtype of the stored weights; ``verify``: reload
+    and compare with PyTorch before the directory is renamed into place."""
+
+    dtype: str = "float32"
+    verify: bool = True
+
+    def validate(self) -> None:
+        aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+        self.dtype = aliases.get(str(self.dtype).lower(), str(self.dtype).lower())
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+
+
+class Exporter:
+    """One export format: ``write`` files into a directory, ``verify`` them by reloading."""
+
+    name: str = ""
+    Options: type = CommonOptions
+    description: str = ""
+
+    def write(self, src, out: Path, opts) -> dict[str, Any]:  # pragma: no cover - interface
+        """Write the export into ``out``; return a JSON-able description of its contents."""
+        raise NotImplementedError
+
+    def verify(self, src, out: Path, opts, contents: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
+        """Reload ``out`` and compare with ``src``; return a report with ``ok``."""
+        raise NotImplementedError
+
+    def notes(self, opts) -> list[str]:
+        return []
+
+
+EXPORTERS: Registry[type[Exporter]] = Registry("export format")
+_MODULES = ("onnx_ort", "onnx_deepsparse", "semi_structured", "bitmask")
+
+
+def _discover() -> None:
+    for m in _MODULES:
+        importlib.import_module(f"{__name__}.{m}")
+
+
+def get_exporter(fmt: str) -> type[Exporter]:
+    _discover()
+    return EXPORTERS.get(fmt)
+
+
+def formats() -> list[str]:
+    _discover()
+    return EXPORTERS.names()
+
+
+def make_options(fmt: str, options: dict[str, Any]):
+    """Validate ``options`` against the format's Options dataclass (unknown keys are errors)."""
+    from sparse_runtime.recipe import make_config
+
+    cls = get_exporter(fmt)
+    return make_config(cls.Options, dict(options), f"export format {fmt!r} option")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: Path
+    files: dict[str, int]
+    total_bytes: int
+    export_seconds: float
+    verify_seconds: float
+    verification: dict[str, Any]
+    contents: dict[str, Any]
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = False, *,
+           trust_remote_code: bool = False, **options) -> ExportResult:
+    """Export ``model_dir_or_spec`` (a checkpoint dir or any load_model spec) as ``format`` to ``out``."""
+    from sparse_runtime.manifest import atomic_directory
+
+    from .source import load_source
+
+    exporter = get_exporter(format)()
+    opts = make_options(format, options)
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before loading anything
+        from sparse_runtime.errors import CheckpointExistsError
+
+        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    src = load_source(model_dir_or_spec, trust_remote_code=trust_remote_code)
+    try:
+        with atomic_directory(out, overwrite) as tmp:
+            t0 = time.perf_counter()
+            contents = exporter.write(src, tmp, opts)
+            t_export = time.perf_counter() - t0
+            report: dict[str, Any] = {"ok": None, "skipped": "verify=False"}
+            t1 = time.perf_counter()
+            if opts.verify:
+                from .verify import raise_if_failed
+
+                report = exporter.verify(src, tmp, opts, contents)
+                raise_if_failed(report, exporter.name)
+            t_verify = time.perf_counter() - t1
+            payload = {
+                "export_format": exporter.name,
+                "description": exporter.description,
+                "source": src.describe(),
+                "options": asdict(opts) if is_dataclass(opts) else dict(opts),
+                "contents": contents,
+                "verification": report,
+                "export_seconds": t_export,
+                "verify_seconds": t_verify,
+                "notes": exporter.notes(opts),
+            }
+            manifest = write_export_manifest(tmp, payload)
+    finally:
+        src.cleanup()
+    return ExportResult(exporter.name, out, manifest["files"], manifest["total_bytes"], t_export, t_verify,
+                        report, contents, manifest)
+
+
+__all__ = ["EXPORTERS", "Exporter", "CommonOptions", "ExportResult", "ExportVerificationError", "export",
+           "formats", "get_exporter", "make_options", "read_export_manifest", "EXPORT_MANIFEST_NAME"]
