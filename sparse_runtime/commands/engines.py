@@ -1,0 +1,72 @@
+"""``sparse-runtime engines list`` / ``engines install deepsparse``: engines that live outside the
+main environment (DeepSparse needs Python 3.11, onnx 1.14 and numpy<2, so it gets its own venv)."""
+from __future__ import annotations
+
+import importlib.metadata as md
+from typing import Any, Callable
+
+from ..registry import Registry
+from . import Command
+
+ENGINES: Registry[dict[str, Callable]] = Registry("engine")
+
+
+def _ort_status() -> dict[str, Any]:
+    try:
+        v = md.version("onnxruntime")
+    except md.PackageNotFoundError:
+        return {"engine": "onnxruntime", "installed": False, "hint": "pip install 'sparse-runtime[onnx]'"}
+    return {"engine": "onnxruntime", "installed": True, "version": v, "where": "main environment"}
+
+
+def _ort_install(args) -> dict[str, Any]:
+    from ..errors import ConfigError
+
+    raise ConfigError("onnxruntime lives in the main environment: pip install 'sparse-runtime[onnx]'")
+
+
+def _ds_status() -> dict[str, Any]:
+    from ..runtime import deepsparse_env
+
+    return deepsparse_env.status()
+
+
+def _ds_install(args) -> dict[str, Any]:
+    from ..runtime import deepsparse_env
+
+    return deepsparse_env.install(python=args.python, force=args.force)
+
+
+ENGINES.register("onnxruntime")({"status": _ort_status, "install": _ort_install})
+ENGINES.register("deepsparse")({"status": _ds_status, "install": _ds_install})
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("list", help="show each engine, where it lives and whether it is installed")
+    ins = sub.add_parser("install", help="install an engine into its own environment (deepsparse)")
+    ins.add_argument("engine", help="deepsparse")
+    ins.add_argument("--python", default=None, help="Python 3.11 interpreter for the DeepSparse venv")
+    ins.add_argument("--force", action="store_true", help="reinstall even if present")
+
+
+def run(args) -> int:
+    if args.action == "list":
+        for name in ENGINES:
+            st = ENGINES.get(name)["status"]()
+            state = "installed" if st.get("installed") else "not installed"
+            extra = ", ".join(f"{k} {v}" for k, v in st.items() if k in ("version", "deepsparse", "python", "path", "where"))
+            print(f"{name}: {state}" + (f" ({extra})" if extra else ""))
+            if st.get("licence"):
+                print(f"  licence: {st['licence']}")
+            if not st.get("installed"):
+                print(f"  install: sparse-runtime engines install {name}" if name == "deepsparse" else f"  {st.get('hint', '')}")
+        return 0
+    st = ENGINES.get(args.engine)["install"](args)
+    print(f"{args.engine}: installed in {st.get('path')} (deepsparse {st.get('deepsparse')}, python {st.get('python')})")
+    print(f"  licence: {st.get('licence')}")
+    return 0
+
+
+COMMAND = Command("engines", "list or install inference engines that need their own environment (deepsparse)",
+                  add_arguments, run)
