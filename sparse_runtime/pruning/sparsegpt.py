@@ -18,7 +18,7 @@ For one linear with inputs X, minimise ||W X - W' X||_2^2 over W' with the chose
 
 Deviations from the official ``fasterprune`` (all documented in docs/pruning.md):
 - the official threshold test ``tmp <= sort(tmp)[k]`` prunes k+1 entries per block (more on ties);
-  we prune exactly k = floor(numel * s) with a stable sort, so the layer's sparsity is the target's;
+  we prune exactly k = floor(numel * s) (``topk``), so the layer's sparsity is the target's;
 - if H + lambda I is not positive definite (the official code then crashes), the dampening is
   multiplied by 10 up to five times; a warning says so.
 """
@@ -38,20 +38,25 @@ log = logging.getLogger(__name__)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
-    """Upper Cholesky factor of (H + lambda I)^-1, raising lambda if H is numerically singular."""
+    """Upper Cholesky factor U of (H + lambda I)^-1 (U^T U = H^-1), raising lambda if H is singular.
+
+    Computed without forming H^-1: with J the reversal permutation and L_r = chol(J H J) (lower),
+    H = V V^T for the upper-triangular V = J L_r J, so H^-1 = (V^-1)^T V^-1 and U = V^-1 = J L_r^-1 J.
+    Same factor as the official cholesky -> cholesky_inverse -> cholesky(upper), about 5x faster on CPU.
+    """
     n = H.shape[0]
     diag = torch.arange(n, device=H.device)
     damp = percdamp * torch.mean(torch.diag(H))
     if damp <= 0:
         damp = torch.tensor(1e-8, device=H.device)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for attempt in range(6):
         Hd = H.clone()
         Hd[diag, diag] += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
+        Lr, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
+            U = torch.linalg.solve_triangular(Lr, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 if attempt:
                     log.warning("SparseGPT: %s needed dampening x%d to be positive definite", name, 10 ** attempt)
                 return U
@@ -78,7 +83,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         W1 = Wt[i1:i2].clone()  # [count, rows]
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)  # every row is written in the loop
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
@@ -86,7 +91,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             k = int(W1.numel() * sparsity)
             if k:
                 sal = W1 ** 2 / d1.reshape(-1, 1) ** 2
-                idx = torch.sort(sal.reshape(-1), stable=True)[1][:k]
+                idx = torch.topk(sal.reshape(-1), k, largest=False, sorted=False)[1]
                 mask1.view(-1)[idx] = True
         # err_i = (w - q) / Hinv_ii = w * [pruned] / Hinv_ii: precompute the factor per entry
         scale = mask1.to(W1.dtype) / d1.reshape(-1, 1)
