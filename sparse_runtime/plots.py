@@ -20,7 +20,7 @@ def plot_layer_sparsity(targets: Mapping[str, float], measured: Mapping[str, flo
     kinds = [n.rsplit(".", 1)[-1] for n in names]
     order = list(dict.fromkeys(kinds))
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(max(6.0, min(18.0, len(names) * 0.06 + 4)), 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(8.0, min(18.0, len(names) * 0.06 + 4)), 4.0), dpi=110)
     x = list(range(len(names)))
     ax.step(x, [targets[n] for n in names], where="mid", color="black", lw=1.0, label="target")
     for ki, kind in enumerate(order):
@@ -42,7 +42,7 @@ def plot_layer_sparsity(targets: Mapping[str, float], measured: Mapping[str, flo
     hi = max(max(targets.values()), max(measured.values()))
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.05))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=min(8, len(order) + 1), loc="best")
+    ax.legend(fontsize=7, ncol=min(8, len(order) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(path)
