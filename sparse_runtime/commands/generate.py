@@ -1,0 +1,68 @@
+"""``sparse-runtime generate DIR --engine ENGINE --prompt TEXT``: stream greedy text from a model."""
+from __future__ import annotations
+
+import sys
+import time
+
+from . import Command
+
+
+def add_arguments(p):
+    p.add_argument("model", help="checkpoint directory, export directory, or a model spec (smollm2-135m, tiny-llama)")
+    p.add_argument("--engine", default="torch-cpu",
+                   help="torch-cpu (default), ort-cpu, deepsparse, torch-sparse, torch-cuda-24")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: min(2, cores))")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--prefill-length", type=int, default=128,
+                   help="deepsparse only: the static prompt length it compiles (prompts are left-padded)")
+
+
+def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and hasattr(tokenizer, "apply_chat_template") and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    try:
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    except TypeError:
+        return list(tokenizer.encode(prompt))
+
+
+def run(args) -> int:
+    from ..models import ByteTokenizer
+    from ..runtime import load_engine
+
+    opts = {"prefill_length": args.prefill_length} if args.engine == "deepsparse" else {}
+    eng = load_engine(args.engine, args.model, threads=args.threads, **opts)
+    try:
+        tok = eng.tokenizer or ByteTokenizer()
+        ids = encode(tok, args.prompt, args.chat)
+        if args.engine == "deepsparse":
+            from ..runtime.deepsparse_engine import LICENCE
+
+            print(f"[{LICENCE}]", file=sys.stderr)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        out: list[int] = []
+        shown = ""
+        t0 = time.perf_counter()
+        first = None
+        for t in eng.generate(ids, args.max_new_tokens, eos_token_id=getattr(tok, "eos_token_id", None)):
+            first = first or time.perf_counter() - t0
+            out.append(t)
+            text = tok.decode(out, skip_special_tokens=True)
+            sys.stdout.write(text[len(shown):])  # stream only what is new (multi-token characters)
+            sys.stdout.flush()
+            shown = text
+        dt = time.perf_counter() - t0
+        print()
+        n = len(out)
+        rate = (n - 1) / (dt - first) if n > 1 and dt > first else float("nan")
+        print(f"[{eng.name}: {len(ids)} prompt tokens, {n} new tokens, first token {first or 0:.2f} s, "
+              f"{rate:.1f} tokens/s after it; {eng.evidence().get('sparse_path')}]", file=sys.stderr)
+    finally:
+        eng.close()
+    return 0
+
+
+COMMAND = Command("generate", "stream greedy text from a (sparse) model on the chosen engine", add_arguments, run)

@@ -1,0 +1,94 @@
+"""``ort-cpu``: ONNX Runtime's CPU provider on the exporters' ONNX decoder with KV cache.
+
+Accepts an ``onnx`` export directory (``exporters``, format ``onnx``) or a checkpoint/spec, which is
+exported once and cached (:mod:`sparse_runtime.runtime.exports`). ORT multiplies every weight as a
+dense tensor (sparse initializers are densified on load), so a pruned model runs at the dense
+model's speed here; the benchmark shows it rather than asserting it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .base import Engine, EngineUnavailableError, load_tokenizer
+from .registry import ENGINES
+
+MODEL_FILE = "model.onnx"
+
+
+@ENGINES.register("ort-cpu")
+class OrtCPUEngine(Engine):
+    name = "ort-cpu"
+    description = "ONNX Runtime CPUExecutionProvider, optimum decoder with KV cache (float32)"
+    install_hint = "pip install onnxruntime optimum-onnx (pip install 'sparse-runtime[onnx]')"
+    exploits_sparsity = "no"
+
+    @classmethod
+    def check_available(cls) -> None:
+        import importlib.util
+
+        for mod in ("onnxruntime", "onnx"):
+            if importlib.util.find_spec(mod) is None:
+                raise EngineUnavailableError(f"the ort-cpu engine needs {mod}: {cls.install_hint}")
+
+    def _load(self, model: str, graph_optimization: str = "all", **export_options: Any) -> None:
+        from exporters.onnx_common import ort_session
+        from exporters.onnx_ort import run_with_past
+
+        from .exports import ensure_export
+
+        self.export_dir = ensure_export(model, "onnx", **export_options)
+        self.session = ort_session(self.export_dir / MODEL_FILE, threads=self.threads, level=graph_optimization)
+        self.graph_optimization = graph_optimization
+        self._run = run_with_past
+        self.tokenizer = load_tokenizer(self.export_dir)
+        out0 = self.session.get_outputs()[0]
+        self._vocab = int(out0.shape[-1]) if isinstance(out0.shape[-1], int) else None
+        self._past: Optional[dict] = None
+        self._len = 0
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab is None:
+            import json
+
+            self._vocab = int(json.loads((self.export_dir / "config.json").read_text())["vocab_size"])
+        return self._vocab
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        logits, self._past = self._run(self.session, np.asarray(ids, dtype=np.int64), past=None)
+        self._len = ids.shape[1]
+        return logits
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        if self._past is None:
+            raise RuntimeError("decode before prefill")
+        logits, self._past = self._run(self.session, np.asarray(ids, dtype=np.int64), past=self._past,
+                                       past_len=self._len)
+        self._len += ids.shape[1]
+        return logits
+
+    def _snapshot(self):
+        return self._past, self._len
+
+    def _restore(self, snap) -> None:
+        self._past, self._len = snap
+
+    def info(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {**super().info(), "onnxruntime": ort.__version__, "graph_optimization": self.graph_optimization,
+                "export": str(self.export_dir)}
+
+    def evidence(self) -> dict[str, Any]:
+        import onnx
+
+        m = onnx.load(str(self.export_dir / MODEL_FILE), load_external_data=False)
+        ops: dict[str, int] = {}
+        for n in m.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        return {"sparse_path": "none: ORT CPU runs MatMul on dense tensors (sparse initializers are densified)",
+                "matmul_nodes": ops.get("MatMul", 0) + ops.get("Gemm", 0),
+                "sparse_initializers": len(m.graph.sparse_initializer)}
