@@ -162,3 +162,21 @@ def test_semi_structured_cuda_matches_dense(backend, tmp_path):
     with torch.no_grad():
         ref, got = dense(input_ids=ids).logits.float(), sparse(input_ids=ids).logits.float()
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_compressed_tensors_014_reads_bitmask_export(ckpts, tmp_path):
+    """Only where compressed-tensors 0.14 (the last with sparse-bitmask) is importable, e.g.
+    PYTHONPATH=/tmp/ct after `pip install --no-deps --target /tmp/ct compressed-tensors==0.14.0.1
+    loguru pydantic pydantic-core annotated-types typing-inspection`."""
+    ct = pytest.importorskip("compressed_tensors")
+    if not ct.__version__.startswith("0.14"):
+        pytest.skip(f"compressed-tensors {ct.__version__} has no sparse-bitmask compressor")
+    from compressed_tensors.compressors import BitmaskCompressor, ModelCompressor
+    from compressed_tensors.config import BitmaskConfig
+
+    ck = ckpts[("llama", "50")]
+    export(ck, "bitmask", tmp_path / "bm", write_sparsity_config=True)
+    dec = dict(BitmaskCompressor(config=BitmaskConfig()).decompress(str(tmp_path / "bm" / "model.safetensors")))
+    ref = load_model(ck).model.state_dict()
+    assert all(torch.equal(dec[k], ref[k]) for k in dec if k in ref) and set(ref) - set(dec) <= {"lm_head.weight"}
+    assert type(ModelCompressor.from_pretrained(str(tmp_path / "bm")).sparsity_compressor).__name__ == "BitmaskCompressor"
