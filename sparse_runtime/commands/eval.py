@@ -1,0 +1,67 @@
+"""``sparse-runtime eval MODEL [--ppl] [--zeroshot TASKS|all] [--limit N] [--protocol quick|paper] [--json OUT]``.
+
+Perplexity (WikiText-2, protocols.md) and/or zero-shot accuracy (lm-eval-harness conventions) of a
+model; prints tables and optionally writes everything as JSON. With neither ``--ppl`` nor
+``--zeroshot`` it measures perplexity. Without ``--limit``, the zero-shot item count follows the
+protocol: ``quick`` = the first 500 items of each task, ``paper`` = all items (printed either way).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import Command
+from ._common import add_data_args, add_model_args
+
+
+def add_arguments(p):
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity under --protocol")
+    p.add_argument("--zeroshot", default=None, metavar="TASKS",
+                   help="zero-shot tasks: all | wanda | atp | comma list of boolq,rte,hellaswag,winogrande,"
+                        "arc_easy,arc_challenge,openbookqa,piqa")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N items per zero-shot task (default: from --protocol; quick=500, paper=all)")
+    p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
+
+
+def run(args) -> int:
+    from ..errors import ConfigError
+    from ..eval.zeroshot import evaluate_zeroshot, protocol_limit
+    from ..data.zeroshot import resolve_tasks
+    from ..models import load_model
+    from ..protocols import get_protocol
+    from ..report import markdown_table
+
+    proto = get_protocol(args.protocol)  # fail on a bad protocol before loading anything
+    do_ppl = args.ppl or not args.zeroshot
+    limit = None
+    if args.zeroshot:
+        resolve_tasks(args.zeroshot)  # unknown task names fail before the model loads
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError(f"--limit must be a positive number of items per task, got {args.limit}")
+        limit = args.limit if args.limit is not None else protocol_limit(proto.name)
+    lm = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    out: dict = {"model": lm.source, "protocol": proto.name}
+    if do_ppl:
+        from ..eval.perplexity import wikitext2_perplexity
+
+        r = wikitext2_perplexity(lm.model, lm.tokenizer, proto.name, args.data_dir)
+        out["perplexity"] = r.as_dict()
+        print(f"WikiText-2 perplexity [{proto.name}: seqlen {r.seqlen}, {r.windows} windows]: {r.ppl:.4f} "
+              f"({r.seconds:.1f} s)")
+    if args.zeroshot:
+        z = evaluate_zeroshot(lm.model, lm.tokenizer, tasks=args.zeroshot, limit=limit,
+                              batch_size=args.batch_size, data_dir=args.data_dir)
+        out["zeroshot"] = z.as_dict()
+        print(f"zero-shot [{z.task_set}; {z.limit_note()}; {z.seconds:.1f} s]")
+        print(markdown_table(z.table_rows()))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+COMMAND = Command("eval", "WikiText-2 perplexity and zero-shot accuracy (lm-eval conventions) of a model",
+                  add_arguments, run)
