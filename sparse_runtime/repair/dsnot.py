@@ -1,0 +1,593 @@
+"""DSnoT: training-free repair of a pruned layer by iterative prune-and-grow (Zhang et al., ICLR 2024).
+
+Why it works. For output row r of a linear y = W x, pruning the set P_r changes the row's output by
+eps_r(x) = sum_{j in P_r} W_rj x_j. DSnoT cannot see every token, so it controls the *expected*
+error (methods.md 3.1, step 1)
+
+    e_r = E[eps_r] = sum_{j in P_r} W_rj * E[x_j]                                            (1)
+
+and swaps one pruned weight for one kept weight per step, so the row's nonzero count (and an N:M
+pattern) never changes. The growth candidate is the pruned weight that moves e_r furthest towards
+zero per unit of input variance (the variance is the part of eps_r a mean cannot cancel):
+
+    grow  i = argmax_{j in P_r, sign(c_rj) = sign(e_r)}  |c_rj| / Var(x_j)^p,   c_rj = W_rj E[x_j]   (2)
+
+and the pruning partner is the kept weight whose removal also pushes e_r towards zero and that
+matters least by Wanda's measure:
+
+    prune k = argmin_{j in K_r, sign(c_rj) = -sign(e_r)}  |W_rj| * ||X_j||_2                       (3)
+
+The swap gives e_r <- e_r - c_ri + c_rk. It is accepted while |e_r| > threshold, for at most
+``max_cycles`` cycles; a row whose swap is rejected stops for good (the official code's rule). Both
+rankings are computed once from the initial mask, as in the official code, so a regrown weight is
+never pruned again and a DSnoT-pruned weight is never regrown: every step makes progress.
+
+N:M (methods.md 3.1, N:M branch): the growth ranking is the same; the partner is the kept weight of
+the *same M-group* with the smallest Wanda score (any sign), so the group keeps exactly M-N nonzeros.
+
+What this module does differently from the official code (each an option; ``DSnoTConfig.official()``
+restores the code's behaviour; see docs/dsnot.md):
+
+- candidate pools are restricted explicitly: the official pointers can walk past the pruned
+  candidates of the right sign into kept entries (score 0); here an exhausted pool stops the row;
+- a variance floor (the official code divides by Var(x_j) = 0 for a dead channel);
+- the threshold is scale-independent by default (the official unit is a token sum, seqlen * E[x],
+  whose meaning changes with seqlen and with the scale of activations and weights);
+- all linears are refined by default (the official default skips the MLP);
+- ``same_sign`` (a swap may not flip the sign of e_r) and ``require_decrease`` (a swap must lower
+  |e_r|) are on by default. Together they make |e_r| non-increasing across accepted swaps, the
+  property the tests check; the official unstructured default has neither and allows overshoot;
+- after SparseGPT (kept weights already reconstructed), a regrown weight takes its ORIGINAL dense
+  value, because SparseGPT's update overwrote nothing at pruned positions we could use (methods.md
+  3.4 item 3 and 9.1); kept weights keep their SparseGPT values.
+
+Everything per cycle is a handful of [rows] tensor operations: all rows swap in parallel, with no
+Python loop over rows, and the rankings are top-k over at most ``max_cycles`` candidates.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..sparsity import NMPattern
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_UNITS = ("initial", "output_rms", "per_token", "token_sum")
+LAYER_SETS = ("all", "attention", "mlp")
+
+
+@dataclass
+class DSnoTConfig:
+    """Options, with the paper's defaults where the paper has one.
+
+    - ``max_cycles``: at most this many swaps per row (paper/code: 50).
+    - ``threshold``: a row keeps swapping while |e_r| exceeds it (paper/code: 0.1); its unit is
+      ``threshold_unit``:
+
+      * ``"initial"`` (default): a fraction of the row's own initial error, |e_r| > threshold *
+        |e_r^0|: 0.1 means "until pruning's expected error is cut to a tenth". Invariant to the scale
+        of activations and weights and to seqlen.
+      * ``"output_rms"``: a fraction of rms_r = sqrt(sum_j W_rj^2 E[x_j^2]), the root-mean-square
+        output of the dense row under independent inputs. Also scale-free, but on SmolLM2 at 60 %
+        the initial |e_r| is only ~3 % of rms_r (median), so 0.1 here stops almost every row at once.
+      * ``"per_token"``: |e_r| in the output's own unit (E[x] per token).
+      * ``"token_sum"``: the official unit, |e_r| * T with T tokens per calibration sample
+        (``sum_metric_row`` is the token sum per sample). The official 0.1 at seqlen 2048 is
+        0.1 / 2048 = 4.9e-5 per token: below almost every row's error, so in practice the
+        official run stops on ``max_cycles``, an exhausted pool or the sign rule, not the threshold.
+    - ``var_power``: p in Eq. (2) (``pow_of_var_regrowing``, 1); 0 ranks by |c_rj| alone.
+    - ``var_floor``: Var(x_j) is floored at ``var_floor * mean_j Var(x_j)`` (plus 1e-20) so a dead or
+      constant channel does not divide by zero (the official code has no floor: use 0 for it).
+    - ``layers``: which sublayers to refine: ``"all"`` (default), ``"attention"`` (the official code's
+      default, ``skip_layer=mlp``), or ``"mlp"``.
+    - ``same_sign``: reject a swap that flips the sign of e_r relative to its initial sign. ``None``
+      means the official per-mode behaviour (off for unstructured, on for N:M).
+    - ``require_decrease``: reject a swap that does not lower |e_r| (not in the official code).
+    """
+
+    max_cycles: int = 50
+    threshold: float = 0.1
+    threshold_unit: str = "initial"
+    var_power: float = 1.0
+    var_floor: float = 1e-6
+    layers: str = "all"
+    same_sign: Optional[bool] = True
+    require_decrease: bool = True
+
+    def validate(self) -> "DSnoTConfig":
+        if not isinstance(self.max_cycles, int) or isinstance(self.max_cycles, bool) or self.max_cycles < 0:
+            raise ConfigError(f"dsnot max_cycles must be an integer >= 0, got {self.max_cycles!r}")
+        try:
+            t = float(self.threshold)
+        except (TypeError, ValueError):
+            raise ConfigError(f"dsnot threshold must be a number >= 0 (or inf), got {self.threshold!r}") from None
+        if not t >= 0:
+            raise ConfigError(f"dsnot threshold must be >= 0 (or inf to disable swaps), got {self.threshold!r}")
+        if self.threshold_unit not in THRESHOLD_UNITS:
+            raise ConfigError(f"dsnot threshold_unit {self.threshold_unit!r} is unknown; choose one of "
+                              f"{', '.join(THRESHOLD_UNITS)}")
+        if not self.var_power >= 0 or not math.isfinite(float(self.var_power)):
+            raise ConfigError(f"dsnot var_power must be a finite number >= 0, got {self.var_power!r}")
+        if not self.var_floor >= 0:
+            raise ConfigError(f"dsnot var_floor must be >= 0, got {self.var_floor!r}")
+        if self.layers not in LAYER_SETS:
+            raise ConfigError(f"dsnot layers {self.layers!r} is unknown; choose one of {', '.join(LAYER_SETS)}")
+        return self
+
+    @classmethod
+    def official(cls, **overrides) -> "DSnoTConfig":
+        """The released code's behaviour (zyxxmu/DSnoT @ 4c029df): token-sum threshold, no variance
+        floor, attention only, same-sign off for unstructured / on for N:M, overshoot allowed."""
+        base = cls(threshold_unit="token_sum", var_floor=0.0, layers="attention", same_sign=None,
+                   require_decrease=False)
+        return replace(base, **overrides).validate()
+
+    def applies_to(self, short_name: str) -> bool:
+        """Whether the block-relative linear name (e.g. ``mlp.down_proj``) is refined."""
+        if self.layers == "all":
+            return True
+        is_mlp = short_name.split(".")[0] in ("mlp", "feed_forward", "ffn")
+        return is_mlp if self.layers == "mlp" else not is_mlp
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DSnoTResult:
+    """The refined keep-mask and what happened, per row."""
+
+    keep: torch.Tensor  # [R, C] bool, True = kept
+    swaps: torch.Tensor  # [R] accepted swaps per row
+    error_before: torch.Tensor  # [R] e_r of Eq. (1), per-token unit
+    error_after: torch.Tensor  # [R]
+    threshold: torch.Tensor  # [R] the per-row threshold in the per-token unit
+    cycles: int  # cycles run until every row stopped (<= max_cycles)
+    trace: Optional[list[torch.Tensor]] = None  # e_r after each cycle (when asked for)
+
+    def summary(self) -> dict[str, float]:
+        b, a = self.error_before.abs(), self.error_after.abs()
+        return {
+            "rows": int(self.swaps.numel()),
+            "rows_changed": int((self.swaps > 0).sum()),
+            "swaps": int(self.swaps.sum()),
+            "mean_abs_error_before": float(b.mean()),
+            "mean_abs_error_after": float(a.mean()),
+            "rows_above_threshold_before": int((b > self.threshold).sum()),
+            "cycles": self.cycles,
+        }
+
+
+def row_thresholds(cfg: DSnoTConfig, weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor,
+                   sq_mean: Optional[torch.Tensor], tokens_per_sample: float) -> torch.Tensor:
+    """The threshold of every row, converted into the per-token unit of e_r (Eq. 1)."""
+    initial_error = (weight.float() * mean.float().reshape(1, -1) * ~keep.to(weight.device, torch.bool)).sum(1)
+    rows = weight.shape[0]
+    t = float(cfg.threshold)
+    if cfg.threshold_unit == "per_token" or math.isinf(t):
+        return torch.full((rows,), t, dtype=torch.float32, device=weight.device)
+    if cfg.threshold_unit == "token_sum":
+        return torch.full((rows,), t / max(float(tokens_per_sample), 1.0), dtype=torch.float32, device=weight.device)
+    if cfg.threshold_unit == "initial":
+        return t * initial_error.abs().float()
+    if sq_mean is None:
+        raise ConfigError("dsnot threshold_unit='output_rms' needs the inputs' second moment (the 'norm' statistic)")
+    rms = ((weight.float() ** 2) @ sq_mean.float().clamp_min(0)).sqrt()
+    return t * rms
+
+
+def _pool(key: torch.Tensor, valid: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` columns of each row's candidate pool in rank order, and the pool sizes.
+    Invalid entries get +-inf so they sort last; the size tells where the pool ends."""
+    fill = float("-inf") if largest else float("inf")
+    masked = torch.where(valid, key, torch.full_like(key, fill))
+    k = max(1, min(k, key.shape[1]))
+    idx = torch.topk(masked, k, dim=1, largest=largest, sorted=True)[1]
+    return idx, valid.sum(1)
+
+
+def _take(pool: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    return pool.gather(1, ptr.clamp_max(pool.shape[1] - 1).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                      wanda_norm: torch.Tensor, cfg: Optional[DSnoTConfig] = None, *,
+                      pattern: Optional[NMPattern] = None, threshold: Optional[torch.Tensor] = None,
+                      trace: bool = False) -> DSnoTResult:
+    """Refine ``keep`` (True = kept) of the dense ``weight`` [R, C] by DSnoT's prune-and-grow.
+
+    ``mean`` = E[x_j] per token, ``var`` = Var(x_j), ``wanda_norm`` = ||X_j||_2 (any positive scale):
+    all [C]. ``threshold`` is per row in the per-token unit (default: ``cfg.threshold`` taken as
+    per-token). Pure: the inputs are not modified. Every accepted swap exchanges one kept and one
+    pruned entry of the same row (same M-group for N:M), so per-row counts and N:M are exact.
+    """
+    cfg = (cfg or DSnoTConfig()).validate()
+    w = weight.detach().float()
+    rows, cols = w.shape
+    dev = w.device
+    keep = keep.detach().to(dev, torch.bool).clone()
+    if keep.shape != w.shape:
+        raise ConfigError(f"dsnot: mask shape {tuple(keep.shape)} differs from weight shape {tuple(w.shape)}")
+    if pattern is not None:
+        pattern.check_divides(cols)
+    mean = mean.detach().to(dev).float().reshape(-1)
+    var = var.detach().to(dev).float().reshape(-1).clamp_min(0)
+    wanda = w.abs() * wanda_norm.detach().to(dev).float().reshape(1, -1)
+    thr = (torch.full((rows,), float(cfg.threshold), device=dev) if threshold is None
+           else threshold.to(dev).float().reshape(-1).expand(rows))
+
+    contrib = w * mean.unsqueeze(0)  # c_rj (Eq. 2), per-token unit
+    pruned0 = ~keep
+    err = (contrib * pruned0).sum(1)  # e_r, Eq. (1)
+    err0 = err.clone()
+    sign0 = torch.sign(err0)
+    swaps = torch.zeros(rows, dtype=torch.long, device=dev)
+    traces: Optional[list[torch.Tensor]] = [err.clone()] if trace else None
+    if cfg.max_cycles == 0 or math.isinf(float(cfg.threshold)) and threshold is None:
+        return DSnoTResult(keep, swaps, err0, err, thr, 0, traces)
+
+    floor = cfg.var_floor * float(var.mean()) + 1e-20 if cfg.var_floor > 0 else 0.0
+    growth = contrib / (var.clamp_min(floor) ** cfg.var_power if cfg.var_power else 1.0)  # Eq. (2)
+    k = cfg.max_cycles
+    # growth pools: pruned weights whose contribution has the sign of e_r (largest |c|/Var first)
+    grow_pos, n_grow_pos = _pool(growth, pruned0 & (contrib > 0), k, largest=True)
+    grow_neg, n_grow_neg = _pool(growth, pruned0 & (contrib < 0), k, largest=False)
+    if pattern is None:
+        # pruning pools (Eq. 3): kept weights of the opposite sign, smallest Wanda score first
+        prune_neg, n_prune_neg = _pool(wanda, keep & (contrib < 0), k, largest=False)
+        prune_pos, n_prune_pos = _pool(wanda, keep & (contrib > 0), k, largest=False)
+        ptr_prune_neg = torch.zeros(rows, dtype=torch.long, device=dev)
+        ptr_prune_pos = torch.zeros_like(ptr_prune_neg)
+    else:
+        m = pattern.m
+        offsets = torch.arange(m, device=dev)
+        # partner candidates: initially kept and not yet swapped out (regrown ones are never pruned)
+        partner_ok = keep.clone()
+    same_sign = cfg.same_sign if cfg.same_sign is not None else pattern is not None
+    ptr_grow_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+    ptr_grow_neg = torch.zeros_like(ptr_grow_pos)
+    active = torch.ones(rows, dtype=torch.bool, device=dev)
+    row_idx = torch.arange(rows, device=dev)
+    cycles = 0
+    for _ in range(cfg.max_cycles):
+        if not bool(active.any()):
+            break
+        cycles += 1
+        pos = err > 0  # e_r > 0: grow a positive contribution, prune a negative one
+        g_ptr = torch.where(pos, ptr_grow_pos, ptr_grow_neg)
+        g_ok = g_ptr < torch.where(pos, n_grow_pos, n_grow_neg)
+        g_idx = torch.where(pos, _take(grow_pos, ptr_grow_pos), _take(grow_neg, ptr_grow_neg))
+        if pattern is None:
+            p_ptr = torch.where(pos, ptr_prune_neg, ptr_prune_pos)
+            p_ok = p_ptr < torch.where(pos, n_prune_neg, n_prune_pos)
+            p_idx = torch.where(pos, _take(prune_neg, ptr_prune_neg), _take(prune_pos, ptr_prune_pos))
+            skip = torch.zeros_like(active)
+        else:
+            group_cols = (g_idx - g_idx % m).unsqueeze(1) + offsets  # [R, M]
+            cand = torch.where(partner_ok.gather(1, group_cols), wanda.gather(1, group_cols),
+                               torch.full((rows, m), float("inf"), device=dev))
+            best, arg = cand.min(1)
+            p_idx = group_cols.gather(1, arg.unsqueeze(1)).squeeze(1)
+            p_ok = torch.isfinite(best)
+            skip = ~p_ok
+        c_grow = contrib[row_idx, g_idx]
+        c_prune = contrib[row_idx, p_idx]
+        after = err - c_grow + c_prune
+        base = active & (err.abs() > thr) & (err != 0) & g_ok
+        ok = base & p_ok
+        if same_sign:
+            ok &= torch.sign(after) == sign0
+        if cfg.require_decrease:
+            ok &= after.abs() < err.abs()
+        skip = base & skip  # N:M only: no partner in this M-group; try the next candidate
+        active = ok | skip
+        # apply the accepted swaps (one in, one out per row)
+        r = row_idx[ok]
+        keep[r, g_idx[ok]] = True
+        keep[r, p_idx[ok]] = False
+        err = torch.where(ok, after, err)
+        swaps += ok.long()
+        moved = ok | skip
+        ptr_grow_pos += (moved & pos).long()
+        ptr_grow_neg += (moved & ~pos).long()
+        if pattern is None:
+            ptr_prune_neg += (ok & pos).long()
+            ptr_prune_pos += (ok & ~pos).long()
+        else:
+            partner_ok[r, p_idx[ok]] = False
+        if traces is not None:
+            traces.append(err.clone())
+    return DSnoTResult(keep, swaps, err0, err, thr, cycles, traces)
+
+
+@dataclass
+class InputMoments:
+    """Per-channel input moments in per-token units, from the driver's :class:`InputStatistics`."""
+
+    mean: torch.Tensor  # E[x_j]
+    var: torch.Tensor  # per-sample Var(x_j), averaged over samples (the official statistic)
+    sq_mean: torch.Tensor  # E[x_j^2]
+    norm: torch.Tensor  # Wanda's ||X_j||_2 (sqrt of scaler_row)
+    tokens_per_sample: float
+
+    @classmethod
+    def from_stats(cls, stats) -> "InputMoments":
+        missing = [n for n, v in (("mean", stats.token_sum), ("var", stats.var), ("norm", stats.sq_sum)) if v is None]
+        if missing:
+            raise ConfigError(f"dsnot needs the input statistics {sorted(DSNOT_NEEDS)}; gathered without {missing}")
+        tps = stats.ntokens / max(1, stats.nsamples)  # token_sum and sq_sum are per-sample token sums
+        return cls(stats.token_sum / tps, stats.var, stats.sq_sum / tps, stats.sq_sum.sqrt(), tps)
+
+
+DSNOT_NEEDS = frozenset({"norm", "mean", "var"})
+
+
+@torch.no_grad()
+def refine_linear(dense_weight: torch.Tensor, pruned_weight: torch.Tensor, moments: InputMoments,
+                  cfg: Optional[DSnoTConfig] = None, pattern: Optional[NMPattern] = None,
+                  keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DSnoTResult]:
+    """DSnoT on one linear: returns the new weight (zeros where pruned) and the per-row record.
+
+    ``keep`` defaults to ``pruned_weight != 0``. Kept weights keep their values in ``pruned_weight``
+    (SparseGPT's reconstructed ones included); regrown weights take their dense values.
+    """
+    cfg = (cfg or DSnoTConfig()).validate()
+    if dense_weight.shape != pruned_weight.shape:
+        raise ConfigError(f"dsnot: dense weight {tuple(dense_weight.shape)} and pruned weight "
+                          f"{tuple(pruned_weight.shape)} differ; the dense source is not this model's")
+    if keep is None:
+        keep = pruned_weight != 0
+    dense = dense_weight.detach().to(pruned_weight.device)
+    thr = row_thresholds(cfg, dense, keep, moments.mean.to(dense.device), moments.sq_mean.to(dense.device),
+                         moments.tokens_per_sample)
+    res = dsnot_refine_mask(dense, keep, moments.mean, moments.var, moments.norm, cfg, pattern=pattern, threshold=thr)
+    old_keep = keep.to(res.keep.device)
+    grown = res.keep & ~old_keep
+    new = torch.where(res.keep, pruned_weight.detach(), torch.zeros_like(pruned_weight))
+    new = torch.where(grown, dense.to(new.dtype), new)
+    return new, res
+
+
+# Official command-line names accepted as aliases (the released code's argparse flags).
+_ALIASES = {"max_cycle_time": "max_cycles", "update_threshold": "threshold", "pow_of_var_regrowing": "var_power"}
+
+
+def make_config(options: Optional[dict[str, Any]] = None, cfg: Optional[DSnoTConfig] = None) -> DSnoTConfig:
+    """A validated :class:`DSnoTConfig` from keyword options.
+
+    Accepts the field names, the official flags ``max_cycle_time``, ``update_threshold``,
+    ``pow_of_var_regrowing`` and ``without_same_sign``, and ``preset="official"`` (the released
+    code's behaviour, see :meth:`DSnoTConfig.official`) which the other options then override.
+    """
+    opts = dict(options or {})
+    preset = opts.pop("preset", None)
+    if preset not in (None, "paper", "default", "official"):
+        raise ConfigError(f"dsnot preset {preset!r} is unknown; choose 'default' or 'official'")
+    base = cfg or (DSnoTConfig.official() if preset == "official" else DSnoTConfig())
+    kw: dict[str, Any] = {}
+    for k, v in opts.items():
+        if k == "without_same_sign":
+            kw["same_sign"] = None if v is None else not bool(v)
+            continue
+        key = _ALIASES.get(k, k)
+        if key not in DSnoTConfig.__dataclass_fields__:
+            raise ConfigError(f"unknown dsnot option {k!r}; known: {sorted(DSnoTConfig.__dataclass_fields__)} "
+                              f"(or the official {sorted(_ALIASES) + ['without_same_sign']}, preset)")
+        kw[key] = v
+    if isinstance(kw.get("max_cycles"), float) and float(kw["max_cycles"]).is_integer():
+        kw["max_cycles"] = int(kw["max_cycles"])
+    if "threshold" in kw:
+        try:
+            kw["threshold"] = float(kw["threshold"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"dsnot threshold must be a number, got {kw['threshold']!r}") from None
+    return replace(base, **kw).validate()
+
+
+@dataclass
+class LayerRecord:
+    """What DSnoT did to one linear (for reports and the manifest's history)."""
+
+    rows: int
+    rows_changed: int
+    swaps: int
+    mean_abs_error_before: float
+    mean_abs_error_after: float
+    seconds: float
+
+
+class DSnoTRefiner:
+    """The :class:`~sparse_runtime.pruning.base.MaskRefiner` the prune API runs inside its pass
+    (fused mode: statistics of the dense block, the mask just made, one pass in all).
+
+    Constructed with DSnoT options as keywords (see :func:`make_config`). Layers outside
+    ``cfg.layers`` come back unchanged. ``records`` and ``seconds`` describe the work done.
+    """
+
+    needs = DSNOT_NEEDS
+
+    def __init__(self, cfg: Optional[DSnoTConfig] = None, **options: Any) -> None:
+        self.cfg = make_config(options, cfg)
+        self.records: dict[str, LayerRecord] = {}
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def refine(self, task, dense_weight: torch.Tensor, pruned_weight: torch.Tensor, keep: torch.Tensor,
+               pattern: Optional[NMPattern], sparsity: float) -> torch.Tensor:
+        if not self.cfg.applies_to(task.short):
+            return pruned_weight
+        t0 = time.perf_counter()
+        new, res = refine_linear(dense_weight, pruned_weight, InputMoments.from_stats(task.stats), self.cfg,
+                                 pattern, keep)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        s = res.summary()
+        self.records[task.name] = LayerRecord(s["rows"], s["rows_changed"], s["swaps"], s["mean_abs_error_before"],
+                                              s["mean_abs_error_after"], dt)
+        return new
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the refined layers: swaps, rows changed, mean |e_r| before/after, seconds."""
+        recs = list(self.records.values())
+        rows = sum(r.rows for r in recs)
+        return {
+            "layers": len(recs),
+            "swaps": sum(r.swaps for r in recs),
+            "rows_changed": sum(r.rows_changed for r in recs),
+            "rows": rows,
+            "mean_abs_error_before": sum(r.mean_abs_error_before * r.rows for r in recs) / max(1, rows),
+            "mean_abs_error_after": sum(r.mean_abs_error_after * r.rows for r in recs) / max(1, rows),
+            "seconds": self.seconds,
+        }
+
+
+try:  # the prune API resolves "dsnot" by importing this module
+    from ..pruning.base import REFINERS
+
+    REFINERS.register("dsnot")(DSnoTRefiner)
+except ImportError:  # pragma: no cover - a build without the pruning package
+    REFINERS = None
+
+
+# -- standalone repair of a pruned checkpoint --------------------------------------------------------
+@dataclass
+class RepairReport:
+    """What :func:`repair_dsnot_checkpoint` did: where, how long, and how much changed."""
+
+    checkpoint: str
+    dense_source: str
+    config: dict[str, Any]
+    calibration: dict[str, Any]
+    summary: dict[str, Any]
+    timing: dict[str, float]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _load_dense_weights(spec: str, family, names: list[str], dtype: str) -> dict[str, torch.Tensor]:
+    """Only the block linears of the dense model (the rest is not needed and is dropped at once)."""
+    from ..errors import ManifestError
+    from ..models import load_model
+
+    dense = load_model(spec, dtype)
+    if dense.manifest is not None and dense.manifest.total_measured > 0:
+        raise ManifestError(f"the dense source {spec!r} is itself sparse ({dense.manifest.total_measured:.1%} zeros); "
+                            "DSnoT regrows weights from the dense model: pass dense=<the unpruned model>")
+    weights = {n: lin.weight.detach().clone() for n, lin in dense.family.iter_linears(dense.model)}
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ManifestError(f"the dense source {spec!r} lacks layers of the pruned model ({', '.join(missing[:3])}); "
+                            "it is another model: pass dense=<the model this checkpoint was pruned from>")
+    del dense
+    return weights
+
+
+@torch.no_grad()
+def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, dense: Optional[str] = None,
+                            overwrite: bool = False, data_dir=None, *, protocol: str = "quick",
+                            nsamples: Optional[int] = None, seqlen: Optional[int] = None, seed: Optional[int] = None,
+                            dtype: str = "float32", device: Optional[str] = None,
+                            calib_ids: Optional[torch.Tensor] = None) -> RepairReport:
+    """Run DSnoT on an already pruned checkpoint and write the repaired one to ``out``.
+
+    The dense weights come from ``dense`` or, by default, the manifest's ``dense_source``. The
+    sequential pass puts each block's dense weights back before its statistics pass (so the
+    statistics are those of the dense layer, as when DSnoT is fused with pruning), refines every
+    selected linear's mask from the checkpoint's, writes the result, and feeds the repaired block's
+    outputs to the next block. Per-row counts, per-layer targets and N:M patterns are unchanged; the
+    manifest carries the previous history forward and records this step.
+    """
+    from ..calibration import sequential_pass
+    from ..errors import CheckpointExistsError, ManifestError
+    from ..manifest import build_manifest, save_checkpoint
+    from ..models import load_model
+    from ..protocols import get_protocol
+    from ..sparsity import parse_structure
+
+    cfg = (cfg or DSnoTConfig()).validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if Path(str(pruned_dir)).expanduser().resolve() == out.expanduser().resolve():
+        raise ConfigError("the repaired checkpoint must go to a new directory (--out differs from the input)")
+    t_all = time.perf_counter()
+    lm = load_model(pruned_dir, dtype)
+    prev = lm.manifest
+    if prev is None:
+        raise ManifestError(f"{pruned_dir} has no sparsity manifest: DSnoT repairs a sparse-runtime pruned checkpoint "
+                            "(run `sparse-runtime prune` first, or fuse: `prune --refine dsnot`)")
+    dense_spec = dense or prev.dense_source
+    if not dense_spec:
+        raise ConfigError(f"{pruned_dir}'s manifest does not say where its dense weights are (dense_source); "
+                          "pass dense=<model spec> (CLI: --dense)")
+    family = lm.family
+    model = lm.model
+    if device:
+        model.to(device)
+    names = [n for n, _ in family.iter_linears(model)]
+    t0 = time.perf_counter()
+    dense_w = _load_dense_weights(str(dense_spec), family, names, dtype)
+    for n, lin in family.iter_linears(model):
+        if tuple(dense_w[n].shape) != tuple(lin.weight.shape):
+            raise ManifestError(f"{n}: dense weight {tuple(dense_w[n].shape)} vs pruned {tuple(lin.weight.shape)}; "
+                                f"{dense_spec!r} is not the model {pruned_dir} was pruned from")
+    load_s = time.perf_counter() - t0
+    proto = get_protocol(protocol)
+    calib = {"protocol": proto.name, "nsamples": nsamples or proto.calib_samples,
+             "seqlen": seqlen or proto.calib_seqlen, "seed": proto.calib_seed if seed is None else seed}
+    if calib_ids is None:
+        from ..data.text import c4_windows
+
+        calib_ids = c4_windows(lm.tokenizer, calib["nsamples"], calib["seqlen"], calib["seed"], data_dir)
+    patterns = {n: parse_structure(rec.structure) for n, rec in prev.layers.items()}
+    pruned_w: dict[str, torch.Tensor] = {}
+    refiner = DSnoTRefiner(cfg)
+    nnz_before = {n: (lin.weight != 0).sum(1) for n, lin in family.iter_linears(model)}
+
+    def on_block_start(bi: int, block) -> None:
+        # put the dense weights into the block so its statistics pass sees the dense layer's inputs
+        for short, lin in family.block_linears(block).items():
+            name = f"{family.blocks_path}.{bi}.{short}"
+            pruned_w[name] = lin.weight.data.clone()
+            lin.weight.data.copy_(dense_w[name].to(lin.weight.device, lin.weight.dtype))
+
+    def on_layer(task) -> None:
+        pruned = pruned_w.pop(task.name)
+        dense_t = task.linear.weight.data.clone()
+        keep = pruned != 0
+        new = refiner.refine(task, dense_t, pruned, keep, patterns.get(task.name), 0.0)
+        task.linear.weight.data.copy_(new.to(task.linear.weight.dtype))
+
+    timing = sequential_pass(model, family, calib_ids, on_layer, needs=DSNOT_NEEDS, device=device,
+                             on_block_start=on_block_start, desc="dsnot repair")
+    for n, lin in family.iter_linears(model):
+        if not torch.equal((lin.weight != 0).sum(1).cpu(), nnz_before[n].cpu()):
+            raise SparseRuntimeInvariantError(f"dsnot changed the per-row nonzero count of {n}; this is a bug")
+    summary = refiner.summary()
+    step = {"stage": "repair", "method": "dsnot", "input": str(pruned_dir), "dense": str(dense_spec),
+            "config": cfg.as_dict(), "calibration": calib, "summary": summary,
+            "timing": {"dsnot_s": refiner.seconds, "calibration_forward_s": timing.forward_s,
+                       "pass_s": timing.total_s}}
+    manifest = build_manifest(model, family, previous=prev, step=step)
+    if device:
+        model.to("cpu")
+    save_checkpoint(model, lm.tokenizer, out, manifest, overwrite=overwrite)
+    t = {"total_s": time.perf_counter() - t_all, "dsnot_s": refiner.seconds, "pass_s": timing.total_s,
+         "calibration_forward_s": timing.forward_s, "dense_load_s": load_s}
+    return RepairReport(str(out), str(dense_spec), cfg.as_dict(), calib, summary, t,
+                        {n: asdict(r) for n, r in refiner.records.items()})
+
+
+class SparseRuntimeInvariantError(RuntimeError):
+    """An internal invariant broke (a bug, not a user error)."""
