@@ -24,6 +24,7 @@ from .stats import bandwidth_bound, interleaved_order, speedup, summarize
 
 DEFAULT_SCENARIOS = ("prefill:1x128", "prefill:1x512", "decode:1@128", "prefill:8x128")
 DEFAULT_ENGINES = ("torch-cpu", "ort-cpu", "deepsparse")
+NOISY = 0.2  # relative IQR above which a verdict is flagged as noisy
 
 
 def parse_scenario(text: str, steps: int = 16) -> Scenario:
@@ -91,7 +92,8 @@ def profile_model(label: str, path: str) -> ModelProfile:
         cfg = json.loads((p / "config.json").read_text())
         layers = [(int(r.shape[0]) * int(r.shape[1]), int(r.nnz)) for r in m.layers.values()]
         structs = sorted({r.structure for r in m.layers.values()})
-        return ModelProfile(label, str(path), m.total_measured, "/".join(structs), layers,
+        sp = m.total_measured
+        return ModelProfile(label, str(path), sp, "/".join(structs) if sp >= 0.01 else "dense", layers,
                             int(cfg["vocab_size"]) * int(cfg["hidden_size"]))
     from ..models import load_model
     from ..sparsity import NMPattern, nm_compliant
@@ -168,16 +170,22 @@ def run_latency(dense: str, sparse: Sequence[tuple[str, str]], cfg: Optional[Lat
         log(f"[{ename}] loading {len(models)} models")
         engines: dict[str, Any] = {}
         try:
-            for label, path in models:
-                engines[label] = cls(path, threads=threads, **cfg.engine_options.get(ename, {}))
-                log(f"  {label}: loaded in {engines[label].load_seconds:.1f} s")
+            try:
+                for label, path in models:
+                    engines[label] = cls(path, threads=threads, **cfg.engine_options.get(ename, {}))
+                    log(f"  {label}: loaded in {engines[label].load_seconds:.1f} s")
+            except Exception as e:  # one broken engine must not lose the others' results
+                skipped[ename] = f"failed to load: {type(e).__name__}: {str(e)[:400]}"
+                log(f"[{ename}] {skipped[ename]}")
+                continue
             raw[ename] = {}
             for sc in scenarios:
                 log(f"  {sc.label}")
                 try:
                     times = _time_scenario(engines, sc, cfg, log)
-                except EngineUnavailableError as e:
-                    skipped[f"{ename} {sc.label}"] = str(e)
+                except Exception as e:
+                    skipped[f"{ename} {sc.label}"] = f"{type(e).__name__}: {str(e)[:400]}"
+                    log(f"  failed: {skipped[f'{ename} {sc.label}']}")
                     continue
                 raw[ename][sc.label] = times
                 rows += _rows(ename, sc, times, profiles, dense_label)
@@ -200,6 +208,7 @@ def _rows(ename: str, sc: Scenario, times: dict[str, list[float]], profiles: dic
           dense_label: str) -> list[dict[str, Any]]:
     out = []
     dense_t = times[dense_label]
+    dense_noise = summarize(dense_t).rel_iqr
     for label, ts in times.items():
         s = summarize([sc.per_unit(t) for t in ts])
         prof = profiles[label]
@@ -208,8 +217,12 @@ def _rows(ename: str, sc: Scenario, times: dict[str, list[float]], profiles: dic
                "min-max": f"{s.min:.4g}-{s.max:.4g}", "n": s.n}
         if label != dense_label:
             sp = speedup(dense_t, ts)
+            verdict = sp.verdict
+            noise = max(dense_noise, s.rel_iqr)
+            if noise > NOISY:  # a shared machine: say so next to the verdict instead of trusting it
+                verdict += f" (noisy: IQR {noise:.0%} of median)"
             row.update({"speedup": sp.speedup, "paired": f"{sp.paired_median:.3f} [{sp.paired_q1:.3f}-{sp.paired_q3:.3f}]",
-                        "verdict": sp.verdict})
+                        "verdict": verdict})
             if sc.kind == "decode" and sc.batch == 1:
                 b = prof.bound()
                 row["bw bound (pruned/model)"] = f"{b['pruned_layers']:.2f}x / {b['model']:.2f}x"

@@ -130,7 +130,8 @@ class DeepSparseEngine(Engine):
         self.C = int(cache_length or self.L + 64)
         self.B = int(batch_size)
         self.worker = _Worker()
-        self.compiled: dict[str, dict[str, Any]] = {}
+        self.compiled: dict[str, dict[str, Any]] = {}  # live in the worker
+        self.seen: dict[str, dict[str, Any]] = {}  # every graph compiled so far (for the evidence)
         self._tmp = Path(tempfile.mkdtemp(prefix="sr-ds-io-"))
         self.default = self._export(self.B, self.L, True, self.C)
         self.tokenizer = load_tokenizer(self.default)
@@ -168,7 +169,7 @@ class DeepSparseEngine(Engine):
             res = self.worker.call(op="compile", key=key, model=str(path / graph), batch_size=batch,
                                    num_cores=self.threads)
             shape = json.loads((path / "deepsparse_layout.json").read_text())
-            self.compiled[key] = {"graph": graph, "batch": batch,
+            self.compiled[key] = self.seen[key] = {"graph": graph, "batch": batch,
                                   "shape": f"b{shape['batch_size']} L{shape['prefill_length']} C{shape['cache_length']}",
                                   **{k: res[k] for k in ("fraction_of_supported_ops", "compile_seconds", "rss_delta_mb")}}
         return key
@@ -228,18 +229,20 @@ class DeepSparseEngine(Engine):
         return run_decode
 
     def release(self, scenario: Scenario) -> None:
-        """Drop the compiled graphs of ``scenario`` (the defaults used by generate stay)."""
+        """Drop the compiled graphs of other shapes than the engine's default (batch B x L prefill and
+        its decode graph, which prefill/decode/generate and the default-shape scenarios share):
+        with five models in five workers, keeping every scenario's graphs would hold gigabytes,
+        and recompiling the shared ones would cost a compile each time."""
         keep = {f"{self.default}/prefill.onnx", f"{self.default}/decode.onnx"}
         for key in list(self.compiled):
-            if key in keep:
-                continue
-            self.worker.call(op="release", key=key)
-            self.compiled.pop(key)
+            if key not in keep:
+                self.worker.call(op="release", key=key)
+                self.compiled.pop(key)
 
     # -- reporting --------------------------------------------------------------------------------
     def evidence(self) -> dict[str, Any]:
-        fr = {f"{v['shape']}/{v['graph']}": round(v["fraction_of_supported_ops"], 4) for v in self.compiled.values()}
-        vals = [v["fraction_of_supported_ops"] for v in self.compiled.values()]
+        fr = {f"{v['shape']}/{v['graph']}": round(v["fraction_of_supported_ops"], 4) for v in self.seen.values()}
+        vals = [v["fraction_of_supported_ops"] for v in self.seen.values()]
         return {"sparse_path": "DeepSparse optimised runtime" if vals and min(vals) > 0 else "fallback (0 % optimised)",
                 "fraction_of_supported_ops": min(vals) if vals else None, "graphs": fr}
 
@@ -254,7 +257,8 @@ class DeepSparseEngine(Engine):
         except SparseRuntimeError:
             rss = None
         return {"worker_rss_mb": None if rss is None else round(rss, 1),
-                "compiled_rss_mb": round(sum(v["rss_delta_mb"] for v in self.compiled.values()), 1)}
+                "max_graph_rss_mb": round(max([v["rss_delta_mb"] for v in self.seen.values()] or [0]), 1),
+                "compile_seconds": round(sum(v["compile_seconds"] for v in self.seen.values()), 1)}
 
     def close(self) -> None:
         w = getattr(self, "worker", None)
