@@ -185,3 +185,16 @@ def test_generate_cli_streams_text():
     bad = subprocess.run([sys.executable, "-m", "sparse_runtime.cli", "generate", "tiny-llama", "--prompt", "x",
                           "--engine", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr
+
+
+def test_bench_stage_uses_the_manifests_dense_source(tmp_path, sparse_ckpt):
+    from sparse_runtime.recipe import STAGES, StageContext
+    import sparse_runtime.stages.bench  # noqa: F401  (registers the stage)
+
+    stage = STAGES.get("bench")()
+    cfg = stage.Config(dense="tiny-llama", engines=["torch-cpu"], scenarios=["prefill:1x8"], repeats=5)
+    res = stage.run(StageContext(model=str(sparse_ckpt), workdir=tmp_path), cfg, tmp_path)
+    assert (tmp_path / "latency.md").is_file() and (tmp_path / "latency.png").is_file()
+    assert list(res.metrics["speedups"]) == ["torch-cpu prefill b1 x 8"]
+    with pytest.raises(ConfigError, match="repeats"):
+        stage.Config(repeats=2).validate()
