@@ -52,7 +52,14 @@ class MergeReport:
         return {"method": self.method, "kept_zero_fixups": self.kept_zero_fixups, "mask_changed": self.mask_changed,
                 "reprune": self.reprune, "max_abs_logit_diff": self.max_abs_logit_diff,
                 "layers": len(self.layers), "ranks": sorted({v.get("rank") for v in self.layers.values()
-                                                             if v.get("rank") is not None})}
+                                                             if v.get("rank") is not None}),
+                **self._mask_evolution()}
+
+    def _mask_evolution(self) -> dict[str, Any]:
+        """Mask-evolving adapters (SEFT): per layer, weights resurrected and newly pruned."""
+        ev = {n: {"resurrected": v["resurrected"], "newly_pruned": v["newly_pruned"]}
+              for n, v in self.layers.items() if "resurrected" in v and "newly_pruned" in v}
+        return {"mask_evolution": ev} if ev else {}
 
 
 def _fix_kept_zeros(w: torch.Tensor, w32: torch.Tensor, keep: torch.Tensor) -> int:
@@ -99,6 +106,7 @@ def merge_adapters(model, family=None, *, manifest=None, reprune: str = "wanda",
     methods = sorted({a.method for a in adapters.values()})
     report = MergeReport(method=",".join(methods))
     reprune_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    totals = [0, 0]  # merge_check "total" (SEFT, global scope): the model-wide count is kept
     for name, ad in adapters.items():
         base_keep = (ad.base.weight != 0)
         base_nnz = int(base_keep.sum())
@@ -118,8 +126,13 @@ def merge_adapters(model, family=None, *, manifest=None, reprune: str = "wanda",
         nnz = int((w != 0).sum())
         if ad.merge_check == "count" and nnz != base_nnz:
             raise MergeError(f"{name}: {nnz} nonzeros after merge, base had {base_nnz}")
+        if ad.merge_check == "total":
+            totals[0] += nnz
+            totals[1] += base_nnz
         ad.base.weight.copy_(w)
         report.layers[name] = info | {"nnz": nnz}
+    if totals[0] != totals[1]:
+        raise MergeError(f"{totals[0]} nonzeros after merge over the globally re-pruned layers, base had {totals[1]}")
     if reprune_layers:
         _reprune(model, family, reprune_layers, adapters, manifest, reprune, calib_ids, tokenizer, data_dir,
                  protocol, report)
@@ -239,9 +252,10 @@ def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optio
         b = base_manifest.layers.get(name)
         if b is None:
             continue
-        if rec.nnz != b.nnz:
+        check = report.layers.get(name, {}).get("merge_check", "mask")
+        if rec.nnz != b.nnz and check != "total":
             raise MergeError(f"{name}: {rec.nnz} nonzeros after merge, base had {b.nnz}")
-        if report.reprune is None and rec.mask_sha256 != b.mask_sha256:
+        if report.reprune is None and check == "mask" and rec.mask_sha256 != b.mask_sha256:
             raise MergeError(f"{name}: mask digest changed by a mask-keeping merge")
     save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite)
     return out, report

@@ -10,9 +10,12 @@ from .lora import LoRAAdapterBase, LoRAConfig
 from .masked_lora import MaskedLoRA, MaskedLoRAConfig
 from .lors import GRAD_MODES, LoRSAdapter, LoRSConfig, LoRSFunction
 from .dense_lora import DenseLoRA, DenseLoRAConfig
+from .seft import SEFTAdapter, SEFTConfig
+from .seft_evolution import SEFTEvolution
 
 __all__ = ["ADAPTERS", "FINETUNE_METHODS", "AdapterConfig", "FinetuneMethod", "SparseAdapter", "TrainingCallback",
            "adapter_state_dict", "adapters_of", "attach_adapters", "count_trainable", "dense_weight_gradients",
            "detach_adapters", "infer_masks_warning", "iter_adapters", "load_adapter_state_dict", "parse_ranks",
            "trainable_parameters", "LoRAAdapterBase", "LoRAConfig", "MaskedLoRA", "MaskedLoRAConfig", "GRAD_MODES",
-           "LoRSAdapter", "LoRSConfig", "LoRSFunction", "DenseLoRA", "DenseLoRAConfig"]
+           "LoRSAdapter", "LoRSConfig", "LoRSFunction", "DenseLoRA", "DenseLoRAConfig",
+           "SEFTAdapter", "SEFTConfig", "SEFTEvolution"]
