@@ -99,8 +99,12 @@ class ReportStage(Stage):
             if "perplexity" in m:
                 row["ppl"] = m["perplexity"]["ppl"]
                 row["ppl protocol"] = f"{m['perplexity']['protocol']} (seqlen {m['perplexity']['seqlen']}, {m['perplexity']['windows']} windows)"
-            if "block_sparsity" in m:
-                row["sparsity"] = m["block_sparsity"]
+            for key in ("block_sparsity", "sparsity_measured"):
+                if key in m:
+                    row["sparsity"] = m[key]
+            if "method" in m:
+                row["method"] = " ".join(str(m[k]) for k in ("method", "structure", "allocation", "refiner")
+                                         if m.get(k) not in (None, ""))
             if "zeroshot" in m:
                 row["zero-shot mean acc"] = m["zeroshot"].get("mean_acc")
             rows.append(row)
