@@ -1,3 +1,29 @@
-from setuptools import setup
+"""Build the CPU sparse-kernel extension (``sparse_runtime.kernels._sparse_kernels``).
 
-setup()
+Metadata lives in pyproject.toml; this file only declares the compiled extension. It needs a C++
+compiler and the Python headers, nothing else (no torch headers: pip's isolated build would pull a
+CUDA torch). Every instruction-set path is compiled with ``#pragma GCC target`` inside the one
+source file, so no ``-march`` flag is used and the binary runs on any x86-64 CPU; the path is
+chosen at run time (see docs/kernels.md).
+
+The extension is ``optional``: if it fails to build, the package still installs and imports, and
+the kernel tests skip with the reason (set SPARSE_RUNTIME_REQUIRE_KERNELS=1 to make them fail).
+"""
+import os
+import sys
+
+from setuptools import Extension, setup
+
+_openmp = [] if os.environ.get("SPARSE_RUNTIME_NO_OPENMP") or sys.platform == "darwin" else ["-fopenmp"]
+
+ext = Extension(
+    "sparse_runtime.kernels._sparse_kernels",
+    sources=["csrc/sparse_kernels.cpp"],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti",
+                        "-Wall", "-Wno-unused-function", *_openmp],
+    extra_link_args=[*_openmp],
+    optional=True,
+)
+
+setup(ext_modules=[ext])

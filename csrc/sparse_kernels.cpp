@@ -1,0 +1,478 @@
+// sparse-runtime CPU sparse linear kernels: y[b, r] = sum_k x[b, k] * W[r, k] + bias[r].
+//
+// One shared object holds every instruction-set path; the caller picks one at run time
+// (sr_cpu_features() reports what the CPU and OS support). Paths are compiled with
+// `#pragma GCC target(...)`, never with -march, so the binary runs on any x86-64 CPU.
+//
+// Layouts (packed in Python, sparse_runtime/kernels/layout.py; see docs/kernels.md):
+//   bitmask: mask   uint32 [N, ceil(K/32)]  bit j of word w = column 32*w + j is nonzero
+//            values float  [nnz]            the nonzeros, row-major, no padding
+//            row_ptr int64 [N + 1]          offset of each row's first value
+//   csr16:   idx    uint16 [nnz]            column index of each nonzero (K <= 65536)
+//            values float  [nnz], row_ptr int64 [N + 1] as above
+//
+// Paths: bitmask x {avx512 (expand-load), portable}; csr16 x {avx2 (gathers), portable}.
+// All entry points are plain C (loaded with ctypes); the Python module init below exists only
+// so that setuptools builds and installs this file as an ordinary extension module.
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SR_X86 1
+#include <immintrin.h>
+#else
+#define SR_X86 0
+#endif
+
+enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
+enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_NLAYOUT = 2 };
+enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
+
+static int64_t g_calls[SR_NISA][SR_NLAYOUT];
+
+// ---------------------------------------------------------------------------------------------
+// threading: split output rows into contiguous blocks (one stream per thread suits prefetchers)
+// ---------------------------------------------------------------------------------------------
+template <class F>
+static void parallel_rows(int64_t n_rows, int n_threads, int64_t min_rows_per_thread, F f) {
+#ifdef _OPENMP
+    int64_t max_t = n_rows / (min_rows_per_thread > 0 ? min_rows_per_thread : 1);
+    int nt = n_threads;
+    if (max_t < nt) nt = (int)(max_t > 1 ? max_t : 1);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            int64_t r0 = n_rows * t / T, r1 = n_rows * (t + 1) / T;
+            f(r0, r1);
+        }
+        return;
+    }
+#else
+    (void)n_threads;
+    (void)min_rows_per_thread;
+#endif
+    f((int64_t)0, n_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// portable paths (plain C++; the compiler may auto-vectorise for the baseline ISA)
+// ---------------------------------------------------------------------------------------------
+static void bm_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                             const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                             int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        for (int64_t b = 0; b < B; ++b) {
+            const float* xb = x + b * K;
+            const float* v = vals + rp[r];
+            float acc = 0.f;
+            for (int64_t w = 0; w < Kw; ++w) {
+                uint32_t m = mr[w];
+                const float* xw = xb + 32 * w;
+                while (m) {
+                    acc += *v++ * xw[__builtin_ctz(m)];
+                    m &= m - 1;
+                }
+            }
+            y[b * N + r] = acc + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                              const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                              int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t b = 0; b < B; ++b) {
+            const float* xb = x + b * K;
+            float acc = 0.f;
+            for (int64_t p = rp[r]; p < rp[r + 1]; ++p) acc += vals[p] * xb[idx[p]];
+            y[b * N + r] = acc + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+#if SR_X86
+// ---------------------------------------------------------------------------------------------
+// AVX-512: bitmask + expand-load. Each 16-bit half of a mask word drives one vexpandps that
+// places the next popcount(half) packed values into their columns' lanes; the x chunk is loaded
+// with the same mask (so columns past K and pruned columns are never read).
+// ---------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
+
+static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static void bm_avx512_gemv_rows(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                                const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        const float* v = vals + rp[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t w = 0;
+        for (; w + 2 <= Kw; w += 2) {
+            const uint32_t m0 = mr[w], m1 = mr[w + 1];
+            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
+            const __mmask16 k2 = (__mmask16)m1, k3 = (__mmask16)(m1 >> 16);
+            const float* v1 = v + _mm_popcnt_u32(k0);
+            const float* v2 = v + _mm_popcnt_u32(m0);
+            const float* v3 = v2 + _mm_popcnt_u32(k2);
+            const float* xw = x + 32 * w;
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), _mm512_maskz_loadu_ps(k0, xw), a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, v1), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k2, v2), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k3, v3), _mm512_maskz_loadu_ps(k3, xw + 48), a3);
+            v = v2 + _mm_popcnt_u32(m1);
+        }
+        if (w < Kw) {
+            const uint32_t m0 = mr[w];
+            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
+            const float* xw = x + 32 * w;
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), _mm512_maskz_loadu_ps(k0, xw), a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, v + _mm_popcnt_u32(k0)),
+                                 _mm512_maskz_loadu_ps(k1, xw + 16), a1);
+        }
+        const float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+// Several tokens at once: each mask word is expanded once and reused for TB rows of x.
+template <int TB>
+static inline void bm_avx512_tile(const float* x, int64_t K, const uint32_t* mr, int64_t Kw, const float* v,
+                                  float* out) {
+    __m512 lo[TB], hi[TB];
+    for (int b = 0; b < TB; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
+    for (int64_t w = 0; w < Kw; ++w) {
+        const uint32_t m = mr[w];
+        const __mmask16 k0 = (__mmask16)m, k1 = (__mmask16)(m >> 16);
+        const __m512 e0 = _mm512_maskz_expandloadu_ps(k0, v);
+        const __m512 e1 = _mm512_maskz_expandloadu_ps(k1, v + _mm_popcnt_u32(k0));
+        v += _mm_popcnt_u32(m);
+        const float* xw = x + 32 * w;
+        for (int b = 0; b < TB; ++b) {
+            lo[b] = _mm512_fmadd_ps(e0, _mm512_maskz_loadu_ps(k0, xw + b * K), lo[b]);
+            hi[b] = _mm512_fmadd_ps(e1, _mm512_maskz_loadu_ps(k1, xw + b * K + 16), hi[b]);
+        }
+    }
+    for (int b = 0; b < TB; ++b) out[b] = hsum512(_mm512_add_ps(lo[b], hi[b]));
+}
+
+// Larger batches: x transposed to [K, Bp] (Bp = B rounded up to 8); the mask bits are walked with
+// tzcnt so each nonzero costs one broadcast and T 8-wide FMAs, i.e. work proportional to nnz
+// instead of the expand path's 16 lanes per mask half (which does dense-equivalent FLOPs).
+template <int T>
+static inline void bm_xt_tile(const float* xT, int64_t Bp, const uint32_t* mr, int64_t Kw, const float* v,
+                              float* out) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t w = 0; w < Kw; ++w) {
+        uint32_t m = mr[w];
+        const float* xw = xT + 32 * w * Bp;
+        while (m) {
+            const __m256 wv = _mm256_broadcast_ss(v++);
+            const float* xr = xw + (int64_t)_tzcnt_u32(m) * Bp;
+            m = _blsr_u32(m);
+            for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+static void bm_xt_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
+                            const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                            int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    float out[32];
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        const float* v = vals + rp[r];
+        const float bb = bias ? bias[r] : 0.f;
+        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
+            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
+            const float* xt = xT + b0;
+            switch (tiles) {
+                case 1: bm_xt_tile<1>(xt, Bp, mr, Kw, v, out); break;
+                case 2: bm_xt_tile<2>(xt, Bp, mr, Kw, v, out); break;
+                case 3: bm_xt_tile<3>(xt, Bp, mr, Kw, v, out); break;
+                default: bm_xt_tile<4>(xt, Bp, mr, Kw, v, out); break;
+            }
+            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
+        }
+    }
+}
+
+static void bm_avx512_gemm_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                                const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        const float* v = vals + rp[r];
+        const float bb = bias ? bias[r] : 0.f;
+        for (int64_t b0 = 0; b0 < B; b0 += 8) {
+            const int64_t tb = B - b0 < 8 ? B - b0 : 8;
+            const float* xb = x + b0 * K;
+            switch (tb) {
+                case 1: bm_avx512_tile<1>(xb, K, mr, Kw, v, out); break;
+                case 2: bm_avx512_tile<2>(xb, K, mr, Kw, v, out); break;
+                case 3: bm_avx512_tile<3>(xb, K, mr, Kw, v, out); break;
+                case 4: bm_avx512_tile<4>(xb, K, mr, Kw, v, out); break;
+                case 5: bm_avx512_tile<5>(xb, K, mr, Kw, v, out); break;
+                case 6: bm_avx512_tile<6>(xb, K, mr, Kw, v, out); break;
+                case 7: bm_avx512_tile<7>(xb, K, mr, Kw, v, out); break;
+                default: bm_avx512_tile<8>(xb, K, mr, Kw, v, out); break;
+            }
+            for (int64_t b = 0; b < tb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
+        }
+    }
+}
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: no expand instruction, so the layout stores 16-bit column indices and x is gathered.
+// Batch > 1 transposes x to [K, Bp] (Bp = B rounded up to 8) so one broadcast weight feeds up to
+// four 8-wide FMAs per nonzero.
+// ---------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void csr_avx2_gemv_rows(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
+                               const float* bias, float* y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t p = rp[r];
+        const int64_t e = rp[r + 1];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; p + 16 <= e; p += 16) {
+            const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(idx + p)));
+            const __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(idx + p + 8)));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + p), _mm256_i32gather_ps(x, i0, 4), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + p + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+        }
+        if (p + 8 <= e) {
+            const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(idx + p)));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + p), _mm256_i32gather_ps(x, i0, 4), a0);
+            p += 8;
+        }
+        float s = hsum256(_mm256_add_ps(a0, a1));
+        for (; p < e; ++p) s += vals[p] * x[idx[p]];
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+template <int T>
+static inline void csr_avx2_tile(const float* xT, int64_t Bp, const uint16_t* idx, const float* vals, int64_t p,
+                                 int64_t e, float* out) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (; p < e; ++p) {
+        const __m256 wv = _mm256_broadcast_ss(vals + p);
+        const float* xr = xT + (int64_t)idx[p] * Bp;
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
+    }
+    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+static void csr_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t N, const uint16_t* idx,
+                               const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                               int64_t r1) {
+    float out[32];
+    for (int64_t r = r0; r < r1; ++r) {
+        const float bb = bias ? bias[r] : 0.f;
+        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
+            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
+            const float* xt = xT + b0;
+            switch (tiles) {
+                case 1: csr_avx2_tile<1>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
+                case 2: csr_avx2_tile<2>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
+                case 3: csr_avx2_tile<3>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
+                default: csr_avx2_tile<4>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
+            }
+            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
+        }
+    }
+}
+#pragma GCC pop_options
+#endif  // SR_X86
+
+// ---------------------------------------------------------------------------------------------
+// C API
+// ---------------------------------------------------------------------------------------------
+extern "C" {
+
+// Bit 0: portable (always); bit 1: AVX2+FMA; bit 2: AVX-512 F/BW/VL/DQ (OS state checked by libgcc).
+int sr_cpu_features(void) {
+    int f = 1 << SR_PORTABLE;
+#if SR_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= 1 << SR_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("popcnt"))
+        f |= 1 << SR_AVX512;
+#endif
+    return f;
+}
+
+int sr_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Copies the per-(isa, layout) call counters into out[SR_NISA * SR_NLAYOUT] (isa-major).
+void sr_get_counters(int64_t* out) {
+    for (int i = 0; i < SR_NISA; ++i)
+        for (int l = 0; l < SR_NLAYOUT; ++l) out[i * SR_NLAYOUT + l] = __atomic_load_n(&g_calls[i][l], __ATOMIC_RELAXED);
+}
+
+void sr_reset_counters(void) {
+    for (int i = 0; i < SR_NISA; ++i)
+        for (int l = 0; l < SR_NLAYOUT; ++l) __atomic_store_n(&g_calls[i][l], 0, __ATOMIC_RELAXED);
+}
+
+static const int64_t kMinRows = 32;  // below this many rows per thread, threading costs more than it gives
+static int64_t kXtMinBatch = 4;  // AVX-512: from this batch on, the transposed-x walk beats expand-load
+
+// x [B, K] -> xT [K, Bp], zero-padded columns B..Bp-1 (64-byte aligned; caller frees)
+static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp) {
+    float* xT = (float*)aligned_alloc(64, (size_t)((K * Bp * 4 + 63) / 64 * 64) + 64);
+    if (!xT) return NULL;
+    for (int64_t k = 0; k < K; ++k) {
+        for (int64_t b = 0; b < B; ++b) xT[k * Bp + b] = x[b * K + k];
+        for (int64_t b = B; b < Bp; ++b) xT[k * Bp + b] = 0.f;
+    }
+    return xT;
+}
+// Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
+void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
+
+int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                      const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    if (B < 0 || K < 0 || N < 0) return SR_EARG;
+    if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
+    if (isa == SR_AVX512) {
+#if SR_X86
+        if (B == 1)
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_avx512_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1);
+            });
+        else if (B < kXtMinBatch)
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
+            });
+        else {
+            const int64_t Bp = (B + 7) / 8 * 8;
+            float* xT = transpose_padded(x, B, K, Bp);
+            if (!xT) return SR_ENOMEM;
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_xt_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1);
+            });
+            free(xT);
+        }
+#endif
+    } else if (isa == SR_PORTABLE) {
+        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            bm_portable_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
+        });
+    } else {
+        return SR_EUNSUPPORTED;  // bitmask has no AVX2 path: AVX2 uses the csr16 layout
+    }
+    __atomic_add_fetch(&g_calls[isa][SR_BITMASK], 1, __ATOMIC_RELAXED);
+    return SR_OK;
+}
+
+int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                    const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    if (B < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
+    if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
+    if (isa == SR_AVX2) {
+#if SR_X86
+        if (B == 1) {
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                csr_avx2_gemv_rows(x, idx, vals, rp, bias, y, r0, r1);
+            });
+        } else {
+            const int64_t Bp = (B + 7) / 8 * 8;
+            float* xT = transpose_padded(x, B, K, Bp);
+            if (!xT) return SR_ENOMEM;
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                csr_avx2_gemm_rows(xT, B, Bp, N, idx, vals, rp, bias, y, r0, r1);
+            });
+            free(xT);
+        }
+#endif
+    } else if (isa == SR_PORTABLE) {
+        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            csr_portable_rows(x, B, K, N, idx, vals, rp, bias, y, r0, r1);
+        });
+    } else {
+        return SR_EUNSUPPORTED;  // csr16 has no AVX-512 path of its own: AVX-512 uses bitmask
+    }
+    __atomic_add_fetch(&g_calls[isa][SR_CSR16], 1, __ATOMIC_RELAXED);
+    return SR_OK;
+}
+
+// Scatter a bitmask layout back into a dense [N, K] row-major matrix (zeros elsewhere): the dense
+// fallback for large batches when the module keeps no dense copy.
+void sr_bitmask_densify(int64_t K, int64_t N, const uint32_t* mask, const float* vals, const int64_t* rp,
+                        float* out, int n_threads) {
+    const int64_t Kw = (K + 31) / 32;
+    parallel_rows(N, n_threads, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            float* o = out + r * K;
+            memset(o, 0, (size_t)K * sizeof(float));
+            const float* v = vals + rp[r];
+            for (int64_t w = 0; w < Kw; ++w) {
+                uint32_t m = mask[r * Kw + w];
+                while (m) {
+                    o[32 * w + __builtin_ctz(m)] = *v++;
+                    m &= m - 1;
+                }
+            }
+        }
+    });
+}
+
+void sr_csr16_densify(int64_t K, int64_t N, const uint16_t* idx, const float* vals, const int64_t* rp, float* out,
+                      int n_threads) {
+    parallel_rows(N, n_threads, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            float* o = out + r * K;
+            memset(o, 0, (size_t)K * sizeof(float));
+            for (int64_t p = rp[r]; p < rp[r + 1]; ++p) o[idx[p]] = vals[p];
+        }
+    });
+}
+
+}  // extern "C"
+
+// A module with no Python-level functions: it only makes the shared object importable/locatable.
+static struct PyModuleDef sr_module = {PyModuleDef_HEAD_INIT, "_sparse_kernels",
+                                       "sparse-runtime CPU sparse kernels (C entry points, loaded with ctypes)",
+                                       -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__sparse_kernels(void) { return PyModule_Create(&sr_module); }

@@ -1,0 +1,22 @@
+"""The project's own CPU sparse linear kernels and their PyTorch integration (see docs/kernels.md).
+
+- :mod:`.layout`: the compressed layouts (``bitmask`` for AVX-512/portable, ``csr16`` for AVX2).
+- :mod:`.reference`: the NumPy reference the kernels are tested against.
+- :mod:`._lib`: the compiled extension (ctypes), CPU feature detection, ISA choice, call counters.
+- :mod:`.ops`: ``torch.ops.sparse_runtime.sparse_linear`` and the eager :func:`sparse_linear`.
+- :mod:`.module`: :class:`SparseLinear` and :func:`sparsify_linears` (model swap), dense/sparse
+  dispatch by a measured batch threshold.
+
+Everything imports without the compiled extension; :func:`available` says whether it loaded.
+"""
+from ._lib import (ENV_ISA, ENV_LAYOUT, available, counters, reset_counters, select_isa, select_layout,
+                   supported_isas, unavailable_reason)
+from .layout import LAYOUTS, PackedWeight, pack, pack_bitmask, pack_csr16, unpack
+from .module import SparseLinear, SparsifyReport, call_counts, measure_threshold, sparsify_linears
+from .ops import densify, sparse_linear
+from .reference import reference_linear
+
+__all__ = ["ENV_ISA", "ENV_LAYOUT", "available", "counters", "reset_counters", "select_isa", "select_layout",
+           "supported_isas", "unavailable_reason", "LAYOUTS", "PackedWeight", "pack", "pack_bitmask",
+           "pack_csr16", "unpack", "SparseLinear", "SparsifyReport", "call_counts", "measure_threshold",
+           "sparsify_linears", "densify", "sparse_linear", "reference_linear"]

@@ -1,0 +1,128 @@
+"""Loading the compiled kernels (ctypes over the extension's C entry points) and choosing a path.
+
+The extension is an ordinary setuptools extension module built at install time; it exports plain C
+functions, which ctypes calls with the GIL released. If it is missing (build failed, or an
+unsupported platform) everything here still imports: :func:`available` says False and
+:func:`unavailable_reason` says why.
+
+Path choice, once per process (or per call with ``isa=``): ``SPARSE_RUNTIME_KERNEL_ISA`` =
+``avx512`` | ``avx2`` | ``portable`` forces one (an error if the CPU lacks it); otherwise the best
+the CPU supports. Each ISA has its own default layout (AVX-512: bitmask + expand-load; AVX2:
+csr16 + gathers; portable: bitmask); ``SPARSE_RUNTIME_KERNEL_LAYOUT`` overrides the layout where
+the pair is implemented.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from typing import Optional
+
+from ..errors import ConfigError
+
+ISAS = ("portable", "avx2", "avx512")  # index = the C enum
+LAYOUT_IDS = {"bitmask": 0, "csr16": 1}
+DEFAULT_LAYOUT = {"avx512": "bitmask", "avx2": "csr16", "portable": "bitmask"}
+IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("csr16", "avx2"), ("csr16", "portable")}
+ENV_ISA = "SPARSE_RUNTIME_KERNEL_ISA"
+ENV_LAYOUT = "SPARSE_RUNTIME_KERNEL_LAYOUT"
+ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
+
+_lib: Optional[ctypes.CDLL] = None
+_reason: Optional[str] = None
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    try:
+        spec = importlib.util.find_spec("sparse_runtime.kernels._sparse_kernels")
+        if spec is None or not spec.origin:
+            raise ImportError("the compiled extension sparse_runtime.kernels._sparse_kernels is not installed "
+                              "(reinstall with `pip install -e .`; a C++ compiler and Python headers are needed)")
+        lib = ctypes.CDLL(spec.origin)
+        i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        for name in ("sr_bitmask_linear", "sr_csr16_linear"):
+            f = getattr(lib, name)
+            f.argtypes = [c_int, p, i64, i64, i64, p, p, p, p, p, c_int]
+            f.restype = c_int
+        for name in ("sr_bitmask_densify", "sr_csr16_densify"):
+            f = getattr(lib, name)
+            f.argtypes = [i64, i64, p, p, p, p, c_int]
+            f.restype = None
+        lib.sr_cpu_features.restype = c_int
+        lib.sr_has_openmp.restype = c_int
+        lib.sr_get_counters.argtypes = [p]
+        lib.sr_get_counters.restype = None
+        lib.sr_reset_counters.restype = None
+        _lib = lib
+    except (OSError, ImportError, AttributeError) as e:
+        _reason = f"sparse kernels unavailable: {e}"
+    return _lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    _load()
+    return _reason
+
+
+def lib() -> ctypes.CDLL:
+    lb = _load()
+    if lb is None:
+        raise ConfigError(_reason or "sparse kernels unavailable")
+    return lb
+
+
+def supported_isas() -> list[str]:
+    """ISAs this CPU (and OS) can run, from cpuid via the extension; [] without the extension."""
+    lb = _load()
+    if lb is None:
+        return []
+    f = lb.sr_cpu_features()
+    return [name for i, name in enumerate(ISAS) if f & (1 << i)]
+
+
+def select_isa(isa: Optional[str] = None) -> str:
+    """The ISA to use: ``isa`` if given, else $SPARSE_RUNTIME_KERNEL_ISA, else the best supported."""
+    want = (isa or os.environ.get(ENV_ISA, "") or "").strip().lower() or None
+    have = supported_isas()
+    if not have:
+        raise ConfigError(unavailable_reason() or "sparse kernels unavailable")
+    if want is None:
+        return have[-1]
+    if want not in ISAS:
+        raise ConfigError(f"unknown kernel ISA {want!r} (from {ENV_ISA} or isa=); choose one of {', '.join(ISAS)}")
+    if want not in have:
+        raise ConfigError(f"this CPU cannot run the {want} kernels (supported: {', '.join(have)}); "
+                          f"unset {ENV_ISA} or pick a supported one")
+    return want
+
+
+def select_layout(isa: str, layout: Optional[str] = None) -> str:
+    lay = (layout or os.environ.get(ENV_LAYOUT, "") or "").strip().lower() or DEFAULT_LAYOUT[isa]
+    if (lay, isa) not in IMPLEMENTED:
+        ok = sorted(l for l, i in IMPLEMENTED if i == isa)
+        raise ConfigError(f"layout {lay!r} has no {isa} kernel; for {isa} use {', '.join(ok)}")
+    return lay
+
+
+def counters() -> dict[str, int]:
+    """Calls of each compiled path since load (or reset): evidence that the sparse path ran."""
+    lb = _load()
+    if lb is None:
+        return {}
+    buf = (ctypes.c_int64 * (len(ISAS) * len(LAYOUT_IDS)))()
+    lb.sr_get_counters(buf)
+    return {f"{lay}/{isa}": int(buf[i * len(LAYOUT_IDS) + j]) for i, isa in enumerate(ISAS)
+            for lay, j in LAYOUT_IDS.items() if (lay, isa) in IMPLEMENTED}
+
+
+def reset_counters() -> None:
+    lb = _load()
+    if lb is not None:
+        lb.sr_reset_counters()

@@ -1,0 +1,206 @@
+"""``SparseLinear``: a drop-in nn.Linear for merged sparse models, and ``sparsify_linears``.
+
+Dispatch by batch size: the sparse kernel wins when a product is memory-bound (decode, small
+batches) and can lose when it turns compute-bound (prefill), so each module carries
+``batch_threshold``: inputs with at most that many tokens (rows of the flattened input) take the
+sparse kernel, larger ones ``F.linear`` on the dense weight. The threshold is MEASURED on this
+machine (:func:`measure_threshold`: dense vs sparse at growing batch sizes, the largest batch up
+to which sparse never lost), so the module is never slower than dense at any batch up to the
+measurement's noise. ``sparse_calls`` / ``dense_calls`` count which path ran (and the C library
+counts its own calls per path, :func:`sparse_runtime.kernels.counters`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from . import _lib
+from .layout import PackedWeight, pack
+from .ops import _ISA_ID, _run, densify, sparse_linear_op
+
+# Batches tried by measure_threshold; the threshold is one of them (or 0 = always dense).
+THRESHOLD_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+_THRESHOLD_CACHE: dict[tuple, int] = {}
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W held in a packed sparse layout (float32, inference only).
+
+    Buffers: ``index``/``values``/``row_ptr`` (the layout) and, with ``keep_dense``, ``weight``
+    (the original dense weight, used for batches above the threshold and for autograd; it is never
+    read on the sparse path, so it costs memory, not bandwidth). Without ``keep_dense`` the dense
+    fallback rebuilds the weight per call with a C scatter kernel.
+    """
+
+    def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor] = None, *, isa: Optional[str] = None,
+                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False):
+        super().__init__()
+        self.isa = _lib.select_isa(isa)
+        if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
+            raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
+        self.layout = packed.layout
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("index", packed.index)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("row_ptr", packed.row_ptr)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("dense_weight", dense_weight)
+        self.batch_threshold = int(batch_threshold)
+        self.use_op = use_op
+        self._ids = (_lib.LAYOUT_IDS[self.layout], _ISA_ID[self.isa])
+        self.sparse_calls = 0
+        self.dense_calls = 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, isa: Optional[str] = None, layout: Optional[str] = None,
+                    keep_dense: bool = True, batch_threshold: int = 16, use_op: bool = False) -> "SparseLinear":
+        isa = _lib.select_isa(isa)
+        w = linear.weight.detach()
+        packed = pack(w, _lib.select_layout(isa, layout))
+        return cls(packed, linear.bias, isa=isa, dense_weight=w.float().contiguous() if keep_dense else None,
+                   batch_threshold=batch_threshold, use_op=use_op)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.layout, self.out_features, self.in_features, self.index, self.values, self.row_ptr)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (kept, or rebuilt from the layout): for code that inspects ``.weight``."""
+        return self.dense_weight if self.dense_weight is not None else densify(self.packed)
+
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.index, self.values, self.row_ptr, self.bias, self.out_features, self.in_features, *self._ids)
+        if self.use_op or torch.compiler.is_compiling():
+            return sparse_linear_op(*args)
+        return _run(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // max(self.in_features, 1)
+        if (tokens <= self.batch_threshold and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            self.sparse_calls += 1
+            return self.sparse_forward(x)
+        self.dense_calls += 1
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"isa={self.isa}, density={p.density:.3f}, batch_threshold={self.batch_threshold}")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+@torch.inference_mode()
+def measure_threshold(module: SparseLinear, batches: Iterable[int] = THRESHOLD_BATCHES, repeats: int = 5,
+                      margin: float = 1.0) -> int:
+    """Largest tried batch up to which the sparse kernel was never slower than dense F.linear.
+
+    Dense and sparse are timed alternately at each batch (median of ``repeats``). Stops at the first
+    batch where sparse loses (sparse > dense * margin); returns 0 if it loses already at batch 1.
+    Measured once per (isa, layout, shape, density to 0.05, threads) and cached for the process.
+    """
+    key = (module.isa, module.layout, module.out_features, module.in_features,
+           round(module.packed.density * 20) / 20, torch.get_num_threads(), tuple(batches))
+    if key in _THRESHOLD_CACHE:
+        return _THRESHOLD_CACHE[key]
+    w = module.weight
+    best = 0
+    for b in batches:
+        x = torch.randn(b, module.in_features)
+        d_times, s_times = [], []
+        for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
+            d_times.append(_median_ms(lambda: F.linear(x, w, module.bias), 1))
+            s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
+        if statistics.median(s_times) > statistics.median(d_times) * margin:
+            break
+        best = b
+    _THRESHOLD_CACHE[key] = best
+    return best
+
+
+@dataclass
+class SparsifyReport:
+    swapped: dict[str, SparseLinear]
+    skipped: dict[str, str]  # name -> reason
+
+    def summary(self) -> str:
+        th = sorted({m.batch_threshold for m in self.swapped.values()})
+        return f"swapped {len(self.swapped)} linears (thresholds {th}), skipped {len(self.skipped)}"
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    try:
+        from ..models import family_of
+
+        return list(family_of(model).iter_linears(model))
+    except Exception:  # not a supported family: every Linear except an output head
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Optional[str] = None,
+                     min_sparsity: float = 0.3, keep_dense: bool = True, calibrate: bool = True,
+                     batch_threshold: Optional[int] = None, names: Optional[Iterable[str]] = None,
+                     use_op: bool = False) -> SparsifyReport:
+    """Replace the merged sparse linears of ``model`` in place by :class:`SparseLinear`.
+
+    Candidates are the family adapter's prunable block linears (never the tied lm_head), or
+    ``names``. A layer is swapped if it is float32 on CPU with at least ``min_sparsity`` zeros
+    (below that the kernel cannot beat dense). ``calibrate`` measures each distinct
+    (shape, density) group's dense/sparse threshold here; else ``batch_threshold`` (default 16).
+    """
+    if not _lib.available():
+        raise ConfigError(_lib.unavailable_reason() or "sparse kernels unavailable")
+    isa = _lib.select_isa(isa)
+    layout = _lib.select_layout(isa, layout)
+    cands = _candidates(model)
+    if names is not None:
+        wanted = set(names)
+        cands = [(n, m) for n, m in model.named_modules() if n in wanted and isinstance(m, nn.Linear)]
+    swapped, skipped = {}, {}
+    for name, lin in cands:
+        w = lin.weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":
+            skipped[name] = f"{w.dtype} on {w.device} (kernels are float32 CPU)"
+            continue
+        sp = float((w == 0).float().mean())
+        if sp < min_sparsity:
+            skipped[name] = f"sparsity {sp:.2f} < min_sparsity {min_sparsity}"
+            continue
+        mod = SparseLinear.from_linear(lin, isa=isa, layout=layout, keep_dense=keep_dense, use_op=use_op,
+                                       batch_threshold=16 if batch_threshold is None else batch_threshold)
+        if calibrate and batch_threshold is None:
+            mod.batch_threshold = measure_threshold(mod)
+        _set_module(model, name, mod)
+        swapped[name] = mod
+    return SparsifyReport(swapped, skipped)
+
+
+def call_counts(model: nn.Module) -> dict[str, int]:
+    """Sparse and dense calls summed over a model's SparseLinear modules."""
+    mods = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    return {"modules": len(mods), "sparse_calls": sum(m.sparse_calls for m in mods),
+            "dense_calls": sum(m.dense_calls for m in mods)}

@@ -1,0 +1,194 @@
+"""The CPU sparse kernels against the NumPy reference and dense F.linear, on every ISA path the CPU has.
+
+Skips (with the reason) when the compiled extension is missing; set SPARSE_RUNTIME_REQUIRE_KERNELS=1
+(CI) to make a missing extension a failure instead.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_runtime.errors import ConfigError
+from sparse_runtime.kernels import (SparseLinear, available, counters, pack, reference_linear, sparse_linear,
+                                    sparsify_linears, supported_isas, unavailable_reason)
+from sparse_runtime.kernels import _lib
+from sparse_runtime.kernels.layout import mask_of, unpack
+from sparse_runtime.kernels.module import call_counts, measure_threshold
+from sparse_runtime.kernels.ops import densify
+
+if not available():
+    if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(unavailable_reason())
+    pytest.skip(unavailable_reason() or "sparse kernels unavailable", allow_module_level=True)
+
+ALL = [("avx512", "bitmask"), ("avx2", "csr16"), ("portable", "bitmask"), ("portable", "csr16")]
+PATHS = [pytest.param(i, l, id=f"{i}-{l}", marks=pytest.mark.skipif(i not in supported_isas(),
+                                                                      reason=f"CPU lacks {i}")) for i, l in ALL]
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def sparse_weight(n, k, sparsity, seed=0, empty_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[torch.rand(n, k, generator=g) < sparsity] = 0
+    for r in empty_rows:
+        w[r] = 0
+    return w
+
+
+def check(w, b, x, isa, layout):
+    p = pack(w, layout)
+    assert torch.equal(unpack(p), w)
+    y = sparse_linear(x, p, b, isa=isa)
+    dense = F.linear(x.double(), w.double(), None if b is None else b.double()).float()
+    ref = reference_linear(x.numpy(), p, None if b is None else b.numpy())
+    scale = 1 + x.abs().max().item() * w.abs().sum(1).max().item() * 1e-6
+    torch.testing.assert_close(y, dense, atol=TOL["atol"] * scale, rtol=TOL["rtol"])
+    np.testing.assert_allclose(y.numpy(), ref, atol=TOL["atol"] * scale, rtol=TOL["rtol"])
+
+
+@pytest.mark.parametrize("isa,layout", PATHS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.9, 0.95])
+@pytest.mark.parametrize("batch", [1, 3, 8, 17, 40])
+def test_random_shapes(isa, layout, sparsity, batch):
+    rng = np.random.default_rng(int(sparsity * 100) + batch)
+    for n, k in [(1, 1), (7, 13), (33, 31), (64, 100), tuple(rng.integers(1, 300, size=2))]:
+        w = sparse_weight(int(n), int(k), sparsity, seed=int(n * k), empty_rows=(0,) if n > 2 else ())
+        x = torch.randn(batch, int(k))
+        check(w, torch.randn(int(n)), x, isa, layout)
+        check(w, None, x, isa, layout)
+
+
+@pytest.mark.parametrize("isa,layout", PATHS)
+def test_all_zero_and_fully_dense(isa, layout):
+    for w in (torch.zeros(19, 45), torch.randn(19, 45) + 10.0):
+        for batch in (1, 5, 12):
+            check(w, torch.randn(19), torch.randn(batch, 45), isa, layout)
+
+
+@pytest.mark.parametrize("isa,layout", PATHS)
+def test_leading_dims_noncontiguous_and_threads(isa, layout):
+    w = sparse_weight(150, 77, 0.7)
+    p = pack(w, layout)
+    x = torch.randn(2, 3, 77 * 2)[..., ::2]  # non-contiguous [2, 3, 77]
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(sparse_linear(x, p, isa=isa), F.linear(x, w), **TOL)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_layout_encoding():
+    w = torch.zeros(2, 40)
+    w[0, [0, 5, 31, 32, 39]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    w[1, 7] = -0.0  # negative zero is a zero
+    p = pack(w, "bitmask")
+    assert p.index.shape == (2, 2) and p.row_ptr.tolist() == [0, 5, 5]
+    assert p.index[0, 0].item() & 0xFFFFFFFF == (1 | 1 << 5 | 1 << 31) and p.index[0, 1].item() == (1 | 1 << 7)
+    assert p.values.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    c = pack(w, "csr16")
+    assert c.index.numpy().view(np.uint16).tolist() == [0, 5, 31, 32, 39]
+    assert (mask_of(p) == mask_of(c)).all()
+    # bound of protocols.md: 70 % fp32 bitmask -> 4 / (0.3 * 4 + 1/8) = 3.0x
+    w = sparse_weight(256, 1024, 0.7)
+    assert pack(w, "bitmask").bandwidth_bound() == pytest.approx(3.0, rel=0.03)
+    with pytest.raises(ConfigError, match="float32"):
+        pack(w.half(), "bitmask")
+    with pytest.raises(ConfigError, match="65536"):
+        pack(torch.zeros(1, 70000), "csr16")
+
+
+def test_densify_and_counters():
+    w = sparse_weight(70, 90, 0.6)
+    before = counters()
+    for isa in supported_isas():
+        layout = _lib.DEFAULT_LAYOUT[isa]
+        p = pack(w, layout)
+        assert torch.equal(densify(p), w)
+        sparse_linear(torch.randn(1, 90), p, isa=isa)
+        assert counters()[f"{layout}/{isa}"] == before[f"{layout}/{isa}"] + 1
+
+
+def test_isa_env_var(monkeypatch):
+    monkeypatch.setenv(_lib.ENV_ISA, "portable")
+    assert _lib.select_isa() == "portable"
+    monkeypatch.setenv(_lib.ENV_ISA, "sse9")
+    with pytest.raises(ConfigError, match="unknown kernel ISA"):
+        _lib.select_isa()
+    monkeypatch.delenv(_lib.ENV_ISA)
+    assert _lib.select_isa() == supported_isas()[-1]
+    with pytest.raises(ConfigError, match="no portable kernel|has no"):
+        _lib.select_layout("avx512", "csr16")
+
+
+def test_custom_op_and_compile_path():
+    w = sparse_weight(48, 64, 0.7)
+    lin = nn.Linear(64, 48)
+    lin.weight.data.copy_(w)
+    mod = SparseLinear.from_linear(lin, use_op=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mod(x), lin(x), **TOL)
+    out = torch.ops.sparse_runtime.sparse_linear(x, mod.index, mod.values, mod.row_ptr, mod.bias, 48, 64,
+                                                 *mod._ids)
+    torch.testing.assert_close(out, lin(x), **TOL)
+    torch.library.opcheck(torch.ops.sparse_runtime.sparse_linear.default,
+                          (x, mod.index, mod.values, mod.row_ptr, mod.bias, 48, 64, *mod._ids),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_sparse_linear_module_dispatch():
+    w = sparse_weight(40, 56, 0.7)
+    lin = nn.Linear(56, 40)
+    lin.weight.data.copy_(w)
+    for keep_dense in (True, False):
+        mod = SparseLinear.from_linear(lin, keep_dense=keep_dense, batch_threshold=4)
+        with torch.no_grad():
+            torch.testing.assert_close(mod(torch.ones(2, 2, 56)), lin(torch.ones(2, 2, 56)), **TOL)  # 4 tokens
+            assert (mod.sparse_calls, mod.dense_calls) == (1, 0)
+            torch.testing.assert_close(mod(torch.ones(5, 56)), lin(torch.ones(5, 56)), **TOL)
+            assert (mod.sparse_calls, mod.dense_calls) == (1, 1)
+        assert torch.equal(mod.weight, w)
+    # autograd falls back to dense
+    x = torch.randn(1, 56, requires_grad=True)
+    mod(x).sum().backward()
+    assert x.grad is not None and mod.dense_calls == 2
+    th = measure_threshold(mod, batches=(1, 2), repeats=2)
+    assert th in (0, 1, 2)
+
+
+def test_model_swap_same_logits():
+    from sparse_runtime.models import tiny_model
+    from sparse_runtime.sparsity import topk_prune_mask
+
+    model = tiny_model("llama", seed=0).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and "lm_head" not in name:
+                m.weight.mul_(topk_prune_mask(m.weight.abs(), 0.7, per_row=True))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+        dense_gen = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    report = sparsify_linears(model, calibrate=False, batch_threshold=64)
+    assert len(report.swapped) == 14 and not report.skipped  # 2 blocks x 7 linears; lm_head untouched
+    assert isinstance(model.lm_head, nn.Linear)
+    with torch.no_grad():
+        sparse_logits = model(ids).logits
+        sparse_gen = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(sparse_logits, dense_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(sparse_gen, dense_gen)
+    cc = call_counts(model)
+    assert cc["sparse_calls"] >= 14 * 6 and cc["dense_calls"] == 0
+
+
+def test_sparsify_skips_dense_layers():
+    from sparse_runtime.models import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    report = sparsify_linears(model, calibrate=False)
+    assert not report.swapped and len(report.skipped) == 14
