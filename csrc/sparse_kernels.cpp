@@ -148,6 +148,50 @@ static void bm_avx512_gemv_rows(const float* x, int64_t K, const uint32_t* mask,
     }
 }
 
+// Variant: plain 64-byte load + register-form vexpandps (1 uop on Intel) instead of the
+// memory-form expand-load (microcoded/slow on some cores). Over-reads up to 15 floats past a
+// chunk's values, so the last chunks before the end of the values array use the masked form.
+static inline __m512 expand_reg(__mmask16 k, const float* v, const float* vend) {
+    return v + 16 <= vend ? _mm512_maskz_expand_ps(k, _mm512_loadu_ps(v)) : _mm512_maskz_expandloadu_ps(k, v);
+}
+
+static void bm_avx512_gemv_rows_reg(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                                    const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1,
+                                    const float* vend) {
+    const int64_t Kw = (K + 31) / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        const float* v = vals + rp[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t w = 0;
+        for (; w + 2 <= Kw; w += 2) {
+            const uint32_t m0 = mr[w], m1 = mr[w + 1];
+            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
+            const __mmask16 k2 = (__mmask16)m1, k3 = (__mmask16)(m1 >> 16);
+            const float* v1 = v + _mm_popcnt_u32(k0);
+            const float* v2 = v + _mm_popcnt_u32(m0);
+            const float* v3 = v2 + _mm_popcnt_u32(k2);
+            const float* xw = x + 32 * w;
+            a0 = _mm512_fmadd_ps(expand_reg(k0, v, vend), _mm512_maskz_loadu_ps(k0, xw), a0);
+            a1 = _mm512_fmadd_ps(expand_reg(k1, v1, vend), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
+            a2 = _mm512_fmadd_ps(expand_reg(k2, v2, vend), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
+            a3 = _mm512_fmadd_ps(expand_reg(k3, v3, vend), _mm512_maskz_loadu_ps(k3, xw + 48), a3);
+            v = v2 + _mm_popcnt_u32(m1);
+        }
+        if (w < Kw) {
+            const uint32_t m0 = mr[w];
+            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
+            const float* xw = x + 32 * w;
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), _mm512_maskz_loadu_ps(k0, xw), a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, v + _mm_popcnt_u32(k0)),
+                                 _mm512_maskz_loadu_ps(k1, xw + 16), a1);
+        }
+        const float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
 // Several tokens at once: each mask word is expanded once and reused for TB rows of x.
 template <int TB>
 static inline void bm_avx512_tile(const float* x, int64_t K, const uint32_t* mr, int64_t Kw, const float* v,
@@ -355,7 +399,8 @@ void sr_reset_counters(void) {
 }
 
 static const int64_t kMinRows = 32;  // below this many rows per thread, threading costs more than it gives
-static int64_t kXtMinBatch = 4;  // AVX-512: from this batch on, the transposed-x walk beats expand-load
+static int64_t kXtMinBatch = 4;
+static int kGemvVariant = 0;  // AVX-512 batch 1: 0 = memory-form expand-load, 1 = load + register expand  // AVX-512: from this batch on, the transposed-x walk beats expand-load
 
 // x [B, K] -> xT [K, Bp], zero-padded columns B..Bp-1 (64-byte aligned; caller frees)
 static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp) {
@@ -369,6 +414,7 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 }
 // Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
+void sr_set_gemv_variant(int v) { kGemvVariant = v; }
 
 int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
                       const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
@@ -376,7 +422,11 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
     if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
     if (isa == SR_AVX512) {
 #if SR_X86
-        if (B == 1)
+        if (B == 1 && kGemvVariant == 1)
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_avx512_gemv_rows_reg(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
+            });
+        else if (B == 1)
             parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx512_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1);
             });

@@ -56,6 +56,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_get_counters.argtypes = [p]
         lib.sr_get_counters.restype = None
         lib.sr_reset_counters.restype = None
+        lib.sr_set_xt_min_batch.argtypes = [i64]
+        lib.sr_set_gemv_variant.argtypes = [c_int]
         _lib = lib
     except (OSError, ImportError, AttributeError) as e:
         _reason = f"sparse kernels unavailable: {e}"
