@@ -93,7 +93,8 @@ def findings(rows) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare-only", action="store_true", help="prune and export, no timing")
-    ap.add_argument("--engines", default="torch-cpu,ort-cpu,deepsparse")
+    ap.add_argument("--engines", default="torch-cpu,ort-cpu,deepsparse,torch-sparse",
+                    help="torch-sparse (the project's kernels, issue 9) runs last: a native crash loses only it")
     ap.add_argument("--scenarios", default="prefill:1x128,prefill:1x512,decode:1@128,prefill:8x128")
     ap.add_argument("--models", default=",".join(CONFIGS), help="sparse configurations to include")
     ap.add_argument("--repeats", type=int, default=5)
@@ -116,12 +117,19 @@ def main() -> int:
         return 0
     cfg = LatencyConfig(engines=engines, scenarios=args.scenarios.split(","), repeats=args.repeats,
                         decode_steps=args.decode_steps)
-    res = run_latency(str(dense), [(k, str(v)) for k, v in ckpts.items()], cfg)
     notes = ["checkpoints: sparse_runtime.prune Wanda (uniform, per-output-row groups), protocol quick "
              "(32 x 512 C4 calibration tokens, seed 0); 2:4 = two zeros in every four consecutive inputs; "
              "embeddings and the tied lm_head stay dense",
              "decode: context 128 tokens, then 16 timed single-token steps with KV cache (torch/ORT: the cache "
              "grows 128->144; DeepSparse: a static 192-slot cache, masked, shifted each step)"]
+    title = "Latency: SmolLM2-135M dense vs Wanda 50/60/70 % and 2:4, per engine"
+    model = "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF)"
+
+    def save_partial(partial):  # after each engine: a crash in a native backend keeps the rest
+        save_latency(partial, name=args.name, title=title + " (partial: run in progress)", model=model,
+                     notes=notes + findings(partial.rows))
+
+    res = run_latency(str(dense), [(k, str(v)) for k, v in ckpts.items()], cfg, on_engine_done=save_partial)
     if "deepsparse" in res.engines:
         try:
             from sparse_runtime.runtime.deepsparse_env import engine_info
@@ -132,8 +140,7 @@ def main() -> int:
         except Exception as e:  # informative only
             notes.append(f"DeepSparse ISA query failed: {e}")
     notes += findings(res.rows)
-    save_latency(res, name=args.name, title="Latency: SmolLM2-135M dense vs Wanda 50/60/70 % and 2:4, per engine",
-                 model="SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF)", notes=notes)
+    save_latency(res, name=args.name, title=title, model=model, notes=notes)
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -82,6 +82,18 @@ def test_torch_cpu_loads_a_sparse_checkpoint(sparse_ckpt):
     check_engine(eng, str(sparse_ckpt))
 
 
+def test_torch_sparse_matches_pytorch_and_counts_sparse_calls(sparse_ckpt):
+    ok, why = get_engine("torch-sparse").available()
+    if not ok:
+        pytest.skip(why)
+    # force the sparse kernel at every batch (the measured threshold may send tiny layers to dense)
+    eng = load_engine("torch-sparse", str(sparse_ckpt), calibrate=False, batch_threshold=1 << 20)
+    check_engine(eng, str(sparse_ckpt))
+    ev = eng.evidence()
+    assert ev["module_calls"]["modules"] > 0 and ev["module_calls"]["sparse_calls"] > 0
+    assert ev["module_calls"]["dense_calls"] == 0
+
+
 def test_ort_cpu_matches_pytorch(export_cache, sparse_ckpt):
     eng = load_engine("ort-cpu", str(sparse_ckpt))
     check_engine(eng, str(sparse_ckpt))

@@ -144,8 +144,10 @@ def _time_scenario(engines: dict[str, Any], sc: Scenario, cfg: LatencyConfig, lo
 
 
 def run_latency(dense: str, sparse: Sequence[tuple[str, str]], cfg: Optional[LatencyConfig] = None,
-                dense_label: str = "dense", verbose: bool = True) -> LatencyResult:
-    """Benchmark ``dense`` against each ``(label, path)`` in ``sparse`` on ``cfg.engines``."""
+                dense_label: str = "dense", verbose: bool = True, on_engine_done=None) -> LatencyResult:
+    """Benchmark ``dense`` against each ``(label, path)`` in ``sparse`` on ``cfg.engines``.
+    ``on_engine_done(partial_result)`` is called after each engine (e.g. to save what is done so
+    far: a crash in a native backend then loses only that engine)."""
     from ..runtime import get_engine
 
     cfg = cfg or LatencyConfig()
@@ -201,6 +203,9 @@ def run_latency(dense: str, sparse: Sequence[tuple[str, str]], cfg: Optional[Lat
                 e.close()
             engines.clear()
             gc.collect()
+        if on_engine_done is not None:
+            on_engine_done(LatencyResult(list(rows), raw, engine_info, skipped, profiles, cfg,
+                                         time.perf_counter() - t_start))
     return LatencyResult(rows, raw, engine_info, skipped, profiles, cfg, time.perf_counter() - t_start)
 
 
@@ -237,8 +242,10 @@ def _attach_evidence(rows: list[dict[str, Any]], ename: str, info: dict[str, Any
         ev = info["evidence"].get(r["model"], {})
         if "fraction_of_supported_ops" in ev and ev["fraction_of_supported_ops"] is not None:
             r["evidence"] = f"DS optimised ops {ev['fraction_of_supported_ops']:.0%}"
-        elif "kernel_calls" in ev:
-            r["evidence"] = f"kernel calls {sum(ev['kernel_calls'].values())}"
+        elif "module_calls" in ev:
+            mc = ev["module_calls"]
+            r["evidence"] = (f"{mc.get('modules', 0)} SparseLinear: {mc.get('sparse_calls', 0)} sparse / "
+                             f"{mc.get('dense_calls', 0)} dense calls (all scenarios)")
         elif "sparse_kernels" in ev:
             r["evidence"] = ", ".join(list(ev["sparse_kernels"])[:1]) or "no sparse kernel seen"
         else:

@@ -127,7 +127,7 @@ class TorchSparseEngine(TorchCPUEngine):
     def _load(self, model: str, dtype: str = "float32", compile: bool = False, **opts: Any) -> None:
         super()._load(model, dtype, compile=False)
         k = sparse_kernels_module()
-        self.swapped = k.sparsify_linears(self.model, **opts)
+        self.report = k.sparsify_linears(self.model, **opts)
         self._counter0 = self._counter()
 
     @staticmethod
@@ -139,7 +139,19 @@ class TorchSparseEngine(TorchCPUEngine):
             return {}
 
     def evidence(self) -> dict[str, Any]:
+        """The C library's per-path call counters since load, and the modules' own sparse/dense
+        call counts (a SparseLinear falls back to dense above its measured batch threshold)."""
+        k = sparse_kernels_module()
         now = self._counter()
-        delta = {k: v - self._counter0.get(k, 0) for k, v in now.items()}
-        n = self.swapped if isinstance(self.swapped, int) else len(self.swapped or [])
-        return {"sparse_path": f"{n} linears swapped for SparseLinear", "kernel_calls": delta}
+        delta = {p: v - self._counter0.get(p, 0) for p, v in now.items() if v - self._counter0.get(p, 0)}
+        summary = self.report.summary() if hasattr(self.report, "summary") else str(self.report)
+        return {"sparse_path": summary, "kernel_calls": delta, "module_calls": k.call_counts(self.model)}
+
+    def info(self) -> dict[str, Any]:
+        k = sparse_kernels_module()
+        isa = None
+        try:
+            isa = k.select_isa()
+        except Exception:  # pragma: no cover
+            pass
+        return {**super().info(), "kernel_isa": isa}
