@@ -268,3 +268,19 @@ def test_cli_seft_then_merge(tmp_path, bases):
     assert rc == 0
     assert main(["seft", str(base), "--data", "c4", "--steps", "1", "--update-every", "0",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_recipe_owl_prune_then_seft_keeps_the_allocation(tmp_path):
+    """prune (OWL allocation) -> finetune seft (layer scope) -> merged: every layer keeps its count."""
+    from sparse_runtime.recipe import Recipe, run_recipe
+
+    recipe = Recipe.from_dict({"name": "t", "model": "tiny-llama", "protocol": "test", "steps": [
+        {"stage": "prune", "method": "wanda", "sparsity": 0.6, "allocation": "owl", "owl_lambda": 0.05},
+        {"stage": "finetune", "method": "seft", "data": "c4", "steps": 4, "batch_size": 2, "seq_len": 32, "rank": 2,
+         "adapter": {"update_every": 2, "accumulation_steps": 1, "init_samples": 2, "drop_rate": 0.5}, "merge": True},
+    ]})
+    ctx = run_recipe(recipe, tmp_path / "run")
+    pruned = sr.read_manifest(ctx.results[0]["output_model"])
+    merged = sr.load_model(ctx.model).manifest
+    assert {n: r.nnz for n, r in merged.layers.items()} == {n: r.nnz for n, r in pruned.layers.items()}
+    assert sum(v["resurrected"] for v in merged.history[-1]["merge"]["mask_evolution"].values()) > 0
