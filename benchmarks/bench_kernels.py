@@ -70,6 +70,30 @@ def ort_matmul(w: torch.Tensor, threads: int):
     return lambda x: sess.run(None, {"x": x})[0]
 
 
+def ort_sparse(w: torch.Tensor, threads: int):
+    """The same MatMul rewritten to our SparseLinear op (onnxruntime-extensions PyOp), or None."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime_extensions  # noqa: F401
+        from onnx import TensorProto, helper, numpy_helper
+
+        from sparse_runtime.kernels import ort as sort
+    except ImportError:
+        return None
+    n, k = w.shape
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+                          [numpy_helper.from_array(w.t().contiguous().numpy(), "wt")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sm, count = sort.sparsify_onnx(model, min_sparsity=0.0)
+    if count != 1:
+        return None
+    sess = sort.session(sm, threads)
+    return lambda x: sess.run(None, {"x": x})[0]
+
+
 def timed(fns: dict, repeats: int, warmup: int = 3) -> dict:
     for f in fns.values():
         for _ in range(warmup):
@@ -99,6 +123,7 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                 mods = {isa: SparseLinear(pack(w, lay), None, isa=isa, dense_weight=w, batch_threshold=1 << 30)
                         for isa, lay in paths}
                 ort_w = ort_matmul(w, threads) if with_ort else None
+                ort_s = ort_sparse(w, threads) if with_ort else None
                 thr = {isa: measure_threshold(m, repeats=5) for isa, m in mods.items()}
                 for b in batches:
                     x = torch.randn(b, k)
@@ -106,6 +131,8 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                     fns = {"dense": lambda: F.linear(x, w)}
                     if ort_w is not None:
                         fns["ort"] = lambda: ort_w(xn)
+                    if ort_s is not None:
+                        fns["ort_sparse"] = lambda: ort_s(xn)
                     for isa, m in mods.items():
                         fns[isa] = (lambda m=m: m.sparse_forward(x))
                     if b == 1 and "avx512" in mods:  # tuning: load + register expand instead of expand-load
@@ -132,6 +159,7 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                             "sparse_ms": s_ms, "sparse_min_max": f"{res[isa][1]:.3g}-{res[isa][2]:.3g}",
                             "speedup_vs_torch": dense_ms / s_ms,
                             "speedup_vs_ort": res["ort"][0] / s_ms if "ort" in res else None,
+                            "ort_sparse_pyop_ms": res["ort_sparse"][0] if "ort_sparse" in res else None,
                             "dense_GBps": n * k * 4 / dense_ms / 1e6, "sparse_GBps": p.nbytes / s_ms / 1e6,
                             "bound": p.bandwidth_bound(), "threshold": thr[isa],
                         })
@@ -230,7 +258,9 @@ def main(argv=None):
     layer_counters = counters()
     notes = [f"layer table: median of {a.repeats} alternating calls after 3 warm-up calls; fp32; "
              f"random N(0,1) weights pruned per row by magnitude (N:M by groups); kernel counters {layer_counters}",
-             "dense_torch = F.linear (oneDNN/MKL); dense_ort = onnxruntime MatMul session, same threads",
+             "dense_torch = F.linear (oneDNN/MKL); dense_ort = onnxruntime MatMul session, same threads; "
+             "ort_sparse_pyop = the MatMul rewritten to our SparseLinear node run through onnxruntime-extensions' "
+             "Python custom op (interim ORT path, default ISA; includes the Python round trip)",
              "path avx2/csr16 on an AVX-512 CPU previews the AVX2 kernel; AVX2-only CPUs (AMD EPYC) differ",
              "threshold = measured largest batch (of 1,2,4,...,128) where the sparse kernel was not slower "
              "than dense; SparseLinear dispatches larger batches to dense F.linear",

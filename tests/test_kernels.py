@@ -192,3 +192,34 @@ def test_sparsify_skips_dense_layers():
     model = tiny_model("llama", seed=0)
     report = sparsify_linears(model, calibrate=False)
     assert not report.swapped and len(report.skipped) == 14
+
+
+def test_ort_pyop_matches_pytorch():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime_extensions", reason="the interim ORT path needs onnxruntime-extensions")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparse_runtime.kernels import ort as sort
+
+    k, n = 70, 45
+    w = sparse_weight(n, k, 0.7)
+    dense_w = sparse_weight(n, n, 0.0, seed=3)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+        [numpy_helper.from_array(w.t().contiguous().numpy(), "wt"),
+         numpy_helper.from_array(dense_w.t().contiguous().numpy(), "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = torch.randn(2, 3, k)
+    expected = F.linear(torch.relu(F.linear(x, w)), dense_w)
+    for isa in supported_isas():
+        sm, count = sort.sparsify_onnx(model, isa=isa)
+        assert count == 1  # the dense second MatMul is left alone
+        before = counters()
+        y = sort.session(sm).run(None, {"x": x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(y), expected, atol=1e-4, rtol=1e-4)
+        lay = _lib.DEFAULT_LAYOUT[isa]
+        assert counters()[f"{lay}/{isa}"] == before[f"{lay}/{isa}"] + 1
