@@ -64,6 +64,23 @@ def prepare(dense: Path, ckpts: dict[str, Path], engines) -> None:
                 print(f"deepsparse export {label} {shape}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
+def talk(models, prompt: str = "The capital of France is", tokens: int = 12) -> list[str]:
+    """Greedy continuations (torch-cpu) so the table sits beside what each model says."""
+    from sparse_runtime.runtime import load_engine
+
+    out = []
+    for label, path in models:
+        try:
+            eng = load_engine("torch-cpu", str(path))
+            ids = eng.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = eng.tokenizer.decode(list(eng.generate(ids, tokens, eng.tokenizer.eos_token_id)),
+                                        skip_special_tokens=True)
+            out.append(f"greedy continuation of {prompt!r}, {label}: {text.strip()!r}")
+        except Exception as e:  # informative only
+            out.append(f"generation with {label} failed: {e}")
+    return out
+
+
 def findings(rows) -> list[str]:
     """Plain-language verdicts computed from the rows (no figure is typed by hand)."""
     out = []
@@ -140,6 +157,7 @@ def main() -> int:
         except Exception as e:  # informative only
             notes.append(f"DeepSparse ISA query failed: {e}")
     notes += findings(res.rows)
+    notes += talk([("dense", dense), *ckpts.items()])
     save_latency(res, name=args.name, title=title, model=model, notes=notes)
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     return 0
