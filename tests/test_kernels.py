@@ -161,7 +161,10 @@ def test_sparse_linear_module_dispatch():
     assert th in (0, 1, 2)
 
 
-def test_model_swap_same_logits():
+@pytest.mark.parametrize("isa,layout", PATHS)
+def test_model_swap_same_logits(isa, layout, monkeypatch):
+    monkeypatch.setenv(_lib.ENV_ISA, isa)  # forced by the environment variable, as a user would
+    monkeypatch.setenv(_lib.ENV_LAYOUT, layout)
     from sparse_runtime.models import tiny_model
     from sparse_runtime.sparsity import topk_prune_mask
 
@@ -177,6 +180,7 @@ def test_model_swap_same_logits():
     report = sparsify_linears(model, calibrate=False, batch_threshold=64)
     assert len(report.swapped) == 14 and not report.skipped  # 2 blocks x 7 linears; lm_head untouched
     assert isinstance(model.lm_head, nn.Linear)
+    assert {(m.isa, m.layout) for m in report.swapped.values()} == {(isa, layout)}
     with torch.no_grad():
         sparse_logits = model(ids).logits
         sparse_gen = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
