@@ -227,3 +227,16 @@ def test_ort_pyop_matches_pytorch():
         torch.testing.assert_close(torch.from_numpy(y), expected, atol=1e-4, rtol=1e-4)
         lay = _lib.DEFAULT_LAYOUT[isa]
         assert counters()[f"{lay}/{isa}"] == before[f"{lay}/{isa}"] + 1
+
+
+def test_package_imports_without_extension():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sparse_runtime.kernels._sparse_kernels'] = None\n"
+            "import sparse_runtime.kernels as k\n"
+            "assert not k.available() and k.supported_isas() == []\n"
+            "print(k.unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "not installed" in out.stdout
