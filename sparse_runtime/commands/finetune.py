@@ -12,6 +12,7 @@ from ._common import add_data_args, add_model_args, add_out_args
 
 def add_arguments(p):
     from ..adapters import FINETUNE_METHODS
+    from ..losa.cli import add_losa_arguments  # registers "losa" (issue 8)
 
     add_model_args(p)
     add_data_args(p)
@@ -55,9 +56,14 @@ def add_arguments(p):
                    help="continue the run in --out (latest checkpoint) or from CHECKPOINT")
     t.add_argument("--merge-to", default=None, help="also merge the trained adapter into this checkpoint directory")
     t.add_argument("--reprune", default="wanda", choices=["wanda", "magnitude", "mask"], help="dense-lora merge")
+    add_losa_arguments(p)
 
 
 def run(args) -> int:
+    if args.method == "losa":  # LoSA prunes from the dense model in rounds: its own loop (issue 8)
+        from ..losa.cli import run_from_args
+
+        return run_from_args(args)
     from ..adapters import parse_ranks
     from ..training import TrainConfig, finetune
 
