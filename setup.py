@@ -21,7 +21,7 @@ ext = Extension(
     sources=["csrc/sparse_kernels.cpp"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti",
-                        "-Wall", "-Wno-unused-function", *_openmp],
+                        "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-uninitialized", *_openmp],
     extra_link_args=[*_openmp],
     optional=True,
 )

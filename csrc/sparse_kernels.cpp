@@ -32,7 +32,8 @@
 #endif
 
 enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
-enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_NLAYOUT = 2 };
+enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_NLAYOUT = 4 };  // counter slots
+enum { SR_FEAT_VBMI2 = 1 << 3 };  // feature bit: AVX512-VBMI2 (16-bit expand), needed by the bf16 AVX-512 path
 enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
 
 static int64_t g_calls[SR_NISA][SR_NLAYOUT];
@@ -361,6 +362,150 @@ static void csr_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t N
 #endif  // SR_X86
 
 // ---------------------------------------------------------------------------------------------
+// bf16 values (the option against dense bf16): the same layouts with 16-bit values (the top half
+// of the fp32 bit pattern), widened to fp32 in registers; x, bias and y stay fp32 and the
+// accumulation is fp32. Halves the value bytes: bound 4 / (2 d + 1/8) over dense fp32.
+// ---------------------------------------------------------------------------------------------
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void bm_bf16_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                                  const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                  int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t b = 0; b < B; ++b) {
+            const float* xb = x + b * K;
+            const uint16_t* v = vals + rp[r];
+            float acc = 0.f;
+            for (int64_t w = 0; w < Kw; ++w) {
+                uint32_t m = mask[r * Kw + w];
+                while (m) {
+                    acc += bf2f(*v++) * xb[32 * w + __builtin_ctz(m)];
+                    m &= m - 1;
+                }
+            }
+            y[b * N + r] = acc + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+static void csr_bf16_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                                   const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                   int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t b = 0; b < B; ++b) {
+            const float* xb = x + b * K;
+            float acc = 0.f;
+            for (int64_t p = rp[r]; p < rp[r + 1]; ++p) acc += bf2f(vals[p]) * xb[idx[p]];
+            y[b * N + r] = acc + (bias ? bias[r] : 0.f);
+        }
+}
+
+#if SR_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,popcnt,bmi,bmi2,fma,avx2")
+static inline __m512 bf16x16_to_ps(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One 32-lane 16-bit expand-load per mask word places that word's bf16 values; widen both halves.
+static void bm_bf16_avx512_gemv_rows(const float* x, int64_t K, const uint32_t* mask, const uint16_t* vals,
+                                     const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint32_t* mr = mask + r * Kw;
+        const uint16_t* v = vals + rp[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t w = 0; w < Kw; ++w) {
+            const uint32_t m = mr[w];
+            const __m512i e = _mm512_maskz_expandloadu_epi16((__mmask32)m, v);
+            v += _mm_popcnt_u32(m);
+            const float* xw = x + 32 * w;
+            a0 = _mm512_fmadd_ps(bf16x16_to_ps(_mm512_castsi512_si256(e)),
+                                 _mm512_maskz_loadu_ps((__mmask16)m, xw), a0);
+            a1 = _mm512_fmadd_ps(bf16x16_to_ps(_mm512_extracti64x4_epi64(e, 1)),
+                                 _mm512_maskz_loadu_ps((__mmask16)(m >> 16), xw + 16), a1);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.f);
+    }
+}
+
+static void bm_bf16_xt_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
+                                 const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                 int64_t r1) {
+    const int64_t Kw = (K + 31) / 32;
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t b0 = 0; b0 < Bp; b0 += 8) {
+            const uint16_t* v = vals + rp[r];
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t w = 0; w < Kw; ++w) {
+                uint32_t m = mask[r * Kw + w];
+                const float* xw = xT + 32 * w * Bp + b0;
+                while (m) {
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(bf2f(*v++)),
+                                          _mm256_loadu_ps(xw + (int64_t)_tzcnt_u32(m) * Bp), acc);
+                    m = _blsr_u32(m);
+                }
+            }
+            _mm256_storeu_ps(out, acc);
+            const int64_t nb = B - b0 < 8 ? B - b0 : 8;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+static inline __m256 bf16x8_to_ps(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static void csr_bf16_avx2_gemv_rows(const float* x, const uint16_t* idx, const uint16_t* vals, const int64_t* rp,
+                                    const float* bias, float* y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t p = rp[r];
+        const int64_t e = rp[r + 1];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; p + 16 <= e; p += 16) {
+            const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(idx + p)));
+            const __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(idx + p + 8)));
+            a0 = _mm256_fmadd_ps(bf16x8_to_ps(_mm_loadu_si128((const __m128i*)(vals + p))),
+                                 _mm256_i32gather_ps(x, i0, 4), a0);
+            a1 = _mm256_fmadd_ps(bf16x8_to_ps(_mm_loadu_si128((const __m128i*)(vals + p + 8))),
+                                 _mm256_i32gather_ps(x, i1, 4), a1);
+        }
+        float s = hsum256(_mm256_add_ps(a0, a1));
+        for (; p < e; ++p) s += bf2f(vals[p]) * x[idx[p]];
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+static void csr_bf16_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t N, const uint16_t* idx,
+                                    const uint16_t* vals, const int64_t* rp, const float* bias, float* y,
+                                    int64_t r0, int64_t r1) {
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t b0 = 0; b0 < Bp; b0 += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t p = rp[r]; p < rp[r + 1]; ++p)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(bf2f(vals[p])), _mm256_loadu_ps(xT + (int64_t)idx[p] * Bp + b0), acc);
+            _mm256_storeu_ps(out, acc);
+            const int64_t nb = B - b0 < 8 ? B - b0 : 8;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+#pragma GCC pop_options
+#endif  // SR_X86
+
+// ---------------------------------------------------------------------------------------------
 // C API
 // ---------------------------------------------------------------------------------------------
 extern "C" {
@@ -375,6 +520,7 @@ int sr_cpu_features(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("popcnt"))
         f |= 1 << SR_AVX512;
+    if ((f & (1 << SR_AVX512)) && __builtin_cpu_supports("avx512vbmi2")) f |= SR_FEAT_VBMI2;
 #endif
     return f;
 }
@@ -483,6 +629,70 @@ int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, co
         return SR_EUNSUPPORTED;  // csr16 has no AVX-512 path of its own: AVX-512 uses bitmask
     }
     __atomic_add_fetch(&g_calls[isa][SR_CSR16], 1, __ATOMIC_RELAXED);
+    return SR_OK;
+}
+
+int sr_bitmask_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                           const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    if (B < 0 || K < 0 || N < 0) return SR_EARG;
+    const int feat = sr_cpu_features();
+    if (!(feat & (1 << isa))) return SR_EUNSUPPORTED;
+    if (isa == SR_AVX512) {
+#if SR_X86
+        if (!(feat & SR_FEAT_VBMI2)) return SR_EUNSUPPORTED;
+        if (B == 1) {
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_bf16_avx512_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1);
+            });
+        } else {
+            const int64_t Bp = (B + 7) / 8 * 8;
+            float* xT = transpose_padded(x, B, K, Bp);
+            if (!xT) return SR_ENOMEM;
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_bf16_xt_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1);
+            });
+            free(xT);
+        }
+#endif
+    } else if (isa == SR_PORTABLE) {
+        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            bm_bf16_portable_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
+        });
+    } else {
+        return SR_EUNSUPPORTED;
+    }
+    __atomic_add_fetch(&g_calls[isa][SR_BITMASK_BF16], 1, __ATOMIC_RELAXED);
+    return SR_OK;
+}
+
+int sr_csr16_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                         const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    if (B < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
+    if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
+    if (isa == SR_AVX2) {
+#if SR_X86
+        if (B == 1) {
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                csr_bf16_avx2_gemv_rows(x, idx, vals, rp, bias, y, r0, r1);
+            });
+        } else {
+            const int64_t Bp = (B + 7) / 8 * 8;
+            float* xT = transpose_padded(x, B, K, Bp);
+            if (!xT) return SR_ENOMEM;
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                csr_bf16_avx2_gemm_rows(xT, B, Bp, N, idx, vals, rp, bias, y, r0, r1);
+            });
+            free(xT);
+        }
+#endif
+    } else if (isa == SR_PORTABLE) {
+        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            csr_bf16_portable_rows(x, B, K, N, idx, vals, rp, bias, y, r0, r1);
+        });
+    } else {
+        return SR_EUNSUPPORTED;
+    }
+    __atomic_add_fetch(&g_calls[isa][SR_CSR16_BF16], 1, __ATOMIC_RELAXED);
     return SR_OK;
 }
 

@@ -26,6 +26,9 @@ DEFAULT_LAYOUT = {"avx512": "bitmask", "avx2": "csr16", "portable": "bitmask"}
 IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("csr16", "avx2"), ("csr16", "portable")}
 ENV_ISA = "SPARSE_RUNTIME_KERNEL_ISA"
 ENV_LAYOUT = "SPARSE_RUNTIME_KERNEL_LAYOUT"
+ENV_LIB = "SPARSE_RUNTIME_KERNEL_LIB"
+COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
+FEAT_VBMI2 = 1 << 3
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -37,13 +40,17 @@ def _load() -> Optional[ctypes.CDLL]:
     if _lib is not None or _reason is not None:
         return _lib
     try:
-        spec = importlib.util.find_spec("sparse_runtime.kernels._sparse_kernels")
-        if spec is None or not spec.origin:
+        override = os.environ.get(ENV_LIB)  # developers: test a freshly built .so without reinstalling
+        spec = importlib.util.find_spec("sparse_runtime.kernels._sparse_kernels") if not override else None
+        if override:
+            lib = ctypes.CDLL(override)
+        elif spec is None or not spec.origin:
             raise ImportError("the compiled extension sparse_runtime.kernels._sparse_kernels is not installed "
                               "(reinstall with `pip install -e .`; a C++ compiler and Python headers are needed)")
-        lib = ctypes.CDLL(spec.origin)
+        else:
+            lib = ctypes.CDLL(spec.origin)
         i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        for name in ("sr_bitmask_linear", "sr_csr16_linear"):
+        for name in ("sr_bitmask_linear", "sr_csr16_linear", "sr_bitmask_linear_bf16", "sr_csr16_linear_bf16"):
             f = getattr(lib, name)
             f.argtypes = [c_int, p, i64, i64, i64, p, p, p, p, p, c_int]
             f.restype = c_int
@@ -113,15 +120,23 @@ def select_layout(isa: str, layout: Optional[str] = None) -> str:
     return lay
 
 
+def supports_bf16(isa: str) -> bool:
+    """bf16 values run on portable and AVX2 everywhere, on AVX-512 only with VBMI2 (16-bit expand)."""
+    lb = _load()
+    if lb is None or isa not in supported_isas():
+        return False
+    return isa != "avx512" or bool(lb.sr_cpu_features() & FEAT_VBMI2)
+
+
 def counters() -> dict[str, int]:
     """Calls of each compiled path since load (or reset): evidence that the sparse path ran."""
     lb = _load()
     if lb is None:
         return {}
-    buf = (ctypes.c_int64 * (len(ISAS) * len(LAYOUT_IDS)))()
+    buf = (ctypes.c_int64 * (len(ISAS) * len(COUNTER_SLOTS)))()
     lb.sr_get_counters(buf)
-    return {f"{lay}/{isa}": int(buf[i * len(LAYOUT_IDS) + j]) for i, isa in enumerate(ISAS)
-            for lay, j in LAYOUT_IDS.items() if (lay, isa) in IMPLEMENTED}
+    return {f"{slot}/{isa}": int(buf[i * len(COUNTER_SLOTS) + j]) for i, isa in enumerate(ISAS)
+            for j, slot in enumerate(COUNTER_SLOTS) if (slot.split("-")[0], isa) in IMPLEMENTED}
 
 
 def reset_counters() -> None:

@@ -43,7 +43,7 @@ class PackedWeight:
     out_features: int
     in_features: int
     index: torch.Tensor  # bitmask: int32 [N, Kw] (uint32 bits); csr16: int16 [nnz] (uint16 bits)
-    values: torch.Tensor  # float32 [nnz]
+    values: torch.Tensor  # float32 or bfloat16 [nnz]
     row_ptr: torch.Tensor  # int64 [N + 1]
 
     @property
@@ -58,7 +58,7 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes a batch-1 product reads from the encoding (index + values; row_ptr is O(N))."""
-        return int(self.index.numel() * self.index.element_size() + self.values.numel() * 4)
+        return int(self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size())
 
     def bandwidth_bound(self) -> float:
         """Dense fp32 bytes / encoding bytes: the most a memory-bound batch-1 product can gain."""
@@ -68,13 +68,23 @@ class PackedWeight:
         return unpack(self)
 
 
-def _as_float32(weight: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _as_values(weight: Union[torch.Tensor, np.ndarray], value_dtype: str = "float32") -> torch.Tensor:
+    """The weight in the stored value dtype. fp32 is copied bit-exactly; bf16 values are the fp32
+    weights rounded to nearest-even (or a bf16 weight as is), zeros decided AFTER rounding."""
     w = torch.as_tensor(weight).detach()
     if w.dim() != 2:
         raise ConfigError(f"a packed weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    if w.dtype != torch.float32:
-        raise ConfigError(f"the sparse kernels take float32 weights, got {w.dtype}; load the model with dtype=float32")
-    return w.cpu().contiguous()
+    if value_dtype not in VALUE_DTYPES:
+        raise ConfigError(f"unknown value dtype {value_dtype!r}; choose one of {', '.join(VALUE_DTYPES)}")
+    if value_dtype == "float32" and w.dtype != torch.float32:
+        raise ConfigError(f"the sparse kernels take float32 weights, got {w.dtype}; load the model with dtype=float32 "
+                          "or pack with value_dtype='bfloat16'")
+    if value_dtype == "bfloat16" and w.dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"bf16 packing takes float32 or bfloat16 weights, got {w.dtype}")
+    return w.cpu().to(VALUE_DTYPES[value_dtype]).contiguous()
 
 
 def _row_ptr(nz: torch.Tensor) -> torch.Tensor:
@@ -83,8 +93,8 @@ def _row_ptr(nz: torch.Tensor) -> torch.Tensor:
     return rp
 
 
-def pack_bitmask(weight: Union[torch.Tensor, np.ndarray]) -> PackedWeight:
-    w = _as_float32(weight)
+def pack_bitmask(weight: Union[torch.Tensor, np.ndarray], value_dtype: str = "float32") -> PackedWeight:
+    w = _as_values(weight, value_dtype)
     n, k = w.shape
     nz = w != 0
     kw = (k + 31) // 32
@@ -94,8 +104,8 @@ def pack_bitmask(weight: Union[torch.Tensor, np.ndarray]) -> PackedWeight:
     return PackedWeight("bitmask", n, k, torch.from_numpy(mask.copy()), w[nz].contiguous(), _row_ptr(nz))
 
 
-def pack_csr16(weight: Union[torch.Tensor, np.ndarray]) -> PackedWeight:
-    w = _as_float32(weight)
+def pack_csr16(weight: Union[torch.Tensor, np.ndarray], value_dtype: str = "float32") -> PackedWeight:
+    w = _as_values(weight, value_dtype)
     n, k = w.shape
     if k > 65536:
         raise ConfigError(f"csr16 stores 16-bit column indices, so in_features must be <= 65536 (got {k}); "
@@ -108,10 +118,10 @@ def pack_csr16(weight: Union[torch.Tensor, np.ndarray]) -> PackedWeight:
 PACKERS = {"bitmask": pack_bitmask, "csr16": pack_csr16}
 
 
-def pack(weight, layout: str) -> PackedWeight:
+def pack(weight, layout: str, value_dtype: str = "float32") -> PackedWeight:
     if layout not in PACKERS:
         raise ConfigError(f"unknown sparse layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return PACKERS[layout](weight)
+    return PACKERS[layout](weight, value_dtype)
 
 
 def mask_of(p: PackedWeight) -> np.ndarray:
@@ -126,7 +136,7 @@ def mask_of(p: PackedWeight) -> np.ndarray:
 
 
 def unpack(p: PackedWeight) -> torch.Tensor:
-    """The dense float32 weight the layout encodes (zeros where pruned)."""
+    """The dense float32 weight the layout encodes (zeros where pruned; bf16 values widened)."""
     dense = np.zeros((p.out_features, p.in_features), dtype=np.float32)
-    dense[mask_of(p)] = p.values.numpy()
+    dense[mask_of(p)] = p.values.float().numpy()
     return torch.from_numpy(dense)

@@ -31,7 +31,7 @@ _THRESHOLD_CACHE: dict[tuple, int] = {}
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W held in a packed sparse layout (float32, inference only).
+    """y = x W^T + b with W held in a packed sparse layout (fp32 or bf16 values; inference only).
 
     Buffers: ``index``/``values``/``row_ptr`` (the layout) and, with ``keep_dense``, ``weight``
     (the original dense weight, used for batches above the threshold and for autograd; it is never
@@ -60,12 +60,18 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, isa: Optional[str] = None, layout: Optional[str] = None,
-                    keep_dense: bool = True, batch_threshold: int = 16, use_op: bool = False) -> "SparseLinear":
+                    keep_dense: bool = True, batch_threshold: int = 16, use_op: bool = False,
+                    value_dtype: Optional[str] = None) -> "SparseLinear":
+        """``value_dtype`` defaults to the weight's: bf16 weights keep bf16 values (compared with dense bf16)."""
         isa = _lib.select_isa(isa)
         w = linear.weight.detach()
-        packed = pack(w, _lib.select_layout(isa, layout))
-        return cls(packed, linear.bias, isa=isa, dense_weight=w.float().contiguous() if keep_dense else None,
-                   batch_threshold=batch_threshold, use_op=use_op)
+        value_dtype = value_dtype or ("bfloat16" if w.dtype == torch.bfloat16 else "float32")
+        if value_dtype == "bfloat16" and not _lib.supports_bf16(isa):
+            raise ConfigError(f"the {isa} path has no bf16 kernel on this CPU (AVX-512 needs VBMI2); "
+                              f"use value_dtype='float32' or isa='portable'/'avx2'")
+        packed = pack(w, _lib.select_layout(isa, layout), value_dtype)
+        dense = w.to(packed.values.dtype).contiguous() if keep_dense else None
+        return cls(packed, linear.bias, isa=isa, dense_weight=dense, batch_threshold=batch_threshold, use_op=use_op)
 
     @property
     def packed(self) -> PackedWeight:
@@ -84,7 +90,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(self.in_features, 1)
-        if (tokens <= self.batch_threshold and x.dtype == torch.float32 and x.device.type == "cpu"
+        if (tokens <= self.batch_threshold and x.device.type == "cpu"
+                and (x.dtype == torch.float32 or x.dtype == self.values.dtype == torch.bfloat16)
                 and not (x.requires_grad and torch.is_grad_enabled())):
             self.sparse_calls += 1
             return self.sparse_forward(x)
@@ -94,7 +101,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         p = self.packed
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
-                f"isa={self.isa}, density={p.density:.3f}, batch_threshold={self.batch_threshold}")
+                f"isa={self.isa}, values={str(self.values.dtype).replace('torch.', '')}, density={p.density:.3f}, batch_threshold={self.batch_threshold}")
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -116,17 +123,18 @@ def measure_threshold(module: SparseLinear, batches: Iterable[int] = THRESHOLD_B
     batch where sparse loses (sparse > dense * margin); returns 0 if it loses already at batch 1.
     Measured once per (isa, layout, shape, density to 0.05, threads) and cached for the process.
     """
-    key = (module.isa, module.layout, module.out_features, module.in_features,
+    key = (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
            round(module.packed.density * 20) / 20, torch.get_num_threads(), tuple(batches))
     if key in _THRESHOLD_CACHE:
         return _THRESHOLD_CACHE[key]
     w = module.weight
+    bias = None if module.bias is None else module.bias.to(w.dtype)
     best = 0
     for b in batches:
-        x = torch.randn(b, module.in_features)
+        x = torch.randn(b, module.in_features, dtype=w.dtype)  # bf16 values are compared with dense bf16
         d_times, s_times = [], []
         for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
-            d_times.append(_median_ms(lambda: F.linear(x, w, module.bias), 1))
+            d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
             s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
         if statistics.median(s_times) > statistics.median(d_times) * margin:
             break
@@ -168,7 +176,8 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
     """Replace the merged sparse linears of ``model`` in place by :class:`SparseLinear`.
 
     Candidates are the family adapter's prunable block linears (never the tied lm_head), or
-    ``names``. A layer is swapped if it is float32 on CPU with at least ``min_sparsity`` zeros
+    ``names``. A layer is swapped if it is float32 (or bfloat16: bf16 values) on CPU with at least
+    ``min_sparsity`` zeros
     (below that the kernel cannot beat dense). ``calibrate`` measures each distinct
     (shape, density) group's dense/sparse threshold here; else ``batch_threshold`` (default 16).
     """
@@ -183,8 +192,11 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
     swapped, skipped = {}, {}
     for name, lin in cands:
         w = lin.weight
-        if w.dtype != torch.float32 or w.device.type != "cpu":
-            skipped[name] = f"{w.dtype} on {w.device} (kernels are float32 CPU)"
+        if w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu":
+            skipped[name] = f"{w.dtype} on {w.device} (kernels are float32/bfloat16 CPU)"
+            continue
+        if w.dtype == torch.bfloat16 and not _lib.supports_bf16(isa):
+            skipped[name] = f"bf16 weights but the {isa} path has no bf16 kernel on this CPU"
             continue
         sp = float((w == 0).float().mean())
         if sp < min_sparsity:

@@ -28,8 +28,11 @@ def _check(rc: int, what: str) -> None:
 
 def _run(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
          bias: Optional[torch.Tensor], out_features: int, in_features: int, layout_id: int, isa_id: int) -> torch.Tensor:
-    if x.dtype != torch.float32:
-        raise ConfigError(f"the sparse kernels take float32 activations, got {x.dtype}")
+    out_dtype = x.dtype
+    if x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16:
+        x = x.float()  # bf16 activations are widened once; accumulation is fp32 either way
+    elif x.dtype != torch.float32:
+        raise ConfigError(f"the sparse kernels take float32 activations (or bf16 with bf16 values), got {x.dtype}")
     if x.shape[-1] != in_features:
         raise ConfigError(f"sparse linear expects {in_features} input features, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
@@ -40,11 +43,17 @@ def _run(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, row_ptr: to
     y = torch.empty((b, out_features), dtype=torch.float32)
     if b and out_features:
         lb = _lib.lib()
-        fn = lb.sr_bitmask_linear if layout_id == 0 else lb.sr_csr16_linear
+        if values.dtype == torch.bfloat16:
+            fn = lb.sr_bitmask_linear_bf16 if layout_id == 0 else lb.sr_csr16_linear_bf16
+        else:
+            fn = lb.sr_bitmask_linear if layout_id == 0 else lb.sr_csr16_linear
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
         rc = fn(isa_id, x2.data_ptr(), b, in_features, out_features, index.data_ptr(), values.data_ptr(),
                 row_ptr.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        _check(rc, f"({_lib.ISAS[isa_id]}, layout {layout_id})")
-    return y.reshape(*lead, out_features)
+        _check(rc, f"({_lib.ISAS[isa_id]}, layout {layout_id}, {values.dtype})")
+    y = y.reshape(*lead, out_features)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 @torch.library.custom_op("sparse_runtime::sparse_linear", mutates_args=())
@@ -57,7 +66,7 @@ def sparse_linear_op(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
 
 @sparse_linear_op.register_fake
 def _(x, index, values, row_ptr, bias, out_features, in_features, layout_id, isa_id):
-    return x.new_empty((*x.shape[:-1], out_features))
+    return x.new_empty((*x.shape[:-1], out_features))  # same dtype as x
 
 
 def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias: Optional[torch.Tensor] = None,
@@ -73,7 +82,11 @@ def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias: Optional[torch.Te
 
 
 def densify(packed: PackedWeight, threads: Optional[int] = None) -> torch.Tensor:
-    """The dense weight, rebuilt by the C scatter kernel (the module's large-batch fallback)."""
+    """The dense weight (in the value dtype), rebuilt by the C scatter kernel for fp32 values."""
+    if packed.values.dtype != torch.float32:
+        from .layout import unpack
+
+        return unpack(packed).to(packed.values.dtype)
     out = torch.empty((packed.out_features, packed.in_features), dtype=torch.float32)
     lb = _lib.lib()
     fn = lb.sr_bitmask_densify if packed.layout == "bitmask" else lb.sr_csr16_densify

@@ -20,7 +20,7 @@ def reference_linear(x: np.ndarray, packed: PackedWeight, bias: Optional[np.ndar
     x2 = x.reshape(-1, packed.in_features).astype(np.float64)
     mask = mask_of(packed)
     rp = packed.row_ptr.numpy()
-    vals = packed.values.numpy().astype(np.float64)
+    vals = packed.values.double().numpy()
     y = np.zeros((x2.shape[0], packed.out_features), dtype=np.float64)
     for r in range(packed.out_features):
         cols = np.flatnonzero(mask[r])
