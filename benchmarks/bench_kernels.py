@@ -171,6 +171,37 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
 
 
 @torch.inference_mode()
+def bench_bf16(threads, batches, repeats, shapes, structs):
+    """bf16 values vs dense bf16 F.linear (the issue's option), default ISA path if it has bf16."""
+    from sparse_runtime.kernels._lib import supports_bf16
+
+    rows = []
+    isa = next((i for i in reversed(supported_isas()) if supports_bf16(i)), None)
+    if isa is None:
+        return rows
+    torch.set_num_threads(threads)
+    for n, k in shapes:
+        w0 = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 7 + k))
+        for struct in structs:
+            w = prune(w0, struct).bfloat16().contiguous()
+            m = SparseLinear(pack(w, DEFAULT_LAYOUT[isa], "bfloat16"), None, isa=isa, dense_weight=w,
+                             batch_threshold=1 << 30)
+            for b in batches:
+                x = torch.randn(b, k, dtype=torch.bfloat16)
+                res = timed({"dense": lambda: F.linear(x, w), "sparse": lambda: m.sparse_forward(x)}, repeats)
+                p = m.packed
+                rows.append({"threads": threads, "shape": f"{n}x{k}", "sparsity": struct, "batch": b,
+                             "path": f"{isa}/{p.layout}/bf16", "dense_bf16_ms": res["dense"][0],
+                             "sparse_bf16_ms": res["sparse"][0],
+                             "sparse_min_max": f"{res['sparse'][1]:.3g}-{res['sparse'][2]:.3g}",
+                             "speedup": res["dense"][0] / res["sparse"][0],
+                             "dense_GBps": n * k * 2 / res["dense"][0] / 1e6, "sparse_GBps": p.nbytes / res["sparse"][0] / 1e6,
+                             "bound_vs_dense_bf16": 2.0 * n * k / p.nbytes})
+                print(rows[-1], flush=True)
+    return rows
+
+
+@torch.inference_mode()
 def bench_e2e(threads, repeats, prompt_tokens, decode_tokens, structs):
     import sparse_runtime as sr
     from sparse_runtime.models import family_of
@@ -242,6 +273,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="all", choices=["all", "smol", "7b"])
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--e2e-threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -267,6 +299,14 @@ def main(argv=None):
              "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread"]
     save_results("kernels_layers", "Sparse kernels vs dense, per layer (fp32)", rows,
                  protocol=f"layer latency, batches {batches}, threads {threads}", notes=notes, out_dir=a.out_dir)
+    if not a.no_bf16:
+        bf = bench_bf16(threads[0], [1, 8], a.repeats, [(1536, 576)] + SEVEN_B if a.shapes != "smol" else [(1536, 576)],
+                        ["70%", "2:4"])
+        if bf:
+            save_results("kernels_bf16", "Sparse kernels with bf16 values vs dense bf16 F.linear", bf,
+                         protocol=f"layer latency, batches [1, 8], threads {threads[0]}",
+                         notes=[f"median of {a.repeats} alternating calls; x/y bf16, fp32 accumulation in our kernel",
+                                "bound_vs_dense_bf16 = 2 bytes per dense weight / encoding bytes"], out_dir=a.out_dir)
     if not a.no_e2e:
         e2e, info = bench_e2e(a.e2e_threads, 5, a.prompt_tokens, a.decode_tokens, ["70%", "2:4"])
         notes_e2e = [f"decode: {a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt (KV cache), "
