@@ -110,6 +110,11 @@ def main() -> None:
                "fused prune s": round(r1.timing["total_s"], 1), "detail": detail}
         rows.append(row)
         print(f"{name}: {row} (pair wall {time.perf_counter() - t0:.0f} s)", flush=True)
+        _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run)
+
+
+def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
+    """Write the table (called after every pair, so a long run leaves its finished rows behind)."""
     path = Path("benchmarks/results") / f"{out_name}.json"
     if args.merge and path.is_file():
         old = {r["config"]: r for r in json.loads(path.read_text()).get("rows", [])}

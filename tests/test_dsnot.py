@@ -34,6 +34,7 @@ def _reference(w, keep, mean, var, norm, cfg, thr, pattern=None):
         c = (w[r] * mean).tolist()
         g = (w[r] * mean / var.clamp_min(floor) ** cfg.var_power).tolist()
         wanda = (w[r].abs() * norm).tolist()
+        spread = (w[r] * w[r] * var).tolist()
         P = [j for j in range(w.shape[1]) if not keep[r, j]]
         K = [j for j in range(w.shape[1]) if keep[r, j]]
         e = sum(c[j] for j in P)
@@ -64,7 +65,9 @@ def _reference(w, keep, mean, var, norm, cfg, thr, pattern=None):
             after = e - c[i] + c[k]
             if same_sign and math.copysign(1, after) != math.copysign(1, e0) or (same_sign and after == 0):
                 break
-            if cfg.require_decrease and not abs(after) < abs(e):
+            if cfg.require_decrease and cfg.objective == "mean" and not abs(after) < abs(e):
+                break
+            if cfg.require_decrease and cfg.objective == "mse" and not after * after - e * e + spread[k] - spread[i] < 0:
                 break
             keep[r, i], keep[r, k] = True, False
             e = after
@@ -76,7 +79,8 @@ def _reference(w, keep, mean, var, norm, cfg, thr, pattern=None):
     return keep
 
 
-CONFIGS = [DSnoTConfig(threshold=0.01), DSnoTConfig(threshold=0.2, max_cycles=7),
+CONFIGS = [DSnoTConfig(threshold=0.01), DSnoTConfig(threshold=0.01, objective="mean"),
+           DSnoTConfig(threshold=0.2, max_cycles=7, same_sign=False),
            DSnoTConfig(same_sign=False, require_decrease=False, threshold=0.0),
            DSnoTConfig(same_sign=False, threshold=0.05, var_power=0.5),
            DSnoTConfig.official(threshold=0.0)]
@@ -102,12 +106,33 @@ def test_matches_plain_reference_and_keeps_counts(pattern, ci):
     assert torch.allclose(res.error_after, e, atol=1e-4)
 
 
+def _mse(w, keep, mean, var):
+    """Eq. (4) per row: e_r^2 + sum_{j pruned} W_rj^2 Var(x_j)."""
+    e = (w * mean * ~keep).sum(1)
+    return e * e + (w * w * var * ~keep).sum(1)
+
+
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
-@pytest.mark.parametrize("cfg", [DSnoTConfig(threshold=0.0), DSnoTConfig(threshold=0.0, require_decrease=False)])
+def test_default_objective_never_increases(pattern):
+    """The default objective (Eq. 4, expected squared error) is non-increasing across accepted swaps:
+    running t cycles for t = 0..T gives a non-increasing sequence, per row."""
+    w, keep, mean, var, norm = _layer(rows=48, cols=128, seed=5, pattern=pattern)
+    seq = []
+    for t in range(0, 16):
+        res = dsnot_refine_mask(w, keep, mean, var, norm, DSnoTConfig(threshold=0.0, max_cycles=t), pattern=pattern)
+        seq.append(_mse(w, res.keep, mean, var))
+    seq = torch.stack(seq)
+    assert bool((seq[1:] <= seq[:-1] + 1e-5).all())
+    assert float(seq[-1].mean()) < float(seq[0].mean())
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+@pytest.mark.parametrize("cfg", [DSnoTConfig(threshold=0.0, objective="mean"),
+                                 DSnoTConfig(threshold=0.0, require_decrease=False)])
 def test_expected_error_never_increases(pattern, cfg):
-    """|e_r| of Eq. (1) is non-increasing across accepted swaps, and strictly lower after each.
-    ``require_decrease`` guarantees it; unstructured, ``same_sign`` alone does too (both moves
-    push e_r towards zero and it may not cross)."""
+    """|e_r| of Eq. (1) is non-increasing across accepted swaps, and strictly lower after each, with
+    ``objective="mean"``; unstructured, ``same_sign`` alone guarantees it too (both moves push e_r
+    towards zero and it may not cross)."""
     if pattern is not None and not cfg.require_decrease:
         pytest.skip("N:M partners may have either sign: only require_decrease guarantees monotonicity")
     for seed in range(3):
@@ -195,6 +220,9 @@ def test_config_validation_and_aliases():
     assert (c.max_cycles, c.threshold, c.var_power, c.same_sign) == (20, 0.5, 2, False)
     o = make_config({"preset": "official", "layers": "all"})
     assert o.threshold_unit == "token_sum" and o.layers == "all" and o.same_sign is None
+    assert o.objective == "mean" and not o.require_decrease
+    with pytest.raises(ConfigError, match="objective"):
+        DSnoTConfig(objective="l2").validate()
     assert DSnoTConfig(layers="attention").applies_to("self_attn.q_proj")
     assert not DSnoTConfig(layers="attention").applies_to("mlp.down_proj")
 

@@ -17,7 +17,14 @@ matters least by Wanda's measure:
 
     prune k = argmin_{j in K_r, sign(c_rj) = -sign(e_r)}  |W_rj| * ||X_j||_2                       (3)
 
-The swap gives e_r <- e_r - c_ri + c_rk. It is accepted while |e_r| > threshold, for at most
+The swap gives e_r <- e_r - c_ri + c_rk. Lowering the mean error this way has a price: the grown
+weight was pruned for a low score and the partner is kept for a higher one, so the error's
+variance grows. The expected squared error of the row, with input channels taken as independent,
+
+    E[eps_r^2] ~= e_r^2 + sum_{j in P_r} W_rj^2 Var(x_j)                                        (4)
+
+holds both; by default a swap must lower (4) (``objective="mse"``; the official code watches e_r only).
+The swap is accepted while |e_r| > threshold, for at most
 ``max_cycles`` cycles; a row whose swap is rejected stops for good (the official code's rule). Both
 rankings are computed once from the initial mask, as in the official code, so a regrown weight is
 never pruned again and a DSnoT-pruned weight is never regrown: every step makes progress.
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 
 THRESHOLD_UNITS = ("initial", "output_rms", "per_token", "token_sum")
 LAYER_SETS = ("all", "attention", "mlp")
+OBJECTIVES = ("mse", "mean")
 
 
 @dataclass
@@ -90,7 +98,12 @@ class DSnoTConfig:
       default, ``skip_layer=mlp``), or ``"mlp"``.
     - ``same_sign``: reject a swap that flips the sign of e_r relative to its initial sign. ``None``
       means the official per-mode behaviour (off for unstructured, on for N:M).
-    - ``require_decrease``: reject a swap that does not lower |e_r| (not in the official code).
+    - ``require_decrease``: reject a swap that does not lower ``objective`` (not in the official code).
+    - ``objective`` watched by ``require_decrease``: ``"mse"`` (default), the row's expected squared
+      error under independent input channels, e_r^2 + sum_{j in P_r} W_rj^2 Var(x_j) (Eq. 4), or
+      ``"mean"``, |e_r| alone (Eq. 1). Lowering |e_r| by regrowing a low-score weight and pruning a
+      higher-score one raises the variance term; on SmolLM2 that made perplexity worse, so the
+      default only accepts a swap that lowers the total.
     """
 
     max_cycles: int = 50
@@ -101,6 +114,7 @@ class DSnoTConfig:
     layers: str = "all"
     same_sign: Optional[bool] = True
     require_decrease: bool = True
+    objective: str = "mse"
 
     def validate(self) -> "DSnoTConfig":
         if not isinstance(self.max_cycles, int) or isinstance(self.max_cycles, bool) or self.max_cycles < 0:
@@ -118,6 +132,8 @@ class DSnoTConfig:
             raise ConfigError(f"dsnot var_power must be a finite number >= 0, got {self.var_power!r}")
         if not self.var_floor >= 0:
             raise ConfigError(f"dsnot var_floor must be >= 0, got {self.var_floor!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"dsnot objective {self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
         if self.layers not in LAYER_SETS:
             raise ConfigError(f"dsnot layers {self.layers!r} is unknown; choose one of {', '.join(LAYER_SETS)}")
         return self
@@ -127,7 +143,7 @@ class DSnoTConfig:
         """The released code's behaviour (zyxxmu/DSnoT @ 4c029df): token-sum threshold, no variance
         floor, attention only, same-sign off for unstructured / on for N:M, overshoot allowed."""
         base = cls(threshold_unit="token_sum", var_floor=0.0, layers="attention", same_sign=None,
-                   require_decrease=False)
+                   require_decrease=False, objective="mean")
         return replace(base, **overrides).validate()
 
     def applies_to(self, short_name: str) -> bool:
@@ -226,6 +242,7 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
            else threshold.to(dev).float().reshape(-1).expand(rows))
 
     contrib = w * mean.unsqueeze(0)  # c_rj (Eq. 2), per-token unit
+    spread = w * w * var.unsqueeze(0)  # W_rj^2 Var(x_j): the variance a pruned weight leaves (Eq. 4)
     pruned0 = ~keep
     err = (contrib * pruned0).sum(1)  # e_r, Eq. (1)
     err0 = err.clone()
@@ -287,7 +304,10 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
         if same_sign:
             ok &= torch.sign(after) == sign0
         if cfg.require_decrease:
-            ok &= after.abs() < err.abs()
+            if cfg.objective == "mse":  # Eq. (4): e^2 + sum_P W^2 Var, before vs after the swap
+                ok &= after * after - err * err + spread[row_idx, p_idx] - spread[row_idx, g_idx] < 0
+            else:
+                ok &= after.abs() < err.abs()
         skip = base & skip  # N:M only: no partner in this M-group; try the next candidate
         active = ok | skip
         # apply the accepted swaps (one in, one out per row)
