@@ -19,3 +19,7 @@ __all__ = ["ADAPTERS", "FINETUNE_METHODS", "AdapterConfig", "FinetuneMethod", "S
            "trainable_parameters", "LoRAAdapterBase", "LoRAConfig", "MaskedLoRA", "MaskedLoRAConfig", "GRAD_MODES",
            "LoRSAdapter", "LoRSConfig", "LoRSFunction", "DenseLoRA", "DenseLoRAConfig",
            "SEFTAdapter", "SEFTConfig", "SEFTEvolution"]
+
+# LoSA's adapter lives with the rest of LoSA; importing it here registers "losa" wherever adapters are
+# used (e.g. merging a saved LoSA adapter directory). Imported last: it builds on the names above.
+from ..losa import adapter as _losa_adapter  # noqa: E402,F401
