@@ -185,7 +185,7 @@ class DSnoTResult:
 def row_thresholds(cfg: DSnoTConfig, weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor,
                    sq_mean: Optional[torch.Tensor], tokens_per_sample: float) -> torch.Tensor:
     """The threshold of every row, converted into the per-token unit of e_r (Eq. 1)."""
-    initial_error = (weight.float() * mean.float().reshape(1, -1) * ~keep.to(weight.device, torch.bool)).sum(1)
+    initial_error = weight.float().masked_fill(keep.to(weight.device, torch.bool), 0.0) @ mean.float().reshape(-1)
     rows = weight.shape[0]
     t = float(cfg.threshold)
     if cfg.threshold_unit == "per_token" or math.isinf(t):
@@ -198,16 +198,6 @@ def row_thresholds(cfg: DSnoTConfig, weight: torch.Tensor, keep: torch.Tensor, m
         raise ConfigError("dsnot threshold_unit='output_rms' needs the inputs' second moment (the 'norm' statistic)")
     rms = ((weight.float() ** 2) @ sq_mean.float().clamp_min(0)).sqrt()
     return t * rms
-
-
-def _pool(key: torch.Tensor, valid: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` columns of each row's candidate pool in rank order, and the pool sizes.
-    Invalid entries get +-inf so they sort last; the size tells where the pool ends."""
-    fill = float("-inf") if largest else float("inf")
-    masked = torch.where(valid, key, torch.full_like(key, fill))
-    k = max(1, min(k, key.shape[1]))
-    idx = torch.topk(masked, k, dim=1, largest=largest, sorted=True)[1]
-    return idx, valid.sum(1)
 
 
 def _take(pool: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
@@ -242,9 +232,7 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
            else threshold.to(dev).float().reshape(-1).expand(rows))
 
     contrib = w * mean.unsqueeze(0)  # c_rj (Eq. 2), per-token unit
-    spread = w * w * var.unsqueeze(0)  # W_rj^2 Var(x_j): the variance a pruned weight leaves (Eq. 4)
-    pruned0 = ~keep
-    err = (contrib * pruned0).sum(1)  # e_r, Eq. (1)
+    err = w.masked_fill(keep, 0.0) @ mean  # e_r, Eq. (1)
     err0 = err.clone()
     sign0 = torch.sign(err0)
     swaps = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -253,15 +241,27 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
         return DSnoTResult(keep, swaps, err0, err, thr, 0, traces)
 
     floor = cfg.var_floor * float(var.mean()) + 1e-20 if cfg.var_floor > 0 else 0.0
-    growth = contrib / (var.clamp_min(floor) ** cfg.var_power if cfg.var_power else 1.0)  # Eq. (2)
-    k = cfg.max_cycles
-    # growth pools: pruned weights whose contribution has the sign of e_r (largest |c|/Var first)
-    grow_pos, n_grow_pos = _pool(growth, pruned0 & (contrib > 0), k, largest=True)
-    grow_neg, n_grow_neg = _pool(growth, pruned0 & (contrib < 0), k, largest=False)
+    varp = var.clamp_min(floor) ** cfg.var_power if cfg.var_power else torch.ones_like(var)
+    # Eq. (2) over the pruned weights only (kept = 0). Positive entries form the pool used when
+    # e_r > 0 (largest first), negative ones the pool used when e_r < 0 (most negative first); a
+    # zero contribution is never a candidate. Counts bound each pool explicitly.
+    growth = (contrib / varp.unsqueeze(0)).masked_fill(keep, 0.0)
+    if floor == 0.0:
+        growth = torch.nan_to_num(growth, nan=0.0)  # 0/0 on a dead channel without a floor
+    k = max(1, min(cfg.max_cycles, cols))
+    grow_pos = torch.topk(growth, k, dim=1, largest=True, sorted=True)[1]
+    grow_neg = torch.topk(growth, k, dim=1, largest=False, sorted=True)[1]
+    n_grow_pos, n_grow_neg = (growth > 0).sum(1), (growth < 0).sum(1)
+    del growth
     if pattern is None:
         # pruning pools (Eq. 3): kept weights of the opposite sign, smallest Wanda score first
-        prune_neg, n_prune_neg = _pool(wanda, keep & (contrib < 0), k, largest=False)
-        prune_pos, n_prune_pos = _pool(wanda, keep & (contrib > 0), k, largest=False)
+        inf = float("inf")
+        kneg = keep & (contrib < 0)
+        kpos = keep & (contrib > 0)
+        prune_neg = torch.topk(wanda.masked_fill(~kneg, inf), k, dim=1, largest=False, sorted=True)[1]
+        prune_pos = torch.topk(wanda.masked_fill(~kpos, inf), k, dim=1, largest=False, sorted=True)[1]
+        n_prune_neg, n_prune_pos = kneg.sum(1), kpos.sum(1)
+        del kneg, kpos
         ptr_prune_neg = torch.zeros(rows, dtype=torch.long, device=dev)
         ptr_prune_pos = torch.zeros_like(ptr_prune_neg)
     else:
@@ -305,7 +305,9 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
             ok &= torch.sign(after) == sign0
         if cfg.require_decrease:
             if cfg.objective == "mse":  # Eq. (4): e^2 + sum_P W^2 Var, before vs after the swap
-                ok &= after * after - err * err + spread[row_idx, p_idx] - spread[row_idx, g_idx] < 0
+                w_p, w_g = w[row_idx, p_idx], w[row_idx, g_idx]
+                d_var = w_p * w_p * var[p_idx] - w_g * w_g * var[g_idx]  # pruned-set variance change
+                ok &= after * after - err * err + d_var < 0
             else:
                 ok &= after.abs() < err.abs()
         skip = base & skip  # N:M only: no partner in this M-group; try the next candidate
@@ -370,10 +372,10 @@ def refine_linear(dense_weight: torch.Tensor, pruned_weight: torch.Tensor, momen
     thr = row_thresholds(cfg, dense, keep, moments.mean.to(dense.device), moments.sq_mean.to(dense.device),
                          moments.tokens_per_sample)
     res = dsnot_refine_mask(dense, keep, moments.mean, moments.var, moments.norm, cfg, pattern=pattern, threshold=thr)
-    old_keep = keep.to(res.keep.device)
-    grown = res.keep & ~old_keep
-    new = torch.where(res.keep, pruned_weight.detach(), torch.zeros_like(pruned_weight))
-    new = torch.where(grown, dense.to(new.dtype), new)
+    # only the swapped positions change: pruned ones become 0, regrown ones take their dense value
+    idx = (res.keep != keep.to(res.keep.device)).nonzero(as_tuple=True)
+    new = pruned_weight.detach().clone()
+    new[idx] = torch.where(res.keep[idx], dense[idx].to(new.dtype), torch.zeros((), dtype=new.dtype, device=new.device))
     return new, res
 
 
