@@ -51,13 +51,14 @@ class LatencyConfig:
     decode_steps: int = 16
     threads: Optional[int] = None
     engine_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine_scenarios: dict[str, list[str]] = field(default_factory=dict)  # per-engine override of scenarios
 
     def validate(self) -> None:
         if self.repeats < 5:
             raise ConfigError("the latency protocol needs at least 5 timed repeats (protocols.md)")
         if self.warmup < 1:
             raise ConfigError("at least one warm-up run per model is needed before timing")
-        for s in self.scenarios:
+        for s in [*self.scenarios, *(x for v in self.engine_scenarios.values() for x in v)]:
             parse_scenario(s)
         from ..runtime import engine_names
 
@@ -181,7 +182,8 @@ def run_latency(dense: str, sparse: Sequence[tuple[str, str]], cfg: Optional[Lat
                 log(f"[{ename}] {skipped[ename]}")
                 continue
             raw[ename] = {}
-            for sc in scenarios:
+            own = cfg.engine_scenarios.get(ename)
+            for sc in ([parse_scenario(x, cfg.decode_steps) for x in own] if own else scenarios):
                 log(f"  {sc.label}")
                 try:
                     times = _time_scenario(engines, sc, cfg, log)
