@@ -155,7 +155,7 @@ def test_semi_structured_cuda_matches_dense(backend, tmp_path):
     prune_model(m, fam, structure="2:4")
     ck = save_checkpoint(m, None, tmp_path / "ck", build_manifest(m, fam))
     export(ck, "semi-structured", tmp_path / "ss")
-    dense, _ = load_semi_structured(tmp_path / "ss", device="cuda", backend="dense" if False else "auto")
+    dense, _ = load_semi_structured(tmp_path / "ss", device="cuda", backend="dense")
     sparse, info = load_semi_structured(tmp_path / "ss", device="cuda", backend=backend)
     assert info["semi_structured_tensors"] == 14
     ids = torch.randint(0, 256, (2, 64), device="cuda")
