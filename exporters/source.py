@@ -19,7 +19,7 @@ import torch
 
 from sparse_runtime.manifest import MANIFEST_NAME, Manifest, build_manifest
 from sparse_runtime.models import LoadedModel, load_model
-from sparse_runtime.sparsity import NMPattern, detect_nm
+from sparse_runtime.sparsity import detect_nm
 
 # Files copied verbatim from a source HF directory into exports that keep the HF layout.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
