@@ -14,11 +14,13 @@ from .models import DEFAULT_MODEL, FAMILIES, LoadedModel, family_of, load_model,
 from .protocols import PROTOCOLS, Protocol, get_protocol
 from .sparsity import NMPattern, nm_compliant, parse_structure, sparsity_of
 from .eval.perplexity import PerplexityResult, wikitext2_perplexity
+from .eval.zeroshot import TASK_SETS, ZEROSHOT_TASKS, ZeroShotResult, evaluate_zeroshot
 
 __all__ = [
     "__version__", "CheckpointExistsError", "ConfigError", "DataNotFoundError", "ManifestError", "ModelLoadError",
     "SparseRuntimeError", "UnsupportedModelError", "Manifest", "build_manifest", "read_manifest",
     "save_checkpoint", "verify_manifest", "DEFAULT_MODEL", "FAMILIES", "LoadedModel", "family_of", "load_model",
     "tiny_model", "PROTOCOLS", "Protocol", "get_protocol", "NMPattern", "nm_compliant", "parse_structure",
-    "sparsity_of", "PerplexityResult", "wikitext2_perplexity",
+    "sparsity_of", "PerplexityResult", "wikitext2_perplexity", "TASK_SETS", "ZEROSHOT_TASKS", "ZeroShotResult",
+    "evaluate_zeroshot",
 ]

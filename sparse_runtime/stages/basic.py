@@ -66,10 +66,12 @@ class EvaluateStage(Stage):
             r = wikitext2_perplexity(lm.model, lm.tokenizer, cfg.protocol or ctx.protocol, ctx.data_dir)
             metrics["perplexity"] = r.as_dict()
         if cfg.zeroshot:
-            from ..eval.zeroshot import evaluate_zeroshot
+            from ..eval.zeroshot import PROTOCOL_LIMITS, evaluate_zeroshot
 
             tasks = cfg.zeroshot[0] if len(cfg.zeroshot) == 1 else cfg.zeroshot
-            z = evaluate_zeroshot(lm.model, lm.tokenizer, tasks=tasks, limit=cfg.limit,
+            # no limit given: the protocol's (quick = a stated prefix of each set, paper = all items)
+            limit = cfg.limit if cfg.limit is not None else PROTOCOL_LIMITS.get(cfg.protocol or ctx.protocol)
+            z = evaluate_zeroshot(lm.model, lm.tokenizer, tasks=tasks, limit=limit,
                                   batch_size=cfg.batch_size, data_dir=ctx.data_dir)
             metrics["zeroshot"] = z.as_dict()
         (out_dir / "results.json").write_text(json.dumps(metrics, indent=1, default=str))
