@@ -545,8 +545,10 @@ void sr_reset_counters(void) {
 }
 
 static const int64_t kMinRows = 32;  // below this many rows per thread, threading costs more than it gives
-static int64_t kXtMinBatch = 4;
-static int kGemvVariant = 0;  // AVX-512 batch 1: 0 = memory-form expand-load, 1 = load + register expand  // AVX-512: from this batch on, the transposed-x walk beats expand-load
+static int64_t kXtMinBatch = 4;  // AVX-512: from this batch on, the transposed-x walk beats expand-load
+// AVX-512 batch 1: 0 = memory-form expand-load, 1 = 64-byte load + register-form expand. Default 1:
+// measured faster here (benchmarks/results/kernels_layers.md, "register expand" rows).
+static int kGemvVariant = 1;
 
 // x [B, K] -> xT [K, Bp], zero-padded columns B..Bp-1 (64-byte aligned; caller frees)
 static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp) {
