@@ -21,7 +21,10 @@ def main() -> None:
     ap.add_argument("--protocols", default="quick,paper")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--name", default="ppl_dense")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     lm = sr.load_model(args.model)
     load_s = time.perf_counter() - t0

@@ -112,11 +112,29 @@ class ReportStage(Stage):
             rows.append(row)
         lines = header_lines(cfg.title or f"Run report: {ctx.workdir.name}", ctx.protocol, ctx.model)
         text = "\n".join(lines) + "\n" + markdown_table(rows)
-        for rec in ctx.results:
-            z = (rec.get("metrics") or {}).get("zeroshot")
-            if z and z.get("rows"):
-                text += "\n## Zero-shot (lm-eval conventions, 0-shot)\n\n" + markdown_table(z["rows"])
+        text += _zeroshot_side_by_side(ctx.results)
         (out_dir / "report.md").write_text(text)
         (ctx.workdir / "report.md").write_text(text)
         print(text)
         return StageResult(metrics={"report": str(ctx.workdir / "report.md")})
+
+
+def _zeroshot_side_by_side(results: list[dict]) -> str:
+    """One table: a row per task, an ``acc`` column per evaluated step (dense and sparse side by side)."""
+    from ..report import markdown_table
+
+    cols: list[tuple[str, dict]] = []
+    for i, rec in enumerate(results):
+        z = (rec.get("metrics") or {}).get("zeroshot")
+        if z and z.get("rows"):
+            cols.append((f"step {i} acc", {r["task"]: r for r in z["rows"]}))
+    if not cols:
+        return ""
+    tasks = list(dict.fromkeys(t for _, by in cols for t in by))
+    rows = []
+    for t in tasks:
+        row = {"task": t, "limit": next((by[t].get("limit") for _, by in cols if t in by), None)}
+        for label, by in cols:
+            row[label] = by.get(t, {}).get("acc")
+        rows.append(row)
+    return "\n## Zero-shot accuracy (lm-eval conventions, 0-shot, first `limit` items per task)\n\n" + markdown_table(rows)
