@@ -150,6 +150,19 @@ def capture_block_inputs(model, family, ids: torch.Tensor, batch_size: int = 8,
     return BlockInputs(caught, kwargs_holder)
 
 
+def _input_leaders(family, chosen: dict[str, nn.Linear]) -> dict[str, str]:
+    """Map each chosen linear to the first chosen member of its shared-input group (or itself).
+
+    Consumers must treat statistics as read-only (SparseGPT clones its Hessian before dampening).
+    """
+    leader = {n: n for n in chosen}
+    for group in getattr(family, "shared_input_groups", ()):
+        members = [n for n in group if n in chosen]
+        for n in members[1:]:
+            leader[n] = members[0]
+    return leader
+
+
 def _block_forward(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -217,9 +230,14 @@ def sequential_pass(
             chosen = {n: linears[n] for n in group if layer_filter is None or layer_filter(prefix + n)}
             if not chosen or on_layer is None:
                 continue
-            stats = {n: InputStatistics(lin.in_features, needs) for n, lin in chosen.items()}
+            # One statistics object per distinct input: q/k/v (and gate/up) read the same tensor, so
+            # their Hessians/norms are identical; gathering them once saves most of the stats cost.
+            leader = _input_leaders(family, chosen)
+            stats: dict[str, InputStatistics] = {}
+            for n, lin in chosen.items():
+                stats[n] = stats[leader[n]] if leader[n] in stats else InputStatistics(lin.in_features, needs)
             hooks = [lin.register_forward_hook(lambda m, a, o, s=stats[n]: s.add_batch(a[0]))
-                     for n, lin in chosen.items()]
+                     for n, lin in chosen.items() if leader[n] == n]
             t0 = time.perf_counter()
             try:
                 for h in hidden:

@@ -172,3 +172,25 @@ def test_family_adapter_and_unknown_registry_name():
     m = sr.tiny_model("qwen2")
     names = [n for n, _ in sr.family_of(m).iter_linears(m)]
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_driver_shares_statistics_of_linears_with_one_input():
+    """q/k/v (and gate/up) read the same tensor: one statistics object, equal to a direct computation."""
+    from sparse_runtime.calibration import sequential_pass
+
+    lm = sr.load_model("tiny-llama")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = {}
+    sequential_pass(lm.model, lm.family, ids, lambda t: got.__setitem__(t.name, t.stats), needs=("norm", "hessian"))
+    q, k = got["model.layers.0.self_attn.q_proj"], got["model.layers.0.self_attn.k_proj"]
+    assert q is k and q is not got["model.layers.0.self_attn.o_proj"]
+    assert got["model.layers.1.mlp.gate_proj"] is got["model.layers.1.mlp.up_proj"]
+    ref = sr.load_model("tiny-llama")
+    seen = []
+    h = ref.family.blocks(ref.model)[0].self_attn.k_proj.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        ref.model(ids, use_cache=False)
+    h.remove()
+    x = torch.cat(seen).reshape(-1, 64).float()
+    torch.testing.assert_close(k.hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k.sq_sum, (x * x).sum(0) / 4, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,13 @@ class FamilyAdapter:
         ("mlp.down_proj",),
     ))
 
+    # Linears that always receive the same input tensor (after the same norm): their input statistics
+    # are identical, so the calibration driver gathers them once per group.
+    shared_input_groups: tuple[tuple[str, ...], ...] = field(default=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ))
+
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.blocks_path)
 
