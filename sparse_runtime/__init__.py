@@ -15,6 +15,7 @@ from .protocols import PROTOCOLS, Protocol, get_protocol
 from .sparsity import NMPattern, nm_compliant, parse_structure, sparsity_of
 from .eval.perplexity import PerplexityResult, wikitext2_perplexity
 from .eval.zeroshot import TASK_SETS, ZEROSHOT_TASKS, ZeroShotResult, evaluate_zeroshot
+from .prune import PruneConfig, PruneResult, prune_checkpoint, prune_model
 
 __all__ = [
     "__version__", "CheckpointExistsError", "ConfigError", "DataNotFoundError", "ManifestError", "ModelLoadError",
@@ -22,5 +23,5 @@ __all__ = [
     "save_checkpoint", "verify_manifest", "DEFAULT_MODEL", "FAMILIES", "LoadedModel", "family_of", "load_model",
     "tiny_model", "PROTOCOLS", "Protocol", "get_protocol", "NMPattern", "nm_compliant", "parse_structure",
     "sparsity_of", "PerplexityResult", "wikitext2_perplexity", "TASK_SETS", "ZEROSHOT_TASKS", "ZeroShotResult",
-    "evaluate_zeroshot",
+    "evaluate_zeroshot", "PruneConfig", "PruneResult", "prune_checkpoint", "prune_model",
 ]

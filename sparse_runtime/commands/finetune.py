@@ -106,5 +106,5 @@ def run(args) -> int:
     return 0
 
 
-COMMAND = Command("finetune", "fine-tune a sparse model with a mask-keeping adapter (lors, masked-lora, dense-lora)",
+COMMAND = Command("finetune", "fine-tune a sparse model, keeping its sparsity (lors, masked-lora, dense-lora, seft, losa)",
                   add_arguments, run)
