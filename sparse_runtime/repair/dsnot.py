@@ -249,26 +249,30 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
     if floor == 0.0:
         growth = torch.nan_to_num(growth, nan=0.0)  # 0/0 on a dead channel without a floor
     k = max(1, min(cfg.max_cycles, cols))
-    grow_pos = torch.topk(growth, k, dim=1, largest=True, sorted=True)[1]
-    grow_neg = torch.topk(growth, k, dim=1, largest=False, sorted=True)[1]
-    n_grow_pos, n_grow_neg = (growth > 0).sum(1), (growth < 0).sum(1)
+    val, grow_pos = torch.topk(growth, k, dim=1, largest=True, sorted=True)
+    n_grow_pos = (val > 0).sum(1)  # pool sizes, capped at k (a pointer never passes k)
+    val, grow_neg = torch.topk(growth, k, dim=1, largest=False, sorted=True)
+    n_grow_neg = (val < 0).sum(1)
     del growth
     if pattern is None:
         # pruning pools (Eq. 3): kept weights of the opposite sign, smallest Wanda score first
         inf = float("inf")
-        kneg = keep & (contrib < 0)
-        kpos = keep & (contrib > 0)
-        prune_neg = torch.topk(wanda.masked_fill(~kneg, inf), k, dim=1, largest=False, sorted=True)[1]
-        prune_pos = torch.topk(wanda.masked_fill(~kpos, inf), k, dim=1, largest=False, sorted=True)[1]
-        n_prune_neg, n_prune_pos = kneg.sum(1), kpos.sum(1)
-        del kneg, kpos
+        val, prune_neg = torch.topk(torch.where(keep & (contrib < 0), wanda, inf), k, dim=1, largest=False, sorted=True)
+        n_prune_neg = (val < inf).sum(1)
+        val, prune_pos = torch.topk(torch.where(keep & (contrib > 0), wanda, inf), k, dim=1, largest=False, sorted=True)
+        n_prune_pos = (val < inf).sum(1)
         ptr_prune_neg = torch.zeros(rows, dtype=torch.long, device=dev)
         ptr_prune_pos = torch.zeros_like(ptr_prune_neg)
     else:
-        m = pattern.m
-        offsets = torch.arange(m, device=dev)
-        # partner candidates: initially kept and not yet swapped out (regrown ones are never pruned)
-        partner_ok = keep.clone()
+        m, kept_n, groups = pattern.m, pattern.kept, cols // pattern.m
+        # each M-group's initially kept weights in ascending Wanda order: the partners, used in turn
+        # (a regrown weight is never a partner, so the smallest remaining is simply the next one)
+        grouped = torch.where(keep, wanda, float("inf")).reshape(rows, groups, m)
+        val, order = torch.topk(grouped, kept_n, dim=-1, largest=False, sorted=True)
+        partners = (order + torch.arange(groups, device=dev).view(1, groups, 1) * m).reshape(rows, groups * kept_n)
+        n_partners = torch.isfinite(val).sum(-1)  # [R, G]; < kept_n where a kept weight was already 0
+        used = torch.zeros(rows, groups, dtype=torch.long, device=dev)
+        del grouped, order, val
     same_sign = cfg.same_sign if cfg.same_sign is not None else pattern is not None
     ptr_grow_pos = torch.zeros(rows, dtype=torch.long, device=dev)
     ptr_grow_neg = torch.zeros_like(ptr_grow_pos)
@@ -289,12 +293,10 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
             p_idx = torch.where(pos, _take(prune_neg, ptr_prune_neg), _take(prune_pos, ptr_prune_pos))
             skip = torch.zeros_like(active)
         else:
-            group_cols = (g_idx - g_idx % m).unsqueeze(1) + offsets  # [R, M]
-            cand = torch.where(partner_ok.gather(1, group_cols), wanda.gather(1, group_cols),
-                               torch.full((rows, m), float("inf"), device=dev))
-            best, arg = cand.min(1)
-            p_idx = group_cols.gather(1, arg.unsqueeze(1)).squeeze(1)
-            p_ok = torch.isfinite(best)
+            grp = torch.div(g_idx, m, rounding_mode="floor")
+            u = used[row_idx, grp]
+            p_ok = u < n_partners[row_idx, grp]
+            p_idx = partners[row_idx, grp * kept_n + u.clamp_max(kept_n - 1)]
             skip = ~p_ok
         c_grow = contrib[row_idx, g_idx]
         c_prune = contrib[row_idx, p_idx]
@@ -325,7 +327,7 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
             ptr_prune_neg += (ok & pos).long()
             ptr_prune_pos += (ok & ~pos).long()
         else:
-            partner_ok[r, p_idx[ok]] = False
+            used[r, grp[ok]] += 1
         if traces is not None:
             traces.append(err.clone())
     return DSnoTResult(keep, swaps, err0, err, thr, cycles, traces)
