@@ -10,8 +10,10 @@ and reused for the DSnoT run, so both have the same allocation.
 
 Timing: "prune s" is the plain run's ``prune_model`` wall time; "dsnot s" is the time inside DSnoT's
 refine calls in the fused run (its own cost); "1 calib fwd s" is one plain block-by-block forward
-of the calibration set (no hooks), measured once per run. Acceptance: dsnot s < 1 calib fwd s, and
-ppl after <= ppl before.
+of the calibration set (no hooks), measured once at the start of the run; "same-pass fwd s" is half
+the block-forward time of the fused pass (it runs two forwards per block), i.e. one calibration
+forward measured under the same CPU load as DSnoT (the machine is shared). "dsnot/fwd" divides by
+the smaller of the two. Acceptance: dsnot/fwd < 1, and ppl after <= ppl before.
 
 Saves benchmarks/results/dsnot_<protocol>.{md,json}.
 """
@@ -39,7 +41,8 @@ PAIRS: dict[str, dict] = {
     "sparsegpt-70": dict(method="sparsegpt", sparsity=0.7),
     "atp-wanda-70": dict(method="wanda", sparsity=0.7, allocation="atp", atp_beta="auto"),
 }
-COLUMNS = ["config", "ppl before", "ppl after", "gain", "prune s", "dsnot s", "1 calib fwd s", "dsnot/fwd",
+COLUMNS = ["config", "ppl before", "ppl after", "gain", "prune s", "dsnot s", "1 calib fwd s", "same-pass fwd s",
+           "dsnot/fwd",
            "swaps", "rows changed", "mean |e| before", "mean |e| after", "measured before", "measured after", "detail"]
 
 
@@ -99,10 +102,14 @@ def main() -> None:
                          data_dir=args.data_dir, calib_ids=calib, refiner=ref)
         after = sr.wikitext2_perplexity(lm.model, lm.tokenizer, args.protocol, args.data_dir).ppl
         s = ref.summary()
+        # one calibration forward measured inside the fused pass itself (it runs two per block),
+        # i.e. under the same CPU load as DSnoT's own time; the ratio uses the smaller of the two
+        same = r1.timing["calibration_forward_s"] / 2
         row = {"config": name, "ppl before": round(before, 3), "ppl after": round(after, 3),
                "gain": round(before - after, 3), "prune s": round(r0.timing["total_s"], 1),
                "dsnot s": round(s["seconds"], 2), "1 calib fwd s": round(plain, 1),
-               "dsnot/fwd": round(s["seconds"] / plain, 3), "swaps": s["swaps"],
+               "same-pass fwd s": round(same, 1), "dsnot/fwd": round(s["seconds"] / min(plain, same), 3),
+               "swaps": s["swaps"],
                "rows changed": f"{s['rows_changed']}/{s['rows']}",
                "mean |e| before": float(f"{s['mean_abs_error_before']:.4g}"),
                "mean |e| after": float(f"{s['mean_abs_error_after']:.4g}"),
@@ -121,7 +128,7 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
         old.update({r["config"]: r for r in rows})
         rows = [old[c] for c in PAIRS if c in old]
     worse = [r["config"] for r in rows if r["ppl after"] > r["ppl before"]]
-    slow = [r["config"] for r in rows if r["dsnot s"] >= r["1 calib fwd s"]]
+    slow = [r["config"] for r in rows if r["dsnot/fwd"] >= 1]
     notes = [f"dense ppl {dense_ppl:.3f} (same run)",
              f"calibration: C4 {proto.calib_samples} x {proto.calib_seqlen} tokens, seed {proto.calib_seed}, drawn once and "
              f"shared by every run; perplexity: WikiText-2 test, first {proto.eval_windows} windows of {proto.eval_seqlen} "
