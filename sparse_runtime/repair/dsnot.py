@@ -183,9 +183,14 @@ class DSnoTResult:
 
 
 def row_thresholds(cfg: DSnoTConfig, weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor,
-                   sq_mean: Optional[torch.Tensor], tokens_per_sample: float) -> torch.Tensor:
-    """The threshold of every row, converted into the per-token unit of e_r (Eq. 1)."""
-    initial_error = weight.float().masked_fill(keep.to(weight.device, torch.bool), 0.0) @ mean.float().reshape(-1)
+                   sq_mean: Optional[torch.Tensor], tokens_per_sample: float,
+                   current: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The threshold of every row, converted into the per-token unit of e_r (Eq. 1).
+    ``current`` are the pruned weights when they differ from dense * keep (SparseGPT)."""
+    if current is None:
+        initial_error = weight.float().masked_fill(keep.to(weight.device, torch.bool), 0.0) @ mean.float().reshape(-1)
+    else:
+        initial_error = (weight.float() - current.to(weight.device).float()) @ mean.float().reshape(-1)
     rows = weight.shape[0]
     t = float(cfg.threshold)
     if cfg.threshold_unit == "per_token" or math.isinf(t):
@@ -208,13 +213,18 @@ def _take(pool: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
 def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                       wanda_norm: torch.Tensor, cfg: Optional[DSnoTConfig] = None, *,
                       pattern: Optional[NMPattern] = None, threshold: Optional[torch.Tensor] = None,
-                      trace: bool = False) -> DSnoTResult:
+                      current: Optional[torch.Tensor] = None, trace: bool = False) -> DSnoTResult:
     """Refine ``keep`` (True = kept) of the dense ``weight`` [R, C] by DSnoT's prune-and-grow.
 
     ``mean`` = E[x_j] per token, ``var`` = Var(x_j), ``wanda_norm`` = ||X_j||_2 (any positive scale):
     all [C]. ``threshold`` is per row in the per-token unit (default: ``cfg.threshold`` taken as
     per-token). Pure: the inputs are not modified. Every accepted swap exchanges one kept and one
     pruned entry of the same row (same M-group for N:M), so per-row counts and N:M are exact.
+
+    ``current`` are the pruned layer's actual weights (default ``weight * keep``). After SparseGPT
+    they differ from the dense ones at kept positions, and the error is that of the actual layer:
+    e_r = sum_j (W_rj - V_rj) E[x_j] over all j; pruning a kept weight removes its current value
+    V_rk (its contribution V_rk E[x_k], its score |V_rk| ||X_k||), regrowing restores the dense W_ri.
     """
     cfg = (cfg or DSnoTConfig()).validate()
     w = weight.detach().float()
@@ -227,12 +237,15 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
         pattern.check_divides(cols)
     mean = mean.detach().to(dev).float().reshape(-1)
     var = var.detach().to(dev).float().reshape(-1).clamp_min(0)
-    wanda = w.abs() * wanda_norm.detach().to(dev).float().reshape(1, -1)
+    v = None if current is None else current.detach().to(dev).float()
+    # the kept weights' current values decide their score and contribution (dense unless SparseGPT)
+    wanda = (w if v is None else v).abs() * wanda_norm.detach().to(dev).float().reshape(1, -1)
     thr = (torch.full((rows,), float(cfg.threshold), device=dev) if threshold is None
            else threshold.to(dev).float().reshape(-1).expand(rows))
 
-    contrib = w * mean.unsqueeze(0)  # c_rj (Eq. 2), per-token unit
-    err = w.masked_fill(keep, 0.0) @ mean  # e_r, Eq. (1)
+    contrib = w * mean.unsqueeze(0)  # c_rj (Eq. 2), per-token unit: what regrowing W_rj restores
+    contrib_kept = contrib if v is None else v * mean.unsqueeze(0)  # what pruning V_rj removes
+    err = w.masked_fill(keep, 0.0) @ mean if v is None else (w - v) @ mean  # e_r, Eq. (1)
     err0 = err.clone()
     sign0 = torch.sign(err0)
     swaps = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -257,9 +270,11 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
     if pattern is None:
         # pruning pools (Eq. 3): kept weights of the opposite sign, smallest Wanda score first
         inf = float("inf")
-        val, prune_neg = torch.topk(torch.where(keep & (contrib < 0), wanda, inf), k, dim=1, largest=False, sorted=True)
+        val, prune_neg = torch.topk(torch.where(keep & (contrib_kept < 0), wanda, inf), k, dim=1, largest=False,
+                                    sorted=True)
         n_prune_neg = (val < inf).sum(1)
-        val, prune_pos = torch.topk(torch.where(keep & (contrib > 0), wanda, inf), k, dim=1, largest=False, sorted=True)
+        val, prune_pos = torch.topk(torch.where(keep & (contrib_kept > 0), wanda, inf), k, dim=1, largest=False,
+                                    sorted=True)
         n_prune_pos = (val < inf).sum(1)
         ptr_prune_neg = torch.zeros(rows, dtype=torch.long, device=dev)
         ptr_prune_pos = torch.zeros_like(ptr_prune_neg)
@@ -299,7 +314,7 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
             p_idx = partners[row_idx, grp * kept_n + u.clamp_max(kept_n - 1)]
             skip = ~p_ok
         c_grow = contrib[row_idx, g_idx]
-        c_prune = contrib[row_idx, p_idx]
+        c_prune = contrib_kept[row_idx, p_idx]
         after = err - c_grow + c_prune
         base = active & (err.abs() > thr) & (err != 0) & g_ok
         ok = base & p_ok
@@ -308,7 +323,13 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
         if cfg.require_decrease:
             if cfg.objective == "mse":  # Eq. (4): e^2 + sum_P W^2 Var, before vs after the swap
                 w_p, w_g = w[row_idx, p_idx], w[row_idx, g_idx]
-                d_var = w_p * w_p * var[p_idx] - w_g * w_g * var[g_idx]  # pruned-set variance change
+                # variance change of the error: D_k goes from W_k - V_k to W_k, D_i from W_i to 0
+                if v is None:
+                    d_p = w_p * w_p
+                else:
+                    v_p = v[row_idx, p_idx]
+                    d_p = w_p * w_p - (w_p - v_p) * (w_p - v_p)
+                d_var = d_p * var[p_idx] - w_g * w_g * var[g_idx]
                 ok &= after * after - err * err + d_var < 0
             else:
                 ok &= after.abs() < err.abs()
@@ -371,9 +392,12 @@ def refine_linear(dense_weight: torch.Tensor, pruned_weight: torch.Tensor, momen
     if keep is None:
         keep = pruned_weight != 0
     dense = dense_weight.detach().to(pruned_weight.device)
+    exact = bool(torch.equal(pruned_weight.detach(), dense.to(pruned_weight.dtype) * keep.to(pruned_weight.device)))
+    current = None if exact else pruned_weight  # kept weights were updated (SparseGPT)
     thr = row_thresholds(cfg, dense, keep, moments.mean.to(dense.device), moments.sq_mean.to(dense.device),
-                         moments.tokens_per_sample)
-    res = dsnot_refine_mask(dense, keep, moments.mean, moments.var, moments.norm, cfg, pattern=pattern, threshold=thr)
+                         moments.tokens_per_sample, current)
+    res = dsnot_refine_mask(dense, keep, moments.mean, moments.var, moments.norm, cfg, pattern=pattern, threshold=thr,
+                            current=current)
     # only the swapped positions change: pruned ones become 0, regrown ones take their dense value
     idx = (res.keep != keep.to(res.keep.device)).nonzero(as_tuple=True)
     new = pruned_weight.detach().clone()
