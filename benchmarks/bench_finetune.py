@@ -15,48 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import run_worker as _run_worker, train_and_measure, wanda_base
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("SR_BENCH_WORK", "/tmp/sr-bench-finetune"))
 RANK = 8
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def pruned_base(sparsity: float = 0.5) -> tuple[Path, str]:
-    out = WORK / f"smollm2-wanda{int(sparsity * 100)}"
-    if (out / "sparsity_manifest.json").is_file():
-        return out, "wanda (cached)"
-    try:
-        from sparse_runtime.prune import PruneConfig, prune_checkpoint
-
-        prune_checkpoint("smollm2-135m", PruneConfig(method="wanda", sparsity=sparsity, protocol="quick"), out,
-                         overwrite=True)
-        return out, "wanda"
-    except ImportError:  # pruning module absent: magnitude per row
-        import sparse_runtime as sr
-        from sparse_runtime.sparsity import topk_prune_mask
-
-        lm = sr.load_model("smollm2-135m")
-        with torch.no_grad():
-            for _, lin in lm.family.iter_linears(lm.model):
-                lin.weight.mul_(topk_prune_mask(lin.weight.abs(), sparsity, per_row=True))
-        sr.save_checkpoint(lm.model, lm.tokenizer, out, sr.build_manifest(lm.model, lm.family), overwrite=True)
-        return out, "magnitude per row"
+    return wanda_base(WORK, sparsity), "wanda"
 
 
 def worker(method: str, base: str, batch: int, seqlen: int, steps: int, loss_chunk: int) -> dict:
@@ -70,46 +43,17 @@ def worker(method: str, base: str, batch: int, seqlen: int, steps: int, loss_chu
     opts = {"rank": RANK, "alpha": 2.0 * RANK, "scaling": "lora", "init": "kaiming"}
     lm, adapters, acfg, fp = prepare_model(base, method, opts, seed=0)
     out = WORK / f"run-{method}"
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     tr = Trainer(lm.model, lm.tokenizer, lm.family, method, acfg, cfg, out, adapters=adapters, base_model=base,
                  fingerprint=fp)
-    base_rss = rss_mb()
-    res = tr.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
-    times = [r["step_s"] for r in log if "step_s" in r][1:]  # drop the warm-up step
-    # bytes autograd keeps for backward in one forward, beyond parameters and buffers
-    resident = {t.untyped_storage().data_ptr() for t in list(lm.model.parameters()) + list(lm.model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        p = t.untyped_storage().data_ptr()
-        if p not in resident:
-            seen[p] = t.untyped_storage().nbytes()
-        return t
-
-    b = {k: v for k, v in tr.rank_micro_batches(tr.step_examples(0))[0].items()}
-    lm.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = tr.loss_module(b["input_ids"], b["labels"], b["attention_mask"])
-    del loss
-    return {"method": method, "trainable": count_trainable(lm.model), "rss_after_load_mb": base_rss,
-            "peak_rss_mb": peak, "train_peak_delta_mb": peak - base_rss,
-            "saved_for_backward_mb": sum(seen.values()) / 2**20,
-            "step_s_median": statistics.median(times), "step_s_all": times, "losses": res.losses}
+    _, m = train_and_measure(tr, lm.model, out)
+    return {"method": method, "trainable": count_trainable(lm.model), **m}
 
 
 def run_worker(method, base, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--base", str(base), "--batch", str(args.batch),
-           "--seqlen", str(args.seqlen), "--mem-steps", str(args.mem_steps), "--loss-chunk", str(args.loss_chunk)]
-    env = dict(os.environ, SPARSE_RUNTIME_QUIET="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if r.returncode:
-        raise RuntimeError(f"worker {method} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run_worker(__file__, ["--worker", method, "--base", base, "--batch", args.batch, "--seqlen", args.seqlen,
+                                  "--mem-steps", args.mem_steps, "--loss-chunk", args.loss_chunk])
 
 
 def main() -> None:

@@ -8,22 +8,12 @@ import sparse_runtime as sr
 from sparse_runtime.adapters import DenseLoRAConfig, LoRSConfig, MaskedLoRAConfig, attach_adapters, iter_adapters
 from sparse_runtime.errors import ManifestError
 from sparse_runtime.merge import _fix_kept_zeros, merge_adapters
-from sparse_runtime.sparsity import NMPattern, mask_digest, nm_compliant, nm_prune_mask, topk_prune_mask
+from sparse_runtime.sparsity import NMPattern, mask_digest, nm_compliant
+from helpers import tiny_pruned
 
 
 def pruned(family, structure):
-    lm = sr.load_model(f"tiny-{family}")
-    structures = {}
-    with torch.no_grad():
-        for n, lin in lm.family.iter_linears(lm.model):
-            if structure == "2:4":
-                keep = nm_prune_mask(lin.weight.abs(), NMPattern(2, 4))
-                structures[n] = "2:4"
-            else:
-                keep = topk_prune_mask(lin.weight.abs(), 0.5, per_row=True)
-            lin.weight.mul_(keep)
-    man = sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")
-    return lm, man
+    return tiny_pruned(family, structure)
 
 
 def perturb(model):

@@ -9,27 +9,16 @@ import torch
 from torch import nn
 
 import sparse_runtime as sr
-from sparse_runtime.adapters import SEFTAdapter, SEFTConfig, SEFTEvolution, attach_adapters, iter_adapters
+from sparse_runtime.adapters import SEFTAdapter, SEFTConfig, SEFTEvolution, iter_adapters
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.merge import merge_adapter_dir
-from sparse_runtime.sparsity import NMPattern, nm_compliant, nm_prune_mask, topk_prune_mask
+from sparse_runtime.sparsity import NMPattern, nm_compliant, topk_prune_mask
 from sparse_runtime.training import TrainConfig, finetune
+from helpers import save_tiny_pruned
 
 
 def pruned_checkpoint(path, structure="unstructured", family="llama"):
-    lm = sr.load_model(f"tiny-{family}")
-    structures = {}
-    with torch.no_grad():
-        for n, lin in lm.family.iter_linears(lm.model):
-            if structure == "2:4":
-                keep = nm_prune_mask(lin.weight.abs(), NMPattern(2, 4))
-                structures[n] = "2:4"
-            else:
-                keep = topk_prune_mask(lin.weight.abs(), 0.5, per_row=True)
-            lin.weight.mul_(keep)
-    man = sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")
-    sr.save_checkpoint(lm.model, lm.tokenizer, path, man)
-    return path
+    return save_tiny_pruned(path, family, structure)
 
 
 @pytest.fixture(scope="module")

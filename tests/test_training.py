@@ -8,22 +8,13 @@ import torch
 
 import sparse_runtime as sr
 from sparse_runtime.errors import CheckpointExistsError, ConfigError, DataNotFoundError, ManifestError
-from sparse_runtime.sparsity import topk_prune_mask
 from sparse_runtime.training import TrainConfig, alpaca_examples, finetune, lr_factor
 from sparse_runtime.training.data import IGNORE
+from helpers import save_tiny_pruned
 
 
 def pruned_checkpoint(path, family="llama", sparsity=0.5, manifest=True):
-    lm = sr.load_model(f"tiny-{family}")
-    with torch.no_grad():
-        for _, lin in lm.family.iter_linears(lm.model):
-            lin.weight.mul_(topk_prune_mask(lin.weight.abs(), sparsity, per_row=True))
-    man = sr.build_manifest(lm.model, lm.family, targets={n: sparsity for n, _ in lm.family.iter_linears(lm.model)},
-                            base_model=f"tiny-{family}")
-    sr.save_checkpoint(lm.model, lm.tokenizer, path, man)
-    if not manifest:
-        (path / "sparsity_manifest.json").unlink()
-    return path
+    return save_tiny_pruned(path, family, sparsity=sparsity, with_targets=True, manifest=manifest)
 
 
 @pytest.fixture(scope="module")
