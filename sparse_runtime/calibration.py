@@ -73,9 +73,8 @@ class InputStatistics:
             tok_old, tok_new = self.ntokens, self.ntokens + flat.shape[0]
             if self.hessian is None:
                 self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
-            self.hessian *= tok_old / tok_new
-            flat = flat * (2.0 / tok_new) ** 0.5
-            self.hessian += flat.t() @ flat
+            # H <- H * n_old/n_new + (2/n_new) X^T X in one BLAS call (no scaled copy of X)
+            self.hessian.addmm_(flat.t(), flat, beta=tok_old / tok_new, alpha=2.0 / tok_new)
         self.nsamples = n_new
         self.ntokens += b * t
 

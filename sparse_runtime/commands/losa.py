@@ -33,6 +33,8 @@ def add_arguments(p):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--loss-chunk", type=int, default=0,
+                   help="LM-head loss in checkpointed chunks of this many tokens (0: whole; same loss, less memory)")
 
 
 def run(args) -> int:

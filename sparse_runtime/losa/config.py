@@ -73,6 +73,7 @@ class LoSAConfig:
     seed: int = 0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # >0: LM-head cross-entropy in checkpointed chunks (same loss, less memory)
 
     def validate(self) -> None:
         from ..sparsity import check_sparsity, parse_structure
@@ -178,7 +179,8 @@ class LoSAConfig:
                            seq_len=self.seq_len, data_seed=self.data_seed, lr=self.lr, schedule=self.lr_schedule,
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm, seed=self.seed, precision=self.precision,
-                           gradient_checkpointing=self.gradient_checkpointing, log_every=1)
+                           gradient_checkpointing=self.gradient_checkpointing,
+                           loss_chunk_tokens=self.loss_chunk_tokens, log_every=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
