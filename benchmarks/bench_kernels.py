@@ -33,7 +33,7 @@ from sparse_runtime.kernels import (SparseLinear, available, call_counts, counte
                                     sparsify_linears, supported_isas, unavailable_reason)
 from sparse_runtime.kernels import _lib
 from sparse_runtime.kernels._lib import DEFAULT_LAYOUT
-from sparse_runtime.kernels.module import measure_threshold
+from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice, measure_threshold
 from sparse_runtime.report import save_results
 from sparse_runtime.sparsity import NMPattern, nm_prune_mask, topk_prune_mask
 
@@ -135,14 +135,15 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                         fns["ort_sparse"] = lambda: ort_s(xn)
                     for isa, m in mods.items():
                         fns[isa] = (lambda m=m: m.sparse_forward(x))
-                    if b == 1 and "avx512" in mods:  # tuning: the other batch-1 variant (memory-form expand-load)
-                        lb = _lib.lib()
-                        fns["avx512-memexp"] = lambda: (lb.sr_set_gemv_variant(0), mods["avx512"].sparse_forward(x),
-                                                        lb.sr_set_gemv_variant(1))
+                    if b == 1 and "avx512" in mods:  # tuning: the batch-1 form the process did NOT choose
+                        chosen = choose_gemv_variant()
+                        other = next(v for v in _lib.GEMV_VARIANTS if v != chosen)
+                        fns["avx512-memexp"] = lambda: (_lib.set_gemv_variant(other), mods["avx512"].sparse_forward(x),
+                                                        _lib.set_gemv_variant(chosen))
                     res = timed(fns, repeats)
                     if "avx512-memexp" in res:
                         rows.append({"threads": threads, "shape": f"{n}x{k}", "sparsity": struct, "batch": b,
-                                     "path": "avx512/bitmask (memory-form expand-load)", "dense_torch_ms": res["dense"][0],
+                                     "path": f"avx512/bitmask ({other} form, not chosen)", "dense_torch_ms": res["dense"][0],
                                      "sparse_ms": res["avx512-memexp"][0],
                                      "sparse_min_max": f"{res['avx512-memexp'][1]:.3g}-{res['avx512-memexp'][2]:.3g}",
                                      "speedup_vs_torch": res["dense"][0] / res["avx512-memexp"][0],
@@ -296,7 +297,10 @@ def main(argv=None):
              "path avx2/csr16 on an AVX-512 CPU previews the AVX2 kernel; AVX2-only CPUs (AMD EPYC) differ",
              "threshold = measured largest batch (of 1,2,4,...,128) where the sparse kernel was not slower "
              "than dense; SparseLinear dispatches larger batches to dense F.linear",
-             "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread"]
+             "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread",
+             f"AVX-512 batch-1 form used by the 'avx512/bitmask' rows (chosen at first use, "
+             f"sparse_runtime.kernels.choose_gemv_variant): {gemv_choice()}; the '(... form, not chosen)' rows time "
+             "the other form in the same run"]
     save_results("kernels_layers", "Sparse kernels vs dense, per layer (fp32)", rows,
                  protocol=f"layer latency, batches {batches}, threads {threads}", notes=notes, out_dir=a.out_dir)
     if not a.no_bf16:
@@ -314,6 +318,7 @@ def main(argv=None):
                      "pruning: per-row magnitude (70 %) / 2:4 magnitude on all 210 block linears; lm_head (tied) dense",
                      "bound = (dense bytes of block linears + lm_head) / (sparse encoding bytes + lm_head)",
                      *[f"sparsify {k}: {v}" for k, v in info.items()], f"kernel counters {counters()}",
+                     f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
                      "dense ORT end to end is measured by the engines benchmark (bench_latency.py), not here"]
         save_results("kernels_e2e", "SmolLM2-135M decode/prefill: SparseLinear vs dense PyTorch", e2e,
                      protocol=f"latency, batch 1, threads {a.e2e_threads}", model="SmolLM2-135M-Instruct (fp32)",

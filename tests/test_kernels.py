@@ -287,3 +287,37 @@ def test_bf16_module_and_model_swap():
     # dense bf16 rounds every product's output to bf16 as well; ours accumulates in fp32: close, not equal
     torch.testing.assert_close(sparse, dense, atol=0.1, rtol=0.05)
     assert call_counts(model)["sparse_calls"] == 14
+
+
+@pytest.mark.skipif("avx512" not in supported_isas(), reason="CPU lacks avx512")
+@pytest.mark.parametrize("form", sorted(_lib.GEMV_VARIANTS))
+def test_avx512_batch1_forms_match_reference(form):
+    """Both AVX-512 batch-1 forms (memory / register vexpandps) give the reference result, including
+    odd widths where the register form must fall back near the end of the values array."""
+    from sparse_runtime.kernels.module import choose_gemv_variant
+
+    chosen = choose_gemv_variant()
+    try:
+        _lib.set_gemv_variant(form)
+        for n, k, sp in [(1, 1, 0.0), (5, 17, 0.5), (33, 31, 0.7), (64, 100, 0.9), (16, 64, 0.0), (9, 257, 0.3)]:
+            w = sparse_weight(n, k, sp, seed=n + k)
+            check(w, torch.randn(n), torch.randn(1, k), "avx512", "bitmask")
+    finally:
+        _lib.set_gemv_variant(chosen)
+
+
+@pytest.mark.skipif("avx512" not in supported_isas(), reason="CPU lacks avx512")
+def test_gemv_variant_choice(monkeypatch):
+    from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice
+
+    monkeypatch.setenv(_lib.ENV_GEMV, "register")
+    assert choose_gemv_variant(force=True) == "register" and gemv_choice()["how"] == f"${_lib.ENV_GEMV}"
+    monkeypatch.setenv(_lib.ENV_GEMV, "auto")
+    got = choose_gemv_variant(force=True, repeats=3)
+    info = gemv_choice()
+    assert got in _lib.GEMV_VARIANTS and info["how"] == "measured" and got == min(info["ms"], key=info["ms"].get)
+    monkeypatch.setenv(_lib.ENV_GEMV, "sideways")
+    with pytest.raises(ConfigError, match="register"):
+        choose_gemv_variant(force=True)
+    monkeypatch.delenv(_lib.ENV_GEMV)
+    choose_gemv_variant(force=True, repeats=3)

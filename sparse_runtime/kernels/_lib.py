@@ -27,6 +27,8 @@ IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("csr16", "avx2")
 ENV_ISA = "SPARSE_RUNTIME_KERNEL_ISA"
 ENV_LAYOUT = "SPARSE_RUNTIME_KERNEL_LAYOUT"
 ENV_LIB = "SPARSE_RUNTIME_KERNEL_LIB"
+ENV_GEMV = "SPARSE_RUNTIME_AVX512_GEMV"  # register | memory | auto (default): the AVX-512 batch-1 form
+GEMV_VARIANTS = {"memory": 0, "register": 1}  # the C kernel's sr_set_gemv_variant ids
 COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
 FEAT_VBMI2 = 1 << 3
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
@@ -143,3 +145,11 @@ def reset_counters() -> None:
     lb = _load()
     if lb is not None:
         lb.sr_reset_counters()
+
+
+def set_gemv_variant(name: str) -> None:
+    """Select the AVX-512 batch-1 kernel form for this process: ``memory`` (vexpandps from memory,
+    expand-load) or ``register`` (plain load + register vexpandps)."""
+    if name not in GEMV_VARIANTS:
+        raise ConfigError(f"unknown AVX-512 batch-1 kernel form {name!r}; choose one of {', '.join(GEMV_VARIANTS)}")
+    lib().sr_set_gemv_variant(GEMV_VARIANTS[name])

@@ -11,6 +11,7 @@ counts its own calls per path, :func:`sparse_runtime.kernels.counters`).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,6 +29,52 @@ from .ops import _ISA_ID, _run, densify, sparse_linear_op
 # Batches tried by measure_threshold; the threshold is one of them (or 0 = always dense).
 THRESHOLD_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 _THRESHOLD_CACHE: dict[tuple, int] = {}
+_GEMV: dict[str, object] = {}  # the chosen AVX-512 batch-1 form and the timings behind it
+
+
+@torch.inference_mode()
+def choose_gemv_variant(force: bool = False, repeats: int = 9) -> str:
+    """The AVX-512 batch-1 kernel form for this process, chosen once.
+
+    Two forms do the same arithmetic: ``memory`` expands the packed values straight from memory
+    (``vexpandps zmm{k}, [mem]``), ``register`` loads 64 bytes and expands in a register. Which is
+    faster depends on the core (the memory form is microcoded on some, e.g. AMD Zen 4) and, on a
+    shared machine, on what runs beside it: on this project's Xeon the memory form won on a quiet
+    machine (kernels_layers.md) and lost under heavy load. So it is measured, not assumed:
+    ``$SPARSE_RUNTIME_AVX512_GEMV`` = ``memory`` | ``register`` forces one; otherwise (``auto``)
+    both are timed alternately on a 2048 x 2048 matrix at 70 % sparsity, batch 1 (a few ms), and
+    the faster median wins. The result is in :func:`gemv_choice`.
+    """
+    if _GEMV and not force:
+        return str(_GEMV["variant"])
+    want = os.environ.get(_lib.ENV_GEMV, "auto").strip().lower() or "auto"
+    if want != "auto":
+        _lib.set_gemv_variant(want)
+        _GEMV.update(variant=want, how=f"${_lib.ENV_GEMV}")
+        return want
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=g)
+    w = w * (torch.rand(w.shape, generator=g) >= 0.7)
+    mod = SparseLinear(pack(w, "bitmask"), isa="avx512", batch_threshold=1 << 30, choose_gemv=False)
+    x = torch.randn(1, 2048, generator=g)
+    times: dict[str, list[float]] = {name: [] for name in _lib.GEMV_VARIANTS}
+    for name in times:  # warm-up
+        _lib.set_gemv_variant(name)
+        mod.sparse_forward(x)
+    for _ in range(repeats):
+        for name in times:
+            _lib.set_gemv_variant(name)
+            times[name].append(_median_ms(lambda: mod.sparse_forward(x), 3))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    best = min(med, key=med.get)
+    _lib.set_gemv_variant(best)
+    _GEMV.update(variant=best, how="measured", ms=med)
+    return best
+
+
+def gemv_choice() -> dict[str, object]:
+    """Which AVX-512 batch-1 form this process uses and why (empty before the first AVX-512 module)."""
+    return dict(_GEMV)
 
 
 class SparseLinear(nn.Module):
@@ -40,11 +87,14 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor] = None, *, isa: Optional[str] = None,
-                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False):
+                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False,
+                 choose_gemv: bool = True):
         super().__init__()
         self.isa = _lib.select_isa(isa)
         if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
             raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
+        if choose_gemv and self.isa == "avx512":
+            choose_gemv_variant()
         self.layout = packed.layout
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.register_buffer("index", packed.index)
