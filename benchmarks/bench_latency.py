@@ -63,7 +63,7 @@ def prepare(dense: Path, ckpts: dict[str, Path], engines) -> None:
         if "deepsparse" in engines:
             for shape in DS_SHAPES:
                 t = time.perf_counter()
-                out = ensure_export(str(path), "deepsparse", check_engine=False, **shape)
+                ensure_export(str(path), "deepsparse", check_engine=False, **shape)
                 print(f"deepsparse export {label} {shape}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
@@ -121,6 +121,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--name", default="latency")
+    ap.add_argument("--load-order", default="dense-first", choices=["dense-first", "dense-last"],
+                    help="order in which in-process engines load the models (ORT ran its first session slower)")
     args = ap.parse_args()
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
@@ -137,13 +139,16 @@ def main() -> int:
     if args.prepare_only:
         return 0
     cfg = LatencyConfig(engines=engines, scenarios=args.scenarios.split(","), repeats=args.repeats,
-                        decode_steps=args.decode_steps, engine_scenarios={"deepsparse": args.ds_scenarios.split(",")})
+                        decode_steps=args.decode_steps, engine_scenarios={"deepsparse": args.ds_scenarios.split(",")},
+                        load_order=args.load_order)
     notes = ["checkpoints: sparse_runtime.prune Wanda (uniform, per-output-row groups), protocol quick "
              "(32 x 512 C4 calibration tokens, seed 0); 2:4 = two zeros in every four consecutive inputs; "
              "embeddings and the tied lm_head stay dense",
              f"DeepSparse scenarios: {args.ds_scenarios} (each static shape is one export + compile per model)",
              "decode: context 128 tokens, then 16 timed single-token steps with KV cache (torch/ORT: the cache "
-             "grows 128->144; DeepSparse: a static 192-slot cache, masked, shifted each step)"]
+             "grows 128->144; DeepSparse: a static 192-slot cache, masked, shifted each step)",
+             f"load order: {args.load_order} (torch/ORT load every model into one process in this order; DeepSparse "
+             "runs one worker process per model)"]
     for label, path in ckpts.items():  # provenance of each checkpoint, from its own prune report
         try:
             rep = json.loads((path / "prune_report.json").read_text())

@@ -186,6 +186,21 @@ def test_bench_end_to_end_on_tiny_models(tmp_path, export_cache, sparse_ckpt):
     assert data["raw_seconds"]["torch-cpu"]["prefill b1 x 16"]["dense"]
     with pytest.raises(ConfigError, match="at least 5"):
         run_latency(str(dense), [], LatencyConfig(repeats=3))
+    with pytest.raises(ConfigError, match="load_order"):
+        run_latency(str(dense), [], LatencyConfig(load_order="random"))
+    # dense loaded last: same table order (dense first), speedups still against dense
+    last = run_latency(str(dense), [("s50", str(sparse_ckpt))],
+                       LatencyConfig(engines=["torch-cpu"], scenarios=["prefill:1x16"], load_order="dense-last"),
+                       verbose=False)
+    assert [r["model"] for r in last.rows] == ["dense", "s50"] and "speedup" in last.rows[1]
+
+
+def test_load_orders():
+    from sparse_runtime.bench.latency import LOAD_ORDERS
+
+    models = [("dense", "d"), ("a", "x"), ("b", "y")]
+    assert LOAD_ORDERS["dense-first"](models) == models
+    assert LOAD_ORDERS["dense-last"](models) == [("a", "x"), ("b", "y"), ("dense", "d")]
 
 
 def test_generate_cli_streams_text():

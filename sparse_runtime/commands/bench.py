@@ -18,6 +18,9 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=16, help="tokens per timed decode run")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default min(2, cores))")
+    p.add_argument("--load-order", default="dense-first", choices=["dense-first", "dense-last"],
+                   help="order in which in-process engines load the models (not neutral for ONNX Runtime: "
+                        "run both orders to see the effect)")
     p.add_argument("--name", default="latency", help="result file stem")
     p.add_argument("--out-dir", default="benchmarks/results")
 
@@ -37,7 +40,8 @@ def run(args) -> int:
 
     cfg = LatencyConfig(engines=[e.strip() for e in args.engines.split(",") if e.strip()],
                         scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
-                        repeats=args.repeats, warmup=args.warmup, decode_steps=args.decode_steps, threads=args.threads)
+                        repeats=args.repeats, warmup=args.warmup, decode_steps=args.decode_steps, threads=args.threads,
+                        load_order=args.load_order)
     res = run_latency(args.dense, parse_models(args.sparse), cfg)
     save_latency(res, name=args.name, model=args.dense, out_dir=args.out_dir)
     return 0
