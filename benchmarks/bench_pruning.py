@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--merge", action="store_true", help="keep other configurations' rows from an earlier run")
+    ap.add_argument("--paired-plain", action="store_true",
+                    help="re-measure the plain forward right before each configuration (robust to drift on a "
+                         "shared machine; costs one forward per configuration)")
     args = ap.parse_args()
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
@@ -122,6 +125,8 @@ def main() -> None:
         row = {"config": name, "method": spec.get("method", "dense"), "structure": spec.get("structure", "unstructured"),
                "allocation": spec.get("allocation", "uniform") if spec else "-"}
         if name != "dense":
+            if args.paired_plain:
+                plain = sequential_pass(lm.model, lm.family, calib, None, desc="plain forward").forward_s
             cfg = PruneConfig(protocol=args.protocol, **spec)
             r = prune_model(model.model, model.tokenizer, cfg, family=model.family, data_dir=args.data_dir,
                             calib_ids=calib)
@@ -163,7 +168,9 @@ def main() -> None:
              "prune s = prune_model wall; fwd s = block forwards in the sequential pass (stats pass + re-run, hooks "
              "included); mask s = statistics/mask/weight-update work; ratio = prune pass / (2 x plain forward)",
              *ordering_notes(rows), hessian_flop_note(lm),
-             f"this invocation: {', '.join(names)}; wall {time.perf_counter() - t_run:.0f} s"]
+             f"this invocation: {', '.join(names)}; plain forward "
+             f"{'re-measured right before each configuration' if args.paired_plain else 'measured once per run'}; "
+             f"wall {time.perf_counter() - t_run:.0f} s"]
     save_results(out_name, f"One-shot pruning: {args.model}", rows, protocol=args.protocol, model=args.model,
                  notes=notes, columns=COLUMNS)
 

@@ -91,12 +91,22 @@ def _correlated_inputs(n_tok, d, seed=0):
     return (torch.randn(n_tok, d, generator=g) @ A + 0.3 * torch.randn(n_tok, d, generator=g)) * scale
 
 
+def _kernels_built() -> bool:
+    from sparse_runtime.kernels import available
+
+    return available()
+
+
+@pytest.mark.parametrize("impl", ["python", pytest.param("native", marks=pytest.mark.skipif(
+    not _kernels_built(), reason="compiled kernels not built"))])
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4), NMPattern(4, 8)])
-def test_sparsegpt_matches_reference(pattern):
-    X = _correlated_inputs(512, 48)
-    W = torch.randn(16, 48, generator=torch.Generator().manual_seed(3))
+def test_sparsegpt_matches_reference(pattern, impl):
+    """Both OBS loops (PyTorch, compiled) against the plain reference; 200 columns with blocksize 16
+    also cover a short last block."""
+    X = _correlated_inputs(512, 200)
+    W = torch.randn(24, 200, generator=torch.Generator().manual_seed(3))
     H = 2 * X.t() @ X / X.shape[0]
-    out = sparsegpt_prune(W, H, 0.5, pattern, blocksize=16)
+    out = sparsegpt_prune(W, H, 0.5, pattern, blocksize=16, impl=impl)
     ref_w, ref_keep = _sparsegpt_reference(W, H, 0.5, pattern, blocksize=16)
     assert torch.equal(out.keep, ref_keep)
     torch.testing.assert_close(out.weight, ref_w, rtol=1e-3, atol=1e-4)

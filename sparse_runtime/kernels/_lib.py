@@ -67,6 +67,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_reset_counters.restype = None
         lib.sr_set_xt_min_batch.argtypes = [i64]
         lib.sr_set_gemv_variant.argtypes = [c_int]
+        lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
+        lib.sr_obs_columns.restype = c_int
         _lib = lib
     except (OSError, ImportError, AttributeError) as e:
         _reason = f"sparse kernels unavailable: {e}"
@@ -153,3 +155,20 @@ def set_gemv_variant(name: str) -> None:
     if name not in GEMV_VARIANTS:
         raise ConfigError(f"unknown AVX-512 batch-1 kernel form {name!r}; choose one of {', '.join(GEMV_VARIANTS)}")
     lib().sr_set_gemv_variant(GEMV_VARIANTS[name])
+
+
+def obs_columns(W1, Err1, Hinv1, scale, i0: int, i1: int, threads: int) -> bool:
+    """SparseGPT's sequential OBS updates for columns [i0, i1) of one block, in the compiled kernel
+    (``sr_obs_columns``; see sparse_runtime/pruning/sparsegpt.py). Tensors: contiguous fp32 CPU,
+    ``W1``/``Err1``/``scale`` [count, rows], ``Hinv1`` [count, count]; ``W1`` and ``Err1`` are
+    written in place. Returns False (nothing done) when the kernels are unavailable."""
+    lb = _load()
+    if lb is None:
+        return False
+    count, rows = W1.shape
+    isa = ISAS.index(supported_isas()[-1])
+    rc = lb.sr_obs_columns(isa, W1.data_ptr(), Err1.data_ptr(), Hinv1.data_ptr(), scale.data_ptr(), rows, count,
+                           i0, i1, threads)
+    if rc != 0:
+        raise ConfigError(f"sr_obs_columns failed: {ERRORS.get(rc, rc)}")
+    return True
