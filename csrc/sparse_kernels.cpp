@@ -532,25 +532,21 @@ static inline __attribute__((always_inline)) void obs_body(float* W1, float* Err
     }
 }
 
-static void obs_portable(float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,
-                         int64_t count, int64_t i0, int64_t i1, int64_t r0, int64_t r1) {
-    obs_body(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);
-}
-
+// One instantiation of obs_body per ISA (the body is inlined, so it is vectorised for that target).
+#define SR_OBS_VARIANT(name)                                                                          \
+    static void name(float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,     \
+                     int64_t count, int64_t i0, int64_t i1, int64_t r0, int64_t r1) {                 \
+        obs_body(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);                                \
+    }
+SR_OBS_VARIANT(obs_portable)
 #if SR_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-static void obs_avx2(float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,
-                     int64_t count, int64_t i0, int64_t i1, int64_t r0, int64_t r1) {
-    obs_body(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);
-}
+SR_OBS_VARIANT(obs_avx2)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
-static void obs_avx512(float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,
-                       int64_t count, int64_t i0, int64_t i1, int64_t r0, int64_t r1) {
-    obs_body(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);
-}
+SR_OBS_VARIANT(obs_avx512)
 #pragma GCC pop_options
 #endif
 
