@@ -32,14 +32,14 @@ def pruned_base(sparsity: float = 0.5) -> tuple[Path, str]:
     return wanda_base(WORK, sparsity), "wanda"
 
 
-def worker(method: str, base: str, batch: int, seqlen: int, steps: int, loss_chunk: int) -> dict:
+def worker(method: str, base: str, batch: int, seqlen: int, steps: int, loss_chunk: int, gc: bool = False) -> dict:
     """Runs in a fresh process: attach, train ``steps`` steps (first = warm-up), report."""
     torch.set_num_threads(int(os.environ.get("SR_THREADS", "2")))
     from sparse_runtime.adapters import count_trainable
     from sparse_runtime.training import TrainConfig, Trainer, prepare_model
 
     cfg = TrainConfig(method=method, data="c4", steps=steps, batch_size=batch, micro_batch_size=batch, seq_len=seqlen,
-                      lr=1e-4, loss_chunk_tokens=loss_chunk, max_grad_norm=1.0)
+                      lr=1e-4, loss_chunk_tokens=loss_chunk, max_grad_norm=1.0, gradient_checkpointing=gc)
     opts = {"rank": RANK, "alpha": 2.0 * RANK, "scaling": "lora", "init": "kaiming"}
     lm, adapters, acfg, fp = prepare_model(base, method, opts, seed=0)
     out = WORK / f"run-{method}"
@@ -53,7 +53,8 @@ def worker(method: str, base: str, batch: int, seqlen: int, steps: int, loss_chu
 
 def run_worker(method, base, args) -> dict:
     return _run_worker(__file__, ["--worker", method, "--base", base, "--batch", args.batch, "--seqlen", args.seqlen,
-                                  "--mem-steps", args.mem_steps, "--loss-chunk", args.loss_chunk])
+                                  "--mem-steps", args.mem_steps, "--loss-chunk", args.loss_chunk,
+                                  *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])])
 
 
 def main() -> None:
@@ -64,13 +65,18 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--mem-steps", type=int, default=4, help="steps per memory run (first is warm-up)")
     ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="memory runs with activation checkpointing: activations shrink to block inputs, so the "
+                         "weight-sized tensors each method keeps (where LoRS saves) dominate the peak")
+    ap.add_argument("--name", default="finetune_memory")
     ap.add_argument("--ft-steps", type=int, default=20)
     ap.add_argument("--ft-batch", type=int, default=4)
     ap.add_argument("--ft-lr", type=float, default=2e-4)
     ap.add_argument("--init-samples", type=int, default=8)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.base, args.batch, args.seqlen, args.mem_steps, args.loss_chunk)))
+        print(json.dumps(worker(args.worker, args.base, args.batch, args.seqlen, args.mem_steps, args.loss_chunk,
+                                args.gradient_checkpointing)))
         return
 
     import sparse_runtime as sr
@@ -132,15 +138,18 @@ def main() -> None:
     ratio_peak = mem["lors"]["train_peak_delta_mb"] / ref["train_peak_delta_mb"]
     ratio_saved = mem["lors"]["saved_for_backward_mb"] / ref["saved_for_backward_mb"]
     notes = [
-        "NOT the full ft-quick comparison (200 optimiser steps x 8 x 512 tokens per configuration, about an hour "
-        "each on this shared 2-core CPU; 9 configurations do not fit the session). Measured instead: memory and "
-        "step time of the three methods at equal rank and batch, and a short LoRS fine-tune.",
+        "NOT the full ft-quick comparison (200 optimiser steps x 8 x 512 tokens per configuration: at the step "
+        f"times measured here, {200 * min(r['step_s_median'] for r in mem.values()) / 3600:.1f}-"
+        f"{200 * max(r['step_s_median'] for r in mem.values()) / 3600:.1f} h each on this 2-core CPU; that table is "
+        "benchmarks/bench_ft_quick.py, one configuration per invocation). Measured here: memory and step time of "
+        "the three methods at equal rank and batch, and a short LoRS fine-tune.",
         f"base: SmolLM2-135M-Instruct pruned to 50% unstructured with {pruner} (quick calibration: 32 x 512 C4, "
         f"seed 0); merged block sparsity {sr.read_manifest(merged).total_measured:.6f} vs base "
         f"{base_man.total_measured:.6f}; merge: {json.dumps(rep.as_dict())}",
         f"memory runs: fp32, rank {RANK} on q/k/v/o/gate/up/down, alpha {2 * RANK} (s = alpha/r for all three, "
         "equal trainable parameters), kaiming init (no gradient-SVD pass in the measured process), batch "
-        f"{args.batch} x {args.seqlen} in one micro-batch, no gradient checkpointing, sdpa attention, LM-head loss "
+        f"{args.batch} x {args.seqlen} in one micro-batch, "
+        f"{'gradient checkpointing' if args.gradient_checkpointing else 'no gradient checkpointing'}, sdpa attention, LM-head loss "
         f"in checkpointed chunks of {args.loss_chunk} tokens (same for all), C4 windows seed 1, "
         f"{args.mem_steps} steps of which the first is a warm-up; masked LoRA stores its mask (SQFT-style), "
         "LoRS recomputes it; LoRS grad_mode exact.",
@@ -155,7 +164,7 @@ def main() -> None:
         f"wall times: pruning {prune_s:.0f} s, fine-tune + 4 perplexities {ft_s:.0f} s, total "
         f"{time.perf_counter() - t_all:.0f} s.",
     ]
-    save_results("finetune_memory", "Sparse fine-tuning: memory and step time (masked LoRA, LoRS, dense LoRA) and a "
+    save_results(args.name, "Sparse fine-tuning: memory and step time (masked LoRA, LoRS, dense LoRA) and a "
                  "short LoRS run", rows, protocol="quick perplexity (WikiText-2, 40 x 512); custom fine-tune "
                  "budget (not ft-quick)", model="SmolLM2-135M-Instruct (fp32)", notes=notes,
                  out_dir=ROOT / "benchmarks" / "results", extra={"memory_runs": mem})
