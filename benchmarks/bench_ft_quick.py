@@ -574,10 +574,11 @@ COLUMNS = ["config", "budget", "budget used", "tokens", "trainable params", "lr 
 
 
 # -- cost estimate ------------------------------------------------------------------------------
-# priors for SmolLM2-135M, 2 threads, `quick`, one 8 x 512 step: step 18 s (protocols.md: "about an
-# hour per configuration" / 200 steps); quick perplexity 116 s (ppl_dense.md); Wanda prune 200 s and
-# one 32 x 512 calibration forward 75 s (pruning_quick.md). Scaled by parameter count and tokens.
-PRIOR = {"params": 134.5e6, "step_s": 18.0, "ppl_s": 116.0, "prune_s": 200.0, "fwd_s": 75.0, "load_s": 10.0}
+# priors for SmolLM2-135M, 2 threads, `quick`, one 8 x 512 step: step 35 s (finetune_memory.md, measured
+# medians at 8 x 512: dense LoRA 25 s, LoRS 32 s, masked LoRA 46 s; protocols.md's "about an hour per
+# configuration" assumed 18 s); quick perplexity 116 s (ppl_dense.md); Wanda prune 60 s and one 32 x 512
+# calibration forward 22 s (pruning_quick.md, quiet machine). Scaled by parameter count and tokens.
+PRIOR = {"params": 134.5e6, "step_s": 35.0, "ppl_s": 116.0, "prune_s": 60.0, "fwd_s": 22.0, "load_s": 10.0}
 
 
 def model_params(model: str) -> Optional[float]:
