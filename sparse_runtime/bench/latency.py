@@ -54,9 +54,10 @@ class LatencyConfig:
     engine_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     engine_scenarios: dict[str, list[str]] = field(default_factory=dict)  # per-engine override of scenarios
     # Order in which an in-process engine loads the models. It is not neutral: on this machine ONNX
-    # Runtime ran the FIRST session it created 8-45 % slower than later ones holding the same weights,
-    # which reads as a sparse "speedup" when dense is loaded first. "dense-last" (or running both
-    # orders) exposes that; engines with one worker process per model (DeepSparse) are unaffected.
+    # Runtime ran sessions created later faster than earlier ones holding the SAME weights
+    # (benchmarks/results/load_order.md), which reads as a sparse "speedup" when dense is loaded
+    # first and as a slowdown when it is loaded last. Run both orders; engines with one worker
+    # process per model (DeepSparse) are unaffected.
     load_order: str = "dense-first"
 
     def validate(self) -> None:
