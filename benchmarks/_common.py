@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -18,21 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
+from sparse_runtime.runtime.base import peak_rss_mb, rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process (VmRSS), in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (getrusage ru_maxrss, KiB on Linux), in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def wanda_base(work: Path, sparsity: float = 0.5, model: str = "smollm2-135m") -> Path:

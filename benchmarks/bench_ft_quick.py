@@ -233,9 +233,9 @@ def _ppl(lm, args) -> dict[str, Any]:
 
 
 def _peak_mb() -> float:
-    import resource
+    from sparse_runtime.runtime.base import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_mb()
 
 
 def _rank8_equivalent(lm, targets) -> int:

@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import run_worker  # noqa: E402  (one fresh process per load order)
 
 
 def worker(order: list[str], rounds: int, engine: str, threads: int) -> dict:
@@ -66,12 +67,8 @@ def main() -> None:
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
     rows = []
     for order in (["wanda-70", "dense", "wanda-70", "dense"], ["dense", "wanda-70", "dense", "wanda-70"]):
-        r = subprocess.run([sys.executable, __file__, "--worker", ",".join(order), "--rounds", str(a.rounds),
-                            "--engine", a.engine, "--threads", str(a.threads)], capture_output=True, text=True,
-                           cwd=ROOT)
-        if r.returncode:
-            raise SystemExit(f"worker failed:\n{r.stderr[-3000:]}")
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res = run_worker(__file__, ["--worker", ",".join(order), "--rounds", a.rounds, "--engine", a.engine,
+                                    "--threads", a.threads])
         first = next(iter(res.values()))["median_ms"]
         for k, v in res.items():
             rows.append({"process order": " -> ".join(order), "session": k, "median ms": round(v["median_ms"], 2),

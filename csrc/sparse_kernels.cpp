@@ -506,9 +506,6 @@ static void csr_bf16_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int6
 #endif  // SR_X86
 
 // ---------------------------------------------------------------------------------------------
-// C API
-// ---------------------------------------------------------------------------------------------
-// ---------------------------------------------------------------------------------------------
 // SparseGPT's sequential OBS updates inside one column block (sparse_runtime/pruning/sparsegpt.py,
 // Alg. 1 of the paper), in the layout of W^T: "column" i of W is the contiguous row W1[i]. For
 // i in [i0, i1):   err_i = W1[i] * scale[i];   W1[j] -= Hinv1[i, j] * err_i  for j in [i, count).
@@ -550,6 +547,9 @@ SR_OBS_VARIANT(obs_avx512)
 #pragma GCC pop_options
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// C API
+// ---------------------------------------------------------------------------------------------
 extern "C" {
 
 // Bit 0: portable (always); bit 1: AVX2+FMA; bit 2: AVX-512 F/BW/VL/DQ (OS state checked by libgcc).

@@ -166,7 +166,7 @@ def obs_columns(W1, Err1, Hinv1, scale, i0: int, i1: int, threads: int) -> bool:
     if lb is None:
         return False
     count, rows = W1.shape
-    isa = ISAS.index(supported_isas()[-1])
+    isa = ISAS.index(select_isa())  # $SPARSE_RUNTIME_KERNEL_ISA applies here too
     rc = lb.sr_obs_columns(isa, W1.data_ptr(), Err1.data_ptr(), Hinv1.data_ptr(), scale.data_ptr(), rows, count,
                            i0, i1, threads)
     if rc != 0:

@@ -55,16 +55,20 @@ def choose_gemv_variant(force: bool = False, repeats: int = 9) -> str:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 2048, generator=g)
     w = w * (torch.rand(w.shape, generator=g) >= 0.7)
-    mod = SparseLinear(pack(w, "bitmask"), isa="avx512", batch_threshold=1 << 30, choose_gemv=False)
+    p = pack(w, "bitmask")
     x = torch.randn(1, 2048, generator=g)
+
+    def call():
+        return _run(x, p.index, p.values, p.row_ptr, None, 2048, 2048, _lib.LAYOUT_IDS["bitmask"], _ISA_ID["avx512"])
+
     times: dict[str, list[float]] = {name: [] for name in _lib.GEMV_VARIANTS}
     for name in times:  # warm-up
         _lib.set_gemv_variant(name)
-        mod.sparse_forward(x)
+        call()
     for _ in range(repeats):
         for name in times:
             _lib.set_gemv_variant(name)
-            times[name].append(_median_ms(lambda: mod.sparse_forward(x), 3))
+            times[name].append(_median_ms(call, 3))
     med = {name: statistics.median(t) for name, t in times.items()}
     best = min(med, key=med.get)
     _lib.set_gemv_variant(best)
@@ -87,14 +91,13 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor] = None, *, isa: Optional[str] = None,
-                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False,
-                 choose_gemv: bool = True):
+                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False):
         super().__init__()
         self.isa = _lib.select_isa(isa)
         if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
             raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
-        if choose_gemv and self.isa == "avx512":
-            choose_gemv_variant()
+        if self.isa == "avx512":
+            choose_gemv_variant()  # once per process
         self.layout = packed.layout
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.register_buffer("index", packed.index)
