@@ -17,6 +17,7 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -789,6 +790,9 @@ int sr_obs_columns(int isa, float* W1, float* Err1, const float* Hinv1, const fl
 }
 
 }  // extern "C"
+
+// The lean batch-1 decode step (a whole token in one parallel region; reuses the row kernels above).
+#include "lean_decode.inc"
 
 // A module with no Python-level functions: it only makes the shared object importable/locatable.
 static struct PyModuleDef sr_module = {PyModuleDef_HEAD_INIT, "_sparse_kernels",

@@ -1,0 +1,337 @@
+"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2): fused linears, a preallocated
+KV cache, and a batch-1 decode step that runs entirely in C.
+
+Why: on SmolLM2-135M the Hugging Face eager forward spends ~40 % of a decode token outside the
+linears (modules, hooks, cache objects, masks, Python), and each of the 210 linears per token costs
+tens of microseconds of call overhead, about what the sparse kernel saves on the small shapes. So
+swapping kernels into HF's forward gave ~1.06x. Here:
+
+- q/k/v become one matrix and gate/up another (same input, rows concatenated; packed in the same
+  bitmask/csr16 layout), so a layer is 4 products instead of 7;
+- decode (batch 1, one token) is ONE C call per token (``sr_decode_step``): norms, RoPE, GQA
+  attention over the cache, SwiGLU, residuals and the dense lm_head, in one OpenMP region;
+- prefill (and decode with batch > 1) runs a short torch forward on the same fused weights, each
+  fused linear dispatching sparse/dense by its measured batch threshold (``SparseLinear``).
+
+``sparse=False`` gives the dense variant of the same path (dense fused weights, a dense AVX-512/AVX2
+matrix-vector kernel in the C step, F.linear in prefill), so dense and sparse are compared on equal
+glue. Logits equal HF's within fp32 tolerance (tests/test_lean_decode.py).
+
+Refused with a clear error (use ``torch-cpu``/``torch-sparse`` for these): other families, Qwen3's
+q/k norms, non-SiLU MLPs, rope types whose frequencies depend on the sequence length
+(``dynamic``, ``longrope``), partial rotary, non-fp32 weights, and models off the CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+# model_type -> how to read the per-layer sliding window (0 = full causal attention)
+def _window_mistral(cfg, layer: int) -> int:
+    return int(getattr(cfg, "sliding_window", None) or 0)
+
+
+def _window_layer_types(cfg, layer: int) -> int:
+    types = getattr(cfg, "layer_types", None)
+    if types and types[layer] == "sliding_attention":
+        return int(cfg.sliding_window or 0)
+    return 0
+
+
+FAMILIES: dict[str, Callable[[object, int], int]] = {
+    "llama": lambda cfg, layer: 0,
+    "mistral": _window_mistral,
+    "qwen2": _window_layer_types,
+}
+UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length: not tabulated
+
+
+@dataclass
+class LeanConfig:
+    """``sparse``: pack linears with at least ``min_sparsity`` zeros (False: the dense variant).
+    ``isa``/``layout``: kernel path (default: best for the CPU). ``calibrate``: measure each fused
+    shape's sparse/dense batch threshold for prefill (else ``batch_threshold``). ``initial_cache``:
+    KV slots allocated first (doubled when full)."""
+
+    sparse: bool = True
+    min_sparsity: float = 0.3
+    isa: Optional[str] = None
+    layout: Optional[str] = None
+    calibrate: bool = True
+    batch_threshold: int = 1
+    initial_cache: int = 256
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ConfigError naming why ``model`` cannot run on the lean path."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in FAMILIES:
+        raise ConfigError(f"the lean decode path supports {', '.join(sorted(FAMILIES))} models, not {mt!r}; "
+                          f"use the torch-cpu or torch-sparse engine")
+    layers = model.model.layers
+    attn = layers[0].self_attn
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        raise ConfigError("q/k norms (Qwen3-style) are not in the lean path; use torch-sparse")
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"the lean path implements SwiGLU with SiLU, not {act!r}; use torch-sparse")
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope in UNSUPPORTED_ROPE:
+        raise ConfigError(f"rope type {rope!r} depends on the sequence length and is not supported by the lean "
+                          f"path; use torch-sparse")
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise ConfigError("partial rotary embeddings are not supported by the lean path; use torch-sparse")
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise ConfigError(f"the lean path runs float32 CPU weights; {name} is {p.dtype} on {p.device} "
+                              f"(load the model with dtype float32)")
+
+
+class FusedLinear:
+    """One fused linear (q|k|v, gate|up, or a single one): the dense fused weight for large batches
+    and, when sparse, a :class:`~sparse_runtime.kernels.SparseLinear` holding the packed layout
+    (its forward dispatches by the measured batch threshold)."""
+
+    def __init__(self, linears: list[nn.Linear], lean: LeanConfig, isa: Optional[str]):
+        w = torch.cat([l.weight.detach() for l in linears], 0).contiguous()
+        biases = [l.bias for l in linears]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features)
+                                   for b, l in zip(biases, linears)]).float().contiguous()
+        self.weight = w
+        self.sparsity = float((w == 0).float().mean())
+        self.module = None
+        if lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity:
+            from ..kernels import SparseLinear, measure_threshold
+
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
+            lin.weight.data = w
+            if self.bias is not None:
+                lin.bias.data = self.bias
+            self.module = SparseLinear.from_linear(lin, isa=isa, layout=lean.layout, keep_dense=False,
+                                                   batch_threshold=lean.batch_threshold)
+            self.module.dense_weight = w  # share the fused dense weight (prefill above the threshold)
+            if lean.calibrate:
+                self.module.batch_threshold = measure_threshold(self.module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def desc(self, isa: str):
+        from ..kernels.decode import linear_desc
+
+        if self.module is not None:
+            return linear_desc(isa, packed=self.module.packed, bias=self.bias)
+        return linear_desc(isa, dense=self.weight, bias=self.bias)
+
+
+@dataclass
+class LeanLayer:
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+    window: int
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+
+
+class LeanLlama:
+    """The lean model: weights read from a loaded HF ``*ForCausalLM`` (shared where unchanged),
+    one sequence of ``batch`` rows, KV cache ``[layers, batch, kv_heads, capacity, head_dim]``."""
+
+    def __init__(self, model: nn.Module, config: Optional[LeanConfig] = None, threads: Optional[int] = None):
+        check_supported(model)
+        self.config = lean = config or LeanConfig()
+        cfg = model.config
+        self.threads = int(threads or torch.get_num_threads())
+        from ..kernels import _lib
+
+        self.isa = _lib.select_isa(lean.isa) if _lib.available() else None
+        if lean.sparse and self.isa is None:
+            raise ConfigError(_lib.unavailable_reason() or "sparse kernels unavailable")
+        inner = model.model
+        attn0 = inner.layers[0].self_attn
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(attn0, "head_dim", cfg.hidden_size // self.n_heads))
+        self.hidden = int(cfg.hidden_size)
+        self.inter = int(cfg.intermediate_size)
+        self.eps = float(cfg.rms_norm_eps)
+        self.vocab = int(model.lm_head.out_features)
+        self.embed = inner.embed_tokens.weight.detach().contiguous()
+        self.final_norm = inner.norm.weight.detach().contiguous()
+        self.lm_head = model.lm_head.weight.detach().contiguous()  # the tied table is the same tensor
+        self.lm_bias = None if model.lm_head.bias is None else model.lm_head.bias.detach().contiguous()
+        self._rotary = inner.rotary_emb
+        window = FAMILIES[cfg.model_type]
+        self.layers: list[LeanLayer] = []
+        for i, blk in enumerate(inner.layers):
+            a, m = blk.self_attn, blk.mlp
+            self.layers.append(LeanLayer(
+                blk.input_layernorm.weight.detach().contiguous(), blk.post_attention_layernorm.weight.detach().contiguous(),
+                FusedLinear([a.q_proj, a.k_proj, a.v_proj], lean, self.isa), FusedLinear([a.o_proj], lean, self.isa),
+                FusedLinear([m.gate_proj, m.up_proj], lean, self.isa), FusedLinear([m.down_proj], lean, self.isa),
+                window(cfg, i)))
+        q_rows = self.layers[0].qkv.weight.shape[0]
+        if q_rows != (self.n_heads + 2 * self.n_kv) * self.head_dim:
+            raise ConfigError(f"unexpected q/k/v sizes ({q_rows} rows for {self.n_heads} heads, {self.n_kv} kv heads "
+                              f"of {self.head_dim}); use torch-sparse")
+        self.batch = 1
+        self.length = 0
+        self.cap = 0
+        self._step = None
+        self._grow(max(16, int(lean.initial_cache)), batch=1)
+
+    # -- summary --------------------------------------------------------------------------------
+    def linears(self) -> list[FusedLinear]:
+        return [f for l in self.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
+
+    def summary(self) -> str:
+        lin = self.linears()
+        sp = sum(f.module is not None for f in lin)
+        th = sorted({f.module.batch_threshold for f in lin if f.module is not None})
+        return (f"lean {'sparse' if self.config.sparse else 'dense'}: {len(self.layers)} layers, "
+                f"{sp}/{len(lin)} fused linears sparse (prefill thresholds {th}), isa {self.isa}, "
+                f"C decode step {'on' if self._step is not None else 'off'}")
+
+    # -- cache ----------------------------------------------------------------------------------
+    def _grow(self, need: int, batch: int) -> None:
+        """Make room for ``need`` positions for ``batch`` rows (capacity doubles; contents kept)."""
+        cap = self.cap
+        if need <= cap and batch == self.batch:
+            return
+        while cap < need:
+            cap = max(16, cap * 2)
+        shape = (len(self.layers), batch, self.n_kv, cap, self.head_dim)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        if batch == self.batch and self.cap:
+            k[..., :self.length, :] = self.k[..., :self.length, :]
+            v[..., :self.length, :] = self.v[..., :self.length, :]
+        self.k, self.v, self.cap, self.batch = k, v, cap, batch
+        pos = torch.arange(cap).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = self._rotary(self.embed[:1].unsqueeze(0), pos)
+        if cos.shape[-1] != self.head_dim:
+            raise ConfigError(f"rotary size {cos.shape[-1]} != head_dim {self.head_dim}; use torch-sparse")
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        self._build_step()
+
+    def _build_step(self) -> None:
+        """(Re)describe the model to the C step (after every cache reallocation)."""
+        from ..kernels import decode as cdec
+
+        self._step = None
+        if self.isa is None or not cdec.available() or self.batch != 1:
+            return
+        arr = (cdec.CLayer * len(self.layers))()
+        for i, l in enumerate(self.layers):
+            arr[i] = cdec.CLayer(l.in_norm.data_ptr(), l.post_norm.data_ptr(), l.qkv.desc(self.isa), l.o.desc(self.isa),
+                                 l.gate_up.desc(self.isa), l.down.desc(self.isa), self.k[i, 0].data_ptr(),
+                                 self.v[i, 0].data_ptr(), l.window)
+        self._c_layers = arr
+        lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+        model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
+                            self.vocab, self.cap, self.eps, 0, self.embed.data_ptr(), self.final_norm.data_ptr(), lm,
+                            ctypes.addressof(arr), None)
+        self._scratch = torch.zeros(cdec.scratch_floats(model))
+        model.scratch = self._scratch.data_ptr()
+        self._c_model = model
+        self._logits = torch.empty(self.vocab)
+        self._step = cdec.DecodeStep(model)
+
+    # -- forward --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for ``ids`` ``[B, T]`` appended at the current position (the torch
+        path: prefill, and decode with batch > 1)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() != 2:
+            raise ConfigError(f"ids must be [batch, tokens], got shape {tuple(ids.shape)}")
+        B, T = ids.shape
+        if self.length and B != self.batch:
+            raise ConfigError(f"the sequence holds {self.batch} rows; got {B} (call reset() to start a new one)")
+        p0 = self.length
+        self._grow(p0 + T, B)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
+        qpos = torch.arange(p0, p0 + T).unsqueeze(1)
+        kpos = torch.arange(p0 + T).unsqueeze(0)
+        causal = kpos <= qpos
+        masks: dict[int, torch.Tensor] = {}
+        for i, l in enumerate(self.layers):
+            if l.window not in masks:
+                masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
+            h = _rms(x, l.in_norm, self.eps)
+            q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
+            q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
+            self.k[i, :, :, p0:p0 + T] = k
+            self.v[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
+            kk = self.k[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            vv = self.v[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
+            x = x + l.o(a.transpose(1, 2).reshape(B, T, H * D))
+            g, u = l.gate_up(_rms(x, l.post_norm, self.eps)).split([self.inter, self.inter], -1)
+            x = x + l.down(F.silu(g) * u)
+        self.length = p0 + T
+        return F.linear(_rms(x, self.final_norm, self.eps), self.lm_head, self.lm_bias)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.reset()
+        return self.forward(ids)
+
+    def decode_token(self, token: int) -> torch.Tensor:
+        """One batch-1 step in C: logits ``[V]`` (a buffer reused by the next step: copy to keep)."""
+        if self.batch != 1 or self.length == 0:
+            raise ConfigError("decode_token needs a batch-1 sequence started by prefill")
+        self._grow(self.length + 1, 1)
+        if self._step is None:
+            return self.forward(torch.tensor([[token]]))[0, -1]
+        pos = self.length
+        row = self.head_dim * 4 * pos
+        self._step(int(token), pos, self.cos.data_ptr() + row, self.sin.data_ptr() + row, self._logits.data_ptr(),
+                   self.threads)
+        self.length = pos + 1
+        return self._logits
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` for one new token per row (C step at batch 1, torch otherwise)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.shape[0] == 1 and ids.shape[1] == 1 and self._step is not None:
+            return self.decode_token(int(ids[0, 0])).clone().view(1, 1, -1)
+        return self.forward(ids)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, eos_token_id: Optional[int] = None) -> Iterator[int]:
+        """Greedy tokens, batch 1."""
+        logits = self.prefill(torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1))[0, -1]
+        for _ in range(max_new_tokens):
+            tok = int(torch.argmax(logits))
+            yield tok
+            if eos_token_id is not None and tok == eos_token_id:
+                return
+            logits = self.decode_token(tok)

@@ -1,0 +1,191 @@
+"""The lean Llama-family decode path (sparse_runtime/runtime/lean_llama.py + the C step) against
+Hugging Face's eager forward: logits, cache growth, sliding windows, rope scaling, batch > 1,
+greedy generation, fused packing, engines, and the clear refusals."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_runtime.errors import ConfigError
+from sparse_runtime.kernels import available, pack, supported_isas, unavailable_reason
+from sparse_runtime.models.tiny import tiny_model
+
+if not available():
+    if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(unavailable_reason())
+    pytest.skip(unavailable_reason() or "sparse kernels unavailable", allow_module_level=True)
+
+from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama  # noqa: E402
+
+ATOL = 2e-5
+ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in supported_isas(), reason=f"CPU lacks {i}"))
+        for i in ("avx512", "avx2", "portable")]
+
+
+def pruned(model, sparsity=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in n and "lm_head" not in n:
+                p.mul_((torch.rand(p.shape, generator=g) >= sparsity).float())
+    return model
+
+
+def lean_of(model, threads=2, **cfg):
+    cfg.setdefault("calibrate", False)
+    cfg.setdefault("initial_cache", 16)  # small: the tests cross a cache reallocation
+    return LeanLlama(model, LeanConfig(**cfg), threads=threads)
+
+
+@torch.no_grad()
+def compare(model, lean, prompt=12, steps=20, batch=1, seed=0):
+    """Prefill then ``steps`` decode steps, each compared with HF's cached forward."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, prompt), generator=g)
+    ref = model(ids, use_cache=True)
+    torch.testing.assert_close(lean.prefill(ids), ref.logits, atol=ATOL, rtol=0)
+    cache = ref.past_key_values
+    for _ in range(steps):
+        tok = torch.randint(0, 256, (batch, 1), generator=g)
+        r = model(tok, past_key_values=cache, use_cache=True)
+        cache = r.past_key_values
+        torch.testing.assert_close(lean.decode(tok), r.logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_logits_equal_hf(family_name, sparse):
+    model = pruned(tiny_model(family_name)) if sparse else tiny_model(family_name)
+    lean = lean_of(model, sparse=sparse)
+    assert lean._step is not None
+    assert all((f.module is not None) == sparse for f in lean.linears())
+    compare(model, lean)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_isa_and_thread_count(isa, threads):
+    model = pruned(tiny_model("qwen2"))  # q/k/v biases: the fused bias
+    compare(model, lean_of(model, threads=threads, isa=isa), steps=6)
+    compare(model, lean_of(model, threads=threads, isa=isa, sparse=False), steps=3)
+
+
+def test_sliding_window_is_applied():
+    model = pruned(tiny_model("mistral", sliding_window=6))
+    lean = lean_of(model)
+    assert [l.window for l in lean.layers] == [6, 6]
+    compare(model, lean, prompt=10, steps=12)
+    # the window matters here (else the test above would not test it)
+    ids = torch.randint(0, 256, (1, 16))
+    wide = tiny_model("mistral", sliding_window=256)
+    wide.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(wide(ids).logits, model(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}],
+                         ids=lambda r: r["rope_type"])
+def test_rope_scaling(rope):
+    model = pruned(tiny_model("llama", rope_scaling=rope, rope_theta=500000.0))
+    compare(model, lean_of(model), steps=4)
+
+
+def test_tied_lm_head_shares_the_table():
+    model = pruned(tiny_model("llama", tie_word_embeddings=True))
+    model.tie_weights()
+    lean = lean_of(model)
+    assert lean.lm_head.data_ptr() == lean.embed.data_ptr()
+    compare(model, lean, steps=4)
+
+
+def test_batch_two_uses_the_torch_path():
+    model = pruned(tiny_model("llama"))
+    compare(model, lean_of(model), batch=2, steps=3)
+
+
+def test_greedy_generate_equals_hf():
+    model = pruned(tiny_model("llama"), sparsity=0.5)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             pad_token_id=0)[0, 9:].tolist()  # explicit mask: id 0 is not padding here
+    assert list(lean_of(model).generate(ids, 24)) == ref
+
+
+def test_fused_packing_equals_separate_packs():
+    model = pruned(tiny_model("llama"))
+    a = model.model.layers[0].self_attn
+    parts = [pack(l.weight.detach(), "bitmask") for l in (a.q_proj, a.k_proj, a.v_proj)]
+    fused = lean_of(model).layers[0].qkv.module.packed
+    assert torch.equal(fused.index, torch.cat([p.index for p in parts]))
+    assert torch.equal(fused.values, torch.cat([p.values for p in parts]))
+    offsets = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
+    rp = torch.cat([parts[0].row_ptr] + [p.row_ptr[1:] + int(o) for p, o in zip(parts[1:], offsets[1:])])
+    assert torch.equal(fused.row_ptr, rp)
+
+
+def test_dense_layers_stay_dense_below_min_sparsity():
+    model = tiny_model("llama")
+    lean = lean_of(model, min_sparsity=0.3)
+    assert all(f.module is None for f in lean.linears())
+    assert "0/8 fused linears sparse" in lean.summary()
+
+
+def test_decode_counts_sparse_kernel_calls():
+    from sparse_runtime.kernels import counters
+
+    model = pruned(tiny_model("llama"))
+    lean = lean_of(model)
+    lean.prefill(torch.tensor([[1, 2, 3]]))
+    before = sum(counters().values())
+    lean.decode_token(4)
+    assert sum(counters().values()) - before == 4 * len(lean.layers)  # 4 fused linears per layer
+
+
+def test_refusals_name_the_fix():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    qwen3 = Qwen3ForCausalLM(cfg)
+    with pytest.raises(ConfigError, match="not 'qwen3'.*torch-sparse"):
+        LeanLlama(qwen3)
+    qwen3.config.model_type = "qwen2"  # a family the path knows, with layers it does not implement
+    with pytest.raises(ConfigError, match="q/k norms.*torch-sparse"):
+        LeanLlama(qwen3)
+    with pytest.raises(ConfigError, match="dynamic.*torch-sparse"):
+        LeanLlama(tiny_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ConfigError, match="float32"):
+        LeanLlama(tiny_model("llama").to(torch.bfloat16))
+    gpt = tiny_model("llama")
+    gpt.config.model_type = "gpt2"
+    with pytest.raises(ConfigError, match="supports llama, mistral, qwen2"):
+        LeanLlama(gpt)
+    lean = lean_of(tiny_model("llama"))
+    with pytest.raises(ConfigError, match="prefill"):
+        lean.decode_token(1)
+
+
+def test_engines_match_torch_cpu(tmp_path):
+    from exporters.testing import make_checkpoint
+
+    from sparse_runtime.runtime import Scenario, load_engine
+
+    ckpt = str(make_checkpoint(tmp_path / "tiny50", "llama", sparsity=0.5))
+    prompt = np.array([[3, 17, 99, 4, 250, 31, 7, 64, 12, 200, 5, 77]], dtype=np.int64)
+    ref = load_engine("torch-cpu", ckpt)
+    want_prefill = ref.prefill(prompt)
+    want_decode = ref.decode(np.array([[42]]))
+    want_tokens = list(ref.generate(prompt[0], 8))
+    for name in ("sparse-cpu", "lean-cpu"):
+        eng = load_engine(name, ckpt, threads=2, calibrate=False)
+        np.testing.assert_allclose(eng.prefill(prompt), want_prefill, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(eng.decode(np.array([[42]])), want_decode, atol=1e-4, rtol=0)
+        assert list(eng.generate(prompt[0], 8)) == want_tokens
+        f = eng.timer(Scenario("decode", 8, 1, 3))
+        assert f() > 0 and f() > 0
+        calls = sum(eng.evidence()["kernel_calls"].values())
+        assert (calls > 0) == (name == "sparse-cpu")
