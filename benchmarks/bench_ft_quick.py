@@ -41,6 +41,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,38 @@ def _peak_mb() -> float:
     return peak_rss_mb()
 
 
+def _peak_device_mb() -> Optional[float]:
+    """The process's CUDA high-water mark (allocated tensors, MiB), or None without CUDA."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+
+
+@contextlib.contextmanager
+def _training_precision(args):
+    """TF32 tensor-core matmuls while training on a GPU with ``--tf32`` (PyTorch's default is full fp32);
+    evaluation always runs outside this block, in full fp32."""
+    import torch
+
+    if not args.tf32:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _on_device(lm, args):
+    """Move a loaded model to ``--device`` for evaluation (a no-op on the CPU)."""
+    if args.device != "cpu":
+        lm.model.to(args.device)
+    return lm
+
+
 def _rank8_equivalent(lm, targets) -> int:
     """Trainable count of a rank-8 LoRA on the target linears: 8 * sum(in + out)."""
     n = 0
@@ -260,15 +293,17 @@ def worker_base(args) -> dict[str, Any]:
                 "sparsity": sum(int((l.weight == 0).sum()) for l in lin) / sum(l.weight.numel() for l in lin)}
     else:
         out = work.base_dir(args.base)
-        cfg = sr.PruneConfig(protocol=args.protocol, **BASES[args.base])
+        cfg = sr.PruneConfig(protocol=args.protocol, device=None if args.device == "cpu" else args.device,
+                             **BASES[args.base])
         res = sr.prune_checkpoint(args.model, cfg, out, overwrite=True, data_dir=args.data_dir, plot=False)
         lm = sr.load_model(out)
         info = {"base": args.base, "checkpoint": str(out), "structure": res.structure,
                 "target": res.sparsity_target, "sparsity": res.sparsity_measured, "prune_s": res.timing["total_s"],
                 "calibration": res.calibration, "prune_config": BASES[args.base]}
-    p = _ppl(lm, args)
+    p = _ppl(_on_device(lm, args), args)
     info.update(ppl=p["ppl"], ppl_s=p["seconds"], ppl_windows=p["windows"], ppl_seqlen=p["seqlen"],
-                wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb(), protocol=args.protocol, model=args.model)
+                wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb(), protocol=args.protocol, model=args.model,
+                device=args.device)
     write_json(work.base_info_path(args.base), info)
     return info
 
@@ -320,12 +355,14 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
         train["reused"] = True
         lm = sr.load_model(base_dir)
         attach_saved_adapter(lm.model, lm.family, adapter, lm.manifest)
+        _on_device(lm, args)
     else:
         resume = latest_checkpoint(adapter) is not None and not args.retrain
         if resume:
             print(f"[{cfg.name}] resuming from {latest_checkpoint(adapter)}", flush=True)
-        res, lm = finetune(str(base_dir), adapter, tc, dict(cfg.options), data_dir=args.data_dir, resume=resume,
-                           overwrite=not resume)
+        with _training_precision(args):
+            res, lm = finetune(str(base_dir), adapter, tc, dict(cfg.options), data_dir=args.data_dir, resume=resume,
+                               overwrite=not resume, device=None if args.device == "cpu" else args.device)
         train = res.as_dict()
         train["reused"] = False
     train_wall = time.perf_counter() - t0
@@ -334,6 +371,10 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
     p_adapter = _ppl(lm, args)
     del lm
     gc.collect()
+    if args.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
     meta = read_adapter_config(adapter)
     t0 = time.perf_counter()
     merged, rep = merge_adapter_dir(adapter, run / f"merged-{cfg.reprune or 'exact'}", reprune=cfg.reprune or "wanda",
@@ -341,8 +382,8 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
     merge_s = time.perf_counter() - t0
     base_manifest = sr.read_manifest(base_dir)
     mm = sr.load_model(merged)
-    p_merged = _ppl(mm, args)
     check = sparsity_check(base_manifest, mm)
+    p_merged = _ppl(_on_device(mm, args), args)
     del mm
     if not args.keep_merged:
         import shutil
@@ -355,7 +396,8 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
         "train_cfg": meta.get("train"), "adapter_cfg": meta.get("config"), "rank8_equivalent": rank8,
         "ppl_adapter": p_adapter, "ppl_merged": p_merged, "merge": rep.as_dict(), "merge_s": merge_s,
         "check": check, "train_wall_s": train_wall, **step_stats([r["step_s"] for r in log if "step_s" in r]),
-        "peak_rss_mb_process": _peak_mb(), "merged_checkpoint": str(merged) if args.keep_merged else None,
+        "peak_rss_mb_process": _peak_mb(), "peak_device_mb_process": _peak_device_mb(), "device": args.device,
+        "tf32_training": bool(args.tf32), "merged_checkpoint": str(merged) if args.keep_merged else None,
     }
     if cfg.method == "seft":
         ck = latest_checkpoint(adapter)
@@ -388,24 +430,25 @@ def worker_losa(cfg: Config, args) -> dict[str, Any]:
         rounds.append({"steps": res.steps, "tokens": res.tokens, "trainable": res.trainable_parameters,
                        "seconds": res.seconds, "step_s": [r["step_s"] for r in read_log(self.out_dir) if "step_s" in r],
                        "loss_first_last": [res.losses[0], res.losses[-1]] if res.losses else None,
-                       "cfg": self.cfg.to_dict()})
+                       "peak_device_mb": res.peak_device_mb, "cfg": self.cfg.to_dict()})
         return res
 
     engine.Trainer.train = train
     lcfg = LoSAConfig(protocol=args.protocol, steps=budget.steps, train_batch_size=budget.batch,
                       seq_len=budget.seq_len, rank=RANK, loss_chunk_tokens=args.loss_chunk,
-                      **cfg.options)
+                      device=None if args.device == "cpu" else args.device, **cfg.options)
     out_dir = run / "merged"
     import shutil
 
     for stale in run.glob(".merged.losa-*"):  # dense reference outputs of a killed run (LoSA cannot resume)
         shutil.rmtree(stale, ignore_errors=True)
     t0 = time.perf_counter()
-    res = run_losa(args.model, out_dir, lcfg, data_dir=args.data_dir, overwrite=True)
+    with _training_precision(args):  # the whole LoSA run: its re-prunes and RMI passes too
+        res = run_losa(args.model, out_dir, lcfg, data_dir=args.data_dir, overwrite=True)
     losa_s = time.perf_counter() - t0
     peak = _peak_mb()
     mm = sr.load_model(out_dir)
-    p_merged = _ppl(mm, args)
+    p_merged = _ppl(_on_device(mm, args), args)
     lin = dict(mm.family.iter_linears(mm.model))
     man = mm.manifest
     dev = {n: abs(r.measured - r.target) for n, r in man.layers.items() if r.target is not None and n in lin}
@@ -417,21 +460,27 @@ def worker_losa(cfg: Config, args) -> dict[str, Any]:
     steps_all = [s for r in rounds for s in r["step_s"]]
     tot = sum(r["steps"] for r in rounds) or 1
     trainable = [r["trainable"] for r in rounds]
+    dev_peaks = [r["peak_device_mb"] for r in rounds if r.get("peak_device_mb") is not None]
     return {
         "kind": "losa", "config": lcfg.to_dict(), "train_cfg": rounds[0]["cfg"] if rounds else None,
         "rounds": [{k: v for k, v in r.items() if k not in ("step_s", "cfg")} for r in rounds],
-        "round_records": [{"round": r.round, "target": r.target, "measured": r.measured_mean, "steps": r.steps,
-                           "rank_budget": r.rank_budget, "ranks": r.ranks, "final_loss": r.final_loss}
+        "round_records": [{"round": r.round, "target": r.target, "delta": r.delta, "measured": r.measured_mean,
+                           "steps": r.steps, "rank_budget": r.rank_budget, "ranks": r.ranks,
+                           "block_rates": r.block_rates, "block_measured": r.block_measured, "errors": r.errors,
+                           "importance": r.importance, "final_loss": r.final_loss, "timing": r.timing}
                           for r in res.rounds],
+        "blocks": list(res.blocks),
         "train": {"steps": sum(r["steps"] for r in rounds), "tokens": sum(r["tokens"] for r in rounds),
                   "trainable_parameters": sum(r["trainable"] * r["steps"] for r in rounds) / tot,
                   "trainable_range": [min(trainable), max(trainable)] if trainable else None,
-                  "peak_rss_mb": peak, "seconds": sum(r["seconds"] for r in rounds)},
+                  "peak_rss_mb": peak, "peak_device_mb": max(dev_peaks) if dev_peaks else None,
+                  "seconds": sum(r["seconds"] for r in rounds)},
         "timing": res.timing, "rank8_equivalent": rank8, "ppl_merged": p_merged, "losa_wall_s": losa_s,
         "check": {"sparsity": res.sparsity_measured, "target": lcfg.sparsity,
                   "max_layer_deviation": max(dev.values()) if dev else None, "layers_over_row_rounding": len(over),
                   "exact": not over},
         "merge": res.merge, **step_stats(steps_all), "peak_rss_mb_process": _peak_mb(),
+        "peak_device_mb_process": _peak_device_mb(), "device": args.device, "tf32_training": bool(args.tf32),
     }
 
 
@@ -454,7 +503,7 @@ def spawn(args, extra: list[str]) -> tuple[int, float, float]:
     """Run a worker; return (exit code, wall s, peak RSS MiB of that child alone, via wait4)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *extra, "--model", args.model,
            "--protocol", args.protocol, "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
-           "--save-every", str(args.save_every)]
+           "--save-every", str(args.save_every), "--device", args.device, *(["--tf32"] if args.tf32 else [])]
     for k in ("steps", "batch", "seq_len", "data_dir"):
         v = getattr(args, k)
         if v is not None:
@@ -465,13 +514,21 @@ def spawn(args, extra: list[str]) -> tuple[int, float, float]:
     shared = ROOT.parent / "shared" / "data"
     if "SPARSE_RUNTIME_DATA" not in env and shared.is_dir():
         env["SPARSE_RUNTIME_DATA"] = str(shared)
+    log = None
+    if args.log_dir:  # concurrent configurations: one log per worker instead of interleaved bars
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+        log = open(Path(args.log_dir) / f"{slug(extra[0] + '-' + extra[2])}.log", "a")
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env)
     try:
-        _, status, ru = os.wait4(p.pid, 0)
-    except KeyboardInterrupt:
-        p.wait()
-        raise
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        except KeyboardInterrupt:
+            p.wait()
+            raise
+    finally:
+        if log is not None:
+            log.close()
     p.returncode = os.waitstatus_to_exitcode(status)
     return p.returncode, time.perf_counter() - t0, ru.ru_maxrss / 1024.0
 
@@ -490,11 +547,14 @@ def ensure_base(args, work: Work, base: str) -> dict[str, Any]:
         return info
 
 
-def machine_short() -> str:
+def machine_short(device: str = "cpu") -> str:
     from sparse_runtime.report import machine_info
 
     m = machine_info()
-    return f"{m['cpu']} ({m['cores']} cores)"
+    cpu = f"{m['cpu']} ({m['cores']} cores)"
+    if device != "cpu" and m.get("gpu"):
+        return f"{m['gpu']} (training and evaluation), host {cpu}"
+    return cpu
 
 
 def lr_text(tc: Optional[dict[str, Any]]) -> str:
@@ -527,13 +587,13 @@ def eq_text(check: dict[str, Any], kind: str) -> str:
 
 
 def make_row(cfg: Config, budget: Budget, base: dict[str, Any], res: Optional[dict[str, Any]], wall: float,
-             child_peak: Optional[float], load: tuple) -> dict[str, Any]:
+             child_peak: Optional[float], load: tuple, device: str = "cpu", jobs: int = 1) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     row: dict[str, Any] = {"key": row_key(cfg.name, budget, cfg.kind), "config": cfg.name,
                            "method": cfg.method or "none",
                            "base": cfg.base if cfg.kind != "losa" else "dense (LoSA prunes)",
-                           "ppl before": base["ppl"], "date": now, "machine": machine_short(),
-                           "load avg (start, end)": load}
+                           "ppl before": base["ppl"], "date": now, "machine": machine_short(device),
+                           "device": device, "concurrent configs": jobs, "load avg (start, end)": load}
     if res is None:  # no fine-tuning: the base is the result
         row.update({"budget": "-", "budget used": "-", "tokens": 0, "trainable params": 0,
                     "ppl after merge": base["ppl"], "sparsity after": base["sparsity"],
@@ -551,6 +611,7 @@ def make_row(cfg: Config, budget: Budget, base: dict[str, Any], res: Optional[di
         "ppl adapter": (res.get("ppl_adapter") or {}).get("ppl"), "ppl after merge": res["ppl_merged"]["ppl"],
         "sparsity after": chk["sparsity"], "sparsity = base": eq_text(chk, res["kind"]),
         "peak train RSS MB": tr.get("peak_rss_mb"), "peak process RSS MB": child_peak,
+        "peak train CUDA MB": tr.get("peak_device_mb"), "peak process CUDA MB": res.get("peak_device_mb_process"),
         "step s (median)": res.get("step_s_median"), "train s": res.get("train_s"), "wall s": wall,
         "mask evolved": (res.get("seft") or {}).get("mask_evolved_share"),
         "detail": res,
@@ -569,8 +630,8 @@ def make_row(cfg: Config, budget: Budget, base: dict[str, Any], res: Optional[di
 
 
 COLUMNS = ["config", "budget", "budget used", "tokens", "trainable params", "lr / schedule", "ppl before",
-           "ppl after merge", "sparsity after", "sparsity = base", "peak train RSS MB", "step s (median)", "wall min",
-           "mask evolved", "note"]
+           "ppl after merge", "sparsity after", "sparsity = base", "peak train RSS MB", "peak train CUDA MB",
+           "step s (median)", "wall min", "mask evolved", "device", "note"]
 
 
 # -- cost estimate ------------------------------------------------------------------------------
@@ -767,9 +828,26 @@ def save_table(args, rows: list[dict[str, Any]], invocation: list[str], t_run: f
         "peak train RSS = the training process's ru_maxrss at the end of training (model load included; merge and "
         "evaluation come after); the JSON also has the whole config process's peak (wait4); step s = median of the "
         "logged optimiser steps without the first; wall = the whole configuration (train, merge, 2 perplexities)",
-        "rows were measured over several sessions on a shared 2-core machine (load averages in the JSON); "
-        "machines: " + "; ".join(machines),
+        "machines (per row in the JSON, with load averages and the number of configurations that ran at once): "
+        + "; ".join(machines),
     ]
+    devices = sorted({r.get("device", "cpu") for r in rows})
+    if any(d != "cpu" for d in devices):
+        notes.append("on a GPU: training, pruning of the bases, LoSA and both perplexities run on the GPU, the merge on "
+                     "the host CPU; peak train CUDA MB = torch.cuda.max_memory_allocated over the training loop alone "
+                     "(weights, adapters, optimiser state, activations; no allocator slack; setup such as LoRS's "
+                     "gradient-SVD init is before the loop: JSON train.peak_device_setup_mb); each step ends with a "
+                     "device synchronise, so step s is the step's own time")
+    if any((r.get("detail") or {}).get("tf32_training") for r in rows):
+        notes.append("TF32: rows whose JSON has tf32_training = true trained with TF32 tensor-core matmuls (10-bit "
+                     "mantissa inputs, fp32 accumulation; LoSA: its whole run incl. re-prunes); the bases and every "
+                     "perplexity were computed in full fp32")
+    shared = sorted({r.get("concurrent configs", 1) for r in rows if r.get("concurrent configs", 1) > 1})
+    if shared:
+        notes.append(f"up to {max(shared)} configurations ran at once on the same device (--jobs): perplexities, "
+                     "sparsity and CUDA peaks are per process and unaffected; step s and wall are under that "
+                     "sharing and compare only roughly across methods (a run alone is the clean figure)")
+
     if reduced:
         notes.append("REDUCED rows did NOT use the ft-quick budget (see 'budget used'); they are smoke or partial "
                      "runs, not comparable with ft-quick rows: " + ", ".join(reduced))
@@ -852,6 +930,15 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=1024, help="LM-head loss chunk (tokens; same for all methods)")
     ap.add_argument("--save-every", type=int, default=20, help="steps between resumable training checkpoints")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in the workers")
+    ap.add_argument("--device", default="cpu",
+                    help="where training, base pruning, LoSA and perplexity run: cpu (default) or cuda[:N]; the merge "
+                         "always runs on the host CPU")
+    ap.add_argument("--tf32", action="store_true",
+                    help="on a GPU: TF32 matmuls while training (LoSA: its whole run); evaluation stays full fp32")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="configurations run at once (each in its own process; for a GPU with room to spare: the "
+                         "quality figures and CUDA peaks stay per process, step times share the device)")
+    ap.add_argument("--log-dir", default=None, help="one log file per worker here instead of the terminal")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan, the status and the estimated cost; run nothing")
@@ -886,51 +973,78 @@ def main() -> None:
     if not names:
         raise SystemExit("name the configurations to run: --configs NAME[,NAME...] | missing | all "
                          "(--dry-run lists them with their status and cost)")
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this PyTorch sees no CUDA device; use --device cpu")
     t_run = time.perf_counter()
-    ran, failed, trained = [], [], set()
-    for i, name in enumerate(names, 1):
-        cfg = CONFIGS[name]
-        key = row_key(name, budget, cfg.kind)
-        if key in done and not args.force:
-            print(f"[{i}/{len(names)}] {name}: already in the table, skipped (--force reruns it)", flush=True)
-            continue
-        sec, src = estimate(cfg, budget, args, work, rows)
-        print(f"[{i}/{len(names)}] {name} ({cfg.about}); budget {budget.text} ({budget.flag}); estimated "
-              f"{sec / 60:.0f} min ({src})", flush=True)
-        load0 = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        try:
-            base = ensure_base(args, work, cfg.base)
-            res, child_peak = None, None
-            if cfg.kind != "eval":
-                work.root.mkdir(parents=True, exist_ok=True)
-                result = work.run_dir(cfg, budget) / f"result-{slug(name)}.json"
-                result.unlink(missing_ok=True)
-                tkey = f"{cfg.train_key()}-{budget.tag}"
-                retrain = ["--retrain"] if args.force and tkey not in trained else []
-                with work.lock(f"run-{tkey}"):
-                    rc, _, child_peak = spawn(args, ["config", "--config", name, "--result", str(result), *retrain])
-                trained.add(tkey)
-                if rc or not result.is_file():
-                    raise RuntimeError(f"worker exited with {rc}")
-                res = json.loads(result.read_text())
-        except (RuntimeError, OSError) as e:
-            print(f"[{i}/{len(names)}] {name} FAILED: {e}", flush=True)
-            failed.append(name)
-            continue
-        wall = time.perf_counter() - t0
-        row = make_row(cfg, budget, base, res, wall, child_peak, (round(load0, 2), round(os.getloadavg()[0], 2)))
-        with work.lock("results"):
-            rows = [r for r in load_rows(args) if r["key"] != row["key"]] + [row]
-            args.replace = False  # from now on merge into what this invocation wrote
-            done.add(row["key"])
-            ran.append(row["key"])
-            save_table(args, rows, ran, t_run)
-        print(f"[{i}/{len(names)}] {name}: ppl {row['ppl before']:.3f} -> {row['ppl after merge']:.3f}, sparsity "
-              f"{row['sparsity after']:.4f} ({row['sparsity = base']}), wall {wall / 60:.1f} min", flush=True)
+    ran: list[str] = []
+    failed: list[str] = []
+    trained: set[str] = set()
+    state = {"rows": rows, "done": done}
+    table_lock = threading.Lock()
+
+    def one(i: int, name: str) -> None:
+        run_config(args, work, budget, i, names, name, state, table_lock, ran, failed, trained, t_run)
+
+    if args.jobs == 1:
+        for i, name in enumerate(names, 1):
+            one(i, name)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each thread waits on one child process
+            for f in [pool.submit(one, i, n) for i, n in enumerate(names, 1)]:
+                f.result()
     print_summary(args, order_rows(load_rows(args)), ran)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (their rows are missing; rerun them)")
+
+
+def run_config(args, work: Work, budget: Budget, i: int, names: list[str], name: str, state: dict[str, Any],
+               table_lock: threading.Lock, ran: list[str], failed: list[str], trained: set[str], t_run: float) -> None:
+    """Prepare the base if needed, run one configuration in its own process, merge its row into the table."""
+    cfg = CONFIGS[name]
+    key = row_key(name, budget, cfg.kind)
+    if key in state["done"] and not args.force:
+        print(f"[{i}/{len(names)}] {name}: already in the table, skipped (--force reruns it)", flush=True)
+        return
+    sec, src = estimate(cfg, budget, args, work, state["rows"])
+    print(f"[{i}/{len(names)}] {name} ({cfg.about}); budget {budget.text} ({budget.flag}); estimated "
+          f"{sec / 60:.0f} min ({src})", flush=True)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    try:
+        base = ensure_base(args, work, cfg.base)
+        res, child_peak = None, None
+        if cfg.kind != "eval":
+            work.root.mkdir(parents=True, exist_ok=True)
+            result = work.run_dir(cfg, budget) / f"result-{slug(name)}.json"
+            result.unlink(missing_ok=True)
+            tkey = f"{cfg.train_key()}-{budget.tag}"
+            retrain = ["--retrain"] if args.force and tkey not in trained else []
+            with work.lock(f"run-{tkey}"):
+                rc, _, child_peak = spawn(args, ["config", "--config", name, "--result", str(result), *retrain])
+            trained.add(tkey)
+            if rc or not result.is_file():
+                raise RuntimeError(f"worker exited with {rc}")
+            res = json.loads(result.read_text())
+    except (RuntimeError, OSError) as e:
+        print(f"[{i}/{len(names)}] {name} FAILED: {e}", flush=True)
+        failed.append(name)
+        return
+    wall = time.perf_counter() - t0
+    row = make_row(cfg, budget, base, res, wall, child_peak, (round(load0, 2), round(os.getloadavg()[0], 2)),
+                   args.device, args.jobs)
+    with table_lock, work.lock("results"):
+        rows = [r for r in load_rows(args) if r["key"] != row["key"]] + [row]
+        args.replace = False  # from now on merge into what this invocation wrote
+        state["rows"] = rows
+        state["done"].add(row["key"])
+        ran.append(row["key"])
+        save_table(args, rows, ran, t_run)
+    print(f"[{i}/{len(names)}] {name}: ppl {row['ppl before']:.3f} -> {row['ppl after merge']:.3f}, sparsity "
+          f"{row['sparsity after']:.4f} ({row['sparsity = base']}), wall {wall / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,31 @@ def test_rounds_from_dense_exact_per_round(data_dir):
     assert res.sparsity_measured == pytest.approx(last.measured_mean)
 
 
+def test_rate_drop_between_rounds_keeps_effective_weights_exact(data_dir):
+    """At 70 % with T = 5 the RMI allocation lowers some layer's rate between rounds: weights pruned
+    earlier are kept again (holding ``tiny``), and ``(tiny - d) + d`` would round to an exact zero.
+    The unmerge must keep every kept effective weight nonzero (a regression: it raised
+    LoSAVerificationError in round 5), and must subtract the delta of the adapter's NEW rank."""
+    lm = sr.load_model("tiny-llama")
+    cfg = LoSAConfig(protocol="test", steps=3, train_batch_size=2, seq_len=32, rank=8, sparsity=0.7)
+    res = run_losa_model(lm, cfg, data_dir=data_dir)
+    assert len(res.rounds) == 5
+    assert res.sparsity_measured == pytest.approx(res.rounds[-1].measured_mean)
+
+
+def test_keep_effective_nonzero_moves_one_ulp():
+    from sparse_runtime.losa.rounds import _keep_effective_nonzero_
+
+    d = torch.tensor([3.8833e-04, -8.2291e-05, 0.5, 0.0])
+    w = torch.tensor([0.0, 0.0, 0.25, torch.finfo(torch.float32).tiny])
+    w[:2] = torch.finfo(torch.float32).tiny - d[:2]  # rounds to -d: the effective weight would vanish
+    keep = torch.tensor([True, True, True, True])
+    assert int(((w + d) == 0).sum()) == 2
+    assert _keep_effective_nonzero_(w, d, keep) == 2
+    assert torch.all((w + d) != 0)
+    assert w[2] == 0.25  # untouched where the effective weight was already nonzero
+
+
 def test_rounds_atp_sparsegpt_and_owl_dsnot(data_dir):
     for kw in (dict(allocation="atp", prune_method="sparsegpt", rounds=2, steps=2, rmi_features="inputs"),
                dict(allocation="owl", refine="dsnot", rounds=2, steps=0, owl_lambda=0.05)):

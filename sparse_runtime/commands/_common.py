@@ -20,3 +20,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_out_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--out", required=required, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="where the model runs: cpu (default) or cuda[:N]; checkpoints are always written from the CPU")
+
+
+def check_device(device) -> None:
+    """A clear error before any loading when the named device is not there."""
+    if not device or device == "cpu":
+        return
+    import torch
+
+    from ..errors import ConfigError
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this PyTorch sees no CUDA device (torch {torch.__version__}); "
+                          "use --device cpu or install a CUDA build of PyTorch")

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 from . import Command
-from ._common import add_data_args, add_model_args
+from ._common import add_data_args, add_device_arg, add_model_args, check_device
 
 
 def add_arguments(p):
     add_model_args(p)
+    add_device_arg(p)
     add_data_args(p)
     p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity under --protocol")
     p.add_argument("--zeroshot", default=None, metavar="TASKS",
@@ -36,6 +37,7 @@ def run(args) -> int:
     from ..report import markdown_table
 
     proto = get_protocol(args.protocol)  # fail on a bad protocol before loading anything
+    check_device(args.device)
     do_ppl = args.ppl or not args.zeroshot
     limit = None
     if args.zeroshot:
@@ -44,7 +46,9 @@ def run(args) -> int:
             raise ConfigError(f"--limit must be a positive number of items per task, got {args.limit}")
         limit = args.limit if args.limit is not None else protocol_limit(proto.name)
     lm = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
-    out: dict = {"model": lm.source, "protocol": proto.name}
+    if args.device:
+        lm.model.to(args.device)
+    out: dict = {"model": lm.source, "protocol": proto.name, "device": args.device or "cpu"}
     if do_ppl:
         from ..eval.perplexity import wikitext2_perplexity
 

@@ -7,7 +7,7 @@ parallel training (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_model_args, add_out_args
+from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device
 
 
 def add_arguments(p):
@@ -15,6 +15,7 @@ def add_arguments(p):
     from ..losa.cli import add_losa_arguments  # registers "losa" (issue 8)
 
     add_model_args(p)
+    add_device_arg(p)
     add_data_args(p)
     add_out_args(p)
     g = p.add_argument_group("method")
@@ -60,6 +61,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    check_device(args.device)
     if args.method == "losa":  # LoSA prunes from the dense model in rounds: its own loop (issue 8)
         from ..losa.cli import run_from_args
 
@@ -88,7 +90,7 @@ def run(args) -> int:
 
         raise ConfigError("--grad-mode and --init-samples apply to --method lors only")
     res, lm = finetune(args.model, args.out, cfg, opts, data_dir=args.data_dir, resume=args.resume,
-                       overwrite=args.overwrite, dtype=args.dtype)
+                       overwrite=args.overwrite, dtype=args.dtype, device=args.device)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -7,6 +7,7 @@ Takes all of ``finetune``'s data/training options plus the SEFT group below (doc
 from __future__ import annotations
 
 from . import Command
+from ._common import check_device
 from .finetune import add_arguments as add_finetune_arguments
 
 
@@ -73,8 +74,9 @@ def run(args) -> int:
             "grad_impl": args.grad_impl, "mask_source": args.mask_source}
     if args.targets:
         opts["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
+    check_device(args.device)
     res, lm = finetune(args.model, args.out, cfg, opts, data_dir=args.data_dir, resume=args.resume,
-                       overwrite=args.overwrite, dtype=args.dtype)
+                       overwrite=args.overwrite, dtype=args.dtype, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
         print(f"fine-tuned seft: {res.steps} steps, {res.tokens} tokens, final loss {last}, "

@@ -57,7 +57,7 @@ def config_from_args(args):
               data_seed=args.data_seed, lr=args.lr, lr_schedule=args.schedule, warmup_ratio=args.warmup_ratio,
               weight_decay=args.weight_decay, seed=args.seed, precision=args.precision,
               gradient_checkpointing=args.gradient_checkpointing,
-              loss_chunk_tokens=getattr(args, "loss_chunk", 0))
+              loss_chunk_tokens=getattr(args, "loss_chunk", 0), device=getattr(args, "device", None))
     if args.alpha is not None:
         kw["alpha"] = args.alpha
     if getattr(args, "dropout", None) is not None:

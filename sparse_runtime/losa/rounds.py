@@ -117,6 +117,20 @@ def _fix_kept_zeros_(w: torch.Tensor, keep: torch.Tensor) -> int:
     return n
 
 
+def _keep_effective_nonzero_(w: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor) -> int:
+    """Where a kept weight's effective value ``w + delta`` rounds to exactly zero, move ``w`` one ulp
+    away. It happens when a layer's rate drops between rounds: a weight pruned earlier is kept again
+    holding ``tiny``, and ``(tiny - d) + d`` rounds to 0. One ulp suffices: ``w = -d`` exactly there,
+    and the sum of two floats that close is exact (Sterbenz), so it becomes +-ulp(d), not zero."""
+    bad = keep & ((w.float() + delta) == 0)
+    n = int(bad.sum())
+    if n:
+        away = torch.where(delta[bad] >= 0, torch.tensor(float("inf"), device=w.device),
+                           torch.tensor(float("-inf"), device=w.device)).to(w.dtype)
+        w[bad] = torch.nextafter(w[bad], away)
+    return n
+
+
 def _refined_keep(new: torch.Tensor, pruner_keep: torch.Tensor) -> torch.Tensor:
     """The refiner's keep set with each row's count equal to the pruner's: its nonzeros, topped up
     (where a kept weight is exactly zero, e.g. one pruned in an earlier round and now allowed back by
@@ -335,12 +349,15 @@ class _Job:
             W = ad.base.weight
             keep = W != 0
             ad.set_mask(keep)
-            new = (W.float() - ad.delta_weight(masked=True)).to(W.dtype)
+            # the rank first: a shrink (truncated SVD) changes the delta, and the delta subtracted here
+            # must be the one that stays, so that W' + delta equals the re-pruned weight
+            ad.set_rank(ranks_by_block[self.selected[name][0]])
+            d = ad.delta_weight(masked=True)
+            new = (W.float() - d).to(W.dtype)
             new[~keep] = 0
             _fix_kept_zeros_(new, keep)
+            _keep_effective_nonzero_(new, d, keep)
             W.copy_(new)
-            bi = self.selected[name][0]
-            ad.set_rank(ranks_by_block[bi])
             _set_module(self.model, name, ad)
 
     def verify(self, targets: dict[str, float], zeros: dict[str, int], t: int) -> dict[int, float]:

@@ -129,6 +129,11 @@ class TrainResult:
     trainable_parameters: int = 0
     peak_rss_mb: float = 0.0
     resumed_from: Optional[str] = None
+    # on a CUDA device: torch.cuda.max_memory_allocated over the training loop (weights, adapters,
+    # optimiser state, activations; the allocator's cached slack excluded), MiB; None on CPU
+    peak_device_mb: Optional[float] = None
+    # the process's CUDA peak before the loop (model load, adapter init such as LoRS's gradient SVD)
+    peak_device_setup_mb: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -269,6 +274,12 @@ class Trainer:
             module = torch.nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model.train()
+        cuda = self.device.type == "cuda"
+        setup_peak = None
+        if cuda:  # the peak of this loop alone, not of whatever ran in the process before
+            torch.cuda.synchronize(self.device)
+            setup_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
         steps = range(self.step, self.total_steps)
         bar = (progress(steps, desc=f"finetune [{self.method}]", initial=self.step, total=self.total_steps)
@@ -297,6 +308,8 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if cuda:  # kernels run asynchronously: a step's time ends when its work has
+                torch.cuda.synchronize(self.device)
             self.step += 1
             step_tokens = sum(len(e.input_ids) for e in examples)
             self.tokens += step_tokens
@@ -326,7 +339,8 @@ class Trainer:
         self.model.eval()
         res = TrainResult(self.out_dir, self.step, self.losses, self.evals, self.tokens, seconds,
                           count_trainable(self.model), peak_rss_mb(),
-                          str(resumed_from) if resumed_from is not None else None)
+                          str(resumed_from) if resumed_from is not None else None,
+                          torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None, setup_peak)
         if self.dist.rank == 0:
             save_adapter(self.model, self.out_dir, self.method, self.adapter_cfg, base_model=self.base_model,
                          fingerprint=self.fingerprint,
