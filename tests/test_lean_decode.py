@@ -189,3 +189,16 @@ def test_engines_match_torch_cpu(tmp_path):
         assert f() > 0 and f() > 0
         calls = sum(eng.evidence()["kernel_calls"].values())
         assert (calls > 0) == (name == "sparse-cpu")
+
+
+def test_stage_profile_accounts_for_the_step():
+    from sparse_runtime.kernels import decode as cdec
+
+    lean = lean_of(pruned(tiny_model("llama")))
+    lean.prefill(torch.tensor([[1, 2, 3]]))
+    cdec.profile_start()
+    for t in range(5):
+        lean.decode_token(t)
+    stages = cdec.profile_stop()
+    assert set(stages) == set(cdec.STAGES) and all(v >= 0 for v in stages.values())
+    assert stages["lm_head"] > 0 and stages["qkv"] > 0

@@ -18,6 +18,7 @@ from . import _lib
 from .layout import PackedWeight
 
 KIND_DENSE, KIND_BITMASK, KIND_CSR16 = 0, 1, 2
+STAGES = ("norms", "qkv", "rope+cache", "attention", "o_proj", "gate_up", "silu*mul", "down", "lm_head")  # C order
 _KINDS = {"bitmask": KIND_BITMASK, "csr16": KIND_CSR16}
 _i32, _i64, _p, _f = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -71,6 +72,10 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_step.restype = ctypes.c_int
         lb.sr_decode_scratch_floats.argtypes = [ctypes.POINTER(CModel)]
         lb.sr_decode_scratch_floats.restype = _i64
+        lb.sr_decode_profile.argtypes = [ctypes.c_int]
+        lb.sr_decode_profile.restype = None
+        lb.sr_decode_profile_get.argtypes = [_p]
+        lb.sr_decode_profile_get.restype = None
     return lb
 
 
@@ -81,6 +86,20 @@ def available() -> bool:
 
 def scratch_floats(model: CModel) -> int:
     return int(_bind().sr_decode_scratch_floats(ctypes.byref(model)))
+
+
+def profile_start() -> None:
+    """Zero and start the per-stage timers of the C step (thread 0, between barriers)."""
+    _bind().sr_decode_profile(1)
+
+
+def profile_stop() -> dict[str, float]:
+    """Stop the stage timers; seconds accumulated per stage since :func:`profile_start`."""
+    lb = _bind()
+    buf = (ctypes.c_double * len(STAGES))()
+    lb.sr_decode_profile_get(buf)
+    lb.sr_decode_profile(0)
+    return {name: float(buf[i]) for i, name in enumerate(STAGES)}
 
 
 class DecodeStep:
