@@ -36,6 +36,7 @@ def stats_module():
 
     spec = importlib.util.spec_from_file_location("_stats", ROOT / "sparse_runtime" / "bench" / "stats.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)  # plain Python, no package import (the GPU image has other versions)
     return mod
 

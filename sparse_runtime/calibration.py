@@ -208,10 +208,15 @@ def sequential_pass(
     model.config.use_cache = False
     blocks = family.blocks(model)
     t0 = time.perf_counter()
-    if offload:
-        # Only the embedding and rotary tables go to the device; blocks follow one at a time.
-        family.embed(model).to(dev)
+    embed = family.embed(model)
+    embed_home = next(embed.parameters()).device
+    if offload or embed_home != dev:
+        # Only the embedding (the rotary tables follow their input) goes to the device; blocks follow
+        # one at a time. Without offload it goes back home after the capture, like the blocks.
+        embed.to(dev)
     inputs = capture_block_inputs(model, family, calib_ids, batch_size, dev)
+    if not offload and embed_home != dev:
+        embed.to(embed_home)
     timing.embed_s = time.perf_counter() - t0
     kwargs = {k: _move(v, dev) for k, v in inputs.kwargs.items()}
     hidden = [h.to(dev) for h in inputs.hidden]

@@ -496,10 +496,15 @@ def run_losa(model_spec, out, cfg: LoSAConfig, *, data_dir=None, overwrite: bool
     lm = load_model(model_spec, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.losa-", dir=out.parent))
+    if cfg.device and not cfg.offload:
+        # the whole model on the device: the fine-tuning rounds train where the model is, and the
+        # calibration passes then find every block at home
+        lm.model.to(cfg.device)
     try:
         result = run_losa_model(lm, cfg, data_dir=data_dir, work_dir=work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    lm.model.to("cpu")  # the checkpoint is written from host memory
     prev = lm.manifest
     last = result.rounds[-1]
     by_block = dict(zip(result.blocks, last.block_rates))
