@@ -11,10 +11,13 @@ alternating call by call; threads fixed per row. GB/s = bytes of the weight enco
 bound = dense bytes / encoding bytes (protocols.md). The measured dense/sparse batch threshold of
 the module (SparseLinear.batch_threshold) is printed per shape.
 
-Part 2, end to end: SmolLM2-135M pruned by per-row magnitude (70 %) and 2:4 magnitude on all block
-linears, swapped to SparseLinear; decode ms/token (KV cache, after a --prompt-token prefill) and
-prefill ms, dense vs sparse in the same process, alternating, median of --repeats. The model's
-bound counts its dense tied lm_head.
+Part 2, end to end (``--e2e-only`` runs just this): SmolLM2-135M dense and the Wanda 70 % / 2:4
+checkpoints of bench_latency.py on every engine that matters here, loaded in one process and
+timed in the same interleaved rounds: torch-cpu (HF eager, dense), ort-cpu (dense), torch-sparse
+(HF eager + SparseLinear), lean-cpu (the lean path, dense) and sparse-cpu (the lean path, sparse).
+Decode ms/token after a --context prefill, prefill 1 x --prefill-tokens; speedups against the same
+path's dense model, torch-cpu dense and ORT dense; the lean path's bound (its dense lm_head
+counted), achieved weight GB/s, and its per-stage decode profile at 1 and 2 threads.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_runtime.kernels import (SparseLinear, available, call_counts, counters, pack, reset_counters,
-                                    sparsify_linears, supported_isas, unavailable_reason)
+from sparse_runtime.kernels import (SparseLinear, available, counters, pack, reset_counters,
+                                    supported_isas, unavailable_reason)
 from sparse_runtime.kernels import _lib
 from sparse_runtime.kernels._lib import DEFAULT_LAYOUT
 from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice, measure_threshold
@@ -202,90 +205,129 @@ def bench_bf16(threads, batches, repeats, shapes, structs):
     return rows
 
 
+E2E_ENGINES = (  # (engine, model label): one unit each, all timed in the same interleaved rounds
+    ("torch-cpu", "dense"), ("ort-cpu", "dense"), ("torch-sparse", "wanda-70"), ("torch-sparse", "wanda-2:4"),
+    ("lean-cpu", "dense"), ("sparse-cpu", "wanda-70"), ("sparse-cpu", "wanda-2:4"))
+CHECKPOINTS = {"wanda-70": "wanda-70", "wanda-2:4": "wanda-24"}  # label -> dir under <cache>/bench-latency
+
+
+def e2e_sources() -> dict[str, str]:
+    """The dense model spec and the Wanda checkpoints of bench_latency.py (the models latency.md and
+    its DeepSparse rows used), so the figures compare like with like."""
+    from sparse_runtime.models.loading import cache_dir
+
+    root = cache_dir() / "bench-latency"
+    out = {"dense": "smollm2-135m"}
+    for label, d in CHECKPOINTS.items():
+        if not (root / d / "sparsity_manifest.json").is_file():
+            raise SystemExit(f"missing {root / d}: run `python benchmarks/bench_latency.py --prepare-only` first")
+        out[label] = str(root / d)
+    return out
+
+
+def lean_bytes(lean) -> tuple[float, float]:
+    """(dense bytes, bytes actually read) of one decode token's weights: fused linears + lm_head."""
+    head = lean.lm_head.numel() * 4
+    dense = head + sum(f.weight.numel() * 4 for f in lean.linears())
+    read = head + sum(f.module.packed.nbytes if f.module is not None else f.weight.numel() * 4 for f in lean.linears())
+    return dense, read
+
+
 @torch.inference_mode()
-def bench_e2e(threads, repeats, prompt_tokens, decode_tokens, structs):
-    import sparse_runtime as sr
-    from sparse_runtime.models import family_of
+def lean_stages(engines: dict, threads_list, steps: int = 32, context: int = 128) -> list[dict]:
+    """Per-stage ms/token of the lean C step (sr_decode_profile) at each thread count."""
+    from sparse_runtime.kernels import decode as cdec
 
-    torch.set_num_threads(threads)
-    models = {}
-    dense = sr.load_model("smollm2-135m").model.eval()
-    models["dense"] = dense
-    bound = {}
-    head_bytes = dense.lm_head.weight.numel() * 4
-    info = {}
-    for struct in structs:
-        m = sr.load_model("smollm2-135m").model.eval()
-        fam = family_of(m)
-        for _, lin in fam.iter_linears(m):
-            lin.weight.copy_(prune(lin.weight, struct))
-        t = time.perf_counter()
-        rep = sparsify_linears(m, calibrate=True)
-        info[struct] = f"{rep.summary()} in {time.perf_counter() - t:.1f}s"
-        dense_bytes = head_bytes + sum(mod.in_features * mod.out_features * 4 for mod in rep.swapped.values())
-        sparse_bytes = head_bytes + sum(mod.packed.nbytes for mod in rep.swapped.values())
-        bound[struct] = dense_bytes / sparse_bytes
-        models[struct] = m
-    ids = torch.randint(100, 20000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-
-    def prefill(model):
-        return model(ids, use_cache=True)
-
-    def decode(model):
-        out = model(ids, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t) * 1e3 / decode_tokens
-
-    for m in models.values():  # warm-up
-        decode(m)
-    reset_counters()
-    dec = {k: [] for k in models}
-    pre = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
-            dec[k].append(decode(m))
-            t = time.perf_counter()
-            prefill(m)
-            pre[k].append((time.perf_counter() - t) * 1e3)
     rows = []
-    d_dec, d_pre = statistics.median(dec["dense"]), statistics.median(pre["dense"])
-    for k in models:
-        cc = call_counts(models[k])
-        rows.append({"model": "SmolLM2-135M", "weights": k, "threads": threads,
-                     "decode_ms_per_token": statistics.median(dec[k]),
-                     "decode_min_max": f"{min(dec[k]):.3g}-{max(dec[k]):.3g}",
-                     "decode_speedup": d_dec / statistics.median(dec[k]),
-                     f"prefill{prompt_tokens}_ms": statistics.median(pre[k]),
-                     "prefill_speedup": d_pre / statistics.median(pre[k]),
-                     "bound": bound.get(k, 1.0), "sparse_calls": cc["sparse_calls"], "dense_calls": cc["dense_calls"]})
-        print(rows[-1], flush=True)
-    return rows, info
+    ids = torch.randint(100, 20000, (1, context), generator=torch.Generator().manual_seed(0))
+    for (name, label), eng in engines.items():
+        if not name.endswith("-cpu") or not hasattr(eng, "lean"):
+            continue
+        lean = eng.lean
+        saved = lean.threads
+        for th in threads_list:
+            lean.threads = th
+            per = []
+            for _ in range(3):
+                lean.prefill(ids)
+                cdec.profile_start()
+                t = time.perf_counter()
+                for i in range(steps):
+                    lean.decode_token(100 + i)
+                total = (time.perf_counter() - t) * 1e3 / steps
+                per.append((total, cdec.profile_stop()))
+            total, stages = sorted(per, key=lambda p: p[0])[1]  # the median round
+            row = {"part": "lean decode stages", "engine": name, "model": label, "threads": th,
+                   "median_ms": total}
+            row.update({f"{k} ms": v * 1e3 / steps for k, v in stages.items()})
+            rows.append(row)
+            print(row, flush=True)
+        lean.threads = saved
+    return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", default="1,2", help="comma list of thread counts for the layer table")
-    ap.add_argument("--batches", default="1,8,16")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--shapes", default="all", choices=["all", "smol", "7b"])
-    ap.add_argument("--no-ort", action="store_true")
-    ap.add_argument("--no-e2e", action="store_true")
-    ap.add_argument("--no-bf16", action="store_true")
-    ap.add_argument("--e2e-threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--out-dir", default="benchmarks/results")
-    a = ap.parse_args(argv)
-    if not available():
-        raise SystemExit(unavailable_reason())
-    t0 = time.perf_counter()
-    shapes = {"all": SMOL + SEVEN_B, "smol": SMOL, "7b": SEVEN_B}[a.shapes]
-    threads = [int(t) for t in a.threads.split(",")]
-    batches = [int(b) for b in a.batches.split(",")]
+def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_tokens: int, with_ort: bool,
+              stage_threads) -> tuple[list[dict], list[str]]:
+    """Decode (batch 1, ``steps`` tokens after ``context``) and prefill (1 x ``prefill_tokens``) on every
+    (engine, model) of E2E_ENGINES, all loaded in one process and timed in the same rounds (order
+    rotated each round; one warm-up round)."""
+    from sparse_runtime.runtime import Scenario, load_engine
+
+    src = e2e_sources()
+    engines, notes = {}, []
+    for name, label in E2E_ENGINES:
+        if name == "ort-cpu" and not with_ort:
+            continue
+        t = time.perf_counter()
+        try:
+            engines[(name, label)] = load_engine(name, src[label], threads=threads)
+        except Exception as e:  # an engine that cannot run here is reported, not fatal
+            notes.append(f"{name} {label}: not run ({e})")
+            continue
+        notes.append(f"{name} {label}: loaded in {time.perf_counter() - t:.1f}s; "
+                     f"{engines[(name, label)].evidence().get('sparse_path', '')}")
+    scen = {"decode": Scenario("decode", context, 1, steps), "prefill": Scenario("prefill", prefill_tokens, 1)}
+    times = {(k, s): [] for k in engines for s in scen}
+    for s, sc in scen.items():
+        units = {k: eng.timer(sc) for k, eng in engines.items()}
+        keys = list(units)
+        for k in keys:  # warm-up
+            units[k]()
+        for r in range(repeats):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                times[(k, s)].append(sc.per_unit(units[k]()))
+    med = {ks: statistics.median(v) for ks, v in times.items()}
+    rows = []
+    for (name, label), eng in engines.items():
+        dense_same = next((k for k in engines if k[0] == name.replace("torch-sparse", "torch-cpu").replace(
+            "sparse-cpu", "lean-cpu") and k[1] == "dense"), None)
+        row = {"part": "end to end", "engine": name, "model": label, "threads": threads}
+        for s, sc in scen.items():
+            v = times[((name, label), s)]
+            col = "decode ms/token" if s == "decode" else f"prefill 1x{prefill_tokens} ms"
+            row[col] = med[((name, label), s)]
+            row[f"{s} min-max"] = f"{min(v):.3g}-{max(v):.3g}"
+            if dense_same:
+                row[f"{s} vs same-path dense"] = med[(dense_same, s)] / med[((name, label), s)]
+            for ref in (("torch-cpu", "dense"), ("ort-cpu", "dense")):
+                if ref in engines:
+                    row[f"{s} vs {ref[0]} dense"] = med[(ref, s)] / med[((name, label), s)]
+        if hasattr(eng, "lean"):
+            dense_b, read_b = lean_bytes(eng.lean)
+            row["bound"] = dense_b / read_b
+            row["weights GB/s (decode)"] = read_b / (row["decode ms/token"] * 1e-3) / 1e9
+        mc = eng.evidence().get("module_calls", {})
+        row["sparse products"] = mc.get("sparse_products", mc.get("sparse_calls", ""))
+        row["dense products (fallback)"] = mc.get("dense_fallback_products", mc.get("dense_calls", ""))
+        rows.append(row)
+        print(row, flush=True)
+    rows += lean_stages(engines, stage_threads)
+    for eng in engines.values():
+        eng.close()
+    return rows, notes
+
+
+def layer_part(a, shapes, threads, batches) -> None:
     reset_counters()
     rows = bench_layers(threads, batches, a.repeats, shapes, STRUCTS, not a.no_ort)
     layer_counters = counters()
@@ -311,16 +353,62 @@ def main(argv=None):
                          protocol=f"layer latency, batches [1, 8], threads {threads[0]}",
                          notes=[f"median of {a.repeats} alternating calls; x/y bf16, fp32 accumulation in our kernel",
                                 "bound_vs_dense_bf16 = 2 bytes per dense weight / encoding bytes"], out_dir=a.out_dir)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", default="1,2", help="comma list of thread counts for the layer table")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--shapes", default="all", choices=["all", "smol", "7b"])
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end part")
+    ap.add_argument("--e2e-threads", type=int, default=2)
+    ap.add_argument("--e2e-repeats", type=int, default=7)
+    ap.add_argument("--context", type=int, default=128, help="decode context (tokens prefilled untimed)")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=128)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    if not available():
+        raise SystemExit(unavailable_reason())
+    t0 = time.perf_counter()
+    shapes = {"all": SMOL + SEVEN_B, "smol": SMOL, "7b": SEVEN_B}[a.shapes]
+    threads = [int(t) for t in a.threads.split(",")]
+    batches = [int(b) for b in a.batches.split(",")]
+    if not a.e2e_only:
+        layer_part(a, shapes, threads, batches)
     if not a.no_e2e:
-        e2e, info = bench_e2e(a.e2e_threads, 5, a.prompt_tokens, a.decode_tokens, ["70%", "2:4"])
-        notes_e2e = [f"decode: {a.decode_tokens} greedy tokens after a {a.prompt_tokens}-token prompt (KV cache), "
-                     f"ms/token, median of 5 alternating runs; prefill {a.prompt_tokens} tokens batch 1",
-                     "pruning: per-row magnitude (70 %) / 2:4 magnitude on all 210 block linears; lm_head (tied) dense",
-                     "bound = (dense bytes of block linears + lm_head) / (sparse encoding bytes + lm_head)",
-                     *[f"sparsify {k}: {v}" for k, v in info.items()], f"kernel counters {counters()}",
-                     f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
-                     "dense ORT end to end is measured by the engines benchmark (bench_latency.py), not here"]
-        save_results("kernels_e2e", "SmolLM2-135M decode/prefill: SparseLinear vs dense PyTorch", e2e,
+        reset_counters()
+        e2e, notes = bench_e2e(a.e2e_threads, a.e2e_repeats, a.context, a.decode_tokens, a.prefill_tokens,
+                               not a.no_ort, sorted({1, a.e2e_threads}))
+        notes_e2e = [
+            f"decode: context {a.context} tokens prefilled untimed, then {a.decode_tokens} single-token steps with "
+            f"KV cache, ms/token; prefill: one forward of 1 x {a.prefill_tokens} tokens, full logits; median of "
+            f"{a.e2e_repeats} rounds after one warm-up round, every (engine, model) once per round in an order "
+            f"rotated each round, all in one process; {a.e2e_threads} threads for every engine",
+            "models: SmolLM2-135M dense and the Wanda 70 % / 2:4 checkpoints of bench_latency.py (uniform, "
+            "32 x 512 C4 calibration tokens); embeddings and the tied lm_head stay dense",
+            "engines: torch-cpu = HF eager dense; ort-cpu = ONNX Runtime on the optimum export (dense); "
+            "torch-sparse = HF eager with SparseLinear swapped in (7 linears per layer, measured thresholds); "
+            "lean-cpu = the lean path (runtime/lean_llama.py: fused q/k/v and gate/up, preallocated KV cache, "
+            "a whole decode token in one C call) with dense weights and a dense C matrix-vector kernel; "
+            "sparse-cpu = the same lean path on the packed sparse weights",
+            "bound = bytes of the dense weights read per token (fused linears + lm_head) / bytes of what the path "
+            "reads (packed sparse linears + the dense lm_head); weights GB/s = bytes read per token / decode time",
+            "lean decode stages: sr_decode_profile, thread 0's time between barriers, median of 3 rounds of "
+            f"{a.decode_tokens} steps after a {a.context}-token prefill (so a stage includes waiting for the "
+            "slowest thread); 'norms' includes the residual adds",
+            "for comparison, from ANOTHER run (benchmarks/results/latency.md, same models, 2 threads, decode @ ctx "
+            "128, 16 steps): DeepSparse 1.8 decode 30.5 ms/token at Wanda 70 % (dense 44.8), 40.3 at 2:4; prefill "
+            "1 x 128 164 ms at 70 % (dense 308); ORT dense decode 63.0 ms/token (96.7 with dense loaded last, "
+            "latency_dense_last.md); those figures are not paired with these",
+            *notes, f"kernel counters {counters()}",
+            f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
+            "shared 2-core VM: other processes may run unlocked; read the min-max columns"]
+        save_results("kernels_e2e", "SmolLM2-135M end to end: lean sparse path vs dense (PyTorch, ORT, lean)", e2e,
                      protocol=f"latency, batch 1, threads {a.e2e_threads}", model="SmolLM2-135M-Instruct (fp32)",
                      notes=notes_e2e, out_dir=a.out_dir)
     print(f"wall time {time.perf_counter() - t0:.0f}s")

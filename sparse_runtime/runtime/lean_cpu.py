@@ -78,11 +78,13 @@ class SparseCPUEngine(Engine):
         return {**super().info(), "torch": torch.__version__, "kernel_isa": self.lean.isa, "lean": self.lean.summary()}
 
     def evidence(self) -> dict[str, Any]:
+        """``module_calls``: this model's own sparse/dense product counts; ``kernel_calls``: the C
+        library's per-path counters since load (process-wide: other models' calls included)."""
         from ..kernels import counters
 
         now = counters()
         delta = {p: v - self._counter0.get(p, 0) for p, v in now.items() if v - self._counter0.get(p, 0)}
-        return {"sparse_path": self.lean.summary(), "kernel_calls": delta}
+        return {"sparse_path": self.lean.summary(), "kernel_calls": delta, "module_calls": self.lean.call_counts()}
 
 
 @ENGINES.register("lean-cpu")

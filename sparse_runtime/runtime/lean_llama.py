@@ -24,7 +24,7 @@ q/k norms, non-SiLU MLPs, rope types whose frequencies depend on the sequence le
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -201,6 +201,7 @@ class LeanLlama:
         self.length = 0
         self.cap = 0
         self._step = None
+        self.c_steps = 0  # decode tokens run by the C step (each runs every fused linear once)
         self._grow(max(16, int(lean.initial_cache)), batch=1)
 
     # -- summary --------------------------------------------------------------------------------
@@ -214,6 +215,15 @@ class LeanLlama:
         return (f"lean {'sparse' if self.config.sparse else 'dense'}: {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (prefill thresholds {th}), isa {self.isa}, "
                 f"C decode step {'on' if self._step is not None else 'off'}")
+
+    def call_counts(self) -> dict[str, int]:
+        """This model's own evidence (the C library's counters are process-wide): sparse kernel
+        products run (C decode steps x sparse fused linears + torch-path sparse calls) and dense
+        products of the sparse-capable linears (prefill above the measured threshold)."""
+        mods = [f.module for f in self.linears() if f.module is not None]
+        return {"c_decode_steps": self.c_steps,
+                "sparse_products": self.c_steps * len(mods) + sum(m.sparse_calls for m in mods),
+                "dense_fallback_products": sum(m.dense_calls for m in mods)}
 
     # -- cache ----------------------------------------------------------------------------------
     def _grow(self, need: int, batch: int) -> None:
@@ -317,6 +327,7 @@ class LeanLlama:
         self._step(int(token), pos, self.cos.data_ptr() + row, self.sin.data_ptr() + row, self._logits.data_ptr(),
                    self.threads)
         self.length = pos + 1
+        self.c_steps += 1
         return self._logits
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
