@@ -22,6 +22,7 @@ counted), achieved weight GB/s, and its per-stage decode profile at 1 and 2 thre
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -205,6 +206,27 @@ def bench_bf16(threads, batches, repeats, shapes, structs):
     return rows
 
 
+def cpu_times() -> list[int]:
+    """Aggregate CPU jiffies from /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal."""
+    try:
+        return [int(v) for v in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        return []
+
+
+def machine_state(t0: list[int], load0: float) -> str:
+    """How busy the machine was over a run (this process included): a high system or steal share,
+    or a load above the threads used, marks a degraded run."""
+    t1 = cpu_times()
+    if not t0 or not t1:
+        return f"machine state: load average {load0:.2f} at start (no /proc/stat)"
+    d = [b - a for a, b in zip(t0, t1)]
+    tot = max(sum(d), 1)
+    us, sy, idle, st = (d[0] + d[1]) / tot, (d[2] + d[5] + d[6]) / tot, (d[3] + d[4]) / tot, d[7] / tot
+    return (f"machine state over the run (all processes, this one included): user {us:.0%}, system {sy:.0%}, "
+            f"idle {idle:.0%}, steal {st:.0%}; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+
+
 E2E_ENGINES = (  # (engine, model label): one unit each, all timed in the same interleaved rounds
     ("torch-cpu", "dense"), ("ort-cpu", "dense"), ("torch-sparse", "wanda-70"), ("torch-sparse", "wanda-2:4"),
     ("lean-cpu", "dense"), ("sparse-cpu", "wanda-70"), ("sparse-cpu", "wanda-2:4"))
@@ -382,6 +404,7 @@ def main(argv=None):
         layer_part(a, shapes, threads, batches)
     if not a.no_e2e:
         reset_counters()
+        state0, load0 = cpu_times(), os.getloadavg()[0]
         e2e, notes = bench_e2e(a.e2e_threads, a.e2e_repeats, a.context, a.decode_tokens, a.prefill_tokens,
                                not a.no_ort, sorted({1, a.e2e_threads}))
         notes_e2e = [
@@ -407,7 +430,8 @@ def main(argv=None):
             "latency_dense_last.md); those figures are not paired with these",
             *notes, f"kernel counters {counters()}",
             f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
-            "shared 2-core VM: other processes may run unlocked; read the min-max columns"]
+            "shared 2-core VM: other processes may run unlocked; read the min-max columns",
+            machine_state(state0, load0)]
         save_results("kernels_e2e", "SmolLM2-135M end to end: lean sparse path vs dense (PyTorch, ORT, lean)", e2e,
                      protocol=f"latency, batch 1, threads {a.e2e_threads}", model="SmolLM2-135M-Instruct (fp32)",
                      notes=notes_e2e, out_dir=a.out_dir)
