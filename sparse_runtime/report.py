@@ -69,30 +69,37 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Optional[Sequence[st
     return "\n".join(out) + "\n"
 
 
-def header_lines(title: str, protocol: str, model: str = "", notes: Iterable[str] = ()) -> list[str]:
-    m = machine_info()
-    v = versions()
+def header_lines(title: str, protocol: str, model: str = "", notes: Iterable[str] = (),
+                 measured: Optional[dict[str, Any]] = None) -> list[str]:
+    """``measured`` = the source run's saved ``machine``/``versions``/``date`` for a table derived
+    from another machine's results (the header then names that machine, not this one)."""
+    m = (measured or {}).get("machine") or machine_info()
+    v = (measured or {}).get("versions") or versions()
+    date = (measured or {}).get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     lines = [f"# {title}", "",
              f"- protocol: {protocol}",
              *( [f"- model: {model}"] if model else [] ),
              f"- machine: CPU {m['cpu']} ({m['isa_summary']}; flags {', '.join(m['isa']) or 'none'}), "
              f"{m['cores']} cores, torch threads {m.get('torch_threads')}" + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-             f"- date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"]
+             f"- date: {date}" + (" (of the source run)" if measured else "")]
     lines += [f"- {n}" for n in notes]
     return lines + [""]
 
 
 def save_results(name: str, title: str, rows: Sequence[dict[str, Any]], *, protocol: str, model: str = "",
                  notes: Iterable[str] = (), columns: Optional[Sequence[str]] = None,
-                 out_dir: os.PathLike = "benchmarks/results", extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``<out_dir>/<name>.md`` and ``.json`` (atomically) and print the table."""
+                 out_dir: os.PathLike = "benchmarks/results", extra: Optional[dict[str, Any]] = None,
+                 measured: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``<out_dir>/<name>.md`` and ``.json`` (atomically) and print the table. ``measured``:
+    see :func:`header_lines` (for tables derived from a saved run on another machine)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
-    md = "\n".join(header_lines(title, protocol, model, notes)) + "\n" + markdown_table(rows, columns)
-    payload = {"title": title, "protocol": protocol, "model": model, "notes": notes, "machine": machine_info(),
-               "versions": versions(), "rows": list(rows), **(extra or {})}
+    md = "\n".join(header_lines(title, protocol, model, notes, measured)) + "\n" + markdown_table(rows, columns)
+    payload = {"title": title, "protocol": protocol, "model": model, "notes": notes,
+               "machine": (measured or {}).get("machine") or machine_info(),
+               "versions": (measured or {}).get("versions") or versions(), "rows": list(rows), **(extra or {})}
     for suffix, text in ((".md", md), (".json", json.dumps(payload, indent=1, default=str))):
         tmp = out / f".{name}{suffix}.tmp"
         tmp.write_text(text)

@@ -144,3 +144,23 @@ def test_cli_finetune_then_merge(tmp_path, base):
     assert m.history[-1]["stage"] == "merge" and m.history[-1]["method"] == "lors"
     assert main(["finetune", str(base), "--data", "c4", "--steps", "1", "--rank", "999", "--out",
                  str(tmp_path / "x")]) == 2  # rank larger than a layer: one clear line, exit 2
+
+
+def test_lors_init_micro_batch_same_average(tmp_path, base, data_dir):
+    """The gradient-SVD init's micro-batch (a memory knob) does not change the averaged gradient, so
+    the initial adapters agree up to float summation order."""
+    from sparse_runtime.adapters import adapter_state_dict
+
+    cfg = c4cfg(steps=1, lr=1e-12)  # the adapters stay at their initialisation
+    _, lm_a = finetune(base, tmp_path / "a", cfg, {**LORS, "init_samples": 4}, data_dir=data_dir)
+    _, lm_b = finetune(base, tmp_path / "b", cfg, {**LORS, "init_samples": 4, "init_micro_batch": 1},
+                       data_dir=data_dir)
+    sa, sb = adapter_state_dict(lm_a.model), adapter_state_dict(lm_b.model)
+    assert sa.keys() == sb.keys() and any(k.endswith("lora_A") for k in sa)
+    for k in sa:
+        if k.endswith("lora_A"):  # singular vectors: equal up to sign per row
+            A, B = sa[k], sb[k]
+            sign = torch.sign((A * B).sum(1, keepdim=True))
+            torch.testing.assert_close(A, B * sign, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ConfigError, match="init_micro_batch"):
+        finetune(base, tmp_path / "c", cfg, {**LORS, "init_micro_batch": -1}, data_dir=data_dir)

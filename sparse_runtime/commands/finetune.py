@@ -29,6 +29,8 @@ def add_arguments(p):
                    help="lors: exact masked gradient (default), unmasked straight-through, or the official code's")
     g.add_argument("--init", choices=["kaiming", "gradient-svd"], default=None, help="adapter initialisation")
     g.add_argument("--init-samples", type=int, default=None, help="lors: examples for the gradient-SVD init (default 128)")
+    g.add_argument("--init-micro-batch", type=int, default=None,
+                   help="lors: examples per pass of that init (default: the training micro-batch; lower = lower peak memory)")
     g.add_argument("--dropout", type=float, default=None, help="adapter dropout (masked/dense LoRA)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="alpaca", choices=["alpaca", "c4", "text"], help="training data (default alpaca)")
@@ -84,11 +86,11 @@ def run(args) -> int:
     if args.targets:
         opts["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.method == "lors":
-        opts.update(grad_mode=args.grad_mode, init_samples=args.init_samples)
-    elif args.grad_mode or args.init_samples:
+        opts.update(grad_mode=args.grad_mode, init_samples=args.init_samples, init_micro_batch=args.init_micro_batch)
+    elif args.grad_mode or args.init_samples or args.init_micro_batch:
         from ..errors import ConfigError
 
-        raise ConfigError("--grad-mode and --init-samples apply to --method lors only")
+        raise ConfigError("--grad-mode, --init-samples and --init-micro-batch apply to --method lors only")
     res, lm = finetune(args.model, args.out, cfg, opts, data_dir=args.data_dir, resume=args.resume,
                        overwrite=args.overwrite, dtype=args.dtype, device=args.device)
     import os

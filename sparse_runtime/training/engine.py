@@ -199,18 +199,20 @@ class Trainer:
     def _to(self, b):
         return {k: v.to(self.device) for k, v in b.items()}
 
-    def accumulate_dense_gradients(self, nsamples: int) -> int:
+    def accumulate_dense_gradients(self, nsamples: int, micro_batch: Optional[int] = None) -> int:
         """Average d loss / d W over the first ``nsamples`` training examples into the ``.grad`` of
         every weight that requires grad (see :func:`~sparse_runtime.adapters.dense_weight_gradients`),
-        summed over processes. Used by LoRS's initialisation (and SEFT's growth)."""
+        summed over processes. Used by LoRS's initialisation (and SEFT's growth). ``micro_batch``:
+        examples per forward/backward (default: the training micro-batch); smaller lowers the peak."""
         n = min(nsamples, len(self.train_set))
         examples = [self.train_set[i] for i in self.order.indices(0, n)]
         per = max(1, len(examples) // self.dist.world)
         mine = examples[self.dist.rank * per:(self.dist.rank + 1) * per] if self.dist.enabled else examples
         total = max(1, target_count(examples[:per * self.dist.world] if self.dist.enabled else examples))
         self.model.train()
-        for i in progress(range(0, len(mine), self.micro), desc="dense gradient (init)"):
-            b = self._to(collate(mine[i:i + self.micro], self.pad_id))
+        micro = micro_batch or self.micro
+        for i in progress(range(0, len(mine), micro), desc="dense gradient (init)"):
+            b = self._to(collate(mine[i:i + micro], self.pad_id))
             with autocast_context(self.cfg.precision, self.device):
                 loss_sum, _ = self.loss_module(b["input_ids"], b["labels"], b["attention_mask"])
             (loss_sum / total).backward()
