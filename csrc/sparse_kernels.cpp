@@ -215,46 +215,70 @@ static inline void bm_avx512_tile(const float* x, int64_t K, const uint32_t* mr,
     for (int b = 0; b < TB; ++b) out[b] = hsum512(_mm512_add_ps(lo[b], hi[b]));
 }
 
-// Larger batches: x transposed to [K, Bp] (Bp = B rounded up to 8); the mask bits are walked with
-// tzcnt so each nonzero costs one broadcast and T 8-wide FMAs, i.e. work proportional to nnz
-// instead of the expand path's 16 lanes per mask half (which does dense-equivalent FLOPs).
-template <int T>
-static inline void bm_xt_tile(const float* xT, int64_t Bp, const uint32_t* mr, int64_t Kw, const float* v,
-                              float* out) {
-    __m256 acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t w = 0; w < Kw; ++w) {
-        uint32_t m = mr[w];
-        const float* xw = xT + 32 * w * Bp;
-        while (m) {
-            const __m256 wv = _mm256_broadcast_ss(v++);
-            const float* xr = xw + (int64_t)_tzcnt_u32(m) * Bp;
-            m = _blsr_u32(m);
-            for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
+// Larger batches (prefill): x transposed to [K, Bp] (Bp = B rounded up to 16), so one nonzero
+// W[r, k] costs one broadcast and one 16-wide FMA per 16 tokens (work ~ nnz, not ~ K). Each row's
+// mask is first decoded into the list of its nonzeros' xT offsets (k * Bp) with vpcompressd, branch
+// free; the FMA loop is then a counted loop over that list (no per-bit branches to mispredict),
+// reused for every tile of up to 64 tokens. Tiles narrower than 64 tokens interleave U independent
+// accumulator sets so the FMA latency chain does not bound them.
+template <int T, int U>
+static inline void bm_idx_tile(const float* xT, const int32_t* off, const float* v, int64_t n, float* out) {
+    __m512 acc[U][T];
+    for (int u = 0; u < U; ++u)
+        for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + U <= n; j += U) {
+        for (int u = 0; u < U; ++u) {
+            const __m512 wv = _mm512_set1_ps(v[j + u]);
+            const float* xr = xT + off[j + u];
+            for (int t = 0; t < T; ++t) acc[u][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * t), acc[u][t]);
         }
     }
-    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+    for (; j < n; ++j) {
+        const __m512 wv = _mm512_set1_ps(v[j]);
+        const float* xr = xT + off[j];
+        for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * t), acc[0][t]);
+    }
+    for (int t = 0; t < T; ++t) {
+        __m512 s = acc[0][t];
+        for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
+        _mm512_storeu_ps(out + 16 * t, s);
+    }
 }
 
-static void bm_xt_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
-                            const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
-                            int64_t r1) {
+// off: per-thread scratch of at least 32 * Kw + 16 int32.
+static void bm_idx_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
+                             const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                             int64_t r1, int32_t* off) {
     const int64_t Kw = (K + 31) / 32;
-    float out[32];
+    const __m512i iota = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)Bp));
+    alignas(64) float out[64];
     for (int64_t r = r0; r < r1; ++r) {
         const uint32_t* mr = mask + r * Kw;
         const float* v = vals + rp[r];
+        int64_t n = 0;
+        for (int64_t w = 0; w < Kw; ++w) {
+            const uint32_t m = mr[w];
+            const __mmask16 k0 = (__mmask16)m, k1 = (__mmask16)(m >> 16);
+            const __m512i base = _mm512_add_epi32(iota, _mm512_set1_epi32((int)(32 * w * Bp)));
+            _mm512_storeu_si512((void*)(off + n), _mm512_maskz_compress_epi32(k0, base));
+            n += _mm_popcnt_u32(k0);
+            _mm512_storeu_si512((void*)(off + n),
+                                _mm512_maskz_compress_epi32(k1, _mm512_add_epi32(base, _mm512_set1_epi32((int)(16 * Bp)))));
+            n += _mm_popcnt_u32(k1);
+        }
         const float bb = bias ? bias[r] : 0.f;
-        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
-            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
+        for (int64_t b0 = 0; b0 < Bp; b0 += 64) {
+            const int64_t tiles = (Bp - b0) / 16 < 4 ? (Bp - b0) / 16 : 4;
             const float* xt = xT + b0;
             switch (tiles) {
-                case 1: bm_xt_tile<1>(xt, Bp, mr, Kw, v, out); break;
-                case 2: bm_xt_tile<2>(xt, Bp, mr, Kw, v, out); break;
-                case 3: bm_xt_tile<3>(xt, Bp, mr, Kw, v, out); break;
-                default: bm_xt_tile<4>(xt, Bp, mr, Kw, v, out); break;
+                case 1: bm_idx_tile<1, 4>(xt, off, v, n, out); break;
+                case 2: bm_idx_tile<2, 2>(xt, off, v, n, out); break;
+                case 3: bm_idx_tile<3, 2>(xt, off, v, n, out); break;
+                default: bm_idx_tile<4, 1>(xt, off, v, n, out); break;
             }
-            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
+            const int64_t nb = B - b0 < 16 * tiles ? B - b0 : 16 * tiles;
             for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
         }
     }
@@ -588,7 +612,9 @@ void sr_reset_counters(void) {
 }
 
 static const int64_t kMinRows = 32;  // below this many rows per thread, threading costs more than it gives
-static int64_t kXtMinBatch = 4;  // AVX-512: from this batch on, the transposed-x walk beats expand-load
+// AVX-512: from this batch on, the transposed-x index walk (bm_idx_gemm_rows) beats the expand tiles;
+// measured crossover between 4 and 8 tokens on this project's Xeon (docs/kernels.md), so 6.
+static int64_t kXtMinBatch = 6;
 // AVX-512 batch 1: 0 = memory-form expand-load, 1 = 64-byte load + register-form expand. Default 1:
 // measured faster here (benchmarks/results/kernels_layers.md, "register expand" rows).
 static int kGemvVariant = 1;
@@ -626,13 +652,21 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
                 bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
             });
         else {
-            const int64_t Bp = (B + 7) / 8 * 8;
+            const int64_t Bp = (B + 15) / 16 * 16;
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
+            int failed = 0;
             parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
-                bm_xt_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1);
+                int32_t* off = (int32_t*)aligned_alloc(64, (size_t)(((K + 31) / 32 * 32 + 16) * 4 + 63) / 64 * 64);
+                if (!off) {
+                    __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+                    return;
+                }
+                bm_idx_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1, off);
+                free(off);
             });
             free(xT);
+            if (failed) return SR_ENOMEM;
         }
 #endif
     } else if (isa == SR_PORTABLE) {
