@@ -331,3 +331,23 @@ def test_avx512_batch_paths_around_the_switches(batch):
     for n, k, sp in [(70, 100, 0.7), (33, 577, 0.5), (5, 32, 0.95)]:
         w = sparse_weight(n, k, sp, seed=batch + n, empty_rows=(1,))
         check(w, torch.randn(n), torch.randn(batch, k), "avx512", "bitmask")
+
+
+def test_dispatch_ranges_and_module_dispatch():
+    from sparse_runtime.kernels.module import apply_dispatch, dispatch_ranges
+
+    assert dispatch_ranges([1, 2, 4]) == (4, ())
+    assert dispatch_ranges([1, 16, 32]) == (1, ((16, 32),))  # a gap: sparse at 1 and 16..32 only
+    assert dispatch_ranges([8, 16, 128]) == (0, ((8, 16), (128, 128)))
+    assert dispatch_ranges([]) == (0, ())
+    lin = nn.Linear(56, 40)
+    lin.weight.data.copy_(sparse_weight(40, 56, 0.7))
+    mod = SparseLinear.from_linear(lin, batch_threshold=1)
+    mod.sparse_ranges = ((16, 32),)
+    assert [mod.takes_sparse(t) for t in (1, 2, 15, 16, 20, 32, 33)] == [True, False, False, True, True, True, False]
+    with torch.no_grad():
+        for t in (2, 20):
+            torch.testing.assert_close(mod(torch.ones(t, 56)), lin(torch.ones(t, 56)), **TOL)
+    assert (mod.sparse_calls, mod.dense_calls) == (1, 1)
+    apply_dispatch(mod, batches=(1, 2, 4))
+    assert mod.batch_threshold in (0, 1, 2, 4) and all(lo >= 2 for lo, _ in mod.sparse_ranges)

@@ -12,13 +12,13 @@ Everything imports without the compiled extension; :func:`available` says whethe
 from ._lib import (ENV_ISA, ENV_LAYOUT, available, counters, reset_counters, select_isa, select_layout,
                    supported_isas, unavailable_reason)
 from .layout import LAYOUTS, PackedWeight, pack, pack_bitmask, pack_csr16, unpack
-from .module import (SparseLinear, SparsifyReport, call_counts, choose_gemv_variant, gemv_choice,
-                     measure_threshold, sparsify_linears)
+from .module import (SparseLinear, SparsifyReport, apply_dispatch, call_counts, choose_gemv_variant, gemv_choice,
+                     measure_dispatch, measure_threshold, sparsify_linears)
 from .ops import densify, sparse_linear
 from .reference import reference_linear
 
 __all__ = ["ENV_ISA", "ENV_LAYOUT", "available", "counters", "reset_counters", "select_isa", "select_layout",
            "supported_isas", "unavailable_reason", "LAYOUTS", "PackedWeight", "pack", "pack_bitmask",
            "pack_csr16", "unpack", "SparseLinear", "SparsifyReport", "call_counts", "choose_gemv_variant",
-           "gemv_choice", "measure_threshold",
+           "gemv_choice", "measure_threshold", "measure_dispatch", "apply_dispatch",
            "sparsify_linears", "densify", "sparse_linear", "reference_linear"]

@@ -3,10 +3,12 @@
 Dispatch by batch size: the sparse kernel wins when a product is memory-bound (decode, small
 batches) and can lose when it turns compute-bound (prefill), so each module carries
 ``batch_threshold``: inputs with at most that many tokens (rows of the flattened input) take the
-sparse kernel, larger ones ``F.linear`` on the dense weight. The threshold is MEASURED on this
-machine (:func:`measure_threshold`: dense vs sparse at growing batch sizes, the largest batch up
-to which sparse never lost), so the module is never slower than dense at any batch up to the
-measurement's noise. ``sparse_calls`` / ``dense_calls`` count which path ran (and the C library
+sparse kernel, and ``sparse_ranges``: further token ranges where it also won (the win region need
+not be one interval: on AVX-512 the expand tiles can lose narrowly at batch 2-4 while the index walk
+wins clearly at 8-32). Everything else runs ``F.linear`` on the dense weight. Both are MEASURED on
+this machine (:func:`measure_dispatch`: dense vs sparse at batch 1, 2, 4, ..., 128; a range spans
+consecutive tried batches that all won, so an untried size is sparse only between two winners),
+so the module is never slower than dense at any batch up to the measurement's noise. ``sparse_calls`` / ``dense_calls`` count which path ran (and the C library
 counts its own calls per path, :func:`sparse_runtime.kernels.counters`).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .ops import _ISA_ID, _run, densify, sparse_linear_op
 # Batches tried by measure_threshold; the threshold is one of them (or 0 = always dense).
 THRESHOLD_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 _THRESHOLD_CACHE: dict[tuple, int] = {}
+_DISPATCH_CACHE: dict[tuple, tuple[int, ...]] = {}
 _GEMV: dict[str, object] = {}  # the chosen AVX-512 batch-1 form and the timings behind it
 
 
@@ -106,6 +109,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.register_buffer("dense_weight", dense_weight)
         self.batch_threshold = int(batch_threshold)
+        self.sparse_ranges: tuple[tuple[int, int], ...] = ()  # (lo, hi) token counts beyond the threshold
         self.use_op = use_op
         self._ids = (_lib.LAYOUT_IDS[self.layout], _ISA_ID[self.isa])
         self.sparse_calls = 0
@@ -141,9 +145,13 @@ class SparseLinear(nn.Module):
             return sparse_linear_op(*args)
         return _run(*args)
 
+    def takes_sparse(self, tokens: int) -> bool:
+        """Whether ``tokens`` rows go to the sparse kernel (the measured dispatch)."""
+        return tokens <= self.batch_threshold or any(lo <= tokens <= hi for lo, hi in self.sparse_ranges)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(self.in_features, 1)
-        if (tokens <= self.batch_threshold and x.device.type == "cpu"
+        if (self.takes_sparse(tokens) and x.device.type == "cpu"
                 and (x.dtype == torch.float32 or x.dtype == self.values.dtype == torch.bfloat16)
                 and not (x.requires_grad and torch.is_grad_enabled())):
             self.sparse_calls += 1
@@ -154,7 +162,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         p = self.packed
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
-                f"isa={self.isa}, values={str(self.values.dtype).replace('torch.', '')}, density={p.density:.3f}, batch_threshold={self.batch_threshold}")
+                f"isa={self.isa}, values={str(self.values.dtype).replace('torch.', '')}, density={p.density:.3f}, "
+                f"batch_threshold={self.batch_threshold}, sparse_ranges={list(self.sparse_ranges)}")
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -196,6 +205,61 @@ def measure_threshold(module: SparseLinear, batches: Iterable[int] = THRESHOLD_B
     return best
 
 
+@torch.inference_mode()
+def measure_dispatch(module: SparseLinear, batches: Iterable[int] = THRESHOLD_BATCHES, repeats: int = 5,
+                     margin: float = 1.0) -> tuple[int, ...]:
+    """Every tried batch at which the sparse kernel was not slower than dense F.linear.
+
+    Like :func:`measure_threshold` (alternating timings, median of ``repeats``, cached per (isa,
+    layout, dtype, shape, density to 0.05, threads)) but it does not stop at the first loss: the
+    win region can have a gap (see the module docstring). :func:`apply_dispatch` turns the result
+    into a module's ``batch_threshold`` and ``sparse_ranges``.
+    """
+    batches = tuple(batches)
+    key = (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
+           round(module.packed.density * 20) / 20, torch.get_num_threads(), batches)
+    if key in _DISPATCH_CACHE:
+        return _DISPATCH_CACHE[key]
+    w = module.weight
+    bias = None if module.bias is None else module.bias.to(w.dtype)
+    won = []
+    for b in batches:
+        x = torch.randn(b, module.in_features, dtype=w.dtype)
+        d_times, s_times = [], []
+        for _ in range(repeats):
+            d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
+            s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
+        if statistics.median(s_times) <= statistics.median(d_times) * margin:
+            won.append(b)
+    _DISPATCH_CACHE[key] = tuple(won)
+    return tuple(won)
+
+
+def dispatch_ranges(won: Iterable[int], batches: Iterable[int] = THRESHOLD_BATCHES) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(batch_threshold, sparse_ranges) from the winning batches: the threshold is the end of a run of
+    winners starting at the first tried batch (0 if that one lost); every later run of consecutive
+    winners becomes one (first, last) range."""
+    won, runs, cur = set(won), [], []
+    for b in batches:
+        if b in won:
+            cur.append(b)
+        elif cur:
+            runs.append((cur[0], cur[-1]))
+            cur = []
+    if cur:
+        runs.append((cur[0], cur[-1]))
+    first = next(iter(batches), None)
+    threshold = runs[0][1] if runs and runs[0][0] == first else 0
+    return threshold, tuple(r for r in runs if not (r[0] == first))
+
+
+def apply_dispatch(module: SparseLinear, batches: Iterable[int] = THRESHOLD_BATCHES) -> SparseLinear:
+    """Measure (or reuse) the module's dispatch and set ``batch_threshold`` and ``sparse_ranges``."""
+    batches = tuple(batches)
+    module.batch_threshold, module.sparse_ranges = dispatch_ranges(measure_dispatch(module, batches), batches)
+    return module
+
+
 @dataclass
 class SparsifyReport:
     swapped: dict[str, SparseLinear]
@@ -203,7 +267,9 @@ class SparsifyReport:
 
     def summary(self) -> str:
         th = sorted({m.batch_threshold for m in self.swapped.values()})
-        return f"swapped {len(self.swapped)} linears (thresholds {th}), skipped {len(self.skipped)}"
+        rng = sorted({r for m in self.swapped.values() for r in m.sparse_ranges})
+        extra = f", sparse also at {rng}" if rng else ""
+        return f"swapped {len(self.swapped)} linears (thresholds {th}{extra}), skipped {len(self.skipped)}"
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -232,7 +298,8 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
     ``names``. A layer is swapped if it is float32 (or bfloat16: bf16 values) on CPU with at least
     ``min_sparsity`` zeros
     (below that the kernel cannot beat dense). ``calibrate`` measures each distinct
-    (shape, density) group's dense/sparse threshold here; else ``batch_threshold`` (default 16).
+    (shape, density) group's dispatch here (:func:`apply_dispatch`); else ``batch_threshold``
+    (default 16) and no further ranges.
     """
     if not _lib.available():
         raise ConfigError(_lib.unavailable_reason() or "sparse kernels unavailable")
@@ -258,7 +325,7 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
         mod = SparseLinear.from_linear(lin, isa=isa, layout=layout, keep_dense=keep_dense, use_op=use_op,
                                        batch_threshold=16 if batch_threshold is None else batch_threshold)
         if calibrate and batch_threshold is None:
-            mod.batch_threshold = measure_threshold(mod)
+            apply_dispatch(mod)
         _set_module(model, name, mod)
         swapped[name] = mod
     return SparsifyReport(swapped, skipped)

@@ -57,7 +57,8 @@ UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence
 class LeanConfig:
     """``sparse``: pack linears with at least ``min_sparsity`` zeros (False: the dense variant).
     ``isa``/``layout``: kernel path (default: best for the CPU). ``calibrate``: measure each fused
-    shape's sparse/dense batch threshold for prefill (else ``batch_threshold``). ``initial_cache``:
+    shape's sparse/dense dispatch for prefill (threshold and further winning token ranges; else
+    ``batch_threshold``). ``initial_cache``:
     KV slots allocated first (doubled when full)."""
 
     sparse: bool = True
@@ -111,7 +112,7 @@ class FusedLinear:
         self.sparsity = float((w == 0).float().mean())
         self.module = None
         if lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity:
-            from ..kernels import SparseLinear, measure_threshold
+            from ..kernels import SparseLinear, apply_dispatch
 
             lin = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
             lin.weight.data = w
@@ -121,7 +122,7 @@ class FusedLinear:
                                                    batch_threshold=lean.batch_threshold)
             self.module.dense_weight = w  # share the fused dense weight (prefill above the threshold)
             if lean.calibrate:
-                self.module.batch_threshold = measure_threshold(self.module)
+                apply_dispatch(self.module)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.module is not None:
@@ -212,8 +213,9 @@ class LeanLlama:
         lin = self.linears()
         sp = sum(f.module is not None for f in lin)
         th = sorted({f.module.batch_threshold for f in lin if f.module is not None})
+        rng = sorted({r for f in lin if f.module is not None for r in f.module.sparse_ranges})
         return (f"lean {'sparse' if self.config.sparse else 'dense'}: {len(self.layers)} layers, "
-                f"{sp}/{len(lin)} fused linears sparse (prefill thresholds {th}), isa {self.isa}, "
+                f"{sp}/{len(lin)} fused linears sparse (prefill thresholds {th}, also sparse at {rng}), isa {self.isa}, "
                 f"C decode step {'on' if self._step is not None else 'off'}")
 
     def call_counts(self) -> dict[str, int]:
