@@ -57,58 +57,14 @@ def run_worker(method, base, args) -> dict:
                                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", default=None)
-    ap.add_argument("--base", default=None)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--mem-steps", type=int, default=4, help="steps per memory run (first is warm-up)")
-    ap.add_argument("--loss-chunk", type=int, default=1024)
-    ap.add_argument("--gradient-checkpointing", action="store_true",
-                    help="memory runs with activation checkpointing: activations shrink to block inputs, so the "
-                         "weight-sized tensors each method keeps (where LoRS saves) dominate the peak")
-    ap.add_argument("--name", default="finetune_memory")
-    ap.add_argument("--ft-steps", type=int, default=20)
-    ap.add_argument("--ft-batch", type=int, default=4)
-    ap.add_argument("--ft-lr", type=float, default=2e-4)
-    ap.add_argument("--init-samples", type=int, default=8)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.base, args.batch, args.seqlen, args.mem_steps, args.loss_chunk,
-                                args.gradient_checkpointing)))
-        return
-
+def short_lors_finetune(args, base, pruner: str, rows: list) -> list[str]:
+    """A short LoRS fine-tune with quick perplexity dense / pruned / adapter (before merge) / merged;
+    appends its rows, returns its notes."""
     import sparse_runtime as sr
     from sparse_runtime.eval.perplexity import wikitext2_perplexity
     from sparse_runtime.merge import merge_adapter_dir
-    from sparse_runtime.report import save_results
     from sparse_runtime.training import TrainConfig, finetune
 
-    os.environ.setdefault("SPARSE_RUNTIME_DATA", "/work/shared/data")
-    torch.set_num_threads(2)
-    WORK.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    t0 = time.perf_counter()
-    base, pruner = pruned_base(0.5)
-    prune_s = time.perf_counter() - t0
-    rows = []
-    mem = {}
-    for method in ("masked-lora", "lors", "dense-lora"):
-        t0 = time.perf_counter()
-        r = run_worker(method, base, args)
-        mem[method] = r
-        print(f"{method}: {json.dumps(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    ref = mem["masked-lora"]
-    for method, r in mem.items():
-        rows.append({"config": f"{method} r={RANK}", "batch x seq": f"{args.batch} x {args.seqlen}",
-                     "trainable params": r["trainable"], "peak RSS MB": r["peak_rss_mb"],
-                     "train peak delta MB": r["train_peak_delta_mb"],
-                     "delta / masked-lora": r["train_peak_delta_mb"] / ref["train_peak_delta_mb"],
-                     "saved for backward MB": r["saved_for_backward_mb"],
-                     "saved / masked-lora": r["saved_for_backward_mb"] / ref["saved_for_backward_mb"],
-                     "step s (median)": r["step_s_median"], "ppl": None})
-    # short LoRS fine-tune: quick ppl dense / pruned / adapter (before merge) / merged
     t0 = time.perf_counter()
     dense = sr.load_model("smollm2-135m")
     ppl_dense = wikitext2_perplexity(dense.model, dense.tokenizer, "quick").ppl
@@ -135,6 +91,68 @@ def main() -> None:
          "ppl": ppl_adapter},
         {"config": f"lors {args.ft_steps} steps, merged", "ppl": ppl_merged},
     ]
+    return [
+        f"merged block sparsity {sr.read_manifest(merged).total_measured:.6f} vs base "
+        f"{base_man.total_measured:.6f}; merge: {json.dumps(rep.as_dict())}",
+        f"LoRS fine-tune: {args.ft_steps} steps x {args.ft_batch} x {args.seqlen} tokens (batch 4 to fit the time "
+        f"budget), lr {args.ft_lr} cosine to 1e-6 (the official 2e-5 is for 3 epochs of 7B SFT), rank {RANK}, "
+        f"alpha = r (official c = alpha/sqrt(r)), gradient-SVD init from {args.init_samples} examples (official: "
+        f"128), exact masked gradient; losses first/last {res.losses[0]:.4f}/{res.losses[-1]:.4f}; fine-tune + 4 "
+        f"perplexities {ft_s:.0f} s.",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--base", default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--mem-steps", type=int, default=4, help="steps per memory run (first is warm-up)")
+    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="memory runs with activation checkpointing: activations shrink to block inputs, so the "
+                         "weight-sized tensors each method keeps (where LoRS saves) dominate the peak")
+    ap.add_argument("--name", default="finetune_memory")
+    ap.add_argument("--ft-steps", type=int, default=20, help="steps of the short LoRS run (0: memory runs only)")
+    ap.add_argument("--ft-batch", type=int, default=4)
+    ap.add_argument("--ft-lr", type=float, default=2e-4)
+    ap.add_argument("--init-samples", type=int, default=8)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.base, args.batch, args.seqlen, args.mem_steps, args.loss_chunk,
+                                args.gradient_checkpointing)))
+        return
+
+    import sparse_runtime as sr
+    from sparse_runtime.report import save_results
+
+    os.environ.setdefault("SPARSE_RUNTIME_DATA", "/work/shared/data")
+    torch.set_num_threads(2)
+    WORK.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    base, pruner = pruned_base(0.5)
+    prune_s = time.perf_counter() - t0
+    rows = []
+    mem = {}
+    for method in ("masked-lora", "lors", "dense-lora"):
+        t0 = time.perf_counter()
+        r = run_worker(method, base, args)
+        mem[method] = r
+        print(f"{method}: {json.dumps(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    ref = mem["masked-lora"]
+    for method, r in mem.items():
+        rows.append({"config": f"{method} r={RANK}", "batch x seq": f"{args.batch} x {args.seqlen}",
+                     "trainable params": r["trainable"], "peak RSS MB": r["peak_rss_mb"],
+                     "train peak delta MB": r["train_peak_delta_mb"],
+                     "delta / masked-lora": r["train_peak_delta_mb"] / ref["train_peak_delta_mb"],
+                     "saved for backward MB": r["saved_for_backward_mb"],
+                     "saved / masked-lora": r["saved_for_backward_mb"] / ref["saved_for_backward_mb"],
+                     "step s (median)": r["step_s_median"], "ppl": None})
+    ft_notes: list[str] = []
+    if args.ft_steps > 0:
+        ft_notes = short_lors_finetune(args, base, pruner, rows)
     ratio_peak = mem["lors"]["train_peak_delta_mb"] / ref["train_peak_delta_mb"]
     ratio_saved = mem["lors"]["saved_for_backward_mb"] / ref["saved_for_backward_mb"]
     notes = [
@@ -144,8 +162,7 @@ def main() -> None:
         "benchmarks/bench_ft_quick.py, one configuration per invocation). Measured here: memory and step time of "
         "the three methods at equal rank and batch, and a short LoRS fine-tune.",
         f"base: SmolLM2-135M-Instruct pruned to 50% unstructured with {pruner} (quick calibration: 32 x 512 C4, "
-        f"seed 0); merged block sparsity {sr.read_manifest(merged).total_measured:.6f} vs base "
-        f"{base_man.total_measured:.6f}; merge: {json.dumps(rep.as_dict())}",
+        f"seed 0), block sparsity {sr.read_manifest(base).total_measured:.6f}",
         f"memory runs: fp32, rank {RANK} on q/k/v/o/gate/up/down, alpha {2 * RANK} (s = alpha/r for all three, "
         "equal trainable parameters), kaiming init (no gradient-SVD pass in the measured process), batch "
         f"{args.batch} x {args.seqlen} in one micro-batch, "
@@ -157,12 +174,8 @@ def main() -> None:
         "after loading the model and attaching adapters; 'saved for backward' = bytes of the tensors autograd keeps "
         "after one forward (saved_tensors_hooks, parameters and buffers excluded).",
         f"LoRS / masked LoRA: train-peak-delta ratio {ratio_peak:.3f}, saved-for-backward ratio {ratio_saved:.3f}.",
-        f"LoRS fine-tune: {args.ft_steps} steps x {args.ft_batch} x {args.seqlen} tokens (batch 4 to fit the time "
-        f"budget), lr {args.ft_lr} cosine to 1e-6 (the official 2e-5 is for 3 epochs of 7B SFT), rank {RANK}, "
-        f"alpha = r (official c = alpha/sqrt(r)), gradient-SVD init from {args.init_samples} examples (official: "
-        f"128), exact masked gradient; losses first/last {res.losses[0]:.4f}/{res.losses[-1]:.4f}.",
-        f"wall times: pruning {prune_s:.0f} s, fine-tune + 4 perplexities {ft_s:.0f} s, total "
-        f"{time.perf_counter() - t_all:.0f} s.",
+        *ft_notes,
+        f"wall times: pruning {prune_s:.0f} s, total {time.perf_counter() - t_all:.0f} s.",
     ]
     save_results(args.name, "Sparse fine-tuning: memory and step time (masked LoRA, LoRS, dense LoRA) and a "
                  "short LoRS run", rows, protocol="quick perplexity (WikiText-2, 40 x 512); custom fine-tune "
