@@ -3,13 +3,14 @@ model (the same as ``sparse-runtime finetune DENSE --method losa ...``). See doc
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_model_args, add_out_args
+from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device
 
 
 def add_arguments(p):
     from ..losa.cli import add_losa_arguments
 
     add_model_args(p)
+    add_device_arg(p)
     add_data_args(p)
     add_out_args(p)
     add_losa_arguments(p)
@@ -40,6 +41,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..losa.cli import run_from_args
 
+    check_device(args.device)
     return run_from_args(args)
 
 
