@@ -677,7 +677,8 @@ def estimate(cfg: Config, budget: Budget, args, work: Work, rows: list[dict[str,
     prune = scale * PRIOR["prune_s"] * proto.calib_samples * proto.calib_seqlen / 16384
     step = scale * PRIOR["step_s"] * budget.batch * budget.seq_len / 4096
     src = "prior"
-    same = [r for r in rows if r.get("step s (median)") and r.get("tokens")]
+    same = [r for r in rows if r.get("step s (median)") and r.get("tokens")
+            and r.get("device", "cpu") == getattr(args, "device", "cpu")]  # GPU step times say nothing of a CPU
     pick = [r for r in same if r.get("method") == cfg.method] or same
     if pick:  # measured: seconds per trained token, same model and machine class
         per_tok = statistics.median(r["step s (median)"] / (r["batch"] * r["seq_len"]) for r in pick)
