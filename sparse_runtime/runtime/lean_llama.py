@@ -112,15 +112,11 @@ class FusedLinear:
         self.sparsity = float((w == 0).float().mean())
         self.module = None
         if lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity:
-            from ..kernels import SparseLinear, apply_dispatch
+            from ..kernels import SparseLinear, apply_dispatch, pack, select_layout
 
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
-            lin.weight.data = w
-            if self.bias is not None:
-                lin.bias.data = self.bias
-            self.module = SparseLinear.from_linear(lin, isa=isa, layout=lean.layout, keep_dense=False,
-                                                   batch_threshold=lean.batch_threshold)
-            self.module.dense_weight = w  # share the fused dense weight (prefill above the threshold)
+            # the fused dense weight is kept for products above the measured dispatch (prefill)
+            self.module = SparseLinear(pack(w, select_layout(isa, lean.layout)), self.bias, isa=isa, dense_weight=w,
+                                       batch_threshold=lean.batch_threshold)
             if lean.calibrate:
                 apply_dispatch(self.module)
 
