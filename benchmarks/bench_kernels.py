@@ -339,8 +339,8 @@ def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_toke
             row["bound"] = dense_b / read_b
             row["weights GB/s (decode)"] = read_b / (row["decode ms/token"] * 1e-3) / 1e9
         mc = eng.evidence().get("module_calls", {})
-        row["sparse products"] = mc.get("sparse_products", mc.get("sparse_calls", ""))
-        row["dense products (fallback)"] = mc.get("dense_fallback_products", mc.get("dense_calls", ""))
+        row["sparse products"] = mc.get("sparse_calls", "")
+        row["dense products (fallback)"] = mc.get("dense_calls", "")
         rows.append(row)
         print(row, flush=True)
     rows += lean_stages(engines, stage_threads)

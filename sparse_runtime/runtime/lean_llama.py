@@ -215,13 +215,14 @@ class LeanLlama:
                 f"C decode step {'on' if self._step is not None else 'off'}")
 
     def call_counts(self) -> dict[str, int]:
-        """This model's own evidence (the C library's counters are process-wide): sparse kernel
-        products run (C decode steps x sparse fused linears + torch-path sparse calls) and dense
-        products of the sparse-capable linears (prefill above the measured threshold)."""
+        """This model's own evidence (the C library's counters are process-wide), in the keys of
+        :func:`sparse_runtime.kernels.call_counts`: ``modules`` = sparse fused linears,
+        ``sparse_calls`` = sparse products run (C decode steps x sparse fused linears + torch-path
+        sparse calls), ``dense_calls`` = their dense products (prefill outside the measured
+        dispatch); plus ``c_decode_steps``."""
         mods = [f.module for f in self.linears() if f.module is not None]
-        return {"c_decode_steps": self.c_steps,
-                "sparse_products": self.c_steps * len(mods) + sum(m.sparse_calls for m in mods),
-                "dense_fallback_products": sum(m.dense_calls for m in mods)}
+        return {"modules": len(mods), "sparse_calls": self.c_steps * len(mods) + sum(m.sparse_calls for m in mods),
+                "dense_calls": sum(m.dense_calls for m in mods), "c_decode_steps": self.c_steps}
 
     # -- cache ----------------------------------------------------------------------------------
     def _grow(self, need: int, batch: int) -> None:
