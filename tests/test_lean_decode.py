@@ -203,3 +203,20 @@ def test_stage_profile_accounts_for_the_step():
     stages = cdec.profile_stop()
     assert set(stages) == set(cdec.STAGES) and all(v >= 0 for v in stages.values())
     assert stages["lm_head"] > 0 and stages["qkv"] > 0
+
+
+def test_measured_decode_form_keeps_logits():
+    """calibrate=True times each fused product dense vs packed in the C step and keeps the faster;
+    either choice gives HF's logits (here: forced both ways, then measured)."""
+    model = pruned(tiny_model("llama"))
+    for forced in (False, True):
+        lean = lean_of(model)
+        for f in lean.linears():
+            f.decode_packed = forced
+        lean._build_step()
+        compare(model, lean, steps=3)
+        assert lean.call_counts()["sparse_calls"] == (3 * 8 if forced else 0)
+    lean = lean_of(model, calibrate=True)
+    assert all(isinstance(f.decode_packed, bool) and f.module is not None for f in lean.linears())
+    assert "packed" in lean.summary()
+    compare(model, lean, steps=3)

@@ -72,6 +72,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_step.restype = ctypes.c_int
         lb.sr_decode_scratch_floats.argtypes = [ctypes.POINTER(CModel)]
         lb.sr_decode_scratch_floats.restype = _i64
+        lb.sr_linear_desc_run.argtypes = [ctypes.POINTER(CLinear), _p, _p, ctypes.c_int]
+        lb.sr_linear_desc_run.restype = ctypes.c_int
         lb.sr_decode_profile.argtypes = [ctypes.c_int]
         lb.sr_decode_profile.restype = None
         lb.sr_decode_profile_get.argtypes = [_p]
@@ -86,6 +88,14 @@ def available() -> bool:
 
 def scratch_floats(model: CModel) -> int:
     return int(_bind().sr_decode_scratch_floats(ctypes.byref(model)))
+
+
+def run_linear(desc: CLinear, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+    """``y = W x + b`` for one descriptor (batch 1, contiguous fp32 ``x`` [K] and ``y`` [N]) through
+    the step's own kernels and thread split: what the lean path times to choose dense or packed."""
+    rc = _bind().sr_linear_desc_run(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads)
+    if rc != 0:
+        raise ConfigError(f"sr_linear_desc_run failed: {_lib.ERRORS.get(rc, rc)}")
 
 
 def profile_start() -> None:

@@ -24,6 +24,8 @@ q/k norms, non-SiLU MLPs, rope types whose frequencies depend on the sequence le
 from __future__ import annotations
 
 import ctypes
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -51,14 +53,17 @@ FAMILIES: dict[str, Callable[[object, int], int]] = {
     "qwen2": _window_layer_types,
 }
 UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length: not tabulated
+_DECODE_FORM: dict[tuple, bool] = {}  # measured: does the C step run this (shape, density) packed?
 
 
 @dataclass
 class LeanConfig:
     """``sparse``: pack linears with at least ``min_sparsity`` zeros (False: the dense variant).
-    ``isa``/``layout``: kernel path (default: best for the CPU). ``calibrate``: measure each fused
-    shape's sparse/dense dispatch for prefill (threshold and further winning token ranges; else
-    ``batch_threshold``). ``initial_cache``:
+    ``isa``/``layout``: kernel path (default: best for the CPU). ``calibrate``: measure, per fused
+    shape and density, whether the C decode step runs it packed or dense (batch 1, the step's own
+    kernels and threads) and the sparse/dense dispatch for prefill (threshold and further winning
+    token ranges); without it the step always runs packed weights and prefill uses
+    ``batch_threshold``. ``initial_cache``:
     KV slots allocated first (doubled when full)."""
 
     sparse: bool = True
@@ -111,12 +116,14 @@ class FusedLinear:
         self.weight = w
         self.sparsity = float((w == 0).float().mean())
         self.module = None
+        self.decode_packed = False  # whether the C decode step reads the packed form (set below / measured)
         if lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity:
             from ..kernels import SparseLinear, apply_dispatch, pack, select_layout
 
             # the fused dense weight is kept for products above the measured dispatch (prefill)
             self.module = SparseLinear(pack(w, select_layout(isa, lean.layout)), self.bias, isa=isa, dense_weight=w,
                                        batch_threshold=lean.batch_threshold)
+            self.decode_packed = True
             if lean.calibrate:
                 apply_dispatch(self.module)
 
@@ -125,12 +132,40 @@ class FusedLinear:
             return self.module(x)
         return F.linear(x, self.weight, self.bias)
 
-    def desc(self, isa: str):
+    def desc(self, isa: str, packed: Optional[bool] = None):
+        """The C step's descriptor: the packed form when ``packed`` (default: ``decode_packed``)."""
         from ..kernels.decode import linear_desc
 
-        if self.module is not None:
+        if (self.decode_packed if packed is None else packed) and self.module is not None:
             return linear_desc(isa, packed=self.module.packed, bias=self.bias)
         return linear_desc(isa, dense=self.weight, bias=self.bias)
+
+    @torch.inference_mode()
+    def choose_decode_form(self, isa: str, threads: int, repeats: int = 5) -> bool:
+        """Time this product at batch 1 through the step's kernels, dense vs packed, alternately
+        (median of ``repeats`` rounds of 5 calls); the packed form is kept only where it is not
+        slower. Cached per (isa, layout, shape, density to 0.05, threads)."""
+        if self.module is None:
+            return False
+        from ..kernels import decode as cdec
+
+        key = (isa, self.module.layout, *self.weight.shape, round(self.module.packed.density * 20) / 20, threads)
+        if key not in _DECODE_FORM:
+            x = torch.randn(self.weight.shape[1])
+            y = torch.empty(self.weight.shape[0])
+            forms = {True: self.desc(isa, True), False: self.desc(isa, False)}
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for form, d in forms.items():  # warm-up
+                cdec.run_linear(d, x, y, threads)
+            for _ in range(repeats):
+                for form, d in forms.items():
+                    t = time.perf_counter()
+                    for _ in range(5):
+                        cdec.run_linear(d, x, y, threads)
+                    times[form].append(time.perf_counter() - t)
+            _DECODE_FORM[key] = statistics.median(times[True]) <= statistics.median(times[False])
+        self.decode_packed = _DECODE_FORM[key]
+        return self.decode_packed
 
 
 @dataclass
@@ -194,6 +229,12 @@ class LeanLlama:
         if q_rows != (self.n_heads + 2 * self.n_kv) * self.head_dim:
             raise ConfigError(f"unexpected q/k/v sizes ({q_rows} rows for {self.n_heads} heads, {self.n_kv} kv heads "
                               f"of {self.head_dim}); use torch-sparse")
+        if lean.calibrate and self.isa is not None:
+            from ..kernels import decode as cdec
+
+            if cdec.available():
+                for f in self.linears():
+                    f.choose_decode_form(self.isa, self.threads)
         self.batch = 1
         self.length = 0
         self.cap = 0
@@ -210,8 +251,10 @@ class LeanLlama:
         sp = sum(f.module is not None for f in lin)
         th = sorted({f.module.batch_threshold for f in lin if f.module is not None})
         rng = sorted({r for f in lin if f.module is not None for r in f.module.sparse_ranges})
+        dec = sum(f.decode_packed for f in lin)
         return (f"lean {'sparse' if self.config.sparse else 'dense'}: {len(self.layers)} layers, "
-                f"{sp}/{len(lin)} fused linears sparse (prefill thresholds {th}, also sparse at {rng}), isa {self.isa}, "
+                f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
+                f"also sparse at {rng}), isa {self.isa}, "
                 f"C decode step {'on' if self._step is not None else 'off'}")
 
     def call_counts(self) -> dict[str, int]:
@@ -221,7 +264,8 @@ class LeanLlama:
         sparse calls), ``dense_calls`` = their dense products (prefill outside the measured
         dispatch); plus ``c_decode_steps``."""
         mods = [f.module for f in self.linears() if f.module is not None]
-        return {"modules": len(mods), "sparse_calls": self.c_steps * len(mods) + sum(m.sparse_calls for m in mods),
+        packed = sum(f.decode_packed for f in self.linears())
+        return {"modules": len(mods), "sparse_calls": self.c_steps * packed + sum(m.sparse_calls for m in mods),
                 "dense_calls": sum(m.dense_calls for m in mods), "c_decode_steps": self.c_steps}
 
     # -- cache ----------------------------------------------------------------------------------
