@@ -140,32 +140,40 @@ class FusedLinear:
             return linear_desc(isa, packed=self.module.packed, bias=self.bias)
         return linear_desc(isa, dense=self.weight, bias=self.bias)
 
-    @torch.inference_mode()
-    def choose_decode_form(self, isa: str, threads: int, repeats: int = 5) -> bool:
-        """Time this product at batch 1 through the step's kernels, dense vs packed, alternately
-        (median of ``repeats`` rounds of 5 calls); the packed form is kept only where it is not
-        slower. Cached per (isa, layout, shape, density to 0.05, threads)."""
-        if self.module is None:
-            return False
-        from ..kernels import decode as cdec
 
-        key = (isa, self.module.layout, *self.weight.shape, round(self.module.packed.density * 20) / 20, threads)
+@torch.inference_mode()
+def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repeats: int = 5) -> None:
+    """Set ``decode_packed`` of every sparse fused linear by measurement, per (shape, density) group.
+
+    A group's members (e.g. the 30 q/k/v matrices of SmolLM2) are run in sequence at batch 1
+    through the C step's kernels and threads, all dense then all packed, alternately (median of
+    ``repeats`` rounds): each weight is read once per round, as in a decode token. Timing one
+    matrix repeatedly instead would keep it in cache and favour dense on the small shapes (measured:
+    it chose dense for q/k/v and o, which ran ~1.8x slower than packed inside the real step). The
+    packed form is kept where it was not slower. Cached per (isa, layout, shape, density to 0.05,
+    threads)."""
+    from ..kernels import decode as cdec
+
+    groups: dict[tuple, list[FusedLinear]] = {}
+    for f in linears:
+        if f.module is not None:
+            key = (isa, f.module.layout, *f.weight.shape, round(f.module.packed.density * 20) / 20, threads)
+            groups.setdefault(key, []).append(f)
+    for key, members in groups.items():
         if key not in _DECODE_FORM:
-            x = torch.randn(self.weight.shape[1])
-            y = torch.empty(self.weight.shape[0])
-            forms = {True: self.desc(isa, True), False: self.desc(isa, False)}
+            n, k = members[0].weight.shape
+            x, y = torch.randn(k), torch.empty(n)
+            forms = {form: [f.desc(isa, form) for f in members] for form in (True, False)}
             times: dict[bool, list[float]] = {True: [], False: []}
-            for form, d in forms.items():  # warm-up
-                cdec.run_linear(d, x, y, threads)
-            for _ in range(repeats):
-                for form, d in forms.items():
+            for _ in range(repeats + 1):  # the first round warms up
+                for form, descs in forms.items():
                     t = time.perf_counter()
-                    for _ in range(5):
+                    for d in descs:
                         cdec.run_linear(d, x, y, threads)
                     times[form].append(time.perf_counter() - t)
-            _DECODE_FORM[key] = statistics.median(times[True]) <= statistics.median(times[False])
-        self.decode_packed = _DECODE_FORM[key]
-        return self.decode_packed
+            _DECODE_FORM[key] = statistics.median(times[True][1:]) <= statistics.median(times[False][1:])
+        for f in members:
+            f.decode_packed = _DECODE_FORM[key]
 
 
 @dataclass
@@ -233,8 +241,7 @@ class LeanLlama:
             from ..kernels import decode as cdec
 
             if cdec.available():
-                for f in self.linears():
-                    f.choose_decode_form(self.isa, self.threads)
+                choose_decode_forms(self.linears(), self.isa, self.threads)
         self.batch = 1
         self.length = 0
         self.cap = 0
