@@ -206,25 +206,32 @@ def bench_bf16(threads, batches, repeats, shapes, structs):
     return rows
 
 
-def cpu_times() -> list[int]:
-    """Aggregate CPU jiffies from /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal."""
+def cpu_times() -> tuple[list[int], float]:
+    """Aggregate CPU jiffies from /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal)
+    and this process's own CPU seconds."""
+    t = os.times()
     try:
-        return [int(v) for v in open("/proc/stat").readline().split()[1:9]]
+        return [int(v) for v in open("/proc/stat").readline().split()[1:9]], t.user + t.system
     except (OSError, ValueError):  # pragma: no cover - non-Linux
-        return []
+        return [], t.user + t.system
 
 
-def machine_state(t0: list[int], load0: float) -> str:
-    """How busy the machine was over a run (this process included): a high system or steal share,
-    or a load above the threads used, marks a degraded run."""
-    t1 = cpu_times()
-    if not t0 or not t1:
+def machine_state(t0: tuple[list[int], float], load0: float) -> str:
+    """How busy the machine was over a run: the CPU shares of all processes and how much of the
+    machine OTHER processes used (busy time minus this process's CPU time). Other processes above
+    a few percent, or a high system/steal share, mark a degraded run."""
+    (j0, own0), (j1, own1) = t0, cpu_times()
+    if not j0 or not j1:
         return f"machine state: load average {load0:.2f} at start (no /proc/stat)"
-    d = [b - a for a, b in zip(t0, t1)]
+    d = [b - a for a, b in zip(j0, j1)]
     tot = max(sum(d), 1)
-    us, sy, idle, st = (d[0] + d[1]) / tot, (d[2] + d[5] + d[6]) / tot, (d[3] + d[4]) / tot, d[7] / tot
-    return (f"machine state over the run (all processes, this one included): user {us:.0%}, system {sy:.0%}, "
-            f"idle {idle:.0%}, steal {st:.0%}; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = tot - d[3] - d[4]
+    other = max(0.0, (busy - (own1 - own0) * hz) / tot)
+    us, sy, st = (d[0] + d[1]) / tot, (d[2] + d[5] + d[6]) / tot, d[7] / tot
+    return (f"machine state over the run: all processes user {us:.0%}, system {sy:.0%}, steal {st:.0%}, idle "
+            f"{(d[3] + d[4]) / tot:.0%}; other processes than this benchmark {other:.0%} of the machine; load "
+            f"average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
 
 
 E2E_ENGINES = (  # (engine, model label): one unit each, all timed in the same interleaved rounds
