@@ -159,8 +159,8 @@ def main() -> None:
         "NOT the full ft-quick comparison (200 optimiser steps x 8 x 512 tokens per configuration: at the step "
         f"times measured here, {200 * min(r['step_s_median'] for r in mem.values()) / 3600:.1f}-"
         f"{200 * max(r['step_s_median'] for r in mem.values()) / 3600:.1f} h each on this 2-core CPU; that table is "
-        "benchmarks/bench_ft_quick.py, one configuration per invocation). Measured here: memory and step time of "
-        "the three methods at equal rank and batch, and a short LoRS fine-tune.",
+        "benchmarks/bench_ft_quick.py, results in ft_quick.md). Measured here: memory and step time of the three "
+        "methods at equal rank and batch" + (", and a short LoRS fine-tune." if args.ft_steps > 0 else "."),
         f"base: SmolLM2-135M-Instruct pruned to 50% unstructured with {pruner} (quick calibration: 32 x 512 C4, "
         f"seed 0), block sparsity {sr.read_manifest(base).total_measured:.6f}",
         f"memory runs: fp32, rank {RANK} on q/k/v/o/gate/up/down, alpha {2 * RANK} (s = alpha/r for all three, "
@@ -177,8 +177,8 @@ def main() -> None:
         *ft_notes,
         f"wall times: pruning {prune_s:.0f} s, total {time.perf_counter() - t_all:.0f} s.",
     ]
-    save_results(args.name, "Sparse fine-tuning: memory and step time (masked LoRA, LoRS, dense LoRA) and a "
-                 "short LoRS run", rows, protocol="quick perplexity (WikiText-2, 40 x 512); custom fine-tune "
+    save_results(args.name, "Sparse fine-tuning: memory and step time (masked LoRA, LoRS, dense LoRA)"
+                 + (" and a short LoRS run" if args.ft_steps > 0 else f", batch {args.batch} x {args.seqlen}"), rows, protocol="quick perplexity (WikiText-2, 40 x 512); custom fine-tune "
                  "budget (not ft-quick)", model="SmolLM2-135M-Instruct (fp32)", notes=notes,
                  out_dir=ROOT / "benchmarks" / "results", extra={"memory_runs": mem})
 
