@@ -57,8 +57,8 @@ def run(args) -> int:
         raise ConfigError("`sparse-runtime seft` trains SEFT only; use `sparse-runtime finetune` for other methods")
     if (args.grad_mode or args.init_samples or args.init_micro_batch or args.init or args.dropout or args.layer_rank
             or args.alpha):
-        raise ConfigError("--grad-mode/--init/--init-samples/--dropout/--layer-rank/--alpha are LoRA options; "
-                          "SEFT uses --seft-init, --seft-init-samples, --density or --rank")
+        raise ConfigError("--grad-mode/--init/--init-samples/--init-micro-batch/--dropout/--layer-rank/--alpha are LoRA "
+                          "options; SEFT uses --seft-init, --seft-init-samples, --density or --rank")
     cfg = TrainConfig(method="seft", data=args.data, data_path=args.data_path, steps=args.steps,
                       batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                       packing=args.packing, data_seed=args.data_seed, lr=args.lr, schedule=args.schedule,
