@@ -37,6 +37,29 @@ SEFT = dict(rank=2, update_every=2, accumulation_steps=2, init_samples=4, drop_r
 
 
 # -- the gradient of the sparse deltas ------------------------------------------------------------
+def test_chunk_plan_groups_slots_and_is_cached_until_the_index_set_changes():
+    from sparse_runtime.adapters.seft import chunk_plan, sampled_grad
+
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, chunk = 23, 7, 5
+    idx = torch.randperm(out_f * in_f, generator=g)[:40]
+    order, blocks = chunk_plan(idx, in_f, out_f, chunk)
+    rows = idx // in_f
+    assert sorted(order.tolist()) == list(range(40))
+    for r0, r1, a, b in blocks:  # each block's slots are exactly those with rows in [r0, r1)
+        assert b > a and torch.all((rows[order[a:b]] >= r0) & (rows[order[a:b]] < r1))
+    assert sum(b - a for _, _, a, b in blocks) == 40
+    g2, x2 = torch.randn(9, out_f, generator=g), torch.randn(9, in_f, generator=g)
+    torch.testing.assert_close(sampled_grad(g2, x2, idx, in_f, "chunked", chunk), (g2.t() @ x2).reshape(-1)[idx])
+    lin = nn.Linear(in_f, out_f, bias=False)
+    ad = SEFTAdapter(lin, SEFTConfig(density=0.2, grad_chunk=chunk, init="random"), "l")
+    p1 = ad.grad_plan(ad.delta_index)
+    assert ad.grad_plan(ad.delta_index) is p1  # cached
+    with torch.no_grad():
+        ad.delta_index[:1] = (ad.delta_index[:1] + 1) % (out_f * in_f)  # an evolution-style in-place edit
+    assert ad.grad_plan(ad.delta_index) is not p1
+
+
 @pytest.mark.parametrize("shape", [(6, 8), (16, 12), (33, 20), (64, 40)])
 @pytest.mark.parametrize("impl", ["chunked", "sampled"])
 def test_delta_gradient_equals_dense_gradient_at_I(shape, impl):

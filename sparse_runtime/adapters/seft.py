@@ -165,16 +165,37 @@ def effective_weight(W: torch.Tensor, idx: torch.Tensor, d: torch.Tensor, mask: 
     return w.mul_(mask)
 
 
+ChunkPlan = tuple[torch.Tensor, list[tuple[int, int, int, int]]]
+
+
+def chunk_plan(idx: torch.Tensor, in_features: int, out_features: int, chunk: int) -> ChunkPlan:
+    """The slots of ``idx`` grouped by blocks of ``chunk`` output rows: (order, [(row0, row1, a, b)])
+    where ``order[a:b]`` are the slots whose row lies in [row0, row1); empty blocks are left out.
+    Computing it reads one small tensor back to the host; the backward reuses it for every step
+    until the index set changes, so the per-block loop itself never waits for the device."""
+    rows = torch.div(idx, in_features, rounding_mode="floor")
+    block = torch.div(rows, chunk, rounding_mode="floor")
+    order = torch.argsort(block, stable=True)
+    counts = torch.bincount(block, minlength=(out_features + chunk - 1) // chunk).tolist()
+    plan, a = [], 0
+    for bi, n in enumerate(counts):
+        if n:
+            plan.append((bi * chunk, min(out_features, (bi + 1) * chunk), a, a + n))
+        a += n
+    return order, plan
+
+
 def sampled_grad(g2: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, in_features: int, impl: str,
-                 chunk: int) -> torch.Tensor:
+                 chunk: int, plan: Optional[ChunkPlan] = None) -> torch.Tensor:
     """(g^T x)[I] (unmasked) without forming more than a block of the out x in product.
-    g2: tokens x out, x2: tokens x in (same dtype), idx: K flat positions."""
+    g2: tokens x out, x2: tokens x in (same dtype), idx: K flat positions; ``plan``: the
+    :func:`chunk_plan` of ``idx`` (computed here when not given)."""
     K = idx.numel()
     out = torch.empty(K, dtype=g2.dtype, device=g2.device)
     if K == 0:
         return out
-    rows = torch.div(idx, in_features, rounding_mode="floor")
     if impl == "sampled":
+        rows = torch.div(idx, in_features, rounding_mode="floor")
         cols = idx - rows * in_features
         T = max(1, g2.shape[0])
         step = max(1, (1 << 22) // T)  # ~16 MB of gathered fp32 per block and operand
@@ -182,12 +203,9 @@ def sampled_grad(g2: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, in_featu
             b = min(K, a + step)
             out[a:b] = (g2[:, rows[a:b]] * x2[:, cols[a:b]]).sum(0)
         return out
-    out_f = g2.shape[1]
-    for i in range(0, out_f, chunk):
-        j = min(out_f, i + chunk)
-        sel = ((rows >= i) & (rows < j)).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
+    order, blocks = plan if plan is not None else chunk_plan(idx, in_features, g2.shape[1], chunk)
+    for i, j, a, b in blocks:
+        sel = order[a:b]
         G = g2[:, i:j].t() @ x2  # chunk x in, freed each iteration
         out[sel] = G.reshape(-1)[idx[sel] - i * in_features]
         del G
@@ -230,7 +248,8 @@ class SparseDeltaFunction(torch.autograd.Function):
                 gi = G.reshape(-1)[idx]
                 del G
             else:
-                gi = sampled_grad(gf, x2, idx, in_f, ad.cfg.grad_impl, ad.cfg.grad_chunk)
+                plan = ad.grad_plan(idx) if ad.cfg.grad_impl == "chunked" else None
+                gi = sampled_grad(gf, x2, idx, in_f, ad.cfg.grad_impl, ad.cfg.grad_chunk, plan)
             grad_d = gi * mask.reshape(-1)[idx]
         return grad_x, None, grad_bias, grad_d, None, None, None, None, None, None
 
@@ -362,6 +381,17 @@ class SEFTAdapter(SparseAdapter):
             setattr(self, key, torch.zeros(tuple(shape), dtype=kinds[key], device=self.delta.device))
 
     # -- growth-selection window -----------------------------------------------------------------
+    def grad_plan(self, idx: torch.Tensor) -> ChunkPlan:
+        """:func:`chunk_plan` of the current index set, cached until the set changes (the evolution
+        step replaces or edits it in place: the tensor's identity and version are the key)."""
+        key = (id(idx), idx.data_ptr(), idx._version, idx.numel(), str(idx.device), self.cfg.grad_chunk)
+        cached = getattr(self, "_grad_plan_cache", None)
+        if cached is None or cached[0] != key:
+            plan = chunk_plan(idx, self.base.in_features, self.base.out_features, self.cfg.grad_chunk)
+            self._grad_plan_cache = (key, plan)
+            return plan
+        return cached[1]
+
     def start_capture(self, mode: str) -> None:
         """Open a window: each backward of this layer forms its dense gradient once and keeps
         O(K) growth candidates plus (mode "window") the accumulated gradient at kept positions."""
@@ -423,5 +453,5 @@ class SEFTAdapter(SparseAdapter):
         self.clear_window()
 
 
-__all__ = ["SEFTConfig", "SEFTAdapter", "SparseDeltaFunction", "effective_weight", "sampled_grad", "detect_pattern",
-           "SCOPES", "NM_MODES"]
+__all__ = ["SEFTConfig", "SEFTAdapter", "SparseDeltaFunction", "effective_weight", "sampled_grad", "chunk_plan",
+           "detect_pattern", "SCOPES", "NM_MODES"]
