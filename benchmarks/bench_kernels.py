@@ -358,6 +358,7 @@ def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_toke
 
 def layer_part(a, shapes, threads, batches) -> None:
     reset_counters()
+    state0, load0 = cpu_times(), os.getloadavg()[0]
     rows = bench_layers(threads, batches, a.repeats, shapes, STRUCTS, not a.no_ort)
     layer_counters = counters()
     notes = [f"layer table: median of {a.repeats} alternating calls after 3 warm-up calls; fp32; "
@@ -371,7 +372,7 @@ def layer_part(a, shapes, threads, batches) -> None:
              "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread",
              f"AVX-512 batch-1 form used by the 'avx512/bitmask' rows (chosen at first use, "
              f"sparse_runtime.kernels.choose_gemv_variant): {gemv_choice()}; the '(... form, not chosen)' rows time "
-             "the other form in the same run"]
+             "the other form in the same run", machine_state(state0, load0)]
     save_results("kernels_layers", "Sparse kernels vs dense, per layer (fp32)", rows,
                  protocol=f"layer latency, batches {batches}, threads {threads}", notes=notes, out_dir=a.out_dir)
     if not a.no_bf16:
