@@ -284,6 +284,77 @@ static void bm_idx_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, 
     }
 }
 
+// Prefill-sized batches (>= kBlkMinBatch tokens): the index walk above reads a 256-byte xT row
+// segment from L2 per nonzero and is bound by that. Here the K loop is blocked by mask word (32
+// columns): for each word, a block of kBlkRows rows walks its nonzeros in those 32 columns, so the
+// xT block (32 x up to 128 tokens = 16 KB) stays in L1 and serves every row of the block; each
+// row's partial sums (up to 8 zmm = 128 tokens) live in a small L1 buffer between words and each
+// row keeps its own cursor into the values. Per nonzero: one broadcast and T L1 loads + FMAs.
+static const int64_t kBlkRows = 32;
+
+template <int T>
+static void bm_blk_tile(const float* xT, int64_t B, int64_t Bp, int64_t b0, int64_t K, int64_t N,
+                        const uint32_t* mask, const float* vals, const int64_t* rp, const float* bias, float* y,
+                        int64_t r0, int64_t r1, float* accbuf, int32_t* off) {
+    const int64_t Kw = (K + 31) / 32;
+    const __m512i iota = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)Bp));
+    const __m512i iota_hi = _mm512_add_epi32(iota, _mm512_set1_epi32((int)(16 * Bp)));
+    const float* vcur[kBlkRows];
+    for (int64_t rb = r0; rb < r1; rb += kBlkRows) {
+        const int64_t nr = r1 - rb < kBlkRows ? r1 - rb : kBlkRows;
+        for (int64_t i = 0; i < nr; ++i) {
+            vcur[i] = vals + rp[rb + i];
+            for (int t = 0; t < T; ++t) _mm512_store_ps(accbuf + (i * T + t) * 16, _mm512_setzero_ps());
+        }
+        for (int64_t w = 0; w < Kw; ++w) {
+            const float* xw = xT + 32 * w * Bp + b0;
+            for (int64_t i = 0; i < nr; ++i) {
+                const uint32_t m = mask[(rb + i) * Kw + w];
+                // 2 x kBlkRows concurrent streams (each row's mask and values) are more than the
+                // hardware prefetchers track: fetch each row's next lines explicitly
+                _mm_prefetch((const char*)(mask + (rb + i) * Kw + w + 16), _MM_HINT_T0);
+                _mm_prefetch((const char*)(vcur[i] + 32), _MM_HINT_T0);
+                if (!m) continue;
+                const int n0 = _mm_popcnt_u32(m & 0xFFFFu), n = _mm_popcnt_u32(m);
+                _mm512_storeu_si512((void*)off, _mm512_maskz_compress_epi32((__mmask16)m, iota));
+                _mm512_storeu_si512((void*)(off + n0), _mm512_maskz_compress_epi32((__mmask16)(m >> 16), iota_hi));
+                float* a = accbuf + i * T * 16;
+                __m512 acc[T];
+                for (int t = 0; t < T; ++t) acc[t] = _mm512_load_ps(a + 16 * t);
+                const float* v = vcur[i];
+                for (int j = 0; j < n; ++j) {
+                    const __m512 wv = _mm512_set1_ps(v[j]);
+                    const float* xr = xw + off[j];
+                    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * t), acc[t]);
+                }
+                for (int t = 0; t < T; ++t) _mm512_store_ps(a + 16 * t, acc[t]);
+                vcur[i] = v + n;
+            }
+        }
+        const int64_t nb = B - b0 < 16 * T ? B - b0 : 16 * T;
+        for (int64_t i = 0; i < nr; ++i) {
+            const float bb = bias ? bias[rb + i] : 0.f;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + rb + i] = accbuf[i * T * 16 + b] + bb;
+        }
+    }
+}
+
+// accbuf: 64-byte aligned, kBlkRows * 128 floats; off: 48 int32.
+static void bm_blk_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
+                             const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                             int64_t r1, float* accbuf, int32_t* off) {
+    for (int64_t b0 = 0; b0 < Bp; b0 += 128) {
+        const int64_t T = (Bp - b0) / 16 < 8 ? (Bp - b0) / 16 : 8;
+#define SR_BLK(TT) case TT: bm_blk_tile<TT>(xT, B, Bp, b0, K, N, mask, vals, rp, bias, y, r0, r1, accbuf, off); break;
+        switch (T) {
+            SR_BLK(1) SR_BLK(2) SR_BLK(3) SR_BLK(4) SR_BLK(5) SR_BLK(6) SR_BLK(7)
+            default: bm_blk_tile<8>(xT, B, Bp, b0, K, N, mask, vals, rp, bias, y, r0, r1, accbuf, off); break;
+        }
+#undef SR_BLK
+    }
+}
+
 static void bm_avx512_gemm_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
                                 const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
                                 int64_t r1) {
@@ -615,6 +686,8 @@ static const int64_t kMinRows = 32;  // below this many rows per thread, threadi
 // AVX-512: from this batch on, the transposed-x index walk (bm_idx_gemm_rows) beats the expand tiles;
 // measured crossover between 4 and 8 tokens on this project's Xeon (docs/kernels.md), so 6.
 static int64_t kXtMinBatch = 6;
+// AVX-512: from this batch on, the K-blocked walk (bm_blk_gemm_rows) replaces the plain index walk.
+static int64_t kBlkMinBatch = 64;
 // AVX-512 batch 1: 0 = memory-form expand-load, 1 = 64-byte load + register-form expand. Default 1:
 // measured faster here (benchmarks/results/kernels_layers.md, "register expand" rows).
 static int kGemvVariant = 1;
@@ -631,6 +704,7 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 }
 // Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
+void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
 void sr_set_gemv_variant(int v) { kGemvVariant = v; }
 
 int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
@@ -662,7 +736,18 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
                     __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
                     return;
                 }
-                bm_idx_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1, off);
+                if (B >= kBlkMinBatch) {
+                    float* acc = (float*)aligned_alloc(64, kBlkRows * 128 * sizeof(float));
+                    if (!acc) {
+                        __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+                        free(off);
+                        return;
+                    }
+                    bm_blk_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1, acc, off);
+                    free(acc);
+                } else {
+                    bm_idx_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1, off);
+                }
                 free(off);
             });
             free(xT);

@@ -324,11 +324,12 @@ def test_gemv_variant_choice(monkeypatch):
 
 
 @pytest.mark.skipif("avx512" not in supported_isas(), reason="CPU lacks avx512")
-@pytest.mark.parametrize("batch", [4, 5, 6, 7, 16, 31, 64, 65, 130])
+@pytest.mark.parametrize("batch", [4, 5, 6, 7, 16, 31, 63, 64, 65, 130, 257])
 def test_avx512_batch_paths_around_the_switches(batch):
-    """Batches on both sides of the expand/index-walk switch (6) and of the 16-token and 64-token
-    tiles of the index walk (remainder tiles of 1-3 x 16 tokens, padding inside a tile)."""
-    for n, k, sp in [(70, 100, 0.7), (33, 577, 0.5), (5, 32, 0.95)]:
+    """Batches on both sides of the expand/index-walk switch (6), of the index/K-blocked walk switch
+    (64), of the 16/64/128-token tiles (remainder tiles, padding inside a tile), and row counts
+    around the K-blocked walk's 32-row blocks."""
+    for n, k, sp in [(70, 100, 0.7), (33, 577, 0.5), (5, 32, 0.95), (65, 64, 0.0)]:
         w = sparse_weight(n, k, sp, seed=batch + n, empty_rows=(1,))
         check(w, torch.randn(n), torch.randn(batch, k), "avx512", "bitmask")
 
