@@ -66,6 +66,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_get_counters.restype = None
         lib.sr_reset_counters.restype = None
         lib.sr_set_xt_min_batch.argtypes = [i64]
+        if hasattr(lib, "sr_set_blk_min_batch"):  # benchmarks' hook for the K-blocked walk switch
+            lib.sr_set_blk_min_batch.argtypes = [i64]
         lib.sr_set_gemv_variant.argtypes = [c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
