@@ -11,9 +11,9 @@ def add_arguments(p):
     p.add_argument("model", help="checkpoint directory, export directory, or a model spec (smollm2-135m, tiny-llama)")
     from ..runtime import engine_names
 
-    p.add_argument("--engine", default="torch-cpu", choices=engine_names(),
-                   help="torch-cpu (default); sparse-cpu = the lean path on our sparse kernels (fastest decode on "
-                        "a CPU); see docs/runtime.md")
+    p.add_argument("--engine", default="torch-cpu",
+                   help=f"one of {', '.join(engine_names())} (default torch-cpu); sparse-cpu = the lean path on our "
+                        "sparse kernels, the fastest decode on a CPU (docs/runtime.md)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: min(2, cores))")
