@@ -4,6 +4,7 @@ merged into one saved table that fills in over several sessions.
     python benchmarks/bench_ft_quick.py --dry-run                       # plan, status, cost estimate
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_ft_quick.py --configs lors@wanda-50
     python benchmarks/bench_ft_quick.py --configs missing               # everything not measured yet
+    python benchmarks/bench_ft_quick.py --device cuda --tf32 --jobs 8 --configs all --log-dir L   # a GPU: minutes
 
 Protocol (``../shared/reference/protocols.md``): ``ft-quick`` = C4 windows of 512 tokens (data seed
 1), 200 optimiser steps x 8 sequences, rank 8 or its parameter equivalent, each method's own
