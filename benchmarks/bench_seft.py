@@ -159,10 +159,10 @@ def main() -> None:
     ratio_saved = mem["seft"]["saved_for_backward_mb"] / ref["saved_for_backward_mb"]
     evol = short["seft"]["evolution"].get("history", [])
     notes = [
-        "NOT run: the full ft-quick table (200 optimiser steps x 8 x 512 tokens per configuration, about an hour each "
-        "on this shared 2-core CPU) at 50 %, 70 % and 2:4 with LoRS and dense LoRA + re-prune, and the ft-alpaca run "
-        "at 70 % with the zero-shot suite: they do not fit the session. Measured instead: memory and step time at "
-        "equal trainable parameters, and a short run of each method.",
+        "NOT the ft-quick comparison (200 x 8 x 512 per configuration; SEFT beside masked LoRA, LoRS and dense LoRA at "
+        "Wanda 50 %, 70 % and 2:4: ft_quick.md, measured on a GPU) nor the ft-alpaca run (bench_ft_alpaca.py). "
+        "Measured here: memory and step time at equal trainable parameters on this CPU, alone, and a short run of "
+        "each method.",
         f"base: SmolLM2-135M-Instruct, Wanda 50 % unstructured (quick calibration 32 x 512 C4, seed 0), measured "
         f"block sparsity {base_man.total_measured:.6f}.",
         f"equal trainable parameters: masked LoRA rank {RANK} (alpha {2 * RANK}) on q/k/v/o/gate/up/down; SEFT "
