@@ -7,6 +7,7 @@ line on stdout. Scripts import this as ``from _common import ...`` (Python puts 
 on ``sys.path``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -20,6 +21,21 @@ import torch
 from sparse_runtime.runtime.base import peak_rss_mb, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def tf32_training(enabled: bool):
+    """TF32 tensor-core matmuls inside the block when ``enabled`` (PyTorch's default is full fp32);
+    the previous setting comes back after it, so evaluation outside the block stays full fp32."""
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def wanda_base(work: Path, sparsity: float = 0.5, model: str = "smollm2-135m") -> Path:

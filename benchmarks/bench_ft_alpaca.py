@@ -21,7 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from _common import tf32_training
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,11 +71,9 @@ def worker(args) -> dict[str, Any]:
     tc = TrainConfig(method=method, data="alpaca", seq_len=512, batch_size=8, steps=args.steps, seed=0,
                      loss_chunk_tokens=1024)
     t0 = time.perf_counter()
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    res, lm = finetune(str(base), run / "adapter", tc, dict(METHOD_OPTIONS[method]), data_dir=args.data_dir,
-                       overwrite=True, device=None if args.device == "cpu" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with tf32_training(args.tf32):  # evaluation stays full fp32
+        res, lm = finetune(str(base), run / "adapter", tc, dict(METHOD_OPTIONS[method]), data_dir=args.data_dir,
+                           overwrite=True, device=None if args.device == "cpu" else args.device)
     train_s = time.perf_counter() - t0
     del lm
     merged, rep = merge_adapter_dir(run / "adapter", run / "merged", overwrite=True, data_dir=args.data_dir)

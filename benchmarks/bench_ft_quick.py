@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from _common import tf32_training  # the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 8
 FT_QUICK = {"steps": 200, "batch": 8, "seq_len": 512}
@@ -248,23 +250,6 @@ def _peak_device_mb() -> Optional[float]:
         else None
 
 
-@contextlib.contextmanager
-def _training_precision(args):
-    """TF32 tensor-core matmuls while training on a GPU with ``--tf32`` (PyTorch's default is full fp32);
-    evaluation always runs outside this block, in full fp32."""
-    import torch
-
-    if not args.tf32:
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _on_device(lm, args):
     """Move a loaded model to ``--device`` for evaluation (a no-op on the CPU)."""
     if args.device != "cpu":
@@ -361,7 +346,7 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
         resume = latest_checkpoint(adapter) is not None and not args.retrain
         if resume:
             print(f"[{cfg.name}] resuming from {latest_checkpoint(adapter)}", flush=True)
-        with _training_precision(args):
+        with tf32_training(args.tf32):  # evaluation below stays full fp32
             res, lm = finetune(str(base_dir), adapter, tc, dict(cfg.options), data_dir=args.data_dir, resume=resume,
                                overwrite=not resume, device=None if args.device == "cpu" else args.device)
         train = res.as_dict()
@@ -444,7 +429,7 @@ def worker_losa(cfg: Config, args) -> dict[str, Any]:
     for stale in run.glob(".merged.losa-*"):  # dense reference outputs of a killed run (LoSA cannot resume)
         shutil.rmtree(stale, ignore_errors=True)
     t0 = time.perf_counter()
-    with _training_precision(args):  # the whole LoSA run: its re-prunes and RMI passes too
+    with tf32_training(args.tf32):  # the whole LoSA run: its re-prunes and RMI passes too
         res = run_losa(args.model, out_dir, lcfg, data_dir=args.data_dir, overwrite=True)
     losa_s = time.perf_counter() - t0
     peak = _peak_mb()

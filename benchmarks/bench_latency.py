@@ -121,7 +121,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--name", default="latency")
-    ap.add_argument("--load-order", default="dense-first", choices=["dense-first", "dense-last"],
+    from sparse_runtime.bench.latency import LOAD_ORDERS
+
+    ap.add_argument("--load-order", default="dense-first", choices=sorted(LOAD_ORDERS),
                     help="order in which in-process engines load the models (ORT ran its first session slower)")
     args = ap.parse_args()
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")

@@ -5,7 +5,7 @@ from . import Command
 
 
 def add_arguments(p):
-    from ..bench.latency import DEFAULT_ENGINES, DEFAULT_SCENARIOS
+    from ..bench.latency import DEFAULT_ENGINES, DEFAULT_SCENARIOS, LOAD_ORDERS
 
     p.add_argument("dense", help="the dense model (checkpoint directory or spec, e.g. smollm2-135m)")
     p.add_argument("sparse", nargs="+", help="sparse checkpoints, each DIR or LABEL=DIR")
@@ -18,7 +18,7 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=16, help="tokens per timed decode run")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default min(2, cores))")
-    p.add_argument("--load-order", default="dense-first", choices=["dense-first", "dense-last"],
+    p.add_argument("--load-order", default="dense-first", choices=sorted(LOAD_ORDERS),
                    help="order in which in-process engines load the models (not neutral for ONNX Runtime: "
                         "run both orders to see the effect)")
     p.add_argument("--name", default="latency", help="result file stem")

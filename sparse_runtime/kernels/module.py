@@ -176,33 +176,42 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(ts) * 1e3
 
 
+def _dispatch_key(module: SparseLinear, batches: tuple[int, ...]) -> tuple:
+    """Measurements are shared per (isa, layout, dtype, shape, density to 0.05, threads, batches)."""
+    return (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
+            round(module.packed.density * 20) / 20, torch.get_num_threads(), batches)
+
+
+def _sparse_wins(module: SparseLinear, batch: int, repeats: int, margin: float) -> bool:
+    """Whether the sparse kernel was not slower than dense F.linear at ``batch`` tokens: both timed
+    alternately (so drift on a shared machine hits both alike), medians of ``repeats`` compared."""
+    w = module.weight
+    bias = None if module.bias is None else module.bias.to(w.dtype)
+    x = torch.randn(batch, module.in_features, dtype=w.dtype)  # bf16 values are compared with dense bf16
+    d_times, s_times = [], []
+    for _ in range(repeats):
+        d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
+        s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
+    return statistics.median(s_times) <= statistics.median(d_times) * margin
+
+
 @torch.inference_mode()
 def measure_threshold(module: SparseLinear, batches: Iterable[int] = THRESHOLD_BATCHES, repeats: int = 5,
                       margin: float = 1.0) -> int:
     """Largest tried batch up to which the sparse kernel was never slower than dense F.linear.
 
-    Dense and sparse are timed alternately at each batch (median of ``repeats``). Stops at the first
-    batch where sparse loses (sparse > dense * margin); returns 0 if it loses already at batch 1.
-    Measured once per (isa, layout, shape, density to 0.05, threads) and cached for the process.
+    Stops at the first batch where sparse loses (sparse > dense * margin); returns 0 if it loses
+    already at batch 1. Measured once per :func:`_dispatch_key` and cached for the process.
     """
-    key = (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
-           round(module.packed.density * 20) / 20, torch.get_num_threads(), tuple(batches))
-    if key in _THRESHOLD_CACHE:
-        return _THRESHOLD_CACHE[key]
-    w = module.weight
-    bias = None if module.bias is None else module.bias.to(w.dtype)
-    best = 0
-    for b in batches:
-        x = torch.randn(b, module.in_features, dtype=w.dtype)  # bf16 values are compared with dense bf16
-        d_times, s_times = [], []
-        for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
-            d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
-            s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
-        if statistics.median(s_times) > statistics.median(d_times) * margin:
-            break
-        best = b
-    _THRESHOLD_CACHE[key] = best
-    return best
+    key = _dispatch_key(module, tuple(batches))
+    if key not in _THRESHOLD_CACHE:
+        best = 0
+        for b in key[-1]:
+            if not _sparse_wins(module, b, repeats, margin):
+                break
+            best = b
+        _THRESHOLD_CACHE[key] = best
+    return _THRESHOLD_CACHE[key]
 
 
 @torch.inference_mode()
@@ -210,29 +219,14 @@ def measure_dispatch(module: SparseLinear, batches: Iterable[int] = THRESHOLD_BA
                      margin: float = 1.0) -> tuple[int, ...]:
     """Every tried batch at which the sparse kernel was not slower than dense F.linear.
 
-    Like :func:`measure_threshold` (alternating timings, median of ``repeats``, cached per (isa,
-    layout, dtype, shape, density to 0.05, threads)) but it does not stop at the first loss: the
-    win region can have a gap (see the module docstring). :func:`apply_dispatch` turns the result
-    into a module's ``batch_threshold`` and ``sparse_ranges``.
+    Like :func:`measure_threshold` but it does not stop at the first loss: the win region can have
+    a gap (see the module docstring). :func:`apply_dispatch` turns the result into a module's
+    ``batch_threshold`` and ``sparse_ranges``.
     """
-    batches = tuple(batches)
-    key = (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
-           round(module.packed.density * 20) / 20, torch.get_num_threads(), batches)
-    if key in _DISPATCH_CACHE:
-        return _DISPATCH_CACHE[key]
-    w = module.weight
-    bias = None if module.bias is None else module.bias.to(w.dtype)
-    won = []
-    for b in batches:
-        x = torch.randn(b, module.in_features, dtype=w.dtype)
-        d_times, s_times = [], []
-        for _ in range(repeats):
-            d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
-            s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
-        if statistics.median(s_times) <= statistics.median(d_times) * margin:
-            won.append(b)
-    _DISPATCH_CACHE[key] = tuple(won)
-    return tuple(won)
+    key = _dispatch_key(module, tuple(batches))
+    if key not in _DISPATCH_CACHE:
+        _DISPATCH_CACHE[key] = tuple(b for b in key[-1] if _sparse_wins(module, b, repeats, margin))
+    return _DISPATCH_CACHE[key]
 
 
 def dispatch_ranges(won: Iterable[int], batches: Iterable[int] = THRESHOLD_BATCHES) -> tuple[int, tuple[tuple[int, int], ...]]:
