@@ -116,19 +116,19 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
     rows = []
     isas = supported_isas()
     paths = [(isas[-1], DEFAULT_LAYOUT[isas[-1]])]
-    if "avx512" in isas and "avx2" in isas:
-        paths.append(("avx2", "csr16"))
+    if "avx2" in isas:  # the other AVX2 paths beside the default (on AVX-512 CPUs: a preview)
+        paths += [("avx2", lay) for lay in ("bitmask", "csr16") if ("avx2", lay) not in paths]
     for threads in threads_list:
         torch.set_num_threads(threads)
         for n, k in shapes:
             w0 = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 7 + k))
             for struct in structs:
                 w = prune(w0, struct).contiguous()
-                mods = {isa: SparseLinear(pack(w, lay), None, isa=isa, dense_weight=w, batch_threshold=1 << 30)
-                        for isa, lay in paths}
+                mods = {f"{isa}/{lay}": SparseLinear(pack(w, lay), None, isa=isa, dense_weight=w,
+                                                     batch_threshold=1 << 30) for isa, lay in paths}
                 ort_w = ort_matmul(w, threads) if with_ort else None
                 ort_s = ort_sparse(w, threads) if with_ort else None
-                thr = {isa: measure_threshold(m, repeats=5) for isa, m in mods.items()}
+                thr = {key: measure_threshold(m, repeats=5) for key, m in mods.items()}
                 for b in batches:
                     x = torch.randn(b, k)
                     xn = x.numpy()
@@ -137,12 +137,12 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                         fns["ort"] = lambda: ort_w(xn)
                     if ort_s is not None:
                         fns["ort_sparse"] = lambda: ort_s(xn)
-                    for isa, m in mods.items():
-                        fns[isa] = (lambda m=m: m.sparse_forward(x))
-                    if b == 1 and "avx512" in mods:  # tuning: the batch-1 form the process did NOT choose
+                    for key, m in mods.items():
+                        fns[key] = (lambda m=m: m.sparse_forward(x))
+                    if b == 1 and "avx512/bitmask" in mods:  # tuning: the batch-1 form the process did NOT choose
                         chosen = choose_gemv_variant()
                         other = next(v for v in _lib.GEMV_VARIANTS if v != chosen)
-                        fns["avx512-other"] = lambda: (_lib.set_gemv_variant(other), mods["avx512"].sparse_forward(x),
+                        fns["avx512-other"] = lambda: (_lib.set_gemv_variant(other), mods["avx512/bitmask"].sparse_forward(x),
                                                         _lib.set_gemv_variant(chosen))
                     res = timed(fns, repeats)
                     if "avx512-other" in res:
@@ -151,27 +151,27 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                                      "sparse_ms": res["avx512-other"][0],
                                      "sparse_min_max": f"{res['avx512-other'][1]:.3g}-{res['avx512-other'][2]:.3g}",
                                      "speedup_vs_torch": res["dense"][0] / res["avx512-other"][0],
-                                     "sparse_GBps": mods["avx512"].packed.nbytes / res["avx512-other"][0] / 1e6,
-                                     "bound": mods["avx512"].packed.bandwidth_bound()})
+                                     "sparse_GBps": mods["avx512/bitmask"].packed.nbytes / res["avx512-other"][0] / 1e6,
+                                     "bound": mods["avx512/bitmask"].packed.bandwidth_bound()})
                     dense_ms = res["dense"][0]
-                    for isa, m in mods.items():
+                    for key, m in mods.items():
                         p = m.packed
-                        s_ms = res[isa][0]
+                        s_ms = res[key][0]
                         rows.append({
                             "threads": threads, "shape": f"{n}x{k}", "sparsity": struct, "batch": b,
-                            "path": f"{isa}/{p.layout}", "dense_torch_ms": dense_ms,
+                            "path": key, "dense_torch_ms": dense_ms,
                             "dense_ort_ms": res["ort"][0] if "ort" in res else None,
-                            "sparse_ms": s_ms, "sparse_min_max": f"{res[isa][1]:.3g}-{res[isa][2]:.3g}",
+                            "sparse_ms": s_ms, "sparse_min_max": f"{res[key][1]:.3g}-{res[key][2]:.3g}",
                             "speedup_vs_torch": dense_ms / s_ms,
                             "speedup_vs_ort": res["ort"][0] / s_ms if "ort" in res else None,
                             "ort_sparse_pyop_ms": res["ort_sparse"][0] if "ort_sparse" in res else None,
                             "dense_GBps": n * k * 4 / dense_ms / 1e6, "sparse_GBps": p.nbytes / s_ms / 1e6,
-                            "bound": p.bandwidth_bound(), "threshold": thr[isa],
+                            "bound": p.bandwidth_bound(), "threshold": thr[key],
                         })
                         r = rows[-1]
                         print(f"t{threads} {r['shape']:>10} {struct:>4} b{b:<3} {r['path']:<16} dense {dense_ms:8.3f} "
                               f"ort {r['dense_ort_ms'] or float('nan'):8.3f} sparse {s_ms:8.3f} "
-                              f"x{r['speedup_vs_torch']:5.2f} (bound {r['bound']:.2f}) thr {thr[isa]}", flush=True)
+                              f"x{r['speedup_vs_torch']:5.2f} (bound {r['bound']:.2f}) thr {thr[key]}", flush=True)
     return rows
 
 
@@ -356,6 +356,10 @@ def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_toke
     return rows, notes
 
 
+def _suffix(a) -> str:
+    return f"_{a.tag}" if a.tag else ""
+
+
 def layer_part(a, shapes, threads, batches) -> None:
     reset_counters()
     state0, load0 = cpu_times(), os.getloadavg()[0]
@@ -366,20 +370,21 @@ def layer_part(a, shapes, threads, batches) -> None:
              "dense_torch = F.linear (oneDNN/MKL); dense_ort = onnxruntime MatMul session, same threads; "
              "ort_sparse_pyop = the MatMul rewritten to our SparseLinear node run through onnxruntime-extensions' "
              "Python custom op (interim ORT path, default ISA; includes the Python round trip)",
-             "path avx2/csr16 on an AVX-512 CPU previews the AVX2 kernel; AVX2-only CPUs (AMD EPYC) differ",
+             ("path avx2/csr16 on an AVX-512 CPU previews the AVX2 kernel; AVX2-only CPUs (AMD EPYC) differ"
+              if "avx512" in supported_isas() else "AVX2-only CPU: the avx2 paths are this machine's default"),
              "threshold = measured largest batch (of 1,2,4,...,128) where the sparse kernel was not slower "
              "than dense; SparseLinear dispatches larger batches to dense F.linear",
              "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread",
              f"AVX-512 batch-1 form used by the 'avx512/bitmask' rows (chosen at first use, "
              f"sparse_runtime.kernels.choose_gemv_variant): {gemv_choice()}; the '(... form, not chosen)' rows time "
              "the other form in the same run", machine_state(state0, load0)]
-    save_results("kernels_layers", "Sparse kernels vs dense, per layer (fp32)", rows,
+    save_results("kernels_layers" + _suffix(a), "Sparse kernels vs dense, per layer (fp32)", rows,
                  protocol=f"layer latency, batches {batches}, threads {threads}", notes=notes, out_dir=a.out_dir)
     if not a.no_bf16:
         bf = bench_bf16(threads[0], [1, 8], a.repeats, [(1536, 576)] + SEVEN_B if a.shapes != "smol" else [(1536, 576)],
                         ["70%", "2:4"])
         if bf:
-            save_results("kernels_bf16", "Sparse kernels with bf16 values vs dense bf16 F.linear", bf,
+            save_results("kernels_bf16" + _suffix(a), "Sparse kernels with bf16 values vs dense bf16 F.linear", bf,
                          protocol=f"layer latency, batches [1, 8], threads {threads[0]}",
                          notes=[f"median of {a.repeats} alternating calls; x/y bf16, fp32 accumulation in our kernel",
                                 "bound_vs_dense_bf16 = 2 bytes per dense weight / encoding bytes"], out_dir=a.out_dir)
@@ -401,6 +406,8 @@ def main(argv=None):
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=128)
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="suffix of the result names (kernels_layers_TAG...), e.g. the ISA "
+                    "of the machine, so a run on another kind of CPU does not replace the committed tables")
     a = ap.parse_args(argv)
     if not available():
         raise SystemExit(unavailable_reason())
@@ -440,7 +447,7 @@ def main(argv=None):
             f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
             "shared 2-core VM: other processes may run unlocked; read the min-max columns",
             machine_state(state0, load0)]
-        save_results("kernels_e2e", "SmolLM2-135M end to end: lean sparse path vs dense (PyTorch, ORT, lean)", e2e,
+        save_results("kernels_e2e" + _suffix(a), "SmolLM2-135M end to end: lean sparse path vs dense (PyTorch, ORT, lean)", e2e,
                      protocol=f"latency, batch 1, threads {a.e2e_threads}", model="SmolLM2-135M-Instruct (fp32)",
                      notes=notes_e2e, out_dir=a.out_dir)
     print(f"wall time {time.perf_counter() - t0:.0f}s")

@@ -11,7 +11,8 @@
 //   csr16:   idx    uint16 [nnz]            column index of each nonzero (K <= 65536)
 //            values float  [nnz], row_ptr int64 [N + 1] as above
 //
-// Paths: bitmask x {avx512 (expand-load), portable}; csr16 x {avx2 (gathers), portable}.
+// Paths: bitmask x {avx512 (expand-load), avx2 (left-pack of x), portable}; csr16 x {avx2 (gathers),
+// portable}.
 // All entry points are plain C (loaded with ctypes); the Python module init below exists only
 // so that setuptools builds and installs this file as an ordinary extension module.
 #include <Python.h>
@@ -398,8 +399,8 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static void csr_avx2_gemv_rows(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
-                               const float* bias, float* y, int64_t r0, int64_t r1) {
+static void csr_avx2_gemv_rows_gather(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
+                                      const float* bias, float* y, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
         int64_t p = rp[r];
         const int64_t e = rp[r + 1];
@@ -419,6 +420,55 @@ static void csr_avx2_gemv_rows(const float* x, const uint16_t* idx, const float*
         for (; p < e; ++p) s += vals[p] * x[idx[p]];
         y[r] = s + (bias ? bias[r] : 0.f);
     }
+}
+
+// Four x values at the 16-bit column indices packed in q, as one 128-bit vector (scalar loads +
+// vinsertps: load ports and one shuffle each, no gather).
+static inline __m128 csr_avx2_load4(const float* x, uint64_t q) {
+    __m128 v = _mm_load_ss(x + (q & 0xffff));
+    v = _mm_insert_ps(v, _mm_load_ss(x + ((q >> 16) & 0xffff)), 0x10);
+    v = _mm_insert_ps(v, _mm_load_ss(x + ((q >> 32) & 0xffff)), 0x20);
+    return _mm_insert_ps(v, _mm_load_ss(x + (q >> 48)), 0x30);
+}
+
+// The "insert" form: the same products, x assembled from scalar loads. On cores whose vgatherdps is
+// microcoded (AMD Zen 1: the gather form lost to dense at 70 %, 0.73x on 4096x4096, while this form
+// ran 1.7x faster than the gather form in a C micro-benchmark) it is the faster of the two.
+static void csr_avx2_gemv_rows_insert(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
+                                      const float* bias, float* y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t p = rp[r];
+        const int64_t e = rp[r + 1];
+        __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
+        for (; p + 16 <= e; p += 16) {
+            uint64_t q[4];
+            memcpy(q, idx + p, sizeof q);
+            a0 = _mm_fmadd_ps(_mm_loadu_ps(vals + p), csr_avx2_load4(x, q[0]), a0);
+            a1 = _mm_fmadd_ps(_mm_loadu_ps(vals + p + 4), csr_avx2_load4(x, q[1]), a1);
+            a2 = _mm_fmadd_ps(_mm_loadu_ps(vals + p + 8), csr_avx2_load4(x, q[2]), a2);
+            a3 = _mm_fmadd_ps(_mm_loadu_ps(vals + p + 12), csr_avx2_load4(x, q[3]), a3);
+        }
+        for (; p + 4 <= e; p += 4) {
+            uint64_t q;
+            memcpy(&q, idx + p, sizeof q);
+            a0 = _mm_fmadd_ps(_mm_loadu_ps(vals + p), csr_avx2_load4(x, q), a0);
+        }
+        __m128 s4 = _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        float s = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+        for (; p < e; ++p) s += vals[p] * x[idx[p]];
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+// AVX2 batch-1 form: 0 = gathers, 1 = scalar loads + inserts (chosen per process by measurement in
+// Python, sparse_runtime.kernels.choose_gemv_variant("avx2"); default insert).
+static int kAvx2Form = 1;
+
+static void csr_avx2_gemv_rows(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
+                               const float* bias, float* y, int64_t r0, int64_t r1) {
+    if (kAvx2Form == 0) return csr_avx2_gemv_rows_gather(x, idx, vals, rp, bias, y, r0, r1);
+    csr_avx2_gemv_rows_insert(x, idx, vals, rp, bias, y, r0, r1);
 }
 
 template <int T>
@@ -448,6 +498,125 @@ static void csr_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t N
                 case 2: csr_avx2_tile<2>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
                 case 3: csr_avx2_tile<3>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
                 default: csr_avx2_tile<4>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
+            }
+            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
+            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 on the bitmask layout: "left-pack" x instead of expanding the values. For each 8-column
+// group with mask byte m, kLeftPack.lanes[m] lists the lanes of its c = popcount(m) set bits in
+// order, each with the sign bit set, then 0 in lanes c..7. One vpermps (which reads only the low 3
+// bits of each index) moves those x lanes to the front (x sits in L1: no memory gather), and the
+// same table's sign bits zero lanes c..7 of the next 8 packed values (a plain load and an AND; within
+// 8 floats of the end of the values array a vmaskmovps instead, which reads only the lanes whose
+// sign bit is set, so nothing past the array is touched: vmaskmovps itself is microcoded on AMD
+// Zen 1, 3x slower than load + AND there). Each group costs a table load, a permute, a load, an AND
+// and one FMA whatever its density; the layout keeps the bitmask's bytes (4d + 1/8 per weight:
+// bound 3.0x at 70 %, against 2.2x for csr16), and a bitmask checkpoint runs on AVX2 without
+// repacking. Measured on AMD EPYC (Zen 1): slower than the csr16 insert form, which stays the AVX2
+// default (docs/kernels.md).
+// ---------------------------------------------------------------------------------------------
+struct LeftPackTable {
+    alignas(32) int32_t lanes[256][8];
+    constexpr LeftPackTable() : lanes{} {
+        for (int m = 0; m < 256; ++m) {
+            int c = 0;
+            for (int j = 0; j < 8; ++j)
+                if (m & (1 << j)) lanes[m][c++] = (int32_t)(0x80000000u | (uint32_t)j);
+            for (int j = c; j < 8; ++j) lanes[m][j] = 0;
+        }
+    }
+};
+static constexpr LeftPackTable kLeftPack{};
+
+// acc += values(next c) * x(set lanes of m) for the 8 columns at x8; returns the values advanced by c.
+// end = one past the values array.
+static inline const float* bm_avx2_group(const float* x8, unsigned m, const float* v, const float* end,
+                                         __m256& acc) {
+    const __m256i lanes = _mm256_load_si256((const __m256i*)kLeftPack.lanes[m]);
+    const __m256 xs = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x8), lanes);
+    const __m256 vv = v + 8 <= end ? _mm256_and_ps(_mm256_loadu_ps(v), _mm256_castsi256_ps(_mm256_srai_epi32(lanes, 31)))
+                                   : _mm256_maskload_ps(v, lanes);
+    acc = _mm256_fmadd_ps(vv, xs, acc);
+    return v + _mm_popcnt_u32(m);
+}
+
+static void bm_avx2_gemv_rows(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                              const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1,
+                              const float* end) {
+    const int64_t Kw = (K + 31) / 32, G = K / 8;  // G full 8-column groups; columns 8G..K-1 are the tail
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* mb = (const uint8_t*)(mask + r * Kw);  // byte g = columns 8g..8g+7 (little endian)
+        const float* v = vals + rp[r];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) {
+            uint32_t m4;
+            memcpy(&m4, mb + g, 4);
+            v = bm_avx2_group(x + 8 * g, m4 & 255u, v, end, a0);
+            v = bm_avx2_group(x + 8 * g + 8, (m4 >> 8) & 255u, v, end, a1);
+            v = bm_avx2_group(x + 8 * g + 16, (m4 >> 16) & 255u, v, end, a2);
+            v = bm_avx2_group(x + 8 * g + 24, m4 >> 24, v, end, a3);
+        }
+        for (; g < G; ++g) v = bm_avx2_group(x + 8 * g, mb[g], v, end, a0);
+        float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        if (8 * G < K)  // tail: fewer than 8 columns of x are left, so walk the bits
+            for (unsigned m = mb[G]; m; m &= m - 1) s += *v++ * x[8 * G + __builtin_ctz(m)];
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+// Row's nonzero columns into off[0..nnz) (int32) by the same table, 8 columns per store; lanes past
+// c are overwritten by the next store, so off needs 8 slots of slack.
+static inline int64_t bm_avx2_row_columns(const uint8_t* mb, int64_t K, int32_t* off) {
+    int64_t n = 0;
+    const int64_t G = (K + 7) / 8;
+    for (int64_t g = 0; g < G; ++g) {
+        const unsigned m = mb[g];
+        const __m256i lanes = _mm256_load_si256((const __m256i*)kLeftPack.lanes[m]);
+        _mm256_storeu_si256((__m256i*)(off + n), _mm256_add_epi32(_mm256_and_si256(lanes, _mm256_set1_epi32(7)),
+                                                                   _mm256_set1_epi32((int)(8 * g))));
+        n += _mm_popcnt_u32(m);
+    }
+    return n;
+}
+
+template <int T>
+static inline void bm_avx2_tile(const float* xT, int64_t Bp, const int32_t* off, const float* vals, int64_t n,
+                                float* out) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) {
+        const __m256 wv = _mm256_broadcast_ss(vals + p);
+        const float* xr = xT + (int64_t)off[p] * Bp;
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
+    }
+    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+// Batch > 1: x transposed to [K, Bp] (Bp = B rounded up to 8); each row's mask is decoded once into
+// column offsets, then one broadcast weight feeds up to four 8-wide FMAs per nonzero (as for csr16).
+static void bm_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
+                              const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                              int64_t r1, int32_t* off) {
+    const int64_t Kw = (K + 31) / 32;
+    float out[32];
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = bm_avx2_row_columns((const uint8_t*)(mask + r * Kw), K, off);
+        const float* v = vals + rp[r];
+        const float bb = bias ? bias[r] : 0.f;
+        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
+            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
+            const float* xt = xT + b0;
+            switch (tiles) {
+                case 1: bm_avx2_tile<1>(xt, Bp, off, v, n, out); break;
+                case 2: bm_avx2_tile<2>(xt, Bp, off, v, n, out); break;
+                case 3: bm_avx2_tile<3>(xt, Bp, off, v, n, out); break;
+                default: bm_avx2_tile<4>(xt, Bp, off, v, n, out); break;
             }
             const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
             for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
@@ -706,6 +875,13 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
 void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
 void sr_set_gemv_variant(int v) { kGemvVariant = v; }
+// The batch-1 form of another ISA path (SR_AVX512: as sr_set_gemv_variant; SR_AVX2: 0 gather, 1 insert).
+void sr_set_gemv_form(int isa, int v) {
+#if SR_X86
+    if (isa == SR_AVX2) kAvx2Form = v;
+#endif
+    if (isa == SR_AVX512) kGemvVariant = v;
+}
 
 int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
                       const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
@@ -754,13 +930,38 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
             if (failed) return SR_ENOMEM;
         }
 #endif
+    } else if (isa == SR_AVX2) {
+#if SR_X86
+        if (B == 1) {
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                bm_avx2_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
+            });
+        } else {
+            const int64_t Bp = (B + 7) / 8 * 8;
+            float* xT = transpose_padded(x, B, K, Bp);
+            if (!xT) return SR_ENOMEM;
+            int failed = 0;
+            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+                int32_t* off = (int32_t*)malloc((size_t)(K + 16) * sizeof(int32_t));
+                if (!off) {
+                    __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+                    return;
+                }
+                bm_avx2_gemm_rows(xT, B, Bp, K, N, mask, vals, rp, bias, y, r0, r1, off);
+                free(off);
+            });
+            free(xT);
+            if (failed) return SR_ENOMEM;
+        }
+#endif
     } else if (isa == SR_PORTABLE) {
         parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
             bm_portable_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
         });
     } else {
-        return SR_EUNSUPPORTED;  // bitmask has no AVX2 path: AVX2 uses the csr16 layout
+        return SR_EUNSUPPORTED;
     }
+
     __atomic_add_fetch(&g_calls[isa][SR_BITMASK], 1, __ATOMIC_RELAXED);
     return SR_OK;
 }

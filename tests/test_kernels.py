@@ -24,7 +24,7 @@ if not available():
         raise RuntimeError(unavailable_reason())
     pytest.skip(unavailable_reason() or "sparse kernels unavailable", allow_module_level=True)
 
-ALL = [("avx512", "bitmask"), ("avx2", "csr16"), ("portable", "bitmask"), ("portable", "csr16")]
+ALL = [("avx512", "bitmask"), ("avx2", "bitmask"), ("avx2", "csr16"), ("portable", "bitmask"), ("portable", "csr16")]
 PATHS = [pytest.param(i, l, id=f"{i}-{l}", marks=pytest.mark.skipif(i not in supported_isas(),
                                                                       reason=f"CPU lacks {i}")) for i, l in ALL]
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -244,7 +244,15 @@ def test_package_imports_without_extension():
 
 
 BF16_PATHS = [pytest.param(i, l, id=f"bf16-{i}-{l}", marks=pytest.mark.skipif(
-    not _lib.supports_bf16(i), reason=f"CPU lacks a bf16 {i} path")) for i, l in ALL]
+    not _lib.supports_bf16(i), reason=f"CPU lacks a bf16 {i} path")) for i, l in ALL if (l, i) in _lib.IMPLEMENTED_BF16]
+
+
+def test_bf16_bitmask_on_avx2_is_refused_with_the_fix():
+    if "avx2" not in supported_isas():
+        pytest.skip("CPU lacks avx2")
+    p = pack(sparse_weight(8, 40, 0.7), "bitmask", "bfloat16")
+    with pytest.raises(ConfigError, match="csr16"):
+        sparse_linear(torch.randn(1, 40), p, isa="avx2")
 
 
 @pytest.mark.parametrize("isa,layout", BF16_PATHS)
@@ -304,6 +312,42 @@ def test_avx512_batch1_forms_match_reference(form):
             check(w, torch.randn(n), torch.randn(1, k), "avx512", "bitmask")
     finally:
         _lib.set_gemv_variant(chosen)
+
+
+@pytest.mark.skipif("avx2" not in supported_isas(), reason="CPU lacks avx2")
+@pytest.mark.parametrize("form", sorted(_lib.GEMV_FORMS["avx2"]))
+def test_avx2_batch1_forms_match_reference(form):
+    """Both AVX2 csr16 batch-1 forms (gathers / scalar loads + inserts), with row lengths around
+    their 16- and 4-nonzero steps."""
+    from sparse_runtime.kernels.module import choose_gemv_variant
+
+    chosen = choose_gemv_variant(isa="avx2")
+    try:
+        _lib.set_gemv_variant(form, "avx2")
+        for n, k, sp in [(1, 1, 0.0), (5, 17, 0.5), (33, 31, 0.7), (64, 100, 0.9), (16, 64, 0.0), (9, 257, 0.3),
+                         (4, 3, 0.0), (7, 20, 0.0), (3, 65536, 0.999)]:
+            w = sparse_weight(n, k, sp, seed=n + k)
+            check(w, torch.randn(n), torch.randn(1, k), "avx2", "csr16")
+    finally:
+        _lib.set_gemv_variant(chosen, "avx2")
+
+
+@pytest.mark.skipif("avx2" not in supported_isas(), reason="CPU lacks avx2")
+def test_avx2_gemv_form_choice(monkeypatch):
+    from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice
+
+    env = _lib.ENV_GEMV_FORM["avx2"]
+    monkeypatch.setenv(env, "gather")
+    assert choose_gemv_variant(force=True, isa="avx2") == "gather" and gemv_choice("avx2")["how"] == f"${env}"
+    monkeypatch.setenv(env, "auto")
+    got = choose_gemv_variant(force=True, repeats=3, isa="avx2")
+    info = gemv_choice("avx2")
+    assert info["how"] == "measured" and got == min(info["ms"], key=info["ms"].get)
+    monkeypatch.setenv(env, "sideways")
+    with pytest.raises(ConfigError, match="insert"):
+        choose_gemv_variant(force=True, isa="avx2")
+    monkeypatch.delenv(env)
+    choose_gemv_variant(force=True, repeats=3, isa="avx2")
 
 
 @pytest.mark.skipif("avx512" not in supported_isas(), reason="CPU lacks avx512")

@@ -70,6 +70,17 @@ def test_every_isa_and_thread_count(isa, threads):
     compare(model, lean_of(model, threads=threads, isa=isa, sparse=False), steps=3)
 
 
+@pytest.mark.parametrize("layout", ["bitmask", "csr16"])
+def test_avx2_both_layouts(layout):
+    """AVX2 runs both layouts in the C step (csr16 by default; bitmask by the left-pack kernel)."""
+    if "avx2" not in supported_isas():
+        pytest.skip("CPU lacks avx2")
+    model = pruned(tiny_model("llama"))
+    lean = lean_of(model, isa="avx2", layout=layout)
+    assert {f.module.packed.layout for f in lean.linears() if f.module is not None} == {layout}
+    compare(model, lean, steps=6)
+
+
 def test_sliding_window_is_applied():
     model = pruned(tiny_model("mistral", sliding_window=6))
     lean = lean_of(model)
@@ -118,8 +129,8 @@ def test_greedy_generate_equals_hf():
 def test_fused_packing_equals_separate_packs():
     model = pruned(tiny_model("llama"))
     a = model.model.layers[0].self_attn
-    parts = [pack(l.weight.detach(), "bitmask") for l in (a.q_proj, a.k_proj, a.v_proj)]
-    fused = lean_of(model).layers[0].qkv.module.packed
+    fused = lean_of(model).layers[0].qkv.module.packed  # the CPU's layout: bitmask, or csr16 on AVX2
+    parts = [pack(l.weight.detach(), fused.layout) for l in (a.q_proj, a.k_proj, a.v_proj)]
     assert torch.equal(fused.index, torch.cat([p.index for p in parts]))
     assert torch.equal(fused.values, torch.cat([p.values for p in parts]))
     offsets = np.cumsum([0] + [len(p.values) for p in parts[:-1]])

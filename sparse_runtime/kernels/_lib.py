@@ -8,8 +8,9 @@ unsupported platform) everything here still imports: :func:`available` says Fals
 Path choice, once per process (or per call with ``isa=``): ``SPARSE_RUNTIME_KERNEL_ISA`` =
 ``avx512`` | ``avx2`` | ``portable`` forces one (an error if the CPU lacks it); otherwise the best
 the CPU supports. Each ISA has its own default layout (AVX-512: bitmask + expand-load; AVX2:
-csr16 + gathers; portable: bitmask); ``SPARSE_RUNTIME_KERNEL_LAYOUT`` overrides the layout where
-the pair is implemented.
+csr16, x read by gathers or by scalar loads + inserts, measured per process; portable: bitmask);
+``SPARSE_RUNTIME_KERNEL_LAYOUT`` overrides the layout where the pair is implemented (AVX2 also
+runs bitmask, by a left-pack of x: slower than csr16 there, but no repacking).
 """
 from __future__ import annotations
 
@@ -23,12 +24,18 @@ from ..errors import ConfigError
 ISAS = ("portable", "avx2", "avx512")  # index = the C enum
 LAYOUT_IDS = {"bitmask": 0, "csr16": 1}
 DEFAULT_LAYOUT = {"avx512": "bitmask", "avx2": "csr16", "portable": "bitmask"}
-IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("csr16", "avx2"), ("csr16", "portable")}
+IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "avx2"), ("bitmask", "portable"), ("csr16", "avx2"),
+               ("csr16", "portable")}
+IMPLEMENTED_BF16 = IMPLEMENTED - {("bitmask", "avx2")}  # bf16 values: AVX2 runs them in csr16 only
 ENV_ISA = "SPARSE_RUNTIME_KERNEL_ISA"
 ENV_LAYOUT = "SPARSE_RUNTIME_KERNEL_LAYOUT"
 ENV_LIB = "SPARSE_RUNTIME_KERNEL_LIB"
 ENV_GEMV = "SPARSE_RUNTIME_AVX512_GEMV"  # register | memory | auto (default): the AVX-512 batch-1 form
 GEMV_VARIANTS = {"memory": 0, "register": 1}  # the C kernel's sr_set_gemv_variant ids
+# Batch-1 kernel forms per ISA path (same arithmetic, different instructions), the C ids of
+# sr_set_gemv_form, and the variable that forces one (else measured: module.choose_gemv_variant).
+GEMV_FORMS = {"avx512": GEMV_VARIANTS, "avx2": {"gather": 0, "insert": 1}}
+ENV_GEMV_FORM = {"avx512": ENV_GEMV, "avx2": "SPARSE_RUNTIME_AVX2_GEMV"}
 COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
 FEAT_VBMI2 = 1 << 3
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
@@ -69,6 +76,7 @@ def _load() -> Optional[ctypes.CDLL]:
         if hasattr(lib, "sr_set_blk_min_batch"):  # benchmarks' hook for the K-blocked walk switch
             lib.sr_set_blk_min_batch.argtypes = [i64]
         lib.sr_set_gemv_variant.argtypes = [c_int]
+        lib.sr_set_gemv_form.argtypes = [c_int, c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
         _lib = lib
@@ -126,10 +134,13 @@ def select_layout(isa: str, layout: Optional[str] = None) -> str:
     return lay
 
 
-def supports_bf16(isa: str) -> bool:
-    """bf16 values run on portable and AVX2 everywhere, on AVX-512 only with VBMI2 (16-bit expand)."""
+def supports_bf16(isa: str, layout: Optional[str] = None) -> bool:
+    """bf16 values run on portable and AVX2 (csr16) everywhere, on AVX-512 only with VBMI2 (16-bit
+    expand). ``layout``: also require that layout's bf16 kernel on ``isa``."""
     lb = _load()
     if lb is None or isa not in supported_isas():
+        return False
+    if layout is not None and (layout, isa) not in IMPLEMENTED_BF16:
         return False
     return isa != "avx512" or bool(lb.sr_cpu_features() & FEAT_VBMI2)
 
@@ -151,12 +162,14 @@ def reset_counters() -> None:
         lb.sr_reset_counters()
 
 
-def set_gemv_variant(name: str) -> None:
-    """Select the AVX-512 batch-1 kernel form for this process: ``memory`` (vexpandps from memory,
-    expand-load) or ``register`` (plain load + register vexpandps)."""
-    if name not in GEMV_VARIANTS:
-        raise ConfigError(f"unknown AVX-512 batch-1 kernel form {name!r}; choose one of {', '.join(GEMV_VARIANTS)}")
-    lib().sr_set_gemv_variant(GEMV_VARIANTS[name])
+def set_gemv_variant(name: str, isa: str = "avx512") -> None:
+    """Select an ISA path's batch-1 kernel form for this process. AVX-512: ``memory`` (vexpandps
+    from memory, expand-load) or ``register`` (plain load + register vexpandps); AVX2 (csr16):
+    ``gather`` (vgatherdps) or ``insert`` (scalar loads + vinsertps)."""
+    forms = GEMV_FORMS.get(isa, {})
+    if name not in forms:
+        raise ConfigError(f"unknown {isa} batch-1 kernel form {name!r}; choose one of {', '.join(forms) or 'none'}")
+    lib().sr_set_gemv_form(ISAS.index(isa), forms[name])
 
 
 def obs_columns(W1, Err1, Hinv1, scale, i0: int, i1: int, threads: int) -> bool:

@@ -32,56 +32,64 @@ from .ops import _ISA_ID, _run, densify, sparse_linear_op
 THRESHOLD_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 _THRESHOLD_CACHE: dict[tuple, int] = {}
 _DISPATCH_CACHE: dict[tuple, tuple[int, ...]] = {}
-_GEMV: dict[str, object] = {}  # the chosen AVX-512 batch-1 form and the timings behind it
+_GEMV: dict[str, dict[str, object]] = {}  # per ISA: the chosen batch-1 form and the timings behind it
 
 
 @torch.inference_mode()
-def choose_gemv_variant(force: bool = False, repeats: int = 9) -> str:
-    """The AVX-512 batch-1 kernel form for this process, chosen once.
+def choose_gemv_variant(force: bool = False, repeats: int = 9, isa: str = "avx512") -> str:
+    """The batch-1 kernel form of an ISA path for this process, chosen once.
 
-    Two forms do the same arithmetic: ``memory`` expands the packed values straight from memory
-    (``vexpandps zmm{k}, [mem]``), ``register`` loads 64 bytes and expands in a register. Which is
-    faster depends on the core (the memory form is microcoded on some, e.g. AMD Zen 4) and, on a
-    shared machine, on what runs beside it: on this project's Xeon the memory form won on a quiet
-    machine (kernels_layers.md) and lost under heavy load. So it is measured, not assumed:
-    ``$SPARSE_RUNTIME_AVX512_GEMV`` = ``memory`` | ``register`` forces one; otherwise (``auto``)
-    both are timed alternately on a 2048 x 2048 matrix at 70 % sparsity, batch 1 (a few ms), and
-    the faster median wins. The result is in :func:`gemv_choice`.
+    Two forms do the same arithmetic on each path that has them (``_lib.GEMV_FORMS``):
+    - AVX-512 (bitmask): ``memory`` expands the packed values straight from memory (``vexpandps
+      zmm{k}, [mem]``), ``register`` loads 64 bytes and expands in a register. The memory form is
+      microcoded on some cores (e.g. AMD Zen 4); on this project's Xeon it won on a quiet machine
+      (kernels_layers.md) and lost under heavy load.
+    - AVX2 (csr16): ``gather`` reads x with ``vgatherdps``, ``insert`` with scalar loads and
+      ``vinsertps``. Gathers are microcoded on AMD Zen 1/2, where the gather form lost to dense at
+      70 % and the insert form did not (kernels_layers_avx2.md).
+    So it is measured, not assumed: the ISA's variable (``_lib.ENV_GEMV_FORM``, e.g.
+    ``$SPARSE_RUNTIME_AVX512_GEMV`` = ``memory`` | ``register``, ``$SPARSE_RUNTIME_AVX2_GEMV`` =
+    ``gather`` | ``insert``) forces one; otherwise (``auto``) the forms are timed alternately on a
+    2048 x 2048 matrix at 70 % sparsity, batch 1 (a few ms), and the faster median wins. The result
+    is in :func:`gemv_choice`.
     """
-    if _GEMV and not force:
-        return str(_GEMV["variant"])
-    want = os.environ.get(_lib.ENV_GEMV, "auto").strip().lower() or "auto"
+    forms = _lib.GEMV_FORMS[isa]
+    if isa in _GEMV and not force:
+        return str(_GEMV[isa]["variant"])
+    env = _lib.ENV_GEMV_FORM[isa]
+    want = os.environ.get(env, "auto").strip().lower() or "auto"
     if want != "auto":
-        _lib.set_gemv_variant(want)
-        _GEMV.update(variant=want, how=f"${_lib.ENV_GEMV}")
+        _lib.set_gemv_variant(want, isa)
+        _GEMV[isa] = dict(variant=want, how=f"${env}")
         return want
+    layout = "bitmask" if isa == "avx512" else "csr16"
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 2048, generator=g)
     w = w * (torch.rand(w.shape, generator=g) >= 0.7)
-    p = pack(w, "bitmask")
+    p = pack(w, layout)
     x = torch.randn(1, 2048, generator=g)
 
     def call():
-        return _run(x, p.index, p.values, p.row_ptr, None, 2048, 2048, _lib.LAYOUT_IDS["bitmask"], _ISA_ID["avx512"])
+        return _run(x, p.index, p.values, p.row_ptr, None, 2048, 2048, _lib.LAYOUT_IDS[layout], _ISA_ID[isa])
 
-    times: dict[str, list[float]] = {name: [] for name in _lib.GEMV_VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in forms}
     for name in times:  # warm-up
-        _lib.set_gemv_variant(name)
+        _lib.set_gemv_variant(name, isa)
         call()
     for _ in range(repeats):
         for name in times:
-            _lib.set_gemv_variant(name)
+            _lib.set_gemv_variant(name, isa)
             times[name].append(_median_ms(call, 3))
     med = {name: statistics.median(t) for name, t in times.items()}
     best = min(med, key=med.get)
-    _lib.set_gemv_variant(best)
-    _GEMV.update(variant=best, how="measured", ms=med)
+    _lib.set_gemv_variant(best, isa)
+    _GEMV[isa] = dict(variant=best, how="measured", ms=med)
     return best
 
 
-def gemv_choice() -> dict[str, object]:
-    """Which AVX-512 batch-1 form this process uses and why (empty before the first AVX-512 module)."""
-    return dict(_GEMV)
+def gemv_choice(isa: str = "avx512") -> dict[str, object]:
+    """Which batch-1 form of ``isa`` this process uses and why (empty before its first module)."""
+    return dict(_GEMV.get(isa, {}))
 
 
 class SparseLinear(nn.Module):
@@ -99,8 +107,8 @@ class SparseLinear(nn.Module):
         self.isa = _lib.select_isa(isa)
         if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
             raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
-        if self.isa == "avx512":
-            choose_gemv_variant()  # once per process
+        if self.isa == "avx512" or (self.isa, packed.layout) == ("avx2", "csr16"):
+            choose_gemv_variant(isa=self.isa)  # once per process and ISA
         self.layout = packed.layout
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.register_buffer("index", packed.index)

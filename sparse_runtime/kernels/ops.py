@@ -76,6 +76,9 @@ def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias: Optional[torch.Te
     if (packed.layout, isa) not in _lib.IMPLEMENTED:
         raise ConfigError(f"no {isa} kernel for the {packed.layout} layout; repack with "
                           f"layout={_lib.DEFAULT_LAYOUT[isa]!r} or choose another ISA")
+    if packed.values.dtype == torch.bfloat16 and (packed.layout, isa) not in _lib.IMPLEMENTED_BF16:
+        raise ConfigError(f"no {isa} kernel for bf16 values in the {packed.layout} layout; repack with "
+                          f"layout={_lib.DEFAULT_LAYOUT[isa]!r} or use float32 values")
     args = (x, packed.index, packed.values, packed.row_ptr, bias, packed.out_features, packed.in_features,
             _lib.LAYOUT_IDS[packed.layout], _ISA_ID[isa])
     return sparse_linear_op(*args) if use_op else _run(*args)
