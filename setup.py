@@ -19,7 +19,8 @@ _openmp = [] if os.environ.get("SPARSE_RUNTIME_NO_OPENMP") or sys.platform == "d
 ext = Extension(
     "sparse_runtime.kernels._sparse_kernels",
     sources=["csrc/sparse_kernels.cpp"],
-    depends=["csrc/lean_decode.inc"],  # included by sparse_kernels.cpp (the lean decode step)
+    # included by sparse_kernels.cpp: the lean decode step, the ONNX Runtime custom op and its ABI
+    depends=["csrc/lean_decode.inc", "csrc/ort_op.inc", "csrc/ort_abi.h"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti",
                         "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-uninitialized", *_openmp],

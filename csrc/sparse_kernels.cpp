@@ -1114,6 +1114,9 @@ int sr_obs_columns(int isa, float* W1, float* Err1, const float* Hinv1, const fl
 // The lean batch-1 decode step (a whole token in one parallel region; reuses the row kernels above).
 #include "lean_decode.inc"
 
+// The ONNX Runtime custom-op library entry point (RegisterCustomOps) and the SparseLinear ops.
+#include "ort_op.inc"
+
 // A module with no Python-level functions: it only makes the shared object importable/locatable.
 static struct PyModuleDef sr_module = {PyModuleDef_HEAD_INIT, "_sparse_kernels",
                                        "sparse-runtime CPU sparse kernels (C entry points, loaded with ctypes)",

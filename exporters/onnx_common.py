@@ -106,6 +106,15 @@ def weight_arrays(model) -> list[np.ndarray]:
 def ort_session(path: Path, threads: int | None = None, optimized_path: Path | None = None, level: str = "basic"):
     import onnxruntime as ort
 
+    so = ort_session_options(threads, optimized_path, level)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_session_options(threads: int | None = None, optimized_path: Path | None = None, level: str = "basic"):
+    """The project's ORT session settings: ``threads`` intra-op (default min(2, cores)), one inter-op
+    thread, warnings off, graph optimisation ``level`` (none | basic | extended | all)."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
     so.inter_op_num_threads = 1
@@ -115,7 +124,7 @@ def ort_session(path: Path, threads: int | None = None, optimized_path: Path | N
     so.graph_optimization_level = levels[level]
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return so
 
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,

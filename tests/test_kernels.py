@@ -198,16 +198,11 @@ def test_sparsify_skips_dense_layers():
     assert not report.swapped and len(report.skipped) == 14
 
 
-def test_ort_pyop_matches_pytorch():
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxruntime_extensions", reason="the interim ORT path needs onnxruntime-extensions")
+def two_matmul_graph(w, dense_w):
+    """x -> MatMul(W^T) -> Relu -> MatMul(dense): one sparse and one dense weight."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from sparse_runtime.kernels import ort as sort
-
-    k, n = 70, 45
-    w = sparse_weight(n, k, 0.7)
-    dense_w = sparse_weight(n, n, 0.0, seed=3)
+    n, k = w.shape
     g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
          helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
@@ -217,16 +212,83 @@ def test_ort_pyop_matches_pytorch():
          numpy_helper.from_array(dense_w.t().contiguous().numpy(), "w2")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    x = torch.randn(2, 3, k)
-    expected = F.linear(torch.relu(F.linear(x, w)), dense_w)
-    for isa in supported_isas():
-        sm, count = sort.sparsify_onnx(model, isa=isa)
-        assert count == 1  # the dense second MatMul is left alone
+    return model
+
+
+BACKENDS = [pytest.param("native", id="native"),
+            pytest.param("pyop", id="pyop", marks=pytest.mark.skipif(
+                __import__("importlib").util.find_spec("onnxruntime_extensions") is None,
+                reason="the pyop backend needs onnxruntime-extensions"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("isa,layout", PATHS)
+def test_ort_sparse_op_matches_pytorch(backend, isa, layout):
+    """The rewritten graph on ORT equals PyTorch, on every path, for both backends; the kernel
+    counter proves the sparse node ran our kernel (native: ORT loaded the same shared object)."""
+    pytest.importorskip("onnxruntime")
+    from sparse_runtime.kernels import ort as sort
+
+    w, dense_w = sparse_weight(45, 70, 0.7), sparse_weight(45, 45, 0.0, seed=3)
+    model = two_matmul_graph(w, dense_w)
+    sm, count = sort.sparsify_onnx(model, isa=isa, layout=layout)
+    assert count == 1  # the dense second MatMul is left alone
+    sess = sort.session(sm, threads=2, backend=backend)
+    for shape in [(2, 3), (1, 1), (1, 40)]:
+        x = torch.randn(*shape, 70)
         before = counters()
-        y = sort.session(sm).run(None, {"x": x.numpy()})[0]
-        torch.testing.assert_close(torch.from_numpy(y), expected, atol=1e-4, rtol=1e-4)
-        lay = _lib.DEFAULT_LAYOUT[isa]
-        assert counters()[f"{lay}/{isa}"] == before[f"{lay}/{isa}"] + 1
+        y = sess.run(None, {"x": x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(y), F.linear(torch.relu(F.linear(x, w)), dense_w),
+                                   atol=1e-4, rtol=1e-4)
+        assert counters()[f"{layout}/{isa}"] == before[f"{layout}/{isa}"] + 1
+
+
+def test_sparsify_onnx_takes_sparse_initializers():
+    pytest.importorskip("onnxruntime")
+    from exporters.onnx_common import to_sparse_initializers
+    from sparse_runtime.kernels import ort as sort
+
+    w, dense_w = sparse_weight(33, 64, 0.8), sparse_weight(33, 33, 0.0, seed=3)
+    model = two_matmul_graph(w, dense_w)
+    to_sparse_initializers(model, names=["wt"])
+    assert len(model.graph.sparse_initializer) == 1
+    sm, count = sort.sparsify_onnx(model)
+    assert count == 1 and not sm.graph.sparse_initializer
+    x = torch.randn(1, 2, 64)
+    y = sort.session(sm).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(y), F.linear(torch.relu(F.linear(x, w)), dense_w),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_ort_native_op_falls_back_to_a_path_this_cpu_runs():
+    """A graph rewritten for AVX-512 still runs on a CPU without it (the best path of its layout)."""
+    pytest.importorskip("onnxruntime")
+    from sparse_runtime.kernels import ort as sort
+
+    w = sparse_weight(33, 64, 0.7)
+    sm, _ = sort.sparsify_onnx(two_matmul_graph(w, torch.eye(33)), isa="portable")
+    for node in sm.graph.node:
+        for a in node.attribute:
+            if a.name == "isa_id":
+                a.i = 7  # no such path anywhere
+    x = torch.randn(1, 2, 64)
+    y = sort.session(sm).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(y), torch.relu(F.linear(x, w)), atol=1e-4, rtol=1e-4)
+
+
+def test_ort_native_op_errors_name_the_problem():
+    pytest.importorskip("onnxruntime")
+    from sparse_runtime.kernels import ort as sort
+
+    w = sparse_weight(33, 64, 0.7)
+    sm, _ = sort.sparsify_onnx(two_matmul_graph(w, torch.eye(33)), isa="portable", layout="bitmask")
+    node = next(n for n in sm.graph.node if n.op_type == sort.OP_TYPE)
+    next(a for a in node.attribute if a.name == "in_features").i = 65  # index no longer matches
+    sess = sort.session(sm)
+    with pytest.raises(Exception, match="in_features"):
+        sess.run(None, {"x": np.zeros((1, 1, 64), np.float32)})
+    with pytest.raises(ConfigError, match="native, pyop"):
+        sort.session(sm, backend="cuda")
 
 
 def test_package_imports_without_extension():

@@ -62,7 +62,7 @@ def check_engine(eng, model, atol=1e-4):
 
 def test_registry_lists_engines_and_rejects_unknown():
     names = engine_names()
-    for n in ("torch-cpu", "torch-sparse", "ort-cpu", "deepsparse", "torch-cuda-24"):
+    for n in ("torch-cpu", "torch-sparse", "ort-cpu", "ort-sparse", "deepsparse", "torch-cuda-24"):
         assert n in names
     with pytest.raises(ConfigError, match="torch-cpu"):
         get_engine("tensorrt")
@@ -103,6 +103,24 @@ def test_ort_cpu_matches_pytorch(export_cache, sparse_ckpt):
     # an export directory is taken as is
     again = load_engine("ort-cpu", str(eng.export_dir))
     np.testing.assert_allclose(again.prefill(PROMPT), eng.prefill(PROMPT), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "pyop"])
+def test_ort_sparse_matches_pytorch_and_runs_our_kernels(export_cache, sparse_ckpt, backend):
+    ok, why = get_engine("ort-sparse").available()
+    if not ok:
+        pytest.skip(why)
+    if backend == "pyop":
+        pytest.importorskip("onnxruntime_extensions")
+    eng = load_engine("ort-sparse", str(sparse_ckpt), backend=backend)
+    assert eng.sparse_nodes == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
+    check_engine(eng, str(sparse_ckpt))
+    ev = eng.evidence()
+    assert sum(ev["kernel_calls"].values()) >= 14 and backend in ev["sparse_path"]
+    # the export on disk stays a standard dense ONNX
+    import onnx
+
+    assert not any(n.domain for n in onnx.load(str(eng.export_dir / "model.onnx")).graph.node)
 
 
 def test_deepsparse_matches_pytorch(export_cache, sparse_ckpt):

@@ -42,10 +42,11 @@ ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "ba
 
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
+_path: Optional[str] = None  # the file loaded (also the ONNX Runtime custom-op library)
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _reason
+    global _lib, _reason, _path
     if _lib is not None or _reason is not None:
         return _lib
     try:
@@ -79,7 +80,7 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_set_gemv_form.argtypes = [c_int, c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
-        _lib = lib
+        _lib, _path = lib, override or spec.origin
     except (OSError, ImportError, AttributeError) as e:
         _reason = f"sparse kernels unavailable: {e}"
     return _lib
@@ -92,6 +93,13 @@ def available() -> bool:
 def unavailable_reason() -> Optional[str]:
     _load()
     return _reason
+
+
+def library_path() -> str:
+    """Path of the loaded shared object: ``SessionOptions.register_custom_ops_library`` takes it (it
+    exports ORT's ``RegisterCustomOps``), and loading the same file keeps one set of counters."""
+    lib()
+    return str(_path)
 
 
 def lib() -> ctypes.CDLL:

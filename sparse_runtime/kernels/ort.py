@@ -1,16 +1,23 @@
-"""ONNX Runtime integration, interim: the kernel as an onnxruntime-extensions Python custom op.
-
-A native ORT custom-op library needs ORT's C API header (``onnxruntime_c_api.h``), which the
-``onnxruntime`` wheel does not ship and no PyPI package provides (see docs/kernels.md for the
-plan). Until then this module offers the same kernel through onnxruntime-extensions' PyOp
-mechanism: ``SparseLinear`` nodes (domain ``ai.onnx.contrib``) whose Python implementation hands
-the tensors' buffers to the compiled kernel. It is correct and runs the sparse path (the kernel
-counters prove it), but every node pays a Python round trip (tens of microseconds), so it only pays
-off on large layers; it is NOT the fast path the issue asks for.
+"""ONNX Runtime integration: the kernels as ORT custom ops, native by default.
 
 :func:`sparsify_onnx` rewrites an exported graph: every ``MatMul(x, W^T)`` whose weight is a 2-D
 initializer with at least ``min_sparsity`` zeros becomes ``SparseLinear(x, index, values,
-row_ptr)``; the graph without that rewrite stays a standard dense ONNX.
+row_ptr)`` (bitmask) or ``SparseLinearCsr16`` (domain ``ai.onnx.contrib``); the graph without that
+rewrite stays a standard dense ONNX that any ORT runs.
+
+:func:`session` runs a rewritten graph. Two backends implement the same node contract:
+
+- ``native`` (default): the compiled extension is itself an ORT custom-op library. It exports
+  ``RegisterCustomOps`` (``csrc/ort_op.inc``, over this project's declarations of ORT's stable C
+  ABI slots in ``csrc/ort_abi.h``, since no installed package ships ORT's header), so
+  ``SessionOptions.register_custom_ops_library(library_path())`` gives ORT the kernels with no
+  Python in the call. The op reads its thread count from the session config entry
+  ``sparse_runtime.threads`` (set here from ``threads``). Needs onnxruntime >= 1.16.
+- ``pyop``: onnxruntime-extensions' Python custom op calling the same kernel through ctypes (one
+  Python round trip per node; kept for comparison and for runtimes older than 1.16).
+
+Evidence either way: the kernel counters (:func:`sparse_runtime.kernels.counters`) count every
+node's call, since ORT loads the same shared object that ctypes loaded.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from .ops import _ISA_ID, _run
 DOMAIN = "ai.onnx.contrib"
 OP_TYPE = "SparseLinear"  # bitmask layout (int32 mask words)
 OP_TYPE_CSR16 = "SparseLinearCsr16"  # csr16 layout (int16 column indices)
+BACKENDS = ("native", "pyop")
+THREADS_KEY = "sparse_runtime.threads"  # session config entry read by the native op
 _registered = False
 
 
@@ -72,6 +81,7 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    _densify_sparse_initializers(g)
     inits = {t.name: t for t in g.initializer}
     new_nodes, count, dropped = [], 0, set()
     for node in g.node:
@@ -105,15 +115,48 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
     return m, count
 
 
-def session(model, threads: int = 0):
-    """An ``InferenceSession`` with the SparseLinear op available (model: ModelProto or path)."""
+def _densify_sparse_initializers(g) -> None:
+    """Sparse initializers (the exporters' ``sparse_initializers`` option: COO, to save disk) back to
+    dense initializers, so their MatMuls can be rewritten like any other."""
+    from onnx import numpy_helper
+
+    for st in list(g.sparse_initializer):
+        dense = np.zeros(int(np.prod(st.dims)), dtype=numpy_helper.to_array(st.values).dtype)
+        idx = numpy_helper.to_array(st.indices).astype(np.int64)
+        if idx.ndim == 2:  # [nnz, rank] coordinates -> linear indices
+            idx = np.ravel_multi_index(idx.T, tuple(st.dims))
+        dense[idx] = numpy_helper.to_array(st.values)
+        g.initializer.append(numpy_helper.from_array(dense.reshape(tuple(st.dims)), st.values.name))
+    del g.sparse_initializer[:]
+
+
+def session(model, threads: int = 0, backend: str = "native", options=None):
+    """An ``InferenceSession`` that runs SparseLinear nodes (``model``: ModelProto, bytes or path).
+
+    ``threads``: ORT's intra-op threads and the op's own (0: ORT's and OpenMP's defaults).
+    ``backend``: ``native`` (the compiled library) or ``pyop`` (onnxruntime-extensions' Python op).
+    ``options``: a ``SessionOptions`` to extend (e.g. with a graph optimisation level).
+    """
     import onnxruntime as ort
 
-    ext = _need_extensions()
-    register_pyop()
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(ext.get_library_path())
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown ORT sparse backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    so = options or ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    if backend == "native":
+        so.add_session_config_entry(THREADS_KEY, str(threads or torch.get_num_threads()))
+        try:
+            so.register_custom_ops_library(_lib.library_path())
+        except Exception as e:  # an old runtime, or a build without the entry point
+            raise ConfigError(f"ONNX Runtime {ort.__version__} could not load the native SparseLinear op ({e}); "
+                              f"it needs onnxruntime >= 1.16 and a current build (pip install -e .), "
+                              f"or use backend='pyop'") from e
+    else:
+        ext = _need_extensions()
+        register_pyop()
+        so.register_custom_ops_library(ext.get_library_path())
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])

@@ -40,14 +40,17 @@ class OrtCPUEngine(Engine):
         from .exports import ensure_export
 
         self.export_dir = ensure_export(model, "onnx", **export_options)
-        self.session = ort_session(self.export_dir / MODEL_FILE, threads=self.threads, level=graph_optimization)
         self.graph_optimization = graph_optimization
+        self.session = self._session(ort_session)
         self._run = run_with_past
         self.tokenizer = load_tokenizer(self.export_dir)
         out0 = self.session.get_outputs()[0]
         self._vocab = int(out0.shape[-1]) if isinstance(out0.shape[-1], int) else None
         self._past: Optional[dict] = None
         self._len = 0
+
+    def _session(self, ort_session):
+        return ort_session(self.export_dir / MODEL_FILE, threads=self.threads, level=self.graph_optimization)
 
     @property
     def vocab_size(self) -> int:
@@ -92,3 +95,57 @@ class OrtCPUEngine(Engine):
         return {"sparse_path": "none: ORT CPU runs MatMul on dense tensors (sparse initializers are densified)",
                 "matmul_nodes": ops.get("MatMul", 0) + ops.get("Gemm", 0),
                 "sparse_initializers": len(m.graph.sparse_initializer)}
+
+
+@ENGINES.register("ort-sparse")
+class OrtSparseEngine(OrtCPUEngine):
+    """The ``ort-cpu`` export with every pruned MatMul rewritten to the project's ``SparseLinear``
+    custom op (:func:`sparse_runtime.kernels.ort.sparsify_onnx`), run by ORT with the compiled
+    extension registered as its custom-op library (``native``; ``backend="pyop"`` for
+    onnxruntime-extensions' Python op). The rewrite happens at load, in memory; the export on disk
+    stays a standard dense ONNX."""
+
+    name = "ort-sparse"
+    description = "ONNX Runtime CPU, pruned MatMuls as the project's SparseLinear custom op (float32)"
+    install_hint = "pip install -e . (builds the kernels, also ORT's custom-op library) and onnxruntime >= 1.16"
+    exploits_sparsity = "unstructured and N:M (project kernels inside ORT)"
+
+    @classmethod
+    def check_available(cls) -> None:
+        super().check_available()
+        from ..kernels import available, unavailable_reason
+
+        if not available():
+            raise EngineUnavailableError(f"{cls.name} needs the compiled kernels ({unavailable_reason()}); "
+                                         f"run `{cls.install_hint}`")
+
+    def _load(self, model: str, graph_optimization: str = "all", min_sparsity: float = 0.3,
+              backend: str = "native", **export_options: Any) -> None:
+        self.min_sparsity, self.backend = min_sparsity, backend
+        super()._load(model, graph_optimization, **export_options)
+
+    def _session(self, ort_session):
+        import onnx
+        from exporters.onnx_common import ort_session_options
+
+        from ..kernels import counters
+        from ..kernels import ort as kort
+
+        m = onnx.load(str(self.export_dir / MODEL_FILE))  # with its external weights
+        sm, self.sparse_nodes = kort.sparsify_onnx(m, min_sparsity=self.min_sparsity)
+        del m
+        self._counter0 = counters()
+        return kort.session(sm, self.threads, self.backend,
+                            options=ort_session_options(self.threads, level=self.graph_optimization))
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "backend": self.backend, "sparse_nodes": self.sparse_nodes}
+
+    def evidence(self) -> dict[str, Any]:
+        from ..kernels import counters
+
+        now = counters()
+        calls = {k: v - self._counter0.get(k, 0) for k, v in now.items() if v != self._counter0.get(k, 0)}
+        return {"sparse_path": f"{self.sparse_nodes} MatMuls as SparseLinear ({self.backend} custom op); "
+                               f"kernel calls since load {calls or 'none yet'}",
+                "sparse_nodes": self.sparse_nodes, "kernel_calls": calls}
