@@ -52,14 +52,10 @@ def prune(w: torch.Tensor, struct: str) -> torch.Tensor:
     return w * topk_prune_mask(w.abs(), float(struct.rstrip("%")) / 100, per_row=True)
 
 
-def ort_matmul(w: torch.Tensor, threads: int):
-    """A one-node ORT session computing x @ W^T (weight as an initializer), or None without ORT."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
+def matmul_model(w: torch.Tensor):
+    """A one-node ONNX graph computing x @ W^T (the weight as an initializer)."""
+    from onnx import TensorProto, helper, numpy_helper
+
     n, k = w.shape
     g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
@@ -67,31 +63,32 @@ def ort_matmul(w: torch.Tensor, threads: int):
                           [numpy_helper.from_array(w.t().contiguous().numpy(), "wt")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def ort_matmul(w: torch.Tensor, threads: int):
+    """An ORT session of that graph (dense MatMul), or None without ORT."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(matmul_model(w).SerializeToString(), so, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"x": x})[0]
 
 
-def ort_sparse(w: torch.Tensor, threads: int):
-    """The same MatMul rewritten to our SparseLinear op (onnxruntime-extensions PyOp), or None."""
+def ort_sparse(w: torch.Tensor, threads: int, isa: str, layout: str):
+    """The same graph with the MatMul rewritten to our SparseLinear node, on ORT with the native
+    custom-op library (the compiled extension), or None without ORT."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime_extensions  # noqa: F401
-        from onnx import TensorProto, helper, numpy_helper
+        import onnxruntime  # noqa: F401
 
         from sparse_runtime.kernels import ort as sort
     except ImportError:
         return None
-    n, k = w.shape
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
-                          [numpy_helper.from_array(w.t().contiguous().numpy(), "wt")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    sm, count = sort.sparsify_onnx(model, min_sparsity=0.0)
+    sm, count = sort.sparsify_onnx(matmul_model(w), min_sparsity=0.0, isa=isa, layout=layout)
     if count != 1:
         return None
     sess = sort.session(sm, threads)
@@ -127,7 +124,7 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                 mods = {f"{isa}/{lay}": SparseLinear(pack(w, lay), None, isa=isa, dense_weight=w,
                                                      batch_threshold=1 << 30) for isa, lay in paths}
                 ort_w = ort_matmul(w, threads) if with_ort else None
-                ort_s = ort_sparse(w, threads) if with_ort else None
+                ort_s = ort_sparse(w, threads, *paths[0]) if with_ort else None  # the default path
                 thr = {key: measure_threshold(m, repeats=5) for key, m in mods.items()}
                 for b in batches:
                     x = torch.randn(b, k)
@@ -164,7 +161,9 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                             "sparse_ms": s_ms, "sparse_min_max": f"{res[key][1]:.3g}-{res[key][2]:.3g}",
                             "speedup_vs_torch": dense_ms / s_ms,
                             "speedup_vs_ort": res["ort"][0] / s_ms if "ort" in res else None,
-                            "ort_sparse_pyop_ms": res["ort_sparse"][0] if "ort_sparse" in res else None,
+                            "ort_sparse_ms": res["ort_sparse"][0] if "ort_sparse" in res else None,
+                            "ort_sparse_vs_ort": (res["ort"][0] / res["ort_sparse"][0]
+                                                  if "ort_sparse" in res and "ort" in res else None),
                             "dense_GBps": n * k * 4 / dense_ms / 1e6, "sparse_GBps": p.nbytes / s_ms / 1e6,
                             "bound": p.bandwidth_bound(), "threshold": thr[key],
                         })
@@ -236,7 +235,9 @@ def machine_state(t0: tuple[list[int], float], load0: float) -> str:
 
 E2E_ENGINES = (  # (engine, model label): one unit each, all timed in the same interleaved rounds
     ("torch-cpu", "dense"), ("ort-cpu", "dense"), ("torch-sparse", "wanda-70"), ("torch-sparse", "wanda-2:4"),
+    ("ort-sparse", "wanda-70"), ("ort-sparse", "wanda-2:4"),
     ("lean-cpu", "dense"), ("sparse-cpu", "wanda-70"), ("sparse-cpu", "wanda-2:4"))
+DENSE_TWIN = {"torch-sparse": "torch-cpu", "sparse-cpu": "lean-cpu", "ort-sparse": "ort-cpu"}  # same path, dense
 CHECKPOINTS = {"wanda-70": "wanda-70", "wanda-2:4": "wanda-24"}  # label -> dir under <cache>/bench-latency
 
 
@@ -305,7 +306,7 @@ def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_toke
     src = e2e_sources()
     engines, notes = {}, []
     for name, label in E2E_ENGINES:
-        if name == "ort-cpu" and not with_ort:
+        if name.startswith("ort-") and not with_ort:
             continue
         t = time.perf_counter()
         try:
@@ -328,8 +329,7 @@ def bench_e2e(threads: int, repeats: int, context: int, steps: int, prefill_toke
     med = {ks: statistics.median(v) for ks, v in times.items()}
     rows = []
     for (name, label), eng in engines.items():
-        dense_same = next((k for k in engines if k[0] == name.replace("torch-sparse", "torch-cpu").replace(
-            "sparse-cpu", "lean-cpu") and k[1] == "dense"), None)
+        dense_same = next((k for k in engines if k[0] == DENSE_TWIN.get(name, name) and k[1] == "dense"), None)
         row = {"part": "end to end", "engine": name, "model": label, "threads": threads}
         for s, sc in scen.items():
             v = times[((name, label), s)]
@@ -368,8 +368,9 @@ def layer_part(a, shapes, threads, batches) -> None:
     notes = [f"layer table: median of {a.repeats} alternating calls after 3 warm-up calls; fp32; "
              f"random N(0,1) weights pruned per row by magnitude (N:M by groups); kernel counters {layer_counters}",
              "dense_torch = F.linear (oneDNN/MKL); dense_ort = onnxruntime MatMul session, same threads; "
-             "ort_sparse_pyop = the MatMul rewritten to our SparseLinear node run through onnxruntime-extensions' "
-             "Python custom op (interim ORT path, default ISA; includes the Python round trip)",
+             "ort_sparse = the MatMul rewritten to our SparseLinear node, run by ORT with the compiled extension "
+             "registered as its native custom-op library (default path; includes ORT's session.run overhead, "
+             "as dense_ort does); ort_sparse_vs_ort = dense_ort / ort_sparse",
              ("path avx2/csr16 on an AVX-512 CPU previews the AVX2 kernel; AVX2-only CPUs (AMD EPYC) differ"
               if "avx512" in supported_isas() else "AVX2-only CPU: the avx2 paths are this machine's default"),
              "threshold = measured largest batch (of 1,2,4,...,128) where the sparse kernel was not slower "
@@ -433,7 +434,9 @@ def main(argv=None):
             "torch-sparse = HF eager with SparseLinear swapped in (7 linears per layer, measured thresholds); "
             "lean-cpu = the lean path (runtime/lean_llama.py: fused q/k/v and gate/up, preallocated KV cache, "
             "a whole decode token in one C call) with dense weights and a dense C matrix-vector kernel; "
-            "sparse-cpu = the same lean path on the packed sparse weights",
+            "sparse-cpu = the same lean path on the packed sparse weights; ort-sparse = ort-cpu's export with the "
+            "pruned MatMuls rewritten to our SparseLinear op at load, run by ORT with the compiled extension as its "
+            "native custom-op library (our kernel inside ORT's graph; KV cache and everything else ORT's)",
             "bound = bytes of the dense weights read per token (fused linears + lm_head) / bytes of what the path "
             "reads (packed sparse linears + the dense lm_head); weights GB/s = bytes read per token / decode time",
             "lean decode stages: sr_decode_profile, thread 0's time between barriers, median of 3 rounds of "

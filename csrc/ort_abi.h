@@ -59,7 +59,10 @@ enum SrOrtSlot {
     SR_ORT_ReleaseStatus = 93,                   // v1: void (OrtStatus*)
     SR_ORT_ReleaseTensorTypeAndShapeInfo = 99,   // v1: void (OrtTensorTypeAndShapeInfo*)
     SR_ORT_GetSessionConfigEntry = 238,          // v14: (const OrtSessionOptions*, const char* key, char* value, size_t* size)
+    SR_ORT_KernelContext_ParallelFor = 274,      // v17: (const OrtKernelContext*, void (*fn)(void*, size_t),
+                                                 //       size_t total, size_t num_batch, void* usr_data)
 };
+enum { SR_ORT_API_VERSION_POOL = 17 };  // KernelContext_ParallelFor: run on ORT's intra-op pool
 
 // Values of ORT's enums used here.
 enum { SR_ORT_FAIL = 1, SR_ORT_INVALID_ARGUMENT = 2 };                       // OrtErrorCode

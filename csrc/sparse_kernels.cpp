@@ -883,22 +883,25 @@ void sr_set_gemv_form(int isa, int v) {
     if (isa == SR_AVX512) kGemvVariant = v;
 }
 
-int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
-                      const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+}  // extern "C"
+
+template <class Run>
+static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                      const float* vals, const int64_t* rp, const float* bias, float* y) {
     if (B < 0 || K < 0 || N < 0) return SR_EARG;
     if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
     if (isa == SR_AVX512) {
 #if SR_X86
         if (B == 1 && kGemvVariant == 1)
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx512_gemv_rows_reg(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
             });
         else if (B == 1)
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx512_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1);
             });
         else if (B < kXtMinBatch)
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
             });
         else {
@@ -906,7 +909,7 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
             int failed = 0;
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 int32_t* off = (int32_t*)aligned_alloc(64, (size_t)(((K + 31) / 32 * 32 + 16) * 4 + 63) / 64 * 64);
                 if (!off) {
                     __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -933,7 +936,7 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
     } else if (isa == SR_AVX2) {
 #if SR_X86
         if (B == 1) {
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx2_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
             });
         } else {
@@ -941,7 +944,7 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
             int failed = 0;
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 int32_t* off = (int32_t*)malloc((size_t)(K + 16) * sizeof(int32_t));
                 if (!off) {
                     __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -955,7 +958,7 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
         }
 #endif
     } else if (isa == SR_PORTABLE) {
-        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+        run(N, kMinRows, [&](int64_t r0, int64_t r1) {
             bm_portable_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
         });
     } else {
@@ -966,28 +969,29 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
     return SR_OK;
 }
 
-int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
-                    const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+template <class Run>
+static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                    const float* vals, const int64_t* rp, const float* bias, float* y) {
     if (B < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
     if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
     if (isa == SR_AVX2) {
 #if SR_X86
         if (B == 1) {
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 csr_avx2_gemv_rows(x, idx, vals, rp, bias, y, r0, r1);
             });
         } else {
             const int64_t Bp = (B + 7) / 8 * 8;
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
-            parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+            run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 csr_avx2_gemm_rows(xT, B, Bp, N, idx, vals, rp, bias, y, r0, r1);
             });
             free(xT);
         }
 #endif
     } else if (isa == SR_PORTABLE) {
-        parallel_rows(N, n_threads, kMinRows, [&](int64_t r0, int64_t r1) {
+        run(N, kMinRows, [&](int64_t r0, int64_t r1) {
             csr_portable_rows(x, B, K, N, idx, vals, rp, bias, y, r0, r1);
         });
     } else {
@@ -995,6 +999,25 @@ int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, co
     }
     __atomic_add_fetch(&g_calls[isa][SR_CSR16], 1, __ATOMIC_RELAXED);
     return SR_OK;
+}
+
+// Row-parallel runners for the implementations below: OpenMP here (the extension's pool), ORT's
+// intra-op pool in ort_op.inc. run(n, min_rows, f) calls f(r0, r1) over a partition of [0, n).
+struct OmpRows {
+    int threads;
+    template <class F>
+    void operator()(int64_t n, int64_t min_rows, F f) const { parallel_rows(n, threads, min_rows, f); }
+};
+
+extern "C" {
+int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                      const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    return bitmask_linear_impl(OmpRows{n_threads}, isa, x, B, K, N, mask, vals, rp, bias, y);
+}
+
+int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                    const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
+    return csr16_linear_impl(OmpRows{n_threads}, isa, x, B, K, N, idx, vals, rp, bias, y);
 }
 
 int sr_bitmask_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,

@@ -234,7 +234,7 @@ def test_ort_sparse_op_matches_pytorch(backend, isa, layout):
     sm, count = sort.sparsify_onnx(model, isa=isa, layout=layout)
     assert count == 1  # the dense second MatMul is left alone
     sess = sort.session(sm, threads=2, backend=backend)
-    for shape in [(2, 3), (1, 1), (1, 40)]:
+    for shape in [(2, 3), (1, 1), (1, 40), (3, 50)]:
         x = torch.randn(*shape, 70)
         before = counters()
         y = sess.run(None, {"x": x.numpy()})[0]
@@ -258,6 +258,26 @@ def test_sparsify_onnx_takes_sparse_initializers():
     y = sort.session(sm).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(y), F.linear(torch.relu(F.linear(x, w)), dense_w),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["ort", "openmp"])
+def test_ort_native_op_on_either_thread_pool(pool):
+    """Rows split over ORT's intra-op pool (default) or the extension's OpenMP pool: same result,
+    at 1 and 2 threads, on a layer big enough to be split."""
+    pytest.importorskip("onnxruntime")
+    from sparse_runtime.kernels import ort as sort
+
+    w, dense_w = sparse_weight(300, 96, 0.7), sparse_weight(300, 300, 0.0, seed=3)
+    sm, _ = sort.sparsify_onnx(two_matmul_graph(w, dense_w))
+    for threads in (1, 2):
+        sess = sort.session(sm, threads=threads, pool=pool)
+        for batch in (1, 9):
+            x = torch.randn(1, batch, 96)
+            y = sess.run(None, {"x": x.numpy()})[0]
+            torch.testing.assert_close(torch.from_numpy(y), F.linear(torch.relu(F.linear(x, w)), dense_w),
+                                       atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="ort, openmp"):
+        sort.session(sm, pool="gpu")
 
 
 def test_ort_native_op_falls_back_to_a_path_this_cpu_runs():

@@ -11,8 +11,9 @@ rewrite stays a standard dense ONNX that any ORT runs.
   ``RegisterCustomOps`` (``csrc/ort_op.inc``, over this project's declarations of ORT's stable C
   ABI slots in ``csrc/ort_abi.h``, since no installed package ships ORT's header), so
   ``SessionOptions.register_custom_ops_library(library_path())`` gives ORT the kernels with no
-  Python in the call. The op reads its thread count from the session config entry
-  ``sparse_runtime.threads`` (set here from ``threads``). Needs onnxruntime >= 1.16.
+  Python in the call. Each product's rows are split over ORT's own intra-op pool into
+  ``sparse_runtime.threads`` parts (a session config entry, set here from ``threads``). Needs
+  onnxruntime >= 1.16 (>= 1.17 for ORT's pool; else the extension's OpenMP pool).
 - ``pyop``: onnxruntime-extensions' Python custom op calling the same kernel through ctypes (one
   Python round trip per node; kept for comparison and for runtimes older than 1.16).
 
@@ -35,7 +36,9 @@ DOMAIN = "ai.onnx.contrib"
 OP_TYPE = "SparseLinear"  # bitmask layout (int32 mask words)
 OP_TYPE_CSR16 = "SparseLinearCsr16"  # csr16 layout (int16 column indices)
 BACKENDS = ("native", "pyop")
-THREADS_KEY = "sparse_runtime.threads"  # session config entry read by the native op
+THREADS_KEY = "sparse_runtime.threads"  # session config entries read by the native op
+POOL_KEY = "sparse_runtime.pool"
+POOLS = ("ort", "openmp")
 _registered = False
 
 
@@ -130,22 +133,27 @@ def _densify_sparse_initializers(g) -> None:
     del g.sparse_initializer[:]
 
 
-def session(model, threads: int = 0, backend: str = "native", options=None):
+def session(model, threads: int = 0, backend: str = "native", options=None, pool: str = "ort"):
     """An ``InferenceSession`` that runs SparseLinear nodes (``model``: ModelProto, bytes or path).
 
     ``threads``: ORT's intra-op threads and the op's own (0: ORT's and OpenMP's defaults).
     ``backend``: ``native`` (the compiled library) or ``pyop`` (onnxruntime-extensions' Python op).
     ``options``: a ``SessionOptions`` to extend (e.g. with a graph optimisation level).
+    ``pool`` (native): ``ort`` splits each product's rows over ORT's intra-op pool (one pool for the
+    whole graph); ``openmp`` runs them on the extension's OpenMP pool (a second pool beside ORT's).
     """
     import onnxruntime as ort
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown ORT sparse backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if pool not in POOLS:
+        raise ConfigError(f"unknown thread pool {pool!r}; choose one of {', '.join(POOLS)}")
     so = options or ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     if backend == "native":
-        so.add_session_config_entry(THREADS_KEY, str(threads or torch.get_num_threads()))
+        so.add_session_config_entry(THREADS_KEY, str(threads or so.intra_op_num_threads or torch.get_num_threads()))
+        so.add_session_config_entry(POOL_KEY, pool)
         try:
             so.register_custom_ops_library(_lib.library_path())
         except Exception as e:  # an old runtime, or a build without the entry point
