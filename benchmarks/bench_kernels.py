@@ -41,6 +41,7 @@ from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice, meas
 from sparse_runtime.report import save_results
 from sparse_runtime.sparsity import NMPattern, nm_prune_mask, topk_prune_mask
 
+FORM_PATHS = {"avx512": "avx512/bitmask", "avx2": "avx2/csr16"}  # paths with two batch-1 forms (_lib.GEMV_FORMS)
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 SEVEN_B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STRUCTS = ["50%", "70%", "90%", "2:4"]
@@ -136,20 +137,24 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                         fns["ort_sparse"] = lambda: ort_s(xn)
                     for key, m in mods.items():
                         fns[key] = (lambda m=m: m.sparse_forward(x))
-                    if b == 1 and "avx512/bitmask" in mods:  # tuning: the batch-1 form the process did NOT choose
-                        chosen = choose_gemv_variant()
-                        other = next(v for v in _lib.GEMV_VARIANTS if v != chosen)
-                        fns["avx512-other"] = lambda: (_lib.set_gemv_variant(other), mods["avx512/bitmask"].sparse_forward(x),
-                                                        _lib.set_gemv_variant(chosen))
+                    others = {}  # tuning: each path's batch-1 form that the process did NOT choose
+                    for isa, key in FORM_PATHS.items():
+                        if b == 1 and key in mods:
+                            chosen = choose_gemv_variant(isa=isa)
+                            other = next(v for v in _lib.GEMV_FORMS[isa] if v != chosen)
+                            others[key] = other
+                            fns[key + "-other"] = (lambda isa=isa, key=key, other=other, chosen=chosen: (
+                                _lib.set_gemv_variant(other, isa), mods[key].sparse_forward(x),
+                                _lib.set_gemv_variant(chosen, isa)))
                     res = timed(fns, repeats)
-                    if "avx512-other" in res:
+                    for key, other in others.items():
+                        r = res[key + "-other"]
                         rows.append({"threads": threads, "shape": f"{n}x{k}", "sparsity": struct, "batch": b,
-                                     "path": f"avx512/bitmask ({other} form, not chosen)", "dense_torch_ms": res["dense"][0],
-                                     "sparse_ms": res["avx512-other"][0],
-                                     "sparse_min_max": f"{res['avx512-other'][1]:.3g}-{res['avx512-other'][2]:.3g}",
-                                     "speedup_vs_torch": res["dense"][0] / res["avx512-other"][0],
-                                     "sparse_GBps": mods["avx512/bitmask"].packed.nbytes / res["avx512-other"][0] / 1e6,
-                                     "bound": mods["avx512/bitmask"].packed.bandwidth_bound()})
+                                     "path": f"{key} ({other} form, not chosen)", "dense_torch_ms": res["dense"][0],
+                                     "sparse_ms": r[0], "sparse_min_max": f"{r[1]:.3g}-{r[2]:.3g}",
+                                     "speedup_vs_torch": res["dense"][0] / r[0],
+                                     "sparse_GBps": mods[key].packed.nbytes / r[0] / 1e6,
+                                     "bound": mods[key].packed.bandwidth_bound()})
                     dense_ms = res["dense"][0]
                     for key, m in mods.items():
                         p = m.packed
@@ -378,7 +383,9 @@ def layer_part(a, shapes, threads, batches) -> None:
              "shared 2-core machine: other engineers' processes may run unlocked; see min-max spread",
              f"AVX-512 batch-1 form used by the 'avx512/bitmask' rows (chosen at first use, "
              f"sparse_runtime.kernels.choose_gemv_variant): {gemv_choice()}; the '(... form, not chosen)' rows time "
-             "the other form in the same run", machine_state(state0, load0)]
+             "the other form in the same run",
+             f"AVX2 csr16 batch-1 form (gather | insert, chosen the same way): {gemv_choice('avx2') or 'n/a'}",
+             machine_state(state0, load0)]
     save_results("kernels_layers" + _suffix(a), "Sparse kernels vs dense, per layer (fp32)", rows,
                  protocol=f"layer latency, batches {batches}, threads {threads}", notes=notes, out_dir=a.out_dir)
     if not a.no_bf16:
@@ -447,7 +454,8 @@ def main(argv=None):
             "1 x 128 164 ms at 70 % (dense 308); ORT dense decode 63.0 ms/token (96.7 with dense loaded last, "
             "latency_dense_last.md); those figures are not paired with these",
             *notes, f"kernel counters {counters()}",
-            f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}",
+            f"AVX-512 batch-1 form: {gemv_choice() or 'n/a (no AVX-512 module)'}; "
+            f"AVX2 csr16 batch-1 form: {gemv_choice('avx2') or 'n/a (no AVX2 csr16 module)'}",
             "shared 2-core VM: other processes may run unlocked; read the min-max columns",
             machine_state(state0, load0)]
         save_results("kernels_e2e" + _suffix(a), "SmolLM2-135M end to end: lean sparse path vs dense (PyTorch, ORT, lean)", e2e,

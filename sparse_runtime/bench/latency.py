@@ -258,6 +258,9 @@ def _attach_evidence(rows: list[dict[str, Any]], ename: str, info: dict[str, Any
             mc = ev["module_calls"]
             r["evidence"] = (f"{mc.get('modules', 0)} SparseLinear: {mc.get('sparse_calls', 0)} sparse / "
                              f"{mc.get('dense_calls', 0)} dense calls (all scenarios)")
+        elif "kernel_calls" in ev:  # ort-sparse: SparseLinear nodes run by the native custom op
+            r["evidence"] = (f"{ev.get('sparse_nodes', 0)} SparseLinear nodes: "
+                             f"{sum(ev['kernel_calls'].values())} kernel calls (all scenarios)")
         elif "sparse_kernels" in ev:
             r["evidence"] = ", ".join(list(ev["sparse_kernels"])[:1]) or "no sparse kernel seen"
         else:

@@ -128,24 +128,38 @@ class OrtSparseEngine(OrtCPUEngine):
         import onnx
         from exporters.onnx_common import ort_session_options
 
-        from ..kernels import counters
         from ..kernels import ort as kort
 
         m = onnx.load(str(self.export_dir / MODEL_FILE))  # with its external weights
         sm, self.sparse_nodes = kort.sparsify_onnx(m, min_sparsity=self.min_sparsity)
         del m
-        self._counter0 = counters()
+        self._calls: dict[str, int] = {}  # kernel calls made by THIS engine's runs (counters are process-wide)
         return kort.session(sm, self.threads, self.backend,
                             options=ort_session_options(self.threads, level=self.graph_optimization))
+
+    def _counted(self, run, ids: np.ndarray) -> np.ndarray:
+        """``run(ids)``, adding the kernel calls it made to this engine's count (the counters are
+        process-wide; engines in one process run one at a time)."""
+        from ..kernels import counters
+
+        before = counters()
+        out = run(ids)
+        for k, v in counters().items():
+            if v != before.get(k, 0):
+                self._calls[k] = self._calls.get(k, 0) + v - before.get(k, 0)
+        return out
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._counted(super().prefill, ids)
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        return self._counted(super().decode, ids)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "backend": self.backend, "sparse_nodes": self.sparse_nodes}
 
     def evidence(self) -> dict[str, Any]:
-        from ..kernels import counters
-
-        now = counters()
-        calls = {k: v - self._counter0.get(k, 0) for k, v in now.items() if v != self._counter0.get(k, 0)}
+        calls = dict(self._calls)
         return {"sparse_path": f"{self.sparse_nodes} MatMuls as SparseLinear ({self.backend} custom op); "
-                               f"kernel calls since load {calls or 'none yet'}",
+                               f"kernel calls by this engine {calls or 'none yet'}",
                 "sparse_nodes": self.sparse_nodes, "kernel_calls": calls}
