@@ -70,6 +70,13 @@ def test_every_isa_and_thread_count(isa, threads):
     compare(model, lean_of(model, threads=threads, isa=isa, sparse=False), steps=3)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_head_dim_not_a_multiple_of_the_vector_width(isa):
+    """head_dim 12: the 8-/16-lane attention kernels' scalar tails."""
+    model = pruned(tiny_model("llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2))
+    compare(model, lean_of(model, isa=isa), steps=5)
+
+
 @pytest.mark.parametrize("layout", ["bitmask", "csr16"])
 def test_avx2_both_layouts(layout):
     """AVX2 runs both layouts in the C step (csr16 by default; bitmask by the left-pack kernel)."""
