@@ -280,6 +280,21 @@ def test_ort_native_op_on_either_thread_pool(pool):
         sort.session(sm, pool="gpu")
 
 
+def test_ort_session_of_a_model_past_the_inline_limit_goes_through_files(monkeypatch):
+    """Models whose weights pass protobuf's 2 GB cap (7B) are saved with external data first."""
+    pytest.importorskip("onnxruntime")
+    from sparse_runtime.kernels import ort as sort
+
+    monkeypatch.setattr(sort, "INLINE_LIMIT", 0)
+    w, dense_w = sparse_weight(40, 64, 0.7), sparse_weight(40, 40, 0.0, seed=3)
+    sm, _ = sort.sparsify_onnx(two_matmul_graph(w, dense_w))
+    sess = sort.session(sm)
+    assert sess._sparse_runtime_files is not None
+    x = torch.randn(1, 3, 64)
+    torch.testing.assert_close(torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]),
+                               F.linear(torch.relu(F.linear(x, w)), dense_w), atol=1e-4, rtol=1e-4)
+
+
 def test_ort_native_op_falls_back_to_a_path_this_cpu_runs():
     """A graph rewritten for AVX-512 still runs on a CPU without it (the best path of its layout)."""
     pytest.importorskip("onnxruntime")

@@ -164,7 +164,30 @@ def session(model, threads: int = 0, backend: str = "native", options=None, pool
         ext = _need_extensions()
         register_pyop()
         so.register_custom_ops_library(ext.get_library_path())
+    keep = None
     if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+        model, keep = _session_source(model)
+    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
                                 providers=["CPUExecutionProvider"])
+    sess._sparse_runtime_files = keep  # a temporary directory the session's weights came from
+    return sess
+
+
+INLINE_LIMIT = 1 << 30  # bytes of initializers above which a model goes through files (protobuf's 2 GB cap)
+
+
+def _session_source(model):
+    """``(bytes, None)`` for a model that fits one protobuf message; otherwise ``(path, tmpdir)``:
+    the model saved with its initializers as external data (a 7B model's weights pass 2 GB)."""
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size < INLINE_LIMIT:
+        return model.SerializeToString(), None
+    import tempfile
+
+    import onnx
+
+    tmp = tempfile.TemporaryDirectory(prefix="sparse-runtime-ort-")
+    path = f"{tmp.name}/model.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return path, tmp
