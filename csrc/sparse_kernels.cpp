@@ -432,8 +432,9 @@ static inline __m128 csr_avx2_load4(const float* x, uint64_t q) {
 }
 
 // The "insert" form: the same products, x assembled from scalar loads. On cores whose vgatherdps is
-// microcoded (AMD Zen 1: the gather form lost to dense at 70 %, 0.73x on 4096x4096, while this form
-// ran 1.7x faster than the gather form in a C micro-benchmark) it is the faster of the two.
+// microcoded it is the faster of the two (AMD Zen 1, 7B shapes at 70 %, batch 1: the gather form ran
+// 0.71-0.80x of dense F.linear on one thread, this form 1.3-1.9x faster than the gather form;
+// benchmarks/results/kernels_layers_avx2_7b.md).
 static void csr_avx2_gemv_rows_insert(const float* x, const uint16_t* idx, const float* vals, const int64_t* rp,
                                       const float* bias, float* y, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

@@ -34,14 +34,13 @@ class OrtCPUEngine(Engine):
                 raise EngineUnavailableError(f"the ort-cpu engine needs {mod}: {cls.install_hint}")
 
     def _load(self, model: str, graph_optimization: str = "all", **export_options: Any) -> None:
-        from exporters.onnx_common import ort_session
         from exporters.onnx_ort import run_with_past
 
         from .exports import ensure_export
 
         self.export_dir = ensure_export(model, "onnx", **export_options)
         self.graph_optimization = graph_optimization
-        self.session = self._session(ort_session)
+        self.session = self._session()
         self._run = run_with_past
         self.tokenizer = load_tokenizer(self.export_dir)
         out0 = self.session.get_outputs()[0]
@@ -49,7 +48,10 @@ class OrtCPUEngine(Engine):
         self._past: Optional[dict] = None
         self._len = 0
 
-    def _session(self, ort_session):
+    def _session(self):
+        """The ORT session over the export (subclasses change the graph first)."""
+        from exporters.onnx_common import ort_session
+
         return ort_session(self.export_dir / MODEL_FILE, threads=self.threads, level=self.graph_optimization)
 
     @property
@@ -124,7 +126,7 @@ class OrtSparseEngine(OrtCPUEngine):
         self.min_sparsity, self.backend = min_sparsity, backend
         super()._load(model, graph_optimization, **export_options)
 
-    def _session(self, ort_session):
+    def _session(self):
         import onnx
         from exporters.onnx_common import ort_session_options
 
