@@ -886,9 +886,11 @@ void sr_set_gemv_form(int isa, int v) {
 
 }  // extern "C"
 
+// y = x W^T + b on one ISA path, rows split by `run` (OmpRows below, OrtRows in ort_op.inc).
 template <class Run>
-static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
-                      const float* vals, const int64_t* rp, const float* bias, float* y) {
+static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N,
+                               const uint32_t* mask, const float* vals, const int64_t* rp, const float* bias,
+                               float* y) {
     if (B < 0 || K < 0 || N < 0) return SR_EARG;
     if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
     if (isa == SR_AVX512) {
@@ -971,8 +973,8 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
 }
 
 template <class Run>
-static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
-                    const float* vals, const int64_t* rp, const float* bias, float* y) {
+static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B, int64_t K, int64_t N,
+                             const uint16_t* idx, const float* vals, const int64_t* rp, const float* bias, float* y) {
     if (B < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
     if (!(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
     if (isa == SR_AVX2) {
@@ -1002,7 +1004,7 @@ static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B,
     return SR_OK;
 }
 
-// Row-parallel runners for the implementations below: OpenMP here (the extension's pool), ORT's
+// Row-parallel runner for the implementations above: OpenMP here (the extension's pool), ORT's
 // intra-op pool in ort_op.inc. run(n, min_rows, f) calls f(r0, r1) over a partition of [0, n).
 struct OmpRows {
     int threads;
