@@ -41,7 +41,7 @@ from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice, meas
 from sparse_runtime.report import save_results
 from sparse_runtime.sparsity import NMPattern, nm_prune_mask, topk_prune_mask
 
-FORM_PATHS = {"avx512": "avx512/bitmask", "avx2": "avx2/csr16"}  # paths with two batch-1 forms (_lib.GEMV_FORMS)
+FORM_PATHS = {isa: f"{isa}/{lay}" for isa, lay in _lib.GEMV_FORM_LAYOUT.items()}  # paths with two batch-1 forms
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 SEVEN_B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STRUCTS = ["50%", "70%", "90%", "2:4"]

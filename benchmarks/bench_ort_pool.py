@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out-dir", default="benchmarks/results")
     a = ap.parse_args(argv)
 
-    from sparse_runtime.kernels import ort as kort
+    from sparse_runtime.kernels.ort import POOLS
     from sparse_runtime.models.loading import cache_dir
     from sparse_runtime.report import save_results
     from sparse_runtime.runtime import Scenario, load_engine
@@ -41,13 +41,8 @@ def main(argv=None) -> None:
     state0, load0 = cpu_times(), os.getloadavg()[0]
     engines = {("ort-cpu", "dense", "-"): load_engine("ort-cpu", "smollm2-135m", threads=a.threads),
                ("ort-cpu", "wanda-70", "-"): load_engine("ort-cpu", str(w70), threads=a.threads)}
-    plain = kort.session
-    for pool in kort.POOLS:
-        kort.session = lambda *args, _pool=pool, **kw: plain(*args, **{**kw, "pool": _pool})
-        try:
-            engines[("ort-sparse", "wanda-70", pool)] = load_engine("ort-sparse", str(w70), threads=a.threads)
-        finally:
-            kort.session = plain
+    for pool in POOLS:
+        engines[("ort-sparse", "wanda-70", pool)] = load_engine("ort-sparse", str(w70), threads=a.threads, pool=pool)
     sc = Scenario("decode", 128, 1, 16)
     units = {k: e.timer(sc) for k, e in engines.items()}
     for u in units.values():

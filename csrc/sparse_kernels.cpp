@@ -43,12 +43,16 @@ static int64_t g_calls[SR_NISA][SR_NLAYOUT];
 // ---------------------------------------------------------------------------------------------
 // threading: split output rows into contiguous blocks (one stream per thread suits prefetchers)
 // ---------------------------------------------------------------------------------------------
+// How many row blocks: up to n_threads, each of at least min_rows_per_thread rows (at least one).
+static inline int row_parts(int64_t n_rows, int n_threads, int64_t min_rows_per_thread) {
+    const int64_t max_t = n_rows / (min_rows_per_thread > 0 ? min_rows_per_thread : 1);
+    return max_t < n_threads ? (int)(max_t > 1 ? max_t : 1) : n_threads;
+}
+
 template <class F>
 static void parallel_rows(int64_t n_rows, int n_threads, int64_t min_rows_per_thread, F f) {
 #ifdef _OPENMP
-    int64_t max_t = n_rows / (min_rows_per_thread > 0 ? min_rows_per_thread : 1);
-    int nt = n_threads;
-    if (max_t < nt) nt = (int)(max_t > 1 ? max_t : 1);
+    const int nt = row_parts(n_rows, n_threads, min_rows_per_thread);
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)
         {
@@ -472,38 +476,44 @@ static void csr_avx2_gemv_rows(const float* x, const uint16_t* idx, const float*
     csr_avx2_gemv_rows_insert(x, idx, vals, rp, bias, y, r0, r1);
 }
 
-template <int T>
-static inline void csr_avx2_tile(const float* xT, int64_t Bp, const uint16_t* idx, const float* vals, int64_t p,
-                                 int64_t e, float* out) {
+// One broadcast weight feeds up to four 8-wide FMAs per nonzero; col[p] = column of vals[p].
+template <int T, class I>
+static inline void avx2_tile(const float* xT, int64_t Bp, const I* col, const float* vals, int64_t n, float* out) {
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    for (; p < e; ++p) {
+    for (int64_t p = 0; p < n; ++p) {
         const __m256 wv = _mm256_broadcast_ss(vals + p);
-        const float* xr = xT + (int64_t)idx[p] * Bp;
+        const float* xr = xT + (int64_t)col[p] * Bp;
         for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
     }
     for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
 }
 
+// Output row r for all B tokens from its n nonzeros (columns col, values vals), x transposed to
+// [K, Bp]: both AVX2 layouts' batch > 1 path (csr16 reads its indices, bitmask decodes its mask).
+template <class I>
+static void avx2_gemm_row(const float* xT, int64_t B, int64_t Bp, int64_t N, const I* col, const float* vals,
+                          int64_t n, float bias, float* y, int64_t r) {
+    float out[32];
+    for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
+        const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
+        const float* xt = xT + b0;
+        switch (tiles) {
+            case 1: avx2_tile<1>(xt, Bp, col, vals, n, out); break;
+            case 2: avx2_tile<2>(xt, Bp, col, vals, n, out); break;
+            case 3: avx2_tile<3>(xt, Bp, col, vals, n, out); break;
+            default: avx2_tile<4>(xt, Bp, col, vals, n, out); break;
+        }
+        const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
+        for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bias;
+    }
+}
+
 static void csr_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t N, const uint16_t* idx,
                                const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
                                int64_t r1) {
-    float out[32];
-    for (int64_t r = r0; r < r1; ++r) {
-        const float bb = bias ? bias[r] : 0.f;
-        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
-            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
-            const float* xt = xT + b0;
-            switch (tiles) {
-                case 1: csr_avx2_tile<1>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
-                case 2: csr_avx2_tile<2>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
-                case 3: csr_avx2_tile<3>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
-                default: csr_avx2_tile<4>(xt, Bp, idx, vals, rp[r], rp[r + 1], out); break;
-            }
-            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
-            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
-        }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+        avx2_gemm_row(xT, B, Bp, N, idx + rp[r], vals + rp[r], rp[r + 1] - rp[r], bias ? bias[r] : 0.f, y, r);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -586,42 +596,15 @@ static inline int64_t bm_avx2_row_columns(const uint8_t* mb, int64_t K, int32_t*
     return n;
 }
 
-template <int T>
-static inline void bm_avx2_tile(const float* xT, int64_t Bp, const int32_t* off, const float* vals, int64_t n,
-                                float* out) {
-    __m256 acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < n; ++p) {
-        const __m256 wv = _mm256_broadcast_ss(vals + p);
-        const float* xr = xT + (int64_t)off[p] * Bp;
-        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * t), acc[t]);
-    }
-    for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
-}
-
 // Batch > 1: x transposed to [K, Bp] (Bp = B rounded up to 8); each row's mask is decoded once into
-// column offsets, then one broadcast weight feeds up to four 8-wide FMAs per nonzero (as for csr16).
+// column offsets, then as csr16 (avx2_gemm_row).
 static void bm_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
                               const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
                               int64_t r1, int32_t* off) {
     const int64_t Kw = (K + 31) / 32;
-    float out[32];
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = bm_avx2_row_columns((const uint8_t*)(mask + r * Kw), K, off);
-        const float* v = vals + rp[r];
-        const float bb = bias ? bias[r] : 0.f;
-        for (int64_t b0 = 0; b0 < Bp; b0 += 32) {
-            const int64_t tiles = (Bp - b0) / 8 < 4 ? (Bp - b0) / 8 : 4;
-            const float* xt = xT + b0;
-            switch (tiles) {
-                case 1: bm_avx2_tile<1>(xt, Bp, off, v, n, out); break;
-                case 2: bm_avx2_tile<2>(xt, Bp, off, v, n, out); break;
-                case 3: bm_avx2_tile<3>(xt, Bp, off, v, n, out); break;
-                default: bm_avx2_tile<4>(xt, Bp, off, v, n, out); break;
-            }
-            const int64_t nb = B - b0 < 8 * tiles ? B - b0 : 8 * tiles;
-            for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
-        }
+        avx2_gemm_row(xT, B, Bp, N, off, vals + rp[r], n, bias ? bias[r] : 0.f, y, r);
     }
 }
 #pragma GCC pop_options

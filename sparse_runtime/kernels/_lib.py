@@ -35,6 +35,7 @@ GEMV_VARIANTS = {"memory": 0, "register": 1}  # the C kernel's sr_set_gemv_varia
 # Batch-1 kernel forms per ISA path (same arithmetic, different instructions), the C ids of
 # sr_set_gemv_form, and the variable that forces one (else measured: module.choose_gemv_variant).
 GEMV_FORMS = {"avx512": GEMV_VARIANTS, "avx2": {"gather": 0, "insert": 1}}
+GEMV_FORM_LAYOUT = {"avx512": "bitmask", "avx2": "csr16"}  # the layout whose batch-1 kernel has the forms
 ENV_GEMV_FORM = {"avx512": ENV_GEMV, "avx2": "SPARSE_RUNTIME_AVX2_GEMV"}
 COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
 FEAT_VBMI2 = 1 << 3

@@ -62,7 +62,7 @@ def choose_gemv_variant(force: bool = False, repeats: int = 9, isa: str = "avx51
         _lib.set_gemv_variant(want, isa)
         _GEMV[isa] = dict(variant=want, how=f"${env}")
         return want
-    layout = "bitmask" if isa == "avx512" else "csr16"
+    layout = _lib.GEMV_FORM_LAYOUT[isa]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 2048, generator=g)
     w = w * (torch.rand(w.shape, generator=g) >= 0.7)
@@ -107,7 +107,7 @@ class SparseLinear(nn.Module):
         self.isa = _lib.select_isa(isa)
         if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
             raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
-        if self.isa == "avx512" or (self.isa, packed.layout) == ("avx2", "csr16"):
+        if _lib.GEMV_FORM_LAYOUT.get(self.isa) == packed.layout:
             choose_gemv_variant(isa=self.isa)  # once per process and ISA
         self.layout = packed.layout
         self.in_features, self.out_features = packed.in_features, packed.out_features

@@ -173,21 +173,21 @@ def session(model, threads: int = 0, backend: str = "native", options=None, pool
     return sess
 
 
-INLINE_LIMIT = 1 << 30  # bytes of initializers above which a model goes through files (protobuf's 2 GB cap)
+INLINE_LIMIT = 1 << 30  # bytes of weights above which a model goes through files (protobuf's 2 GB cap)
 
 
 def _session_source(model):
     """``(bytes, None)`` for a model that fits one protobuf message; otherwise ``(path, tmpdir)``:
-    the model saved with its initializers as external data (a 7B model's weights pass 2 GB)."""
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size < INLINE_LIMIT:
+    the model saved by the exporters' ``save_onnx`` with its weights as external data (a 7B model's
+    weights pass 2 GB)."""
+    from exporters.onnx_common import save_onnx, tensor_bytes
+
+    if tensor_bytes(model) < INLINE_LIMIT:
         return model.SerializeToString(), None
     import tempfile
-
-    import onnx
+    from pathlib import Path
 
     tmp = tempfile.TemporaryDirectory(prefix="sparse-runtime-ort-")
-    path = f"{tmp.name}/model.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    path = Path(tmp.name) / "model.onnx"
+    save_onnx(model, path, external_data="always")
     return path, tmp

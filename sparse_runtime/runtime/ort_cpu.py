@@ -104,8 +104,9 @@ class OrtSparseEngine(OrtCPUEngine):
     """The ``ort-cpu`` export with every pruned MatMul rewritten to the project's ``SparseLinear``
     custom op (:func:`sparse_runtime.kernels.ort.sparsify_onnx`), run by ORT with the compiled
     extension registered as its custom-op library (``native``; ``backend="pyop"`` for
-    onnxruntime-extensions' Python op). The rewrite happens at load, in memory; the export on disk
-    stays a standard dense ONNX."""
+    onnxruntime-extensions' Python op; ``pool="openmp"`` runs the native op's rows on the
+    extension's OpenMP pool instead of ORT's, see :func:`sparse_runtime.kernels.ort.session`). The
+    rewrite happens at load, in memory; the export on disk stays a standard dense ONNX."""
 
     name = "ort-sparse"
     description = "ONNX Runtime CPU, pruned MatMuls as the project's SparseLinear custom op (float32)"
@@ -122,8 +123,8 @@ class OrtSparseEngine(OrtCPUEngine):
                                          f"run `{cls.install_hint}`")
 
     def _load(self, model: str, graph_optimization: str = "all", min_sparsity: float = 0.3,
-              backend: str = "native", **export_options: Any) -> None:
-        self.min_sparsity, self.backend = min_sparsity, backend
+              backend: str = "native", pool: str = "ort", **export_options: Any) -> None:
+        self.min_sparsity, self.backend, self.pool = min_sparsity, backend, pool
         super()._load(model, graph_optimization, **export_options)
 
     def _session(self):
@@ -136,7 +137,7 @@ class OrtSparseEngine(OrtCPUEngine):
         sm, self.sparse_nodes = kort.sparsify_onnx(m, min_sparsity=self.min_sparsity)
         del m
         self._calls: dict[str, int] = {}  # kernel calls made by THIS engine's runs (counters are process-wide)
-        return kort.session(sm, self.threads, self.backend,
+        return kort.session(sm, self.threads, self.backend, pool=self.pool,
                             options=ort_session_options(self.threads, level=self.graph_optimization))
 
     def _counted(self, run, ids: np.ndarray) -> np.ndarray:
@@ -158,7 +159,7 @@ class OrtSparseEngine(OrtCPUEngine):
         return self._counted(super().decode, ids)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "backend": self.backend, "sparse_nodes": self.sparse_nodes}
+        return {**super().info(), "backend": self.backend, "pool": self.pool, "sparse_nodes": self.sparse_nodes}
 
     def evidence(self) -> dict[str, Any]:
         calls = dict(self._calls)
