@@ -50,11 +50,14 @@ COLUMNS = ["config", "ppl (quick)", "zero-shot mean acc", "boolq", "rte", "hella
            "mask evolved"]
 
 
+def device_kind(args) -> str:
+    return "cpu" if args.device == "cpu" else "cuda"
+
+
 def base_dir(args) -> Path:
     """The pruned base; pruned on ``--device`` (a GPU sums the calibration statistics in another
     order, so its masks differ at near-ties from the CPU's), hence one directory per device kind."""
-    kind = "cpu" if args.device == "cpu" else "cuda"
-    return WORK / f"base-wanda-{int(round(args.sparsity * 100))}-{kind}"
+    return WORK / f"base-wanda-{int(round(args.sparsity * 100))}-{device_kind(args)}"
 
 
 def phase_key(args, what: str) -> str:
@@ -165,7 +168,7 @@ def save_table(args, rows: list[dict[str, Any]]) -> None:
                  protocol=f"ft-alpaca ({budget}, 512 tokens, batch 8) + zero-shot (first {args.limit} items per "
                           "task) + quick perplexity", model=args.model,
                  notes=[f"device {args.device}" + (", TF32 training" if args.tf32 else "") + "; base: Wanda, quick "
-                        f"calibration, pruned on {base_dir(args).name.rsplit('-', 1)[1]}; each method's defaults "
+                        f"calibration, pruned on {device_kind(args)}; each method's defaults "
                         "except SEFT k = 10; merge verified exact",
                         f"acc per task = lm-eval conventions (zeroshot_dense.md), zero-shot batch {args.eval_batch}; "
                         "a stated limit, not the full sets",

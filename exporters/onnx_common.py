@@ -81,6 +81,32 @@ def to_sparse_initializers(model, min_saving: float = 0.0, names: Iterable[str] 
     return {"sparse_initializers": len(moved), "bytes_saved": int(saved)}
 
 
+def sparse_initializer_array(s) -> np.ndarray:
+    """One ONNX sparse initializer (COO values + linear or [nnz, rank] indices) as a dense array."""
+    from onnx import numpy_helper
+
+    vals = numpy_helper.to_array(s.values)
+    idx = numpy_helper.to_array(s.indices).astype(np.int64)
+    if idx.ndim == 2:  # [nnz, rank] coordinates -> linear indices
+        idx = np.ravel_multi_index(idx.T, tuple(s.dims))
+    dense = np.zeros(int(np.prod(s.dims)), dtype=vals.dtype)
+    dense[idx] = vals
+    return dense.reshape(tuple(s.dims))
+
+
+def densify_sparse_initializers(model) -> int:
+    """The inverse of :func:`to_sparse_initializers`: every sparse initializer back to a dense one
+    of the same name (for graph rewrites that read weights). Returns how many were converted."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    n = len(g.sparse_initializer)
+    for s in g.sparse_initializer:
+        g.initializer.append(numpy_helper.from_array(sparse_initializer_array(s), s.values.name))
+    del g.sparse_initializer[:]
+    return n
+
+
 def weight_arrays(model) -> list[np.ndarray]:
     """Every 2-D float initializer, dense or sparse, as a numpy array (for the mask check)."""
     from onnx import numpy_helper
@@ -91,15 +117,7 @@ def weight_arrays(model) -> list[np.ndarray]:
             a = numpy_helper.to_array(t)
             if a.dtype.kind == "f":
                 out.append(a)
-    for s in model.graph.sparse_initializer:
-        if len(s.dims) == 2:
-            vals = numpy_helper.to_array(s.values)
-            idx = numpy_helper.to_array(s.indices).astype(np.int64)
-            dense = np.zeros(int(np.prod(s.dims)), dtype=vals.dtype)
-            if idx.ndim == 2:
-                idx = np.ravel_multi_index(idx.T, tuple(s.dims))
-            dense[idx] = vals
-            out.append(dense.reshape(tuple(s.dims)))
+    out += [sparse_initializer_array(s) for s in model.graph.sparse_initializer if len(s.dims) == 2]
     return out
 
 

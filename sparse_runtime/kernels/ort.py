@@ -79,12 +79,14 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
     import onnx
     from onnx import helper, numpy_helper
 
+    from exporters.onnx_common import densify_sparse_initializers
+
     isa = _lib.select_isa(isa)
     layout = _lib.select_layout(isa, layout)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    _densify_sparse_initializers(g)
+    densify_sparse_initializers(m)  # the exporters' COO option: back to dense, so those MatMuls are rewritten too
     inits = {t.name: t for t in g.initializer}
     new_nodes, count, dropped = [], 0, set()
     for node in g.node:
@@ -116,21 +118,6 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
     if not any(o.domain == DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return m, count
-
-
-def _densify_sparse_initializers(g) -> None:
-    """Sparse initializers (the exporters' ``sparse_initializers`` option: COO, to save disk) back to
-    dense initializers, so their MatMuls can be rewritten like any other."""
-    from onnx import numpy_helper
-
-    for st in list(g.sparse_initializer):
-        dense = np.zeros(int(np.prod(st.dims)), dtype=numpy_helper.to_array(st.values).dtype)
-        idx = numpy_helper.to_array(st.indices).astype(np.int64)
-        if idx.ndim == 2:  # [nnz, rank] coordinates -> linear indices
-            idx = np.ravel_multi_index(idx.T, tuple(st.dims))
-        dense[idx] = numpy_helper.to_array(st.values)
-        g.initializer.append(numpy_helper.from_array(dense.reshape(tuple(st.dims)), st.values.name))
-    del g.sparse_initializer[:]
 
 
 def session(model, threads: int = 0, backend: str = "native", options=None, pool: str = "ort"):
