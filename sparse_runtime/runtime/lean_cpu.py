@@ -68,6 +68,26 @@ class SparseCPUEngine(Engine):
         torch.set_num_threads(self.threads)
         return self.lean.decode(torch.as_tensor(ids, dtype=torch.long)).numpy()
 
+    # -- slots (continuous batching in sparse_runtime.serve; see LeanLlama.init_slots) ---------------
+    supports_slots = True
+
+    def init_slots(self, n_slots: int, capacity: int) -> None:
+        self.lean.init_slots(n_slots, capacity)
+
+    def prefill_slot(self, slot: int, ids) -> torch.Tensor:
+        torch.set_num_threads(self.threads)
+        return self.lean.prefill_slot(slot, torch.as_tensor(ids, dtype=torch.long))
+
+    def decode_slots(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        torch.set_num_threads(self.threads)
+        return self.lean.decode_slots(slots, tokens)
+
+    def free_slot(self, slot: int) -> None:
+        self.lean.free_slot(slot)
+
+    def slot_bytes(self) -> int:
+        return self.lean.slot_bytes()
+
     def _snapshot(self) -> int:
         return self.lean.length
 

@@ -176,6 +176,48 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
             f.decode_packed = _DECODE_FORM[key]
 
 
+LM_BLOCK = 256  # rows of the output table per product in lm_head_blocked
+_LM_FORM: dict[tuple, dict[int, bool]] = {}
+
+
+def lm_head_blocked(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` as products of ``LM_BLOCK`` output rows each (same arithmetic per
+    element). For a few rows of x against a large table (the vocabulary projection) the GEMM
+    library repacks the whole table per call; in blocks each block is packed from cache."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    for i in range(0, w.shape[0], LM_BLOCK):
+        torch.mm(x, w[i:i + LM_BLOCK].t(), out=out[:, i:i + LM_BLOCK])
+    if bias is not None:
+        out += bias
+    return out
+
+
+@torch.inference_mode()
+def choose_lm_head_form(w: torch.Tensor, bias: Optional[torch.Tensor], max_batch: int, threads: int,
+                        repeats: int = 3) -> dict[int, bool]:
+    """{batch: blocked is faster} for batches 2, 4, 8, ... up to ``max_batch``, measured (F.linear
+    and :func:`lm_head_blocked` alternately, best of ``repeats``): on this project's Xeon the blocked
+    form was faster from batch 4 and slower at 2 (informal), so it is measured per machine, not
+    assumed. Cached per (table shape, threads)."""
+    key = (*w.shape, threads, max_batch)
+    if key not in _LM_FORM:
+        torch.set_num_threads(threads)
+        res: dict[int, bool] = {}
+        b = 2
+        while b <= max(2, max_batch):
+            x = torch.randn(b, w.shape[1])
+            best = {True: float("inf"), False: float("inf")}
+            for _ in range(repeats + 1):
+                for blocked in (False, True):
+                    t = time.perf_counter()
+                    lm_head_blocked(x, w, bias) if blocked else F.linear(x, w, bias)
+                    best[blocked] = min(best[blocked], time.perf_counter() - t)
+            res[b] = best[True] < best[False]
+            b *= 2
+        _LM_FORM[key] = res
+    return _LM_FORM[key]
+
+
 @dataclass
 class LeanLayer:
     in_norm: torch.Tensor
@@ -396,3 +438,173 @@ class LeanLlama:
             if eos_token_id is not None and tok == eos_token_id:
                 return
             logits = self.decode_token(tok)
+
+    # -- slots: many sequences served at once (sparse_runtime.serve) ------------------------------
+    # A separate, preallocated cache ``[layers, n_slots, kv_heads, capacity, head_dim]``: slot s holds
+    # one sequence of ``slot_len[s]`` tokens. The single-sequence cache above is untouched, so
+    # prefill/decode/generate behave exactly as before. One decode step of B slots is ONE batched
+    # forward (each fused linear sees B rows: the SparseLinear batch > 1 dispatch), attention per
+    # sequence over its own length; a step of one slot runs the C step on that slot's cache, the
+    # same arithmetic as ``generate``.
+    def init_slots(self, n_slots: int, capacity: int) -> None:
+        """Allocate the serving cache (zeros) and the rotary table for ``capacity`` positions."""
+        if n_slots < 1 or capacity < 2:
+            raise ConfigError(f"need at least 1 slot of 2 positions (got {n_slots} x {capacity})")
+        shape = (len(self.layers), int(n_slots), self.n_kv, int(capacity), self.head_dim)
+        self.slot_k, self.slot_v = torch.zeros(shape), torch.zeros(shape)
+        self.slot_len = [0] * int(n_slots)
+        self.slot_cap = int(capacity)
+        with torch.no_grad():
+            cos, sin = self._rotary(self.embed[:1].unsqueeze(0), torch.arange(self.slot_cap).unsqueeze(0))
+        self.slot_cos, self.slot_sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        self._slot_c: dict[int, tuple] = {}
+        self._slot_scratch: Optional[torch.Tensor] = None
+        self._lm_chunked: dict[int, bool] = {}
+        if self.config.calibrate:
+            self._lm_chunked = choose_lm_head_form(self.lm_head, self.lm_bias, int(n_slots), self.threads)
+
+    def _slot_lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` of the batched step: F.linear, or in row blocks where that was measured
+        faster for this batch (see :func:`choose_lm_head_form`)."""
+        tried = [b for b in self._lm_chunked if b <= x.shape[0]]
+        if tried and self._lm_chunked[max(tried)]:
+            return lm_head_blocked(x, self.lm_head, self.lm_bias)
+        return F.linear(x, self.lm_head, self.lm_bias)
+
+    def slot_bytes(self) -> int:
+        """Bytes held by the serving cache (K and V)."""
+        return 2 * self.slot_k.numel() * self.slot_k.element_size() if hasattr(self, "slot_k") else 0
+
+    def free_slot(self, slot: int) -> None:
+        """Forget slot ``slot``'s sequence (its cache rows are overwritten by the next one)."""
+        self.slot_len[slot] = 0
+
+    def _slot_step(self, slot: int):
+        """The C decode step bound to slot ``slot``'s cache rows (built once per slot), or None."""
+        from ..kernels import decode as cdec
+
+        if self.isa is None or not cdec.available():
+            return None
+        if slot not in self._slot_c:
+            arr = (cdec.CLayer * len(self.layers))()
+            for i, l in enumerate(self.layers):
+                arr[i] = cdec.CLayer(l.in_norm.data_ptr(), l.post_norm.data_ptr(), l.qkv.desc(self.isa),
+                                     l.o.desc(self.isa), l.gate_up.desc(self.isa), l.down.desc(self.isa),
+                                     self.slot_k[i, slot].data_ptr(), self.slot_v[i, slot].data_ptr(), l.window)
+            lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+            model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
+                                self.vocab, self.slot_cap, self.eps, 0, self.embed.data_ptr(),
+                                self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
+            if self._slot_scratch is None:  # one scratch for every slot: steps run one at a time
+                self._slot_scratch = torch.zeros(cdec.scratch_floats(model))
+                self._slot_logits = torch.empty(self.vocab)
+            model.scratch = self._slot_scratch.data_ptr()
+            self._slot_c[slot] = (arr, model, cdec.DecodeStep(model))
+        return self._slot_c[slot][2]
+
+    def _check_room(self, slot: int, tokens: int) -> int:
+        p0 = self.slot_len[slot]
+        if p0 + tokens > self.slot_cap:
+            raise ConfigError(f"slot {slot} holds {p0} tokens; {tokens} more exceed its capacity {self.slot_cap}")
+        return p0
+
+    @torch.inference_mode()
+    def prefill_slot(self, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        """Append ``ids`` (one chunk of a prompt, [T]) to slot ``slot``; logits ``[V]`` of its last
+        token. Chunks of one prompt may be fed in turn (chunked prefill): the causal mask is offset
+        by what the slot already holds. The same torch ops as :meth:`forward` at batch 1."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        T = ids.shape[1]
+        p0 = self._check_room(slot, T)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.slot_cos[p0:p0 + T], self.slot_sin[p0:p0 + T]
+        qpos = torch.arange(p0, p0 + T).unsqueeze(1)
+        kpos = torch.arange(p0 + T).unsqueeze(0)
+        causal = kpos <= qpos
+        masks: dict[int, torch.Tensor] = {}
+        for i, l in enumerate(self.layers):
+            if l.window not in masks:
+                masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
+            h = _rms(x, l.in_norm, self.eps)
+            q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
+            q = _rotate(q.view(1, T, H, D).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(1, T, KV, D).transpose(1, 2), cos, sin)
+            kc, vc = self.slot_k[i, slot:slot + 1], self.slot_v[i, slot:slot + 1]
+            kc[:, :, p0:p0 + T] = k
+            vc[:, :, p0:p0 + T] = v.view(1, T, KV, D).transpose(1, 2)
+            kk = kc[:, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            vv = vc[:, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
+            x = x + l.o(a.transpose(1, 2).reshape(1, T, H * D))
+            g, u = l.gate_up(_rms(x, l.post_norm, self.eps)).split([self.inter, self.inter], -1)
+            x = x + l.down(F.silu(g) * u)
+        self.slot_len[slot] = p0 + T
+        return F.linear(_rms(x[0, -1:], self.final_norm, self.eps), self.lm_head, self.lm_bias)[0]
+
+    @torch.inference_mode()
+    def decode_slots(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One new token for each of ``slots`` (sequences of different lengths); logits ``[B, V]``.
+
+        B = 1 runs the C step on that slot's cache. B > 1 runs ONE batched forward: every fused linear
+        takes B rows (so ``SparseLinear`` dispatches by its measured batch-B choice), the new K/V go to
+        each slot's own position, and attention runs as one batched product over the slot range
+        ``min(slots)..max(slots)`` with a per-row length mask: q of a kv-head group is ``[G, D]`` against
+        that head's ``[L, D]`` cache, so the cache is read in place (no gather, no GQA repeat)."""
+        B = len(slots)
+        pos = [self._check_room(s, 1) for s in slots]
+        if B == 1:
+            step = self._slot_step(slots[0])
+            if step is not None:
+                p = pos[0]
+                row = self.head_dim * 4 * p
+                step(int(tokens[0]), p, self.slot_cos.data_ptr() + row, self.slot_sin.data_ptr() + row,
+                     self._slot_logits.data_ptr(), self.threads)
+                self.slot_len[slots[0]] = p + 1
+                self.c_steps += 1
+                return self._slot_logits.clone().view(1, -1)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        G = H // KV
+        lo, hi = min(slots), max(slots) + 1
+        R = hi - lo
+        slot_t = torch.tensor(slots)
+        pos_t = torch.tensor(pos)
+        rows = slot_t - lo
+        dense_rows = R == B and bool((rows == torch.arange(B)).all())
+        L = max(pos) + 1
+        x = F.embedding(torch.as_tensor(tokens, dtype=torch.long), self.embed)  # [B, hidden]
+        cos, sin = self.slot_cos[pos_t].unsqueeze(1), self.slot_sin[pos_t].unsqueeze(1)  # [B, 1, D]
+        lens = torch.ones(R, dtype=torch.long)  # rows of idle slots in the range attend to position 0 only
+        lens[rows] = pos_t + 1
+        kpos = torch.arange(L).unsqueeze(0)
+        valid = kpos < lens.unsqueeze(1)
+        cap = self.slot_cap  # cache row of (slot, kv head, position) in a layer's [slots * KV * cap, D] view
+        rows_kv = ((slot_t.unsqueeze(1) * KV + torch.arange(KV).unsqueeze(0)) * cap + pos_t.unsqueeze(1)).reshape(-1)
+        masks: dict[int, torch.Tensor] = {}
+        for i, l in enumerate(self.layers):
+            if l.window not in masks:
+                m = valid & (kpos > lens.unsqueeze(1) - 1 - l.window) if l.window > 0 else valid
+                masks[l.window] = torch.zeros(R, L).masked_fill_(~m, float("-inf")).view(R, 1, 1, L)
+            h = F.rms_norm(x, (self.hidden,), l.in_norm, self.eps)
+            q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
+            q = _rotate(q.view(B, H, D), cos, sin)
+            k = _rotate(k.view(B, KV, D), cos, sin)
+            self.slot_k[i].view(-1, D).index_copy_(0, rows_kv, k.reshape(B * KV, D))
+            self.slot_v[i].view(-1, D).index_copy_(0, rows_kv, v.reshape(B * KV, D))
+            if not dense_rows:
+                qf = q.new_zeros(R, H, D)
+                qf[rows] = q
+                q = qf
+            kk = self.slot_k[i, lo:hi, :, :L]  # [R, KV, L, D], a view
+            vv = self.slot_v[i, lo:hi, :, :L]
+            # the G query heads of a kv head are G "positions" of one query against its cache
+            a = F.scaled_dot_product_attention(q.view(R, KV, G, D), kk, vv, attn_mask=masks[l.window],
+                                               scale=D ** -0.5).reshape(R, H * D)
+            if not dense_rows:
+                a = a[rows]
+            x = x + l.o(a)
+            g, u = l.gate_up(F.rms_norm(x, (self.hidden,), l.post_norm, self.eps)).split([self.inter, self.inter], -1)
+            x = x + l.down(F.silu(g) * u)
+        for s_, p in zip(slots, pos):
+            self.slot_len[s_] = p + 1
+        return self._slot_lm_head(F.rms_norm(x, (self.hidden,), self.final_norm, self.eps))
