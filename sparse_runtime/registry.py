@@ -44,3 +44,14 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_submodules(package: str, path) -> None:
+    """Import every module of a package (its ``register`` lines run), so that adding a method to
+    the package is adding its file. Modules whose names start with ``_`` are left alone."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(path):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{package}.{mod.name}")

@@ -1,4 +1,4 @@
-"""ATP: arithmetic-progression layer-wise sparsity (Huang et al., ICML 2025; methods.md 4).
+"""ATP: arithmetic-progression layer-wise sparsity (Huang et al., ICML 2025; docs/methods.md#atp).
 
 Eq. 10, blocks i = 1..L:   s_i = S - beta (L - 1)/2 + beta (i - 1)
 
@@ -12,23 +12,28 @@ schedule as s_i = S + beta (i - i_bar) with i_bar the parameter-weighted mean bl
 Eq. 10 exactly when blocks have the same size and keeps the weighted mean exactly S otherwise; the
 bound becomes min(S / i_bar, (1-S) / (L-1-i_bar)) (0-based i).
 
-Beta search (``atp_beta="auto"``): the paper picks beta from a grid (0.002, 0.004, ... up to the
+Options (:class:`ATPOptions`, ``allocation_options: {beta: auto, candidates: 4, ...}``; the older
+flat ``atp_beta``, ``atp_candidates``, ``atp_step``, ``atp_heldout``, ``atp_heldout_windows`` are
+aliases).
+
+Beta search (``beta="auto"``): the paper picks beta from a grid (0.002, 0.004, ... up to the
 bound) by WikiText-2 perplexity, and the released ``eval_ppl`` uses the TEST split, i.e. beta is
 tuned on the data the paper reports. We never do that: each candidate is scored on HELD-OUT data
 (default: WikiText-2 *validation*, a few windows; or fresh C4 windows with a seed other than the
 calibration seed), see :func:`sparse_runtime.prune.heldout_ids`. To keep it cheap the default grid
-is ``atp_candidates`` evenly spaced fractions k/(K+1) of the bound (K = 4); ``atp_step`` gives the
+is ``candidates`` evenly spaced fractions k/(K+1) of the bound (K = 4); ``step`` gives the
 paper's fixed-step grid instead (0.002 in ``search.sh``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence, Union
 
 from ..errors import ConfigError
 from .base import ALLOCATIONS, Allocation, AllocationRequest, BlockLayout, clip_unit
 
 _TOL = 1e-12
+HELDOUT_SETS = ("wikitext2-valid", "c4")
 
 
 def _ibar(weights: Sequence[float]) -> float:
@@ -74,36 +79,78 @@ def beta_candidates(bmax: float, n: int = 4, step: Optional[float] = None) -> li
     return [bmax * k / (n + 1) for k in range(1, n + 1)]
 
 
+@dataclass
+class ATPOptions:
+    """``beta``: a number in (0, min(2S/(L-1), 2(1-S)/(L-1))] or ``"auto"`` (the held-out search);
+    ``candidates``: how many evenly spaced betas the search tries; ``step``: the paper's fixed-step
+    grid instead; ``heldout``: the search's data (``wikitext2-valid`` or ``c4``, never a test set);
+    ``heldout_windows``: how many windows of it."""
+
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {
+        "atp_beta": "beta", "atp_candidates": "candidates", "atp_step": "step", "atp_heldout": "heldout",
+        "atp_heldout_windows": "heldout_windows"}
+    beta: Union[float, str] = "auto"
+    candidates: int = 4
+    step: Optional[float] = None
+    heldout: str = "wikitext2-valid"
+    heldout_windows: int = 16
+
+    def validate(self) -> None:
+        if isinstance(self.beta, str):
+            if self.beta.strip().lower() == "auto":
+                self.beta = "auto"
+            else:
+                try:
+                    self.beta = float(self.beta)
+                except ValueError:
+                    raise ConfigError(f"ATP beta (atp_beta) must be a positive number or 'auto', got {self.beta!r}") from None
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float, str)):
+            raise ConfigError(f"ATP beta (atp_beta) must be a positive number or 'auto', got {self.beta!r}")
+        if not isinstance(self.beta, str) and not float(self.beta) > 0:
+            raise ConfigError(f"ATP beta={self.beta} is out of range: it must be > 0 (and at most "
+                              "min(2S/(L-1), 2(1-S)/(L-1)))")
+        for name, v in (("candidates", self.candidates), ("heldout_windows", self.heldout_windows)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ATP {name} (atp_{name}) must be an integer >= 1, got {v!r}")
+        if self.step is not None and not self.step > 0:
+            raise ConfigError(f"ATP step (atp_step) must be > 0, got {self.step}")
+        if self.heldout not in HELDOUT_SETS:
+            raise ConfigError(f"ATP heldout (atp_heldout) must be one of {', '.join(HELDOUT_SETS)} (never the test "
+                              f"set), got {self.heldout!r}")
+
+
 @ALLOCATIONS.register("atp")
 @dataclass
 class ATPAllocator:
+    Options: ClassVar[type] = ATPOptions
+    options: ATPOptions = field(default_factory=ATPOptions)
     needs_calibration: bool = False
 
     def check(self, sparsity: float, layout: BlockLayout, cfg) -> None:
-        if isinstance(cfg.atp_beta, str):
-            if cfg.atp_beta != "auto":
-                raise ConfigError(f"atp_beta must be a number or 'auto', got {cfg.atp_beta!r}")
+        o = self.options
+        o.validate()
+        if isinstance(o.beta, str):
             if len(layout.blocks) < 2:
                 raise ConfigError("ATP needs at least 2 blocks with selected layers; use allocation='uniform'")
             if sparsity <= 0:
                 raise ConfigError("ATP with sparsity 0 has no legal beta (0 < beta <= 2S/(L-1)); use allocation='uniform'")
-            if not beta_candidates(atp_beta_max(sparsity, layout.weights), cfg.atp_candidates, cfg.atp_step):
-                raise ConfigError(f"atp_step={cfg.atp_step} exceeds the largest legal beta "
+            if not beta_candidates(atp_beta_max(sparsity, layout.weights), o.candidates, o.step):
+                raise ConfigError(f"ATP step (atp_step)={o.step} exceeds the largest legal beta "
                                   f"{atp_beta_max(sparsity, layout.weights):.6g}; use a smaller step")
         else:
-            check_beta(float(cfg.atp_beta), sparsity, layout.weights)
+            check_beta(float(o.beta), sparsity, layout.weights)
 
     def allocate(self, req: AllocationRequest) -> Allocation:
-        cfg, w, S = req.cfg, req.layout.weights, req.sparsity
+        o, w, S = self.options, req.layout.weights, req.sparsity
         bmax = atp_beta_max(S, w)
-        if not isinstance(cfg.atp_beta, str):
-            beta = float(cfg.atp_beta)
+        if not isinstance(o.beta, str):
+            beta = float(o.beta)
             return Allocation(atp_rates(S, beta, w), {"beta": beta, "beta_max": bmax, "search": None})
         scores = {}
-        for beta in beta_candidates(bmax, cfg.atp_candidates, cfg.atp_step):
+        for beta in beta_candidates(bmax, o.candidates, o.step):
             scores[beta] = float(req.trial(atp_rates(S, beta, w)))
         best = min(scores, key=lambda b: (scores[b], b))
         return Allocation(atp_rates(S, best, w), {
             "beta": best, "beta_max": bmax,
-            "search": {"heldout": cfg.atp_heldout, "windows": cfg.atp_heldout_windows,
+            "search": {"heldout": o.heldout, "windows": o.heldout_windows,
                        "scores": {f"{b:.6g}": s for b, s in scores.items()}}})

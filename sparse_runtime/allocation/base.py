@@ -1,7 +1,7 @@
 """Layer-wise sparsity allocation: the contract every allocator follows.
 
 An allocator gives each decoder BLOCK a sparsity; all selected linears of a block share it, as in
-OWL and ATP (methods.md 2 and 4.1). "The average" is the PARAMETER-WEIGHTED mean over the selected
+OWL and ATP (docs/methods.md#owl, #atp). "The average" is the PARAMETER-WEIGHTED mean over the selected
 linears: sum_l n_l s_l / sum_l n_l = S exactly (up to float rounding), where n_l is the number of
 selected weights in block l. With the default selection every block has the same size, so this is
 the papers' plain mean over blocks; with include/exclude patterns that make blocks differ it is
@@ -57,6 +57,9 @@ class Allocation:
 
 
 class Allocator(Protocol):
+    """One allocation method. Like a pruner it may declare ``Options`` (a dataclass in its own file,
+    filled from ``PruneConfig.allocation_options``) and is then constructed as ``cls(options)``."""
+
     needs_calibration: bool
 
     def check(self, sparsity: float, layout: BlockLayout, cfg: Any) -> None:

@@ -1,13 +1,13 @@
-"""OWL: outlier-weighed layer-wise sparsity (Yin et al., 2024; methods.md 2).
+"""OWL: outlier-weighed layer-wise sparsity (Yin et al., 2024; docs/methods.md#owl).
 
 Pass 1 (no pruning, the same sequential driver): for block l, concatenate the Wanda scores
 |W_ij| * ||X_j||_2 of all its selected linears into A_l and measure the layer outlier distribution
 
-    LOD_l = 100 * |{a in A_l : a > M * mean(A_l)}| / |A_l|        (M = ``owl_m``, default 5)
+    LOD_l = 100 * |{a in A_l : a > M * mean(A_l)}| / |A_l|        (M = option ``m``, default 5)
 
 (the official ``check_outlier_mean``: the MEAN, not the max). Then
 
-    D_l = (LOD_l - min LOD) / (max LOD - min LOD) * 2 lambda      (lambda = ``owl_lambda``, 0.08)
+    D_l = (LOD_l - min LOD) / (max LOD - min LOD) * 2 lambda      (lambda = option ``lam``, 0.08)
     D_l <- D_l - mean(D) + (1 - S);   s_l = 1 - D_l
 
 so more outliers -> lower sparsity, densities lie in [1 - S - lambda, 1 - S + lambda], and the mean
@@ -15,11 +15,14 @@ sparsity is exactly S. Our ``mean`` is parameter-weighted (see :mod:`.base`), wh
 paper's plain mean when blocks are the same size. The LOD always uses the Wanda score, whatever
 method prunes in pass 2 (as the official code does). If every block has the same LOD the
 allocation is uniform. Not implemented: OWL's per-layer-N N:M variant (an error, never ignored).
+
+Options (:class:`OWLOptions`, ``allocation_options: {m: 5, lam: 0.08}``; the older flat
+``owl_m``/``owl_lambda`` are aliases).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -35,7 +38,7 @@ def outlier_ratio(scores: torch.Tensor, m: float) -> float:
 
 
 def owl_rates(lod: Sequence[float], sparsity: float, lam: float, weights: Sequence[float] | None = None) -> list[float]:
-    """Per-block sparsities from the outlier ratios (methods.md 2, "Allocation")."""
+    """Per-block sparsities from the outlier ratios (docs/methods.md#owl, "Allocation")."""
     weights = list(weights) if weights is not None else [1.0] * len(lod)
     lo, hi = min(lod), max(lod)
     if hi - lo <= 0:
@@ -47,26 +50,45 @@ def owl_rates(lod: Sequence[float], sparsity: float, lam: float, weights: Sequen
     return clip_unit([1 - x for x in density])
 
 
+@dataclass
+class OWLOptions:
+    """``m``: the outlier threshold M, a multiple of the mean score (paper 5); ``lam``: lambda, the
+    half-width of the per-block sparsities around S (paper 0.08)."""
+
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"owl_m": "m", "owl_lambda": "lam"}
+    m: float = 5.0
+    lam: float = 0.08
+
+    def validate(self) -> None:
+        if not self.m > 0:
+            raise ConfigError(f"OWL m (owl_m, the outlier threshold M, a multiple of the mean score) must be > 0, "
+                              f"got {self.m}")
+        if not self.lam >= 0:
+            raise ConfigError(f"OWL lam (owl_lambda) must be >= 0, got {self.lam}")
+
+
 @ALLOCATIONS.register("owl")
 @dataclass
 class OWLAllocator:
+    Options: ClassVar[type] = OWLOptions
+    options: OWLOptions = field(default_factory=OWLOptions)
     needs_calibration: bool = True
 
     def check(self, sparsity: float, layout: BlockLayout, cfg) -> None:
-        if not cfg.owl_m > 0:
-            raise ConfigError(f"owl_m (the outlier threshold M, a multiple of the mean score) must be > 0, got {cfg.owl_m}")
-        if not 0 <= cfg.owl_lambda <= min(sparsity, 1 - sparsity):
+        o = self.options
+        o.validate()
+        if not 0 <= o.lam <= min(sparsity, 1 - sparsity):
             raise ConfigError(
-                f"owl_lambda={cfg.owl_lambda} is out of range for sparsity {sparsity}: per-layer sparsities span "
+                f"OWL lam (owl_lambda)={o.lam} is out of range for sparsity {sparsity}: per-layer sparsities span "
                 f"S +- lambda, so lambda must be in [0, min(S, 1-S)] = [0, {min(sparsity, 1 - sparsity):.4g}]")
 
     def allocate(self, req: AllocationRequest) -> Allocation:
-        cfg = req.cfg
+        o = self.options
         pending: dict[int, list[torch.Tensor]] = {}
         lod: dict[int, float] = {}
 
         def finish(block: int) -> None:
-            lod[block] = outlier_ratio(torch.cat(pending.pop(block)), cfg.owl_m)
+            lod[block] = outlier_ratio(torch.cat(pending.pop(block)), o.m)
 
         def on_layer(task) -> None:
             for b in [b for b in pending if b != task.block_index]:
@@ -78,7 +100,7 @@ class OWLAllocator:
         for b in list(pending):
             finish(b)
         lods = [lod[b] for b in req.layout.blocks]
-        rates = owl_rates(lods, req.sparsity, cfg.owl_lambda, req.layout.weights)
+        rates = owl_rates(lods, req.sparsity, o.lam, req.layout.weights)
         if any(not 0 <= r <= 1 for r in rates):
-            raise ConfigError(f"OWL gave sparsities outside [0, 1] ({min(rates):.3f}..{max(rates):.3f}); lower owl_lambda")
-        return Allocation(rates, {"lod": lods, "owl_m": cfg.owl_m, "owl_lambda": cfg.owl_lambda})
+            raise ConfigError(f"OWL gave sparsities outside [0, 1] ({min(rates):.3f}..{max(rates):.3f}); lower lam (owl_lambda)")
+        return Allocation(rates, {"lod": lods, "owl_m": o.m, "owl_lambda": o.lam})

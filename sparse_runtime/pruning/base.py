@@ -3,9 +3,15 @@
 A *pruner* turns one linear (and the statistics of its calibration inputs gathered by the
 sequential driver, :mod:`sparse_runtime.calibration`) into a pruned weight and a keep-mask at a
 given sparsity and structure. It never writes the module itself: :mod:`sparse_runtime.prune` does,
-after an optional *refiner* (e.g. DSnoT, methods.md 3) has changed the mask. Keeping "compute" and
+after an optional *refiner* (e.g. DSnoT, docs/methods.md#dsnot) has changed the mask. Keeping "compute" and
 "write" apart is what lets a refiner see the dense weight, the pruned weight and the mask together,
-inside the same sequential pass (methods.md 9.1: DSnoT runs at the same point as Wanda).
+inside the same sequential pass (docs/methods.md#composition: DSnoT runs at the same point as Wanda).
+
+Options belong to their method: a pruner class may declare ``Options``, a dataclass in the same file
+(``SparseGPTOptions``: ``percdamp``, ``blocksize``), which is built from ``PruneConfig.method_options``
+(``--method-option KEY=VALUE``, a recipe's ``method_options:``) and validated by
+:func:`sparse_runtime.options.options_from_dict`; the pruner is then constructed as
+``cls(options)`` (``cls()`` without ``Options``). See docs/architecture.md, "Adding a method".
 
 Structure wording (see :mod:`sparse_runtime.sparsity`): ``N:M`` is N ZEROS in every M consecutive
 input weights of a row (the papers' "prune N of M"); ``None`` is unstructured.
@@ -13,7 +19,7 @@ input weights of a row (the papers' "prune N of M"); ``None`` is unstructured.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -36,7 +42,7 @@ class PruneOutput:
 
 @runtime_checkable
 class Pruner(Protocol):
-    """One pruning method, built from a :class:`~sparse_runtime.prune.PruneConfig`.
+    """One pruning method, built from its options (see the module docstring).
 
     ``needs`` names the :class:`~sparse_runtime.calibration.InputStatistics` it reads
     (``"norm"``, ``"mean"``, ``"var"``, ``"hessian"``); an empty set means no calibration data at all.
@@ -45,6 +51,20 @@ class Pruner(Protocol):
     needs: frozenset
 
     def prune(self, task: LayerTask, sparsity: float, pattern: Optional[NMPattern]) -> PruneOutput: ...
+
+
+def build_method(cls: Any, options: Any) -> Any:
+    """An instance of a registered pruner or allocator class: ``cls(options)`` when it declares
+    ``Options``, else ``cls()``."""
+    return cls(options) if getattr(cls, "Options", None) is not None else cls()
+
+
+def config_options(cls: Any, cfg: Any) -> Any:
+    """``cls``'s validated options from a :class:`~sparse_runtime.prune.PruneConfig` (its
+    ``method_options`` and the older flat aliases), for ``from_config`` of the built-in pruners."""
+    from ..prune import resolve_options
+
+    return resolve_options(cls, cfg, "method")
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""SparseGPT: one-shot OBS pruning with weight reconstruction (Frantar & Alistarh, 2023; methods.md 1.5).
+"""SparseGPT: one-shot OBS pruning with weight reconstruction (Frantar & Alistarh, 2023; docs/methods.md#sparsegpt).
 
 For one linear with inputs X, minimise ||W X - W' X||_2^2 over W' with the chosen sparsity:
 
@@ -25,14 +25,15 @@ Deviations from the official ``fasterprune`` (all documented in docs/pruning.md)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
 
 from ..calibration import LayerTask
+from ..errors import ConfigError
 from ..sparsity import NMPattern
-from .base import PRUNERS, PruneOutput
+from .base import PRUNERS, PruneOutput, config_options
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +152,44 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return PruneOutput(W.to(weight.dtype), keep)
 
 
+@dataclass
+class SparseGPTOptions:
+    """``percdamp``: dampening lambda as a fraction of mean(diag H) (paper/code 0.01);
+    ``blocksize``: columns per lazy-update block B (paper/code 128). ``PruneConfig.percdamp`` and
+    ``.blocksize`` are their older aliases."""
+
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"percdamp": "percdamp", "blocksize": "blocksize"}
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def validate(self) -> None:
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ConfigError(f"blocksize must be an integer >= 1, got {self.blocksize!r}")
+        if not 0 <= float(self.percdamp) < 10:
+            raise ConfigError(f"percdamp (SparseGPT dampening, a fraction of mean(diag H)) must be in [0, 10), "
+                              f"got {self.percdamp}")
+
+
 @PRUNERS.register("sparsegpt")
 @dataclass
 class SparseGPTPruner:
-    percdamp: float = 0.01
-    blocksize: int = 128
+    Options: ClassVar[type] = SparseGPTOptions
+    options: SparseGPTOptions = field(default_factory=SparseGPTOptions)
     needs: frozenset = frozenset({"hessian"})
 
     @classmethod
     def from_config(cls, cfg) -> "SparseGPTPruner":
-        return cls(percdamp=float(cfg.percdamp), blocksize=int(cfg.blocksize))
+        return cls(config_options(cls, cfg))
+
+    def check(self, pattern: Optional[NMPattern]) -> None:
+        """Raise ConfigError before any work when the structure cannot work with these options."""
+        if pattern is not None and self.options.blocksize % pattern.m:
+            raise ConfigError(f"SparseGPT's blocksize {self.options.blocksize} must be a multiple of M={pattern.m} "
+                              "so N:M groups do not straddle column blocks")
 
     def prune(self, task: LayerTask, sparsity: float, pattern: Optional[NMPattern]) -> PruneOutput:
         if task.stats.hessian is None:
             raise RuntimeError(f"SparseGPT needs the 'hessian' statistic for {task.name}; none was gathered")
         return sparsegpt_prune(task.linear.weight.data, task.stats.hessian, sparsity, pattern,
-                               percdamp=self.percdamp, blocksize=self.blocksize, name=task.name)
+                               percdamp=float(self.options.percdamp), blocksize=int(self.options.blocksize),
+                               name=task.name)

@@ -1,4 +1,4 @@
-"""Wanda: pruning by weights and activations (Sun et al., 2024; methods.md 1.3).
+"""Wanda: pruning by weights and activations (Sun et al., 2024; docs/methods.md#wanda).
 
 Score (paper Eq. 1): S_ij = |W_ij| * ||X_j||_2, where ||X_j||_2^2 is the driver's ``sq_sum``
 (Wanda's ``scaler_row``: (1/N) sum_n sum_t x_{n,t,j}^2; the constant 1/N does not change the
@@ -10,14 +10,14 @@ Not implemented: the ``--use_variant`` alpha bisection (off by default in the of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
 
 from ..calibration import LayerTask
 from ..sparsity import NMPattern, nm_prune_mask, topk_prune_mask
-from .base import PRUNERS, PruneOutput, apply_keep
+from .base import PRUNERS, PruneOutput, apply_keep, config_options
 
 
 def wanda_score(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -34,14 +34,21 @@ def wanda_mask(weight: torch.Tensor, norm: torch.Tensor, sparsity: float,
     return topk_prune_mask(score, sparsity, per_row=True)
 
 
+@dataclass
+class WandaOptions:
+    """Wanda has no options of its own (its comparison group and score are the paper's)."""
+
+
 @PRUNERS.register("wanda")
 @dataclass
 class WandaPruner:
+    Options: ClassVar[type] = WandaOptions
+    options: WandaOptions = field(default_factory=WandaOptions)
     needs: frozenset = frozenset({"norm"})
 
     @classmethod
     def from_config(cls, cfg) -> "WandaPruner":
-        return cls()
+        return cls(config_options(cls, cfg))
 
     def prune(self, task: LayerTask, sparsity: float, pattern: Optional[NMPattern]) -> PruneOutput:
         w = task.linear.weight.data
