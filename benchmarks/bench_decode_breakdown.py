@@ -130,7 +130,7 @@ def main() -> None:
              "480 MiB shared L3, so 'streamed' is not guaranteed to be DRAM)",
              f"AVX-512 batch-1 form: {gemv_choice()}"]
     save_results(a.name, "Where SmolLM2-135M decode time goes; the sparse kernel warm vs streamed, 1 vs 2 threads",
-                 rows, protocol="latency (protocols.md), batch 1", model="SmolLM2-135M-Instruct (fp32)", notes=notes)
+                 rows, protocol="latency (docs/protocols.md), batch 1", model="SmolLM2-135M-Instruct (fp32)", notes=notes)
 
 
 if __name__ == "__main__":

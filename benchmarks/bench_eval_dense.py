@@ -46,7 +46,7 @@ def main() -> None:
                          "acc": round(sum(by_task[t] for t in TASK_SETS[label]) / len(TASK_SETS[label]), 4)})
     protocol = f"zero-shot, 0-shot, {r.limit_note()}"
     save_results(args.name, f"Dense zero-shot accuracy: {args.model}", rows, protocol=protocol, model=args.model,
-                 notes=[f"{r.limit_note()}: a quick variant, NOT the full sets (protocols.md); stderr is lm-eval's "
+                 notes=[f"{r.limit_note()}: a quick variant, NOT the full sets (docs/protocols.md); stderr is lm-eval's "
                         "sample stderr of the mean",
                         "scoring: lm-eval-harness conventions (summed continuation log-likelihood; acc = argmax; "
                         "acc_norm = argmax of loglik / choice length in UTF-8 bytes; WinoGrande partial scoring; "

@@ -1,4 +1,4 @@
-"""The ``ft-alpaca`` repair run (protocols.md): one epoch of the 5,000 Alpaca records (prompt template,
+"""The ``ft-alpaca`` repair run (docs/protocols.md#ft-alpaca): one epoch of the 5,000 Alpaca records (prompt template,
 loss on the response only, 512 tokens) on SmolLM2-135M pruned by Wanda, then the zero-shot suite
 (first N items per task: a stated limit) and WikiText-2 ``quick`` perplexity, before and after.
 
@@ -12,7 +12,7 @@ the base's evaluation and each method (train, merge with exact sparsity verified
 evaluate) run as fresh processes, so each one's memory figures are its own. ``--jobs 2`` runs the
 base's evaluation beside the first method's training (worth it on a GPU, where neither fills the
 device; the figures do not change, only the step times are then shared). SEFT uses k = 10 (the
-paper's commonsense setting, methods.md section 7); every other option is the method's default.
+paper's commonsense setting, docs/methods.md#seft-setup); every other option is the method's default.
 
 Interruptions (a device lent for minutes, a killed job): every finished phase leaves its result
 under the work directory, keyed by the settings it depends on, and training writes a resumable

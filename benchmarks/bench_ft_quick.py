@@ -6,7 +6,7 @@ merged into one saved table that fills in over several sessions.
     python benchmarks/bench_ft_quick.py --configs missing               # everything not measured yet
     python benchmarks/bench_ft_quick.py --device cuda --tf32 --jobs 8 --configs all --log-dir L   # a GPU: minutes
 
-Protocol (``../shared/reference/protocols.md``): ``ft-quick`` = C4 windows of 512 tokens (data seed
+Protocol (``docs/protocols.md#ft-quick``): ``ft-quick`` = C4 windows of 512 tokens (data seed
 1), 200 optimiser steps x 8 sequences, rank 8 or its parameter equivalent, each method's own
 learning rate and schedule; quality = WikiText-2 ``quick`` perplexity of the pruned base (before)
 and of the merged checkpoint (after). Pruned bases are Wanda 50 %, 70 % and 2:4 under ``quick``
@@ -622,7 +622,7 @@ COLUMNS = ["config", "budget", "budget used", "tokens", "trainable params", "lr 
 
 # -- cost estimate ------------------------------------------------------------------------------
 # priors for SmolLM2-135M, 2 threads, `quick`, one 8 x 512 step: step 35 s (finetune_memory.md, measured
-# medians at 8 x 512: dense LoRA 25 s, LoRS 32 s, masked LoRA 46 s; protocols.md's "about an hour per
+# medians at 8 x 512: dense LoRA 25 s, LoRS 32 s, masked LoRA 46 s; docs/protocols.md's "about an hour per
 # configuration" assumed 18 s); quick perplexity 116 s (ppl_dense.md); Wanda prune 60 s and one 32 x 512
 # calibration forward 22 s (pruning_quick.md, quiet machine). Scaled by parameter count and tokens.
 PRIOR = {"params": 134.5e6, "step_s": 35.0, "ppl_s": 116.0, "prune_s": 60.0, "fwd_s": 22.0, "load_s": 10.0}
@@ -793,7 +793,7 @@ def save_table(args, rows: list[dict[str, Any]], invocation: list[str], t_run: f
         + (f" --protocol {args.protocol}" if args.protocol != "quick" else "") \
         + (f" --name {args.name}" if args.name else "")
     notes = [
-        "ft-quick (protocols.md): C4 windows of 512 tokens (c4/c4_sample.jsonl, data seed 1: not the seed-0 "
+        "ft-quick (docs/protocols.md): C4 windows of 512 tokens (c4/c4_sample.jsonl, data seed 1: not the seed-0 "
         "calibration windows), 200 optimiser steps x 8 sequences (819,200 tokens), rank 8 or its parameter "
         f"equivalent, each method's own lr/schedule; quality = WikiText-2 `{args.protocol}` perplexity (ppl before "
         "= the pruned base, or the dense model for LoSA; ppl after merge = the merged sparse checkpoint)",

@@ -8,7 +8,7 @@ Dense = PyTorch F.linear (oneDNN/MKL) and ORT MatMul on the same weight; sparse 
 each ISA path this CPU runs (the default path's layout, plus csr16/AVX2 on an AVX-512 CPU as a
 preview of AVX2 machines). Median of --repeats timed calls after warm-up, dense and sparse
 alternating call by call; threads fixed per row. GB/s = bytes of the weight encoding read / time;
-bound = dense bytes / encoding bytes (protocols.md). The measured dense/sparse batch threshold of
+bound = dense bytes / encoding bytes (docs/protocols.md). The measured dense/sparse batch threshold of
 the module (SparseLinear.batch_threshold) is printed per shape.
 
 Part 2, end to end (``--e2e-only`` runs just this): SmolLM2-135M dense and the Wanda 70 % / 2:4

@@ -80,7 +80,7 @@ def main() -> None:
              f"{a.rounds} interleaved rounds with rotation; one fresh process per load order",
              "each model is loaded twice in the same process: the two copies hold identical weights"]
     save_results(a.name, f"Load order vs latency in one process ({a.engine})", rows,
-                 protocol="latency (protocols.md), load-order control", model="SmolLM2-135M dense and Wanda 70 %",
+                 protocol="latency (docs/protocols.md), load-order control", model="SmolLM2-135M dense and Wanda 70 %",
                  notes=notes)
 
 

@@ -38,7 +38,7 @@ def main() -> None:
     save_results(args.name, f"Dense WikiText-2 perplexity: {args.model}", rows, protocol=args.protocols,
                  model=args.model,
                  notes=["WikiText-2 raw test tokenized once as one stream, non-overlapping windows, batch 1 "
-                        "(protocols.md); `quick` = first 40 windows of 512 tokens, `paper` = all windows of 2048",
+                        "(docs/protocols.md); `quick` = first 40 windows of 512 tokens, `paper` = all windows of 2048",
                         f"fp32, sdpa attention, torch threads {torch.get_num_threads()}; model load {load_s:.1f} s",
                         "The embedded model is SmolLM2-135M-Instruct dequantised from Q4_1 GGUF: a real "
                         "pretrained model, somewhat below the original bf16 release"])

@@ -160,7 +160,7 @@ def main() -> None:
         rows = [old[c] for c in CONFIGS if c in old]
     notes = [f"calibration: C4 {proto.calib_samples} x {proto.calib_seqlen} tokens, seed {proto.calib_seed}, drawn once "
              "and shared by every configuration; perplexity: WikiText-2 test, first "
-             f"{proto.eval_windows} windows of {proto.eval_seqlen} tokens (protocols.md)",
+             f"{proto.eval_windows} windows of {proto.eval_seqlen} tokens (docs/protocols.md)",
              "N:M = N zeros of every M inputs of a row (2:4 keeps 2 of 4; 4:8 prunes 4 of 8)",
              "ATP's beta is chosen by perplexity on the first 16 windows of WikiText-2 VALIDATION "
              "(tokens_pytorch_examples/valid.txt), never the test split; ratio is left empty for OWL/ATP "

@@ -90,7 +90,7 @@ def formats() -> list[str]:
 
 def make_options(fmt: str, options: dict[str, Any]):
     """Validate ``options`` against the format's Options dataclass (unknown keys are errors)."""
-    from sparse_runtime.recipe import make_config
+    from sparse_runtime.options import make_config
 
     cls = get_exporter(fmt)
     return make_config(cls.Options, dict(options), f"export format {fmt!r} option")
@@ -112,6 +112,7 @@ class ExportResult:
 def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = False, *,
            trust_remote_code: bool = False, **options) -> ExportResult:
     """Export ``model_dir_or_spec`` (a checkpoint dir or any load_model spec) as ``format`` to ``out``."""
+    from sparse_runtime.faults import fault_point
     from sparse_runtime.manifest import atomic_directory
 
     from .source import load_source
@@ -128,6 +129,7 @@ def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = F
         with atomic_directory(out, overwrite) as tmp:
             t0 = time.perf_counter()
             contents = exporter.write(src, tmp, opts)
+            fault_point("write")  # test hook (sparse_runtime/faults.py): the model written, not yet verified
             t_export = time.perf_counter() - t0
             report: dict[str, Any] = {"ok": None, "skipped": "verify=False"}
             t1 = time.perf_counter()

@@ -13,9 +13,10 @@ in 0.15):
 ``<layer>`` is the weight name without its ``.weight`` suffix (the last releases dropped it; older
 ones kept it, and :func:`decompress_state_dict` reads both). Every other tensor is stored dense
 under its usual name, so the file is an ordinary safetensors file. We write it for interoperability
-and for the on-disk size; current vLLM and transformers refuse a ``sparsity_config``, so by default
-config.json gets none (``write_sparsity_config=True`` adds the compressed-tensors 0.14 block for
-legacy tools).
+and for the on-disk size. The file is named ``model.bitmask.safetensors`` so that a client that
+does not know the layout fails loudly instead of misreading it (see ``WEIGHTS_NAME``). Current vLLM
+and transformers refuse a ``sparsity_config``, so by default config.json gets none
+(``write_sparsity_config=True`` adds the compressed-tensors 0.14 block for legacy tools).
 
 Size: per weight ``bits(dtype) * (1 - s) + 1`` bits plus 8 bytes per row, against ``bits(dtype)``
 dense. A layer is compressed only when that is smaller (float32: sparsity above ~3 %).
@@ -37,7 +38,12 @@ from . import CommonOptions, EXPORTERS, Exporter
 from .source import Source, dense_state_dict
 from .verify import (check_layer_masks, compare_logits, fixed_prompt_ids, summarize, torch_reference)
 
-WEIGHTS_NAME = "model.safetensors"
+# Not ``model.safetensors``: plain ``transformers`` ``from_pretrained`` would find that name, skip the
+# ``.compressed``/``.bitmask`` entries it does not know and leave every compressed layer randomly
+# initialised with only a warning. Under this name it finds no weights and raises instead; our
+# :func:`load_bitmask` and compressed-tensors' ``BitmaskCompressor.decompress(path)`` read it.
+WEIGHTS_NAME = "model.bitmask.safetensors"
+LEGACY_WEIGHTS_NAME = "model.safetensors"  # exports written before the rename
 PARAM_NAMES = ("shape", "compressed", "bitmask", "row_offsets")
 CT_VERSION = "0.14.0.1"
 
@@ -195,6 +201,8 @@ def load_bitmask(path, dtype: Optional[str] = None, device: str = "cpu"):
 
     path = Path(path)
     f = path / WEIGHTS_NAME
+    if not f.is_file() and (path / LEGACY_WEIGHTS_NAME).is_file():
+        f = path / LEGACY_WEIGHTS_NAME
     if not f.is_file():
         raise ModelLoadError(f"{path} holds no {WEIGHTS_NAME}; is it a bitmask export?")
     cfg = AutoConfig.from_pretrained(path)

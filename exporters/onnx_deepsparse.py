@@ -2,7 +2,7 @@
 
 DeepSparse 1.8 accepts IR <= 9 and opset <= 19 and optimises only static shapes: optimum's dynamic
 KV-cache graph runs there with 0 % optimised ops (it falls back to its bundled ONNX Runtime;
-stack.md). So this exporter writes two static graphs, the layout DeepSparse's own LLM pipeline used:
+docs/stack.md#deepsparse). So this exporter writes two static graphs, the layout DeepSparse's own LLM pipeline used:
 
 - ``prefill.onnx``: ``input_ids``, ``attention_mask``, ``position_ids`` ``[B, L]`` (a prompt shorter
   than L is left-padded and masked) -> ``logits [B, L, V]`` and ``present.{i}.key|value
@@ -15,7 +15,7 @@ stack.md). So this exporter writes two static graphs, the layout DeepSparse's ow
 The graphs take an explicit additive causal+padding mask built inside the wrapper (transformers uses
 a 4-D mask as given), so no data-dependent mask code is traced. Export uses the TorchScript
 exporter by default (the fast path here; with the explicit mask it traces cleanly) or
-``exporter="dynamo"``; then the IR version is set to 8 (stack.md: opset 18 + IR 8 is what
+``exporter="dynamo"``; then the IR version is set to 8 (docs/stack.md: opset 18 + IR 8 is what
 DeepSparse 1.8 reads).
 
 The check: ONNX Runtime runs both graphs against PyTorch (always), and, when the DeepSparse env is
@@ -263,7 +263,7 @@ class DeepSparseExporter(Exporter):
 
         return [LICENCE, f"static shapes: batch {opts.batch_size}, prefill {opts.prefill_length}, "
                          f"cache {opts.cache_length}; re-export for other sizes",
-                "DeepSparse speeds up unstructured sparsity only on AVX-512 CPUs (stack.md); check its ISA"]
+                "DeepSparse speeds up unstructured sparsity only on AVX-512 CPUs (docs/stack.md); check its ISA"]
 
 
 def prefill_feeds(ids: np.ndarray, L: int) -> dict[str, np.ndarray]:

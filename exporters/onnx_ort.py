@@ -2,7 +2,8 @@
 
 Why optimum: its graph is the one ORT users already load (``optimum.onnxruntime.ORTModelForCausalLM``
 reads this directory as is when no post-processing option is used), it patches transformers' mask
-code for export, and it was measured here at 1.5e-4 max logit difference on SmolLM2 (stack.md).
+code for export, and its logits agree with PyTorch's to about 1e-4 on SmolLM2
+(benchmarks/results/export.md; docs/stack.md#onnx-export).
 
 One ``model.onnx`` with dynamic batch and sequence; inputs ``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.{i}.key|value`` ``[batch, kv_heads, past, head_dim]``; outputs
@@ -140,7 +141,7 @@ class OnnxOrtExporter(Exporter):
         return summarize(checks, masks, {"engine": "onnxruntime", "batch": int(ids.shape[0])})
 
     def notes(self, opts: OnnxOptions) -> list[str]:
-        n = ["ONNX Runtime runs every weight dense: unstructured sparsity gives no speedup on ORT (stack.md)"]
+        n = ["ONNX Runtime runs every weight dense: unstructured sparsity gives no speedup on ORT (docs/stack.md)"]
         if opts.sparse_initializers:
             n.append("weights stored as ONNX sparse initializers: ORT densifies them on load (file size only)")
         if opts.optimize != "none":

@@ -179,7 +179,10 @@ def load_semi_structured(path, device: str = "cpu", backend: str = "auto", dtype
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sparse_runtime.commands._common import check_device
+
     path = Path(path)
+    check_device(str(device))  # "cuda" without CUDA: one clear line, not PyTorch's assertion
     if not (path / PACKED_NAME).is_file() or not (path / DENSE_NAME).is_file():
         raise ModelLoadError(f"{path} is not a semi-structured export ({PACKED_NAME} / {DENSE_NAME} missing)")
     chosen = pick_backend(backend, device)

@@ -1,6 +1,6 @@
 """The sequential, block-by-block calibration driver shared by every one-shot method.
 
-Wanda's ``prune_wanda`` / SparseGPT's ``llama_sequential`` (methods.md 1.2), written once:
+Wanda's ``prune_wanda`` / SparseGPT's ``llama_sequential`` (docs/methods.md#the-sequential-driver), written once:
 
 1. embed the calibration samples and catch the inputs of block 0 (hidden states plus the keyword
    arguments the model passes its blocks: masks, position ids, rotary embeddings);
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from .faults import fault_point
 from .progress import progress
 
 
@@ -39,7 +40,7 @@ class InputStatistics:
     - ``sq_sum``: (1/N) sum_n sum_t x_{n,t,j}^2 (Wanda's ``scaler_row``; N = number of samples);
     - ``token_sum``: (1/N) sum_n sum_t x_{n,t,j} (DSnoT's ``sum_metric_row``: seqlen * E[x_j]);
     - ``var``: per-sample population variance over tokens, averaged over samples (DSnoT's variance,
-      methods.md 3.1: not pooled);
+      docs/methods.md#dsnot-statistics: not pooled);
     - ``hessian``: H = (2/N_tok) sum x x^T in fp32 (SparseGPT).
     """
 
@@ -258,6 +259,7 @@ def sequential_pass(
         t0 = time.perf_counter()
         outs = [_block_forward(block, h, kwargs) for h in hidden]
         timing.forward_s += time.perf_counter() - t0
+        fault_point("calibration")  # test hook (sparse_runtime/faults.py); nothing when unset
         if on_block_end is not None:
             on_block_end(bi, block, BlockInputs(hidden, kwargs), outs)
         if offload or home != dev:

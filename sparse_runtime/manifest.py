@@ -22,11 +22,13 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import CheckpointExistsError, ManifestError, SparseRuntimeError
+from .faults import fault_point
+from .manifest_schema import check_manifest_types
 from .sparsity import NMPattern, mask_digest, nm_compliant, parse_structure
 
 MANIFEST_NAME = "sparsity_manifest.json"
@@ -85,6 +87,7 @@ class Manifest:
     def from_json(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where} is not a sparse-runtime sparsity manifest (format field missing or foreign)")
+        check_manifest_types(data, where, MANIFEST_VERSION)  # wrong field types: one line naming the field (manifest_schema.py)
         if int(data.get("version", 0)) > MANIFEST_VERSION:
             raise ManifestError(f"{where} has manifest version {data.get('version')}; this sparse-runtime "
                                 f"reads up to {MANIFEST_VERSION}: upgrade sparse-runtime")
@@ -172,8 +175,17 @@ def verify_manifest(model, manifest: Manifest, family=None, *, rtol_sparsity: fl
     if missing:
         raise ManifestError(
             f"the manifest names layers the model does not have ({', '.join(missing[:3])}...): "
-            "it belongs to another model; rebuild it with `sparse-runtime inspect --write-manifest`"
+            "it belongs to another model; rebuild it with `sparse-runtime inspect DIR --write-manifest`"
         )
+    # every prunable layer must be accounted for: a record deleted together with a tampered layer
+    # would otherwise leave that layer unchecked and the checkpoint "verified"
+    unrecorded = [n for n in actual if n not in manifest.layers]
+    if unrecorded:
+        raise ManifestError(
+            f"the sparsity manifest accounts for {len(manifest.layers)} of the model's {len(actual)} prunable "
+            f"layers; it has no record of {', '.join(unrecorded[:3])}{'...' if len(unrecorded) > 3 else ''} "
+            "(tampered or corrupt checkpoint): rebuild it from trusted weights with "
+            "`sparse-runtime inspect DIR --write-manifest`")
     bad = []
     for name, rec in manifest.layers.items():
         w = actual[name].weight.detach()
@@ -205,11 +217,142 @@ def read_manifest(path: os.PathLike) -> Manifest:
     return Manifest.from_json(data, str(f))
 
 
+TMP_MARK = ".tmp-"  # ``.<name>.tmp-<pid>-<random>``: a write in progress (or an interrupted one)
+OLD_MARK = ".old-"  # ``.<name>.old-<pid>``: the previous target during the swap
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel tells (Linux >= 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(root: os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would have had.
+
+    ``tempfile.mkdtemp`` creates 0700 directories (and some writers 0600 files) whatever the umask;
+    renamed into place they would keep those modes, and a serving container running as another
+    user could not read the checkpoint. Executable files keep their execute bits (scripts).
+    """
+    mask = current_umask()
+    root = Path(root)
+    if root.is_symlink():
+        return
+    if root.is_file():
+        mode = 0o777 if os.stat(root).st_mode & 0o111 else 0o666
+        os.chmod(root, mode & ~mask)
+        return
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                mode = 0o777 if os.stat(p).st_mode & 0o111 else 0o666
+                os.chmod(p, mode & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(target: os.PathLike) -> list[Path]:
+    """Remove hidden temporary directories that an interrupted write of ``target`` left beside it.
+
+    Only ours: names ``.<target name>.tmp-<pid>-...`` or ``.<target name>.old-<pid>`` (see
+    :class:`atomic_directory`) whose process is no longer alive; another process's write in
+    progress is left alone. Returns what was removed.
+    """
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    for mark in (TMP_MARK, OLD_MARK):
+        prefix = f".{target.name}{mark}"
+        try:
+            entries = list(parent.iterdir())
+        except OSError:
+            return removed
+        for p in entries:
+            if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+                continue
+            pid_text = p.name[len(prefix):].split("-", 1)[0]
+            if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                continue
+            if mark == OLD_MARK and not target.exists():
+                # killed between moving the previous output aside and renaming the new one in:
+                # the previous output is the only complete one, so it goes back, not away
+                os.replace(p, target)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def make_temporary_beside(target: os.PathLike) -> Path:
+    """A fresh hidden directory beside ``target`` named so :func:`clean_stale_temporaries` knows it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
+
+
+def replace_directory(src: os.PathLike, target: os.PathLike) -> None:
+    """Move the complete directory ``src`` to ``target``, replacing an existing ``target``.
+
+    The modes are set to the umask's first; an existing ``target`` is moved aside (``.old-<pid>``)
+    and removed only after ``src`` is in place, so at every instant either the old or the new
+    directory is at ``target``.
+    """
+    src, target = Path(src), Path(target)
+    apply_umask(src)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}{OLD_MARK}{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    fault_point("before-rename")  # test hook (sparse_runtime/faults.py); nothing when unset
+    try:
+        os.replace(src, target)
+        fault_point("after-rename")
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old, target)  # put the previous one back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class atomic_directory:
     """Context manager yielding a temporary directory that replaces ``target`` on success.
 
     ``target`` existing is an error unless ``overwrite``; on failure the temporary directory is
-    removed and ``target`` is untouched. A full disk becomes a clear error.
+    removed and ``target`` is untouched. A full disk becomes a clear error. Everything the caller
+    writes (reports, plots) belongs inside the temporary directory: the rename is the last step,
+    so a ``target`` that exists is complete. Stale temporaries of interrupted earlier writes are
+    cleaned first; the result gets the umask's modes.
     """
 
     def __init__(self, target: os.PathLike, overwrite: bool = False) -> None:
@@ -218,10 +361,10 @@ class atomic_directory:
         self.tmp: Optional[Path] = None
 
     def __enter__(self) -> Path:
+        clean_stale_temporaries(self.target)  # may also put back an output a kill left aside
         if self.target.exists() and not self.overwrite:
             raise CheckpointExistsError(f"{self.target} already exists; choose another --out or pass --overwrite")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = make_temporary_beside(self.target)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -233,25 +376,26 @@ class atomic_directory:
                     f"the disk holding {self.target.parent} is full; nothing was written. Free space or "
                     "choose another --out") from exc
             return False
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(self.tmp, self.target)
         return False
 
 
 def save_checkpoint(model, tokenizer, out: os.PathLike, manifest: Manifest, *, overwrite: bool = False,
-                    extra_files: Optional[dict[str, str]] = None) -> Path:
-    """Write model (safetensors), tokenizer and manifest atomically to ``out``."""
+                    extra_files: Optional[dict[str, str]] = None,
+                    on_write: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write model (safetensors), tokenizer and manifest atomically to ``out``.
+
+    ``on_write(tmp)`` writes the caller's own files (report, plot) into the temporary directory
+    before the rename, so a ``kill -9`` can never leave a checkpoint without them."""
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        fault_point("write")
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if on_write is not None:
+            on_write(tmp)
     return out

@@ -1,4 +1,4 @@
-"""Fold trained adapters back into exact sparse weights (methods.md §9.2).
+"""Fold trained adapters back into exact sparse weights (docs/methods.md#merge-rules).
 
 For a mask-keeping adapter the merged weight is W' = W + s (B A) ⊙ M, computed in fp32 and cast to
 the model's dtype last. Pruned positions are exactly zero (0 + 0, the mask is multiplied in), so
@@ -203,6 +203,31 @@ def _probe_ids(vocab: int, n: int = 2, seqlen: int = 32, seed: int = 0) -> torch
     return torch.randint(0, vocab, (n, seqlen), generator=g)
 
 
+def portable_base(base_model: str, adapter_dir: os.PathLike) -> str:
+    """How an adapter records its base: a path relative to the adapter directory when the base is a
+    local path (so the pair can be moved together, and ``merge`` run from any directory finds it);
+    a model name (``tiny-llama``, ``smollm2-135m``) as it is."""
+    p = Path(str(base_model)).expanduser()
+    if not str(base_model) or not p.exists():
+        return str(base_model)
+    return os.path.relpath(p.resolve(), Path(adapter_dir).resolve())
+
+
+def resolve_adapter_base(base_model: Optional[str], adapter_dir: os.PathLike) -> Optional[str]:
+    """The inverse of :func:`portable_base`: a relative path is read against the adapter directory
+    first; adapters written before that rule stored it relative to the working directory of the
+    run, which is tried second."""
+    if not base_model:
+        return base_model
+    p = Path(str(base_model)).expanduser()
+    if p.is_absolute():
+        return str(p)
+    beside = Path(adapter_dir) / p
+    if beside.exists():
+        return str(beside)
+    return str(base_model)
+
+
 def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optional[str] = None,
                       reprune: str = "wanda", overwrite: bool = False, data_dir=None, protocol: str = "quick",
                       dtype: str = "float32", logit_tol: float = 1e-3) -> tuple[Path, MergeReport]:
@@ -216,7 +241,7 @@ def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optio
     from .models import load_model
 
     meta = read_adapter_config(adapter_dir)
-    base_spec = base or meta.get("base_model")
+    base_spec = base or resolve_adapter_base(meta.get("base_model"), adapter_dir)
     if not base_spec:
         raise ConfigError(f"{adapter_dir} does not name its base model; pass --base DIR")
     out = Path(out)

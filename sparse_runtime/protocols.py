@@ -1,4 +1,4 @@
-"""Named measurement protocols (``../shared/reference/protocols.md``): one place, one meaning.
+"""Named measurement protocols (``docs/protocols.md``): one place, one meaning.
 
 A figure is meaningful only with its protocol, so every table the package prints names one.
 """

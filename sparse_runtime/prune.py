@@ -1,6 +1,6 @@
 """One-shot pruning, the public verb: ``prune_model(model, tokenizer, PruneConfig(...))``.
 
-The flow (methods.md 1.2, 2, 4, 9.1):
+The flow (docs/methods.md: the sequential driver, OWL, ATP, composition):
 
 1. validate everything (options, layer selection, N:M divisibility, ATP's beta range) BEFORE any
    work: a bad option costs nothing;
@@ -19,6 +19,14 @@ The flow (methods.md 1.2, 2, 4, 9.1):
 Which layers: the family's decoder-block linears (q, k, v, o, gate, up, down), filtered by
 ``include``/``exclude`` glob patterns over full names (``model.layers.*.mlp.*``). Embeddings and
 lm_head are never pruned (dense, as in every paper here).
+
+Options belong to their method: each pruner and allocator declares an ``Options`` dataclass in its
+own file (``SparseGPTOptions``, ``OWLOptions``, ``ATPOptions``, ...), filled from
+``PruneConfig.method_options`` / ``allocation_options`` (``--method-option KEY=VALUE``, a recipe's
+``method_options: {...}``) by :func:`resolve_options`. The older flat fields (``percdamp``,
+``owl_lambda``, ``atp_beta``, ...) stay as aliases for a release; each options class lists the ones
+it takes in ``CONFIG_ALIASES``. Methods from outside the package load through
+:mod:`sparse_runtime.plugins`.
 """
 from __future__ import annotations
 
@@ -27,21 +35,24 @@ import importlib
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from .allocation import ALLOCATIONS, AllocationRequest, BlockLayout
+from .allocation.atp import HELDOUT_SETS  # noqa: F401  (its home is ATP's options; re-exported)
 from .calibration import DriverTiming, InputStatistics, LayerTask, sequential_pass
 from .errors import CheckpointExistsError, ConfigError, SparseRuntimeError
+from .options import options_from_dict
 from .pruning import PRUNERS, REFINERS, MaskRefiner
+from .pruning.base import build_method
 from .sparsity import NMPattern, check_sparsity, nm_compliant, parse_structure, structure_name
 
 # Refiners are imported by a fixed name -> module table, never from a user string.
 _REFINER_MODULES = {"dsnot": "sparse_runtime.repair.dsnot"}
-HELDOUT_SETS = ("wikitext2-valid", "c4")
 WIKITEXT2_VALID_REL = "wikitext-2/tokens_pytorch_examples/valid.txt"
 
 
@@ -52,8 +63,11 @@ class PruneConfig:
     ``structure``: ``"unstructured"`` or ``"N:M"`` = N ZEROS in every M consecutive inputs of a row
     (the papers' "prune N of M": ``2:4`` keeps 2 of 4, ``4:8`` prunes 4 of 8). With N:M the
     sparsity is N/M; ``sparsity`` may be left out or must equal it.
-    ``allocation``: ``uniform`` | ``owl`` (``owl_m``, ``owl_lambda``) | ``atp`` (``atp_beta``: a number
-    in (0, min(2S/(L-1), 2(1-S)/(L-1))] or ``"auto"``: a search scored on held-out data).
+    ``allocation``: ``uniform`` | ``owl`` | ``atp``.
+    ``method_options`` / ``allocation_options``: the chosen method's own options, checked against
+    its ``Options`` dataclass (``{"percdamp": 0.05}`` for SparseGPT, ``{"lam": 0.1}`` for OWL,
+    ``{"beta": "auto"}`` for ATP; docs/pruning.md). The flat ``owl_*``, ``atp_*``, ``percdamp``,
+    ``blocksize`` and ``per_row`` fields are their older aliases, kept for a release.
     Calibration ``nsamples``/``seqlen``/``seed`` default to the ``protocol``'s (``quick``).
     """
 
@@ -61,6 +75,7 @@ class PruneConfig:
     sparsity: Optional[float] = None
     structure: str = "unstructured"
     allocation: str = "uniform"
+    # older aliases of the methods' options (OWLOptions, ATPOptions, SparseGPTOptions, MagnitudeOptions)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     atp_beta: Union[float, str] = "auto"
@@ -83,6 +98,8 @@ class PruneConfig:
     batch_size: int = 8
     refine: Optional[str] = None
     refine_options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
+    allocation_options: dict = field(default_factory=dict)
 
     # -- resolved views -------------------------------------------------------------------------
     @property
@@ -105,8 +122,10 @@ class PruneConfig:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
         """Model-independent checks; :func:`check_model` does the rest. Raises ConfigError."""
+        from .plugins import load_plugins
         from .protocols import get_protocol
 
+        load_plugins()
         PRUNERS.get(self.method)
         ALLOCATIONS.get(self.allocation)
         pattern = parse_structure(self.structure)
@@ -123,43 +142,72 @@ class PruneConfig:
                 "nothing to allocate, and the papers' mixed per-layer-N N:M mode is not implemented; use "
                 "allocation='uniform' with N:M, or unstructured sparsity with OWL/ATP")
         get_protocol(self.protocol or "quick")
-        for name, v, lo in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("blocksize", self.blocksize, 1),
-                            ("batch_size", self.batch_size, 1), ("atp_candidates", self.atp_candidates, 1),
-                            ("atp_heldout_windows", self.atp_heldout_windows, 1)):
+        for name, v, lo in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("batch_size", self.batch_size, 1)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not 0 <= float(self.percdamp) < 10:
-            raise ConfigError(f"percdamp (SparseGPT dampening, a fraction of mean(diag H)) must be in [0, 10), got {self.percdamp}")
-        if self.method == "sparsegpt" and pattern is not None and self.blocksize % pattern.m:
-            raise ConfigError(f"SparseGPT's blocksize {self.blocksize} must be a multiple of M={pattern.m} so N:M groups "
-                              "do not straddle column blocks")
-        if self.allocation == "owl":
-            ALLOCATIONS.get("owl")().check(self.target, BlockLayout([0, 1], [1, 1]), self)
-        if self.allocation == "atp":
-            b = self.atp_beta
-            if isinstance(b, str):
-                if b.strip().lower() != "auto":
-                    try:
-                        b = float(b)
-                    except ValueError:
-                        raise ConfigError(f"atp_beta must be a positive number or 'auto', got {self.atp_beta!r}") from None
-                    self.atp_beta = b
-                else:
-                    self.atp_beta = "auto"
-            if not isinstance(self.atp_beta, str) and not float(self.atp_beta) > 0:
-                raise ConfigError(f"ATP beta={self.atp_beta} is out of range: it must be > 0 (and at most "
-                                  "min(2S/(L-1), 2(1-S)/(L-1)))")
-            if self.atp_step is not None and not self.atp_step > 0:
-                raise ConfigError(f"atp_step must be > 0, got {self.atp_step}")
-            if self.atp_heldout not in HELDOUT_SETS:
-                raise ConfigError(f"atp_heldout must be one of {', '.join(HELDOUT_SETS)} (never the test set), "
-                                  f"got {self.atp_heldout!r}")
+        pruner = make_pruner(self)  # builds and validates the method's own options
+        check = getattr(pruner, "check", None)
+        if callable(check):
+            check(pattern)
+        allocator = make_allocator(self)
+        check = getattr(allocator, "check", None)
+        if callable(check):  # two equal blocks: the loosest bounds; check_model repeats it on the model
+            check(self.target, BlockLayout([0, 1], [1, 1]), self)
         if not isinstance(self.include, (list, tuple)) or not isinstance(self.exclude, (list, tuple)):
             raise ConfigError("include/exclude are lists of glob patterns over full layer names")
         if self.refine is not None and str(self.refine).lower() not in _REFINER_MODULES:
             raise ConfigError(f"unknown refiner {self.refine!r}; choose one of: {', '.join(sorted(_REFINER_MODULES))}")
         if not isinstance(self.refine_options, dict):
             raise ConfigError("refine_options must be a mapping of option names to values")
+
+
+_PRUNE_DEFAULTS = {f.name: f.default for f in fields(PruneConfig)}
+
+
+def resolve_options(cls: Any, cfg: PruneConfig, kind: str, name: Optional[str] = None) -> Any:
+    """The validated options of the registered class ``cls`` (a pruner for ``kind="method"``, an
+    allocator for ``kind="allocation"``): ``cfg.<kind>_options`` over the older flat PruneConfig
+    fields its ``Options.CONFIG_ALIASES`` names (those changed from their default). An option given
+    both ways with different values is an error; unknown keys and wrong types are one line each."""
+    opts_cls = getattr(cls, "Options", None)
+    name = name or getattr(cfg, kind)
+    explicit = getattr(cfg, f"{kind}_options")
+    what = f"{kind} {name!r} option"
+    if explicit is None:
+        explicit = {}
+    if not isinstance(explicit, Mapping):
+        raise ConfigError(f"{kind}_options must be a mapping of option names to values, got {explicit!r}")
+    aliases = dict(getattr(opts_cls, "CONFIG_ALIASES", {}) or {})
+    data: dict[str, Any] = {}
+    via: dict[str, str] = {}
+    for old, new in aliases.items():
+        v = getattr(cfg, old, _PRUNE_DEFAULTS.get(old))
+        if old in _PRUNE_DEFAULTS and v != _PRUNE_DEFAULTS[old]:
+            data[new], via[new] = v, old
+    for k, v in explicit.items():
+        key = aliases.get(k, k)
+        if key in via and data[key] != v:
+            raise ConfigError(f"{what} {key!r} is given twice ({kind}_options {k}={v!r}, and {via[key]}="
+                              f"{data[key]!r}); give it once, in {kind}_options")
+        data[key], via[key] = v, k
+    return options_from_dict(opts_cls, data, what)
+
+
+def make_pruner(cfg: PruneConfig):
+    """The registered pruner ``cfg.method`` built from its validated options."""
+    cls = PRUNERS.get(cfg.method)
+    return build_method(cls, resolve_options(cls, cfg, "method"))
+
+
+def make_allocator(cfg: PruneConfig):
+    """The registered allocator ``cfg.allocation`` built from its validated options."""
+    cls = ALLOCATIONS.get(cfg.allocation)
+    return build_method(cls, resolve_options(cls, cfg, "allocation"))
+
+
+def _options_dict(obj) -> dict[str, Any]:
+    opts = getattr(obj, "options", None)
+    return asdict(opts) if opts is not None and is_dataclass(opts) else {}
 
 
 @dataclass
@@ -180,6 +228,7 @@ class PruneResult:
     refiner: Optional[str] = None
     checkpoint: Optional[str] = None
     plot: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)  # the resolved method / allocation options
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,7 +295,9 @@ def check_model(model, family, cfg: PruneConfig):
         for name, (_, _, lin) in selected.items():
             pattern.check_divides(lin.in_features, name)
     layout = layout_of(selected)
-    ALLOCATIONS.get(cfg.allocation)().check(cfg.target, layout, cfg)
+    check = getattr(make_allocator(cfg), "check", None)
+    if callable(check):
+        check(cfg.target, layout, cfg)
     return selected, layout
 
 
@@ -281,16 +332,18 @@ def resolve_refiner(spec: Union[None, str, MaskRefiner], options: Optional[dict]
 
 
 def heldout_ids(tokenizer, cfg: PruneConfig, data_dir=None) -> tuple[torch.Tensor, int]:
-    """Held-out tokens for ATP's beta search, never the WikiText-2 TEST split: the WikiText-2
-    validation split (its first ``atp_heldout_windows`` windows), or fresh C4 windows drawn with
-    seed calibration seed + 1000."""
+    """Held-out tokens for an allocator's search (ATP's beta), never the WikiText-2 TEST split: the
+    WikiText-2 validation split (its first ``heldout_windows`` windows), or fresh C4 windows drawn
+    with seed calibration seed + 1000. Which and how many: the allocator's ``heldout`` and
+    ``heldout_windows`` options (ATP's; the defaults for an allocator without them)."""
     from .data.paths import find_file
     from .data.text import c4_windows, tokenize_stream
     from .protocols import get_protocol
 
     seqlen = get_protocol(cfg.protocol or "quick").eval_seqlen
-    n = cfg.atp_heldout_windows
-    if cfg.atp_heldout == "c4":
+    opts = getattr(make_allocator(cfg), "options", None)
+    n = int(getattr(opts, "heldout_windows", 16))
+    if getattr(opts, "heldout", "wikitext2-valid") == "c4":
         seed = cfg.calibration()["seed"] + 1000
         return c4_windows(tokenizer, n, seqlen, seed, data_dir).reshape(-1), seqlen
     p = find_file(WIKITEXT2_VALID_REL, data_dir, what="WikiText-2 validation split (tokens_pytorch_examples/valid.txt)")
@@ -386,8 +439,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     selected, layout = check_model(model, family, cfg)
     refiner_obj = resolve_refiner(refiner if refiner is not None else cfg.refine, cfg.refine_options)
     refiner_name = (refiner if isinstance(refiner, str) else type(refiner).__name__) if refiner is not None else cfg.refine
-    pruner = PRUNERS.get(cfg.method).from_config(cfg)
-    allocator = ALLOCATIONS.get(cfg.allocation)()
+    pruner = make_pruner(cfg)
+    allocator = make_allocator(cfg)
     S = cfg.target
     calib = cfg.calibration()
     peak = _PeakRSS()
@@ -452,7 +505,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
                        sparsity_target=target_w, sparsity_measured=nz / nn_, targets=targets, structures=structures,
                        measured=measured, block_rates=dict(zip(layout.blocks, alloc.rates)),
                        allocation_info=alloc.info, timing=t, peak_rss_mb=peak.read_mb(), calibration=calib,
-                       refiner=refiner_name)
+                       refiner=refiner_name,
+                       options={"method": _options_dict(pruner), "allocation": _options_dict(allocator)})
 
 
 def _dense_source(lm, model_spec) -> str:
@@ -489,20 +543,23 @@ def prune_checkpoint(model_spec, cfg: PruneConfig, out, overwrite: bool = False,
             targets[name] = rec.target if rec is not None and rec.target is not None else 0.0
     step = {"stage": "prune", "input": str(model_spec), "method": cfg.method, "structure": result.structure,
             "sparsity": cfg.target, "allocation": cfg.allocation, "allocation_info": result.allocation_info,
-            "refine": result.refiner, "config": asdict(cfg), "calibration": result.calibration,
+            "refine": result.refiner, "config": asdict(cfg), "options": result.options,
+            "calibration": result.calibration,
             "measured": result.sparsity_measured, "timing": result.timing}
     manifest = build_manifest(lm.model, lm.family, targets=targets, structures=result.structures,
                               base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
                               dense_source=dense_source, previous=prev, step=step)
-    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite)
     result.checkpoint = str(out)
-    if plot:
-        from .plots import plot_layer_sparsity
 
-        title = f"{cfg.method} {result.structure} {cfg.allocation}: target {result.sparsity_target:.3f}, " \
-                f"measured {result.sparsity_measured:.3f}"
-        result.plot = str(plot_layer_sparsity(result.targets, result.measured, out / "layer_sparsity.png", title))
-    tmp = out / ".prune_report.json.tmp"
-    tmp.write_text(json.dumps(result.as_dict(), indent=1, default=str))
-    tmp.replace(out / "prune_report.json")
+    def write_report(tmp: Path) -> None:  # inside the temporary directory: the rename is the last step
+        if plot:
+            from .plots import plot_layer_sparsity
+
+            title = f"{cfg.method} {result.structure} {cfg.allocation}: target {result.sparsity_target:.3f}, " \
+                    f"measured {result.sparsity_measured:.3f}"
+            made = plot_layer_sparsity(result.targets, result.measured, tmp / "layer_sparsity.png", title)
+            result.plot = str(out / Path(made).name) if made else None
+        (tmp / "prune_report.json").write_text(json.dumps(result.as_dict(), indent=1, default=str))
+
+    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite, on_write=write_report)
     return result

@@ -12,22 +12,25 @@ steps:
 
 Each step runs in ``<workdir>/<NN>-<stage>/``; a step that transforms the model writes a checkpoint
 (HF dir + sparsity manifest) there, and every finished step writes ``step.json`` (its config and
-output). Re-running the same recipe skips finished steps whose config is unchanged, so a failed run
-resumes from the last good step. Stage names and config keys are looked up in registries and
-dataclasses: nothing from a recipe file ever becomes code.
+output). Re-running the same recipe skips a finished step only when its key is unchanged and its
+outputs still exist, so a failed run resumes from the last good step. The key (:func:`step_key`)
+covers the step's own settings, the recipe's protocol and data directory, the identity of its input
+model (the bytes of its sparsity manifest, or the names, sizes and times of a plain directory's
+files) and the previous step's key: changing a step reruns it and every step after it. Stage names
+and config keys are looked up in registries and dataclasses: nothing from a recipe file ever
+becomes code.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .options import _coerce, make_config  # noqa: F401  (re-exported: older imports)
 from .registry import Registry
 
 
@@ -56,6 +59,7 @@ class Stage:
     name: str = ""
     Config: type = object
     writes_checkpoint: bool = False
+    prunes: bool = False  # makes the model sparse (an export before such a step exports the dense model)
 
     def run(self, ctx: StageContext, cfg: Any, out_dir: Path) -> StageResult:  # pragma: no cover
         raise NotImplementedError
@@ -72,55 +76,6 @@ def _discover_stages() -> None:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
-
-
-def _coerce(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if tp in (int, float, str, bool):
-        if tp is bool and not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, tp):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        last = None
-        for a in args:
-            try:
-                return _coerce(a, value, where)
-            except ConfigError as e:
-                last = e
-        raise last or ConfigError(f"{where}: bad value {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(inner, v, where) if inner is not Any else v for v in value]
-    return value
-
-
-def make_config(cls: type, data: dict[str, Any], where: str):
-    """Build a config dataclass from a mapping, rejecting unknown keys and wrong types."""
-    if not dataclasses.is_dataclass(cls):
-        return data
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints.get(k, Any), v, f"{where}.{k}") for k, v in data.items()}
-    try:
-        cfg = cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
-    return cfg
 
 
 @dataclass
@@ -168,8 +123,26 @@ class Recipe:
         from .protocols import get_protocol
 
         get_protocol(self.protocol)
-        return [(STAGES.get(name), make_config(STAGES.get(name).Config, cfg, f"step {i} ({name})"))
-                for i, (name, cfg) in enumerate(self.steps)]
+        resolved = [(STAGES.get(name), make_config(STAGES.get(name).Config, cfg, f"step {i} ({name})"))
+                    for i, (name, cfg) in enumerate(self.steps)]
+        self._check_order(resolved)
+        return resolved
+
+    def _check_order(self, resolved: list[tuple[type[Stage], Any]]) -> None:
+        """An ``export`` of the dense model placed before the step that prunes it is almost always a
+        misordered recipe: refuse it unless the step says ``dense: true``."""
+        from .manifest import MANIFEST_NAME
+
+        if (Path(self.model) / MANIFEST_NAME).is_file():  # the input is already one of our checkpoints
+            return
+        first_prune = next((i for i, (cls, _) in enumerate(resolved) if cls.prunes), None)
+        if first_prune is None:
+            return
+        for i, (cls, cfg) in enumerate(resolved[:first_prune]):
+            if cls.name == "export" and not getattr(cfg, "dense", False):
+                raise ConfigError(f"step {i} (export) comes before step {first_prune} "
+                                  f"({resolved[first_prune][0].name}) and would export the dense model; move it after the pruning step, or set "
+                                  "`dense: true` on it to export the dense model on purpose")
 
 
 def run_recipe(recipe: Recipe, workdir: os.PathLike, *, overwrite: bool = False, fresh: bool = False) -> StageContext:
@@ -178,17 +151,25 @@ def run_recipe(recipe: Recipe, workdir: os.PathLike, *, overwrite: bool = False,
     work.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(model=recipe.model, workdir=work, protocol=recipe.protocol, data_dir=recipe.data_dir,
                        overwrite=overwrite)
+    previous_key = ""
     for i, ((name, raw), (stage_cls, cfg)) in enumerate(zip(recipe.steps, resolved)):
         step_dir = work / f"{i:02d}-{name}"
         marker = step_dir / "step.json"
-        record = {"stage": name, "config": raw, "input_model": ctx.model}
+        key = step_key(name, raw, ctx.model, previous_key, recipe.protocol, recipe.data_dir)
+        previous_key = key
+        record = {"stage": name, "config": raw, "input_model": ctx.model, "key": key}
         if marker.is_file() and not fresh:
-            done = json.loads(marker.read_text())
-            if {k: done.get(k) for k in record} == record:
+            try:
+                done = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError):
+                done = {}
+            why = _why_not_done(done, record)
+            if why is None:
                 print(f"[{i}] {name}: done earlier, skipped (resume)")
                 ctx.model = done.get("output_model") or ctx.model
                 ctx.results.append(done)
                 continue
+            print(f"[{i}] {name}: rerun ({why})")
         print(f"[{i}] {name} ...")
         t0 = time.perf_counter()
         stage = stage_cls()
@@ -200,9 +181,73 @@ def run_recipe(recipe: Recipe, workdir: os.PathLike, *, overwrite: bool = False,
         result = stage.run(ctx, cfg, step_dir)
         if result.model:
             ctx.model = result.model
-        record |= {"output_model": ctx.model, "metrics": result.metrics, "seconds": time.perf_counter() - t0}
+        record |= {"output_model": ctx.model, "metrics": result.metrics, "seconds": time.perf_counter() - t0,
+                   "outputs": _outputs(record["input_model"], ctx.model, result.metrics, work)}
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, marker)
         ctx.results.append(record)
     return ctx
+
+
+def input_identity(model: str) -> str:
+    """What a step's input is, beyond its name: the SHA-256 of a checkpoint's sparsity manifest (it
+    changes whenever the checkpoint is rewritten: mask digests, creation time), or of the names,
+    sizes and modification times of a plain directory's files; a model name is its own identity."""
+    import hashlib
+
+    from .manifest import MANIFEST_NAME
+
+    p = Path(str(model))
+    if not p.is_dir():
+        return f"spec:{model}"
+    h = hashlib.sha256()
+    f = p / MANIFEST_NAME
+    if f.is_file():
+        h.update(f.read_bytes())
+        return "manifest:" + h.hexdigest()
+    for q in sorted(p.iterdir()):
+        if q.is_file():
+            st = q.stat()
+            h.update(f"{q.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return "files:" + h.hexdigest()
+
+
+def step_key(stage: str, config: dict[str, Any], input_model: str, previous_key: str, protocol: str,
+             data_dir: Optional[str]) -> str:
+    """The identity of one step's work: its settings, the run's protocol and data, its input's
+    identity and the previous step's key (so a change reruns every later step)."""
+    import hashlib
+
+    payload = {"stage": stage, "config": config, "input_model": str(input_model),
+               "input_identity": input_identity(input_model), "previous": previous_key,
+               "protocol": protocol, "data_dir": data_dir}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _outputs(input_model: str, output_model: str, metrics: dict[str, Any], work: Path) -> list[str]:
+    """Paths a step produced that a later run relies on: a new model directory and any path in its
+    metrics that lies inside the run's directory."""
+    out = []
+    if output_model and output_model != input_model and Path(str(output_model)).exists():
+        out.append(str(output_model))
+    root = work.resolve()
+    for v in (metrics or {}).values():
+        if isinstance(v, str) and v and len(v) < 4096:
+            p = Path(v)
+            try:
+                if p.exists() and root in p.resolve().parents and str(p) not in out:
+                    out.append(str(p))
+            except OSError:
+                continue
+    return out
+
+
+def _why_not_done(done: dict[str, Any], record: dict[str, Any]) -> Optional[str]:
+    """None when the finished step ``done`` can stand for ``record``; else the reason to rerun it."""
+    if done.get("key") != record["key"]:
+        return "its settings or its input changed" if done.get("key") else "recorded by an older version"
+    missing = [p for p in done.get("outputs", []) if not Path(p).exists()]
+    if missing:
+        return f"its output {missing[0]} is missing"
+    return None

@@ -63,7 +63,7 @@ def test_owl_formula_and_exact_average():
     S, lam = 0.7, 0.08
     rates = owl_rates(lod, S, lam)
     d = [(x - 1.0) / 4.0 * 2 * lam for x in lod]
-    ref = [1 - (x - sum(d) / len(d) + (1 - S)) for x in d]  # methods.md 2
+    ref = [1 - (x - sum(d) / len(d) + (1 - S)) for x in d]  # docs/methods.md#owl
     assert rates == pytest.approx(ref, abs=1e-12)
     assert sum(rates) / len(rates) == pytest.approx(S, abs=1e-12)
     assert max(rates) - min(rates) == pytest.approx(2 * lam)

@@ -56,7 +56,7 @@ def test_verdicts():
 
 
 def test_bandwidth_bound_matches_protocols_md():
-    # protocols.md: fp32 values + 1-bit bitmask at 70 %: 4 / (0.3*4 + 0.125) = 3.0x on the pruned matrices
+    # docs/protocols.md: fp32 values + 1-bit bitmask at 70 %: 4 / (0.3*4 + 0.125) = 3.0x on the pruned matrices
     n = 1000 * 1000
     b = bandwidth_bound([(n, int(0.3 * n))])
     assert b["pruned_layers"] == pytest.approx(4 / (0.3 * 4 + 0.125))

@@ -176,7 +176,7 @@ def test_compressed_tensors_014_reads_bitmask_export(ckpts, tmp_path):
 
     ck = ckpts[("llama", "50")]
     export(ck, "bitmask", tmp_path / "bm", write_sparsity_config=True)
-    dec = dict(BitmaskCompressor(config=BitmaskConfig()).decompress(str(tmp_path / "bm" / "model.safetensors")))
+    dec = dict(BitmaskCompressor(config=BitmaskConfig()).decompress(str(tmp_path / "bm" / "model.bitmask.safetensors")))
     ref = load_model(ck).model.state_dict()
     assert all(torch.equal(dec[k], ref[k]) for k in dec if k in ref) and set(ref) - set(dec) <= {"lm_head.weight"}
     assert type(ModelCompressor.from_pretrained(str(tmp_path / "bm")).sparsity_compressor).__name__ == "BitmaskCompressor"

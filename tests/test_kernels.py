@@ -94,7 +94,7 @@ def test_layout_encoding():
     c = pack(w, "csr16")
     assert c.index.numpy().view(np.uint16).tolist() == [0, 5, 31, 32, 39]
     assert (mask_of(p) == mask_of(c)).all()
-    # bound of protocols.md: 70 % fp32 bitmask -> 4 / (0.3 * 4 + 1/8) = 3.0x
+    # bound of docs/protocols.md: 70 % fp32 bitmask -> 4 / (0.3 * 4 + 1/8) = 3.0x
     w = sparse_weight(256, 1024, 0.7)
     assert pack(w, "bitmask").bandwidth_bound() == pytest.approx(3.0, rel=0.03)
     with pytest.raises(ConfigError, match="float32"):

@@ -49,7 +49,7 @@ def test_magnitude_exact_per_matrix_and_per_row_option(s):
 
 
 def _sparsegpt_reference(W, H, s, pattern=None, percdamp=0.01, blocksize=128):
-    """Row-major transcription of methods.md 1.5 / the official fasterprune (exact-k mask)."""
+    """Row-major transcription of docs/methods.md#sparsegpt / the official fasterprune (exact-k mask)."""
     W = W.clone().double()
     H = H.clone().double()
     cols = W.shape[1]

@@ -89,8 +89,9 @@ def test_resume_from_foreign_checkpoint_is_refused(tmp_path, base):
     other = pruned_checkpoint(tmp_path / "other", sparsity=0.6)
     with pytest.raises(ManifestError, match="base_mask_fingerprint"):
         finetune(other, tmp_path / "c", c4cfg(steps=3), LORS, resume=str(ck))
-    with pytest.raises(ConfigError, match="nothing to resume"):
-        finetune(base, tmp_path / "d", c4cfg(steps=3), LORS, resume=True)
+    # killed before its first checkpoint: --resume starts afresh (with a note) instead of refusing
+    fresh, _ = finetune(base, tmp_path / "d", c4cfg(steps=3), LORS, resume=True)
+    assert fresh.resumed_from is None and fresh.steps == 3
     with pytest.raises(CheckpointExistsError):
         finetune(base, tmp_path / "a", c4cfg(steps=3), LORS)
 

@@ -1,6 +1,6 @@
 """Plain (dense) LoRA, y = x W^T + b + s · drop(x) A^T B^T, and the papers' "LoRA*" baseline:
 merge densely (W + s B A is dense: the update ignores the mask) and re-prune to the base model's
-sparsity (SEFT and LoRS compare against it; methods.md §7.2, §9.2 "Plain LoRA").
+sparsity (SEFT and LoRS compare against it; docs/methods.md#seft-setup, #merge-rules "plain LoRA").
 
 The adapter never forms an out x in matrix in training (x A^T first), so it is the cheapest of the
 three in memory; what it costs is quality after the lossy re-prune. The re-prune itself lives in

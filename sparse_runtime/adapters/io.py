@@ -56,10 +56,16 @@ def save_adapter(model, out_dir: os.PathLike, method: str, adapter_cfg, *, base_
     save_file({k: v.cpu() for k, v in state.items()}, str(tmp))
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     meta = {"format": ADAPTER_FORMAT, "version": 1, "method": method, "config": adapter_cfg.to_dict(),
-            "base_model": base_model, "base_mask_fingerprint": fingerprint,
+            "base_model": _portable_base(base_model, out), "base_mask_fingerprint": fingerprint,
             "trainable_parameters": int(sum(v.numel() for k, v in state.items())), **(extra or {})}
     _atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(meta, indent=1, default=str).encode())
     return out
+
+
+def _portable_base(base_model: str, out: Path) -> str:
+    from ..merge import portable_base  # relative to the adapter directory: merge finds it from anywhere
+
+    return portable_base(base_model, out)
 
 
 def read_adapter_config(path: os.PathLike) -> dict[str, Any]:

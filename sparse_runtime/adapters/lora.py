@@ -2,7 +2,7 @@
 
 Naming follows HF-PEFT throughout the package: ``lora_A`` is r x in, ``lora_B`` is out x r, and the
 update is ΔW = s · B A (LoRA, Hu et al. 2021, Eq. 3). The LoRS repository names them the other way
-round (its ``lora_A`` is out x r, its ``lora_B`` r x in; methods.md §6.1), so LoRS's "B = top right
+round (its ``lora_A`` is out x r, its ``lora_B`` r x in; docs/methods.md#lors-parameterisation), so LoRS's "B = top right
 singular vectors, A = 0" is, here, ``lora_A = V_r^T / γ`` and ``lora_B = 0``.
 
 Scale: ``scaling="lora"`` gives s = α / r (LoRA, LoSA), ``"rslora"`` gives s = α / √r (LoRS's code,

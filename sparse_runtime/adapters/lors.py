@@ -1,5 +1,5 @@
 """LoRS: low-rank adaptation for sparse LLMs with weight recompute and a rearranged graph
-(arXiv 2501.08582; official code ``hyx1999/LoRS``; methods.md §6).
+(arXiv 2501.08582; official code ``hyx1999/LoRS``; docs/methods.md#lors).
 
 Forward (the same function as masked LoRA)::
 
@@ -8,14 +8,14 @@ Forward (the same function as masked LoRA)::
 through a custom autograd function that saves only (x, W, A, B) (and the mask only when it is a
 stored buffer): W̃ and M are recomputed in backward ("weight recompute"), so no out x in tensor per
 layer lives between forward and backward. Adapter gradients (package naming: A is r x in, B is
-out x r; LoRS's own naming swaps them, methods.md §6.1):
+out x r; LoRS's own naming swaps them, docs/methods.md#lors-parameterisation):
 
 - ``grad_mode="exact"`` (default): the true gradient of the masked product,
   dL/dB = s · [(g^T x) ⊙ M] A^T and dL/dA = s · B^T [(g^T x) ⊙ M]. The masked product g^T x ⊙ M
   cannot be factored, so it is formed in row chunks of ``grad_chunk`` output rows, used and freed
   at once: transient memory is chunk x in, nothing is kept.
 - ``grad_mode="straight-through"``: the unmasked LoRA gradient, in the rearranged order that never
-  forms an out x in matrix: dL/dB = s · g^T (x A^T), dL/dA = s · (g B)^T x (methods.md §6.2,
+  forms an out x in matrix: dL/dB = s · g^T (x A^T), dL/dA = s · (g B)^T x (docs/methods.md#lors-backward,
   "computational-graph rearrangement"; the mask is passed straight through).
 - ``grad_mode="official"``: as ``straight-through`` but without the factor s, bit-for-bit what the
   official backward computes (it omits both the mask and c; under Adam dropping c is a constant
@@ -26,7 +26,7 @@ exact masked gradient is the default because it is the gradient of the function 
 (house rule: paper first, official code as an option). grad_x = g W̃ uses the recomputed W̃ in
 every mode.
 
-Initialisation (methods.md §6.3, LoRA-GA-style): the dense, unmasked gradient G of the loss w.r.t.
+Initialisation (docs/methods.md#lors-initialisation, LoRA-GA-style): the dense, unmasked gradient G of the loss w.r.t.
 every target W, averaged over the first ``init_samples`` training examples (official: 128);
 ``svd_lowrank(G, q=min(4r, dims), niter=4)`` -> G ≈ U S V^T; A = V_r^T / γ (LoRS's "B"), B = 0
 (LoRS's "A"), so ΔW = 0 at step 0 and the first gradient of B is s·(G ⊙ M) V_r / γ.
@@ -160,7 +160,7 @@ class LoRSAdapter(LoRAAdapterBase):
 
     @torch.no_grad()
     def init_from_gradient(self, G: torch.Tensor, generator_seed: int = 0) -> None:
-        """A = V_r^T / γ, B = 0 from ``svd_lowrank`` of the dense gradient G (methods.md §6.3)."""
+        """A = V_r^T / γ, B = 0 from ``svd_lowrank`` of the dense gradient G (docs/methods.md#lors-initialisation)."""
         r = self.rank
         q = min(4 * r, *G.shape)
         with torch.random.fork_rng(devices=[]):
@@ -189,7 +189,7 @@ class GradientSVDInit(TrainingCallback):
 
 FINETUNE_METHODS.register("lors")(FinetuneMethod(
     "lors", LoRSAdapter, LoRSConfig,
-    # official peft_sft.py: lr 2e-5 cosine to 1e-6, no warmup, weight decay 0 (methods.md §6.4)
+    # official peft_sft.py: lr 2e-5 cosine to 1e-6, no warmup, weight decay 0 (docs/methods.md#lors-training-setup)
     train_defaults=dict(lr=2e-5, schedule="cosine", min_lr=1e-6, warmup_ratio=0.0, weight_decay=0.0),
     callbacks=lambda cfg: [GradientSVDInit()],
     description="LoRS: masked LoRA with weight recompute, rearranged backward and gradient-SVD init"))

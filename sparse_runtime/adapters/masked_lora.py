@@ -4,7 +4,7 @@ The simple, obviously-correct form of a mask-preserving LoRA. Autograd keeps the
 weight W̃ = W + s (BA) ⊙ M (out x in, per layer) alive until backward, plus the mask when it is not
 a stored buffer: exactly the memory LoRS avoids. It is kept as the reference LoRS is tested
 against and as the baseline of the memory benchmark. SQFT's code never applies its ``scaling``
-field (methods.md §6.4); here the scale is applied (s = α/r, α = 2r by default: LoSA's r=8, α=16),
+field (docs/methods.md#lors-training-setup); here the scale is applied (s = α/r, α = 2r by default: LoSA's r=8, α=16),
 so the same rank and scale compare across methods.
 
 With dropout > 0 the update path gets its own dropped input (LoSA's layer):

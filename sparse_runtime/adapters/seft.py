@@ -1,7 +1,7 @@
 """SEFT's sparse-delta adapter ("Leave it to the Specialist", Xiao et al., arXiv 2505.24037;
-methods.md §7). The topology evolution lives in :mod:`.seft_evolution`.
+docs/methods.md#seft). The topology evolution lives in :mod:`.seft_evolution`.
 
-Parameterisation (the paper's Eq. 8, as reconstructed in methods.md §7.1)::
+Parameterisation (the paper's Eq. 8, as reconstructed in docs/methods.md#seft-evolution)::
 
     W_eff = (W + scatter(I, d)) ⊙ M_t,      y = x W_eff^T + b
 
@@ -15,7 +15,7 @@ and for the "resurrected / newly pruned" counts (M_t vs M_0 = 1[W != 0]).
 
 K ("slots") is set by ``density`` (fraction of the layer's in*out positions) or, by default, matched
 to LoRA at ``rank`` r: K = r (in + out), the same trainable count as a rank-r LoRA pair
-(protocols.md "equal trainable parameters"). K may not exceed the layer's kept positions: the
+(docs/protocols.md#equal-budget). K may not exceed the layer's kept positions: the
 initial index set lies inside the pruning mask (a delta at a pruned position is inert until the
 evolution grows it, i.e. resurrects it).
 

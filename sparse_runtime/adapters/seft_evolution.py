@@ -1,4 +1,4 @@
-"""SEFT's topology evolution (methods.md §7.1), as a :class:`~.base.TrainingCallback`.
+"""SEFT's topology evolution (docs/methods.md#seft-evolution), as a :class:`~.base.TrainingCallback`.
 
 Schedule. Evolution steps happen after optimiser steps s = t·k (t >= 1, s < T, k = ``update_every``).
 The growth-selection window is the last a = ``accumulation_steps`` optimiser steps before each
@@ -322,7 +322,7 @@ class SEFTEvolution(TrainingCallback):
 
 FINETUNE_METHODS.register("seft")(FinetuneMethod(
     "seft", SEFTAdapter, SEFTConfig,
-    # the paper's lr and schedule are unknown (methods.md §7.1); SpIEL's sparse fine-tuning uses a
+    # the paper's lr and schedule are unknown (docs/methods.md#seft-evolution); SpIEL's sparse fine-tuning uses a
     # larger lr than dense FT; 2e-4 linear with 3 % warmup matches the package's LoRA baselines so
     # equal-budget comparisons differ only in the method.
     train_defaults=dict(lr=2e-4, schedule="linear", warmup_ratio=0.03, weight_decay=0.0),

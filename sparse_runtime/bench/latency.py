@@ -4,7 +4,7 @@
 scenario by scenario: builds each model's timed unit (:meth:`Engine.timer`), warms all of them up,
 then runs ``repeats`` interleaved rounds (:func:`stats.interleaved_order`), and reports per model the
 median and spread and, against the dense model, the speedup of medians and the pairwise speedups
-with a plain verdict. Decode rows carry the memory-bandwidth bound of protocols.md. Evidence that
+with a plain verdict. Decode rows carry the memory-bandwidth bound of docs/protocols.md. Evidence that
 the sparse path ran (or that none exists) comes from each engine's :meth:`Engine.evidence`.
 
 Thread count: fixed for every engine (``threads``, default min(2, cores)) and printed.
@@ -34,12 +34,18 @@ def parse_scenario(text: str, steps: int = 16) -> Scenario:
         kind, rest = text.split(":", 1)
         if kind == "prefill":
             b, t = rest.lower().split("x")
-            return Scenario("prefill", int(t), int(b))
-        if kind == "decode":
+            sc = Scenario("prefill", int(t), int(b))
+        elif kind == "decode":
             b, c = rest.split("@")
-            return Scenario("decode", int(c), int(b), steps)
+            sc = Scenario("decode", int(c), int(b), steps)
+        else:
+            sc = None
     except ValueError:
-        pass
+        sc = None
+    if sc is not None:
+        if sc.batch < 1 or sc.tokens < 1 or sc.steps < 1:
+            raise ConfigError(f"impossible scenario {text!r}: batch, tokens/context and decode steps must be >= 1")
+        return sc
     raise ConfigError(f"bad scenario {text!r}: use prefill:BxT (e.g. prefill:1x128) or decode:B@C (decode:1@128)")
 
 
@@ -62,7 +68,7 @@ class LatencyConfig:
 
     def validate(self) -> None:
         if self.repeats < 5:
-            raise ConfigError("the latency protocol needs at least 5 timed repeats (protocols.md)")
+            raise ConfigError("the latency protocol needs at least 5 timed repeats (docs/protocols.md)")
         if self.warmup < 1:
             raise ConfigError("at least one warm-up run per model is needed before timing")
         if self.load_order not in LOAD_ORDERS:
@@ -297,19 +303,50 @@ def plot_speedups(result: LatencyResult, path: Path, dense_label: str = "dense")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:  # a full disk must not leave the figure open
+        plt.close(fig)
     return path
 
 
 def save_latency(result: LatencyResult, name: str = "latency", title: str = "", model: str = "",
                  out_dir="benchmarks/results", notes: Sequence[str] = ()) -> Path:
-    """Table + JSON (via report.save_results) + ``<name>.png``."""
+    """Table + JSON (via report.save_results) + ``<name>.png``, published together: they are written
+    into a hidden temporary directory first and moved into ``out_dir`` only when all are complete,
+    so a full disk or a kill leaves the earlier results (or nothing), never a plot without its table."""
+    import os
+    import shutil
+
+    from ..manifest import make_temporary_beside, replace_directory
+
+    final = Path(out_dir)
+    if not final.exists():  # a new directory: build it beside and rename it in whole
+        tmp = make_temporary_beside(final)
+        try:
+            _save_latency_files(result, name, title, model, tmp, notes)
+            replace_directory(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final / f"{name}.md"
+    tmp = make_temporary_beside(final / name)  # hidden, inside out_dir, on its file system
+    try:
+        _save_latency_files(result, name, title, model, tmp, notes)
+        for f in sorted(tmp.iterdir()):  # renames within one file system: no space needed
+            os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / f"{name}.md"
+
+
+def _save_latency_files(result: LatencyResult, name: str, title: str, model: str, out_dir: Path,
+                        notes: Sequence[str]) -> Path:
+    """:func:`save_latency`'s files, written into ``out_dir`` one after the other."""
     from ..report import save_results
 
     cfg = result.config
     threads = cfg.threads or default_threads()
-    protocol = (f"latency (protocols.md): scenarios {', '.join(cfg.scenarios)}; decode = {cfg.decode_steps} steps "
+    protocol = (f"latency (docs/protocols.md): scenarios {', '.join(cfg.scenarios)}; decode = {cfg.decode_steps} steps "
                 f"with KV cache after the stated context, ms/token; warm-up {cfg.warmup}, {cfg.repeats} interleaved "
                 f"repeats per model, median [IQR], pairwise speedups; {threads} threads fixed for every engine; "
                 "float32 on CPU")
@@ -317,7 +354,7 @@ def save_latency(result: LatencyResult, name: str = "latency", title: str = "", 
     notes.append("speedup = median(dense) / median(sparse); paired = median [IQR] of per-round dense/sparse ratios; "
                  "verdict 'faster' only when the whole pairwise IQR is above 1.05")
     notes.append("bw bound = bytes of dense weights read per token / bytes of a fp32 values + 1-bit bitmask "
-                 "encoding (protocols.md), on the pruned matrices alone / on the whole model with its dense lm_head; "
+                 "encoding (docs/protocols.md), on the pruned matrices alone / on the whole model with its dense lm_head; "
                  "engines that store weights dense (torch-cpu, ort-cpu) read dense bytes, so their own bound is 1.0x")
     for e, info in result.engines.items():
         ev = info["evidence"]

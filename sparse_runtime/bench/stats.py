@@ -1,4 +1,4 @@
-"""Statistics of paired latency runs (protocols.md, "Latency and speedup").
+"""Statistics of paired latency runs (docs/protocols.md#latency-and-speedup).
 
 - Runs of the dense and the sparse models are INTERLEAVED after a warm-up (round r runs every
   model once, in an order rotated by r), so slow drifts of a shared machine hit all models alike.
@@ -108,10 +108,10 @@ def bitmask_bytes(numel: int, nnz: int, value_bytes: int = 4) -> float:
 
 
 def bandwidth_bound(layers: Iterable[tuple[int, int]], dense_extra: int = 0, value_bytes: int = 4) -> dict:
-    """The decode speedup limit from bytes read per token (protocols.md).
+    """The decode speedup limit from bytes read per token (docs/protocols.md#the-memory-bandwidth-bound).
 
     ``layers``: (numel, nnz) of each pruned matrix; ``dense_extra``: weights read per token that stay
-    dense (e.g. the lm_head). Returns the bound on the pruned matrices alone (the protocols.md
+    dense (e.g. the lm_head). Returns the bound on the pruned matrices alone (the docs/protocols.md
     figure: 4 / (0.3*4 + 0.125) = 3.0x at 70 % fp32) and on the whole model's per-token read."""
     dense_b = sparse_b = 0.0
     for numel, nnz in layers:

@@ -62,7 +62,17 @@ def run(args) -> int:
             if not st.get("installed"):
                 print(f"  install: sparse-runtime engines install {name}" if name == "deepsparse" else f"  {st.get('hint', '')}")
         return 0
-    st = ENGINES.get(args.engine)["install"](args)
+    install = ENGINES.get(args.engine)["install"]
+    if getattr(args, "python", None):
+        import shutil
+        from pathlib import Path
+
+        from ..errors import ConfigError
+
+        if not (Path(args.python).is_file() or shutil.which(args.python)):
+            raise ConfigError(f"--python {args.python}: no such interpreter; give the path of a Python 3.11 "
+                              "executable (e.g. --python python3.11)")
+    st = install(args)
     print(f"{args.engine}: installed in {st.get('path')} (deepsparse {st.get('deepsparse')}, python {st.get('python')})")
     print(f"  licence: {st.get('licence')}")
     return 0

@@ -1,6 +1,6 @@
 """``sparse-runtime eval MODEL [--ppl] [--zeroshot TASKS|all] [--limit N] [--protocol quick|paper] [--json OUT]``.
 
-Perplexity (WikiText-2, protocols.md) and/or zero-shot accuracy (lm-eval-harness conventions) of a
+Perplexity (WikiText-2, docs/protocols.md) and/or zero-shot accuracy (lm-eval-harness conventions) of a
 model; prints tables and optionally writes everything as JSON. With neither ``--ppl`` nor
 ``--zeroshot`` it measures perplexity. Without ``--limit``, the zero-shot item count follows the
 protocol: ``quick`` = the first 500 items of each task, ``paper`` = all items (printed either way).
@@ -8,10 +8,9 @@ protocol: ``quick`` = the first 500 items of each task, ``paper`` = all items (p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from . import Command
-from ._common import add_data_args, add_device_arg, add_model_args, check_device
+from ._common import add_data_args, add_device_arg, add_model_args, check_device, check_output_file, write_text_atomic
 
 
 def add_arguments(p):
@@ -38,6 +37,7 @@ def run(args) -> int:
 
     proto = get_protocol(args.protocol)  # fail on a bad protocol before loading anything
     check_device(args.device)
+    check_output_file(args.json_out)
     do_ppl = args.ppl or not args.zeroshot
     limit = None
     if args.zeroshot:
@@ -63,7 +63,7 @@ def run(args) -> int:
         print(f"zero-shot [{z.task_set}; {z.limit_note()}; {z.seconds:.1f} s]")
         print(markdown_table(z.table_rows()))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=1, default=str))
+        write_text_atomic(args.json_out, json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -7,7 +7,7 @@ that list the format's known ones.
 from __future__ import annotations
 
 from . import Command
-from ._common import add_out_args
+from ._common import add_out_args, check_output
 
 FLAG_OPTIONS = ("dtype", "optimize", "sparse_initializers", "external_data", "opset", "prefill_length",
                 "cache_length", "batch_size", "min_sparsity", "write_sparsity_config")
@@ -55,6 +55,7 @@ def collect_options(args) -> dict:
 def run(args) -> int:
     from exporters import export
 
+    check_output(args.out, args.overwrite, inputs=[args.model])
     res = export(args.model, args.format, args.out, overwrite=args.overwrite,
                  trust_remote_code=args.trust_remote_code, **collect_options(args))
     v = res.verification

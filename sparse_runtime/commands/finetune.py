@@ -7,7 +7,7 @@ parallel training (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device
+from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device, check_output
 
 
 def add_arguments(p):
@@ -68,6 +68,9 @@ def run(args) -> int:
         from ..losa.cli import run_from_args
 
         return run_from_args(args)
+    # --out: not the current directory nor the input, on a writable disk (an existing --out is the
+    # engine's to judge: --overwrite / --resume), before the model is loaded
+    check_output(args.out, overwrite=True, inputs=[args.model])
     from ..adapters import parse_ranks
     from ..training import TrainConfig, finetune
 

@@ -35,11 +35,23 @@ def run(args) -> int:
     from ..models import ByteTokenizer
     from ..runtime import load_engine
 
+    from ..errors import ConfigError
+    from ..models.loading import model_context_limit
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
+    if not args.prompt and not args.chat:  # before loading anything (every engine would fail on it)
+        raise ConfigError("the prompt is empty: give --prompt some text")
     opts = {"prefill_length": args.prefill_length} if args.engine == "deepsparse" else {}
     eng = load_engine(args.engine, args.model, threads=args.threads, **opts)
     try:
         tok = eng.tokenizer or ByteTokenizer()
         ids = encode(tok, args.prompt, args.chat)
+        limit = model_context_limit(args.model) or getattr(
+            getattr(getattr(eng, "model", None), "config", None), "max_position_embeddings", None)
+        if limit and len(ids) + args.max_new_tokens > limit:  # past it the positions are garbage
+            raise ConfigError(f"the prompt is {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} more, but "
+                              f"the model's context is {limit} tokens; shorten the prompt or lower --max-new-tokens")
         if args.engine == "deepsparse":
             from ..runtime.deepsparse_engine import LICENCE
 

@@ -3,7 +3,7 @@ model (the same as ``sparse-runtime finetune DENSE --method losa ...``). See doc
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device
+from ._common import add_data_args, add_device_arg, add_model_args, add_out_args, check_device, check_output
 
 
 def add_arguments(p):
@@ -42,6 +42,7 @@ def run(args) -> int:
     from ..losa.cli import run_from_args
 
     check_device(args.device)
+    check_output(args.out, args.overwrite, inputs=[args.model, args.data_path])
     return run_from_args(args)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_out_args
+from ._common import add_data_args, add_out_args, check_output
 
 
 def add_arguments(p):
@@ -19,6 +19,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..merge import merge_adapter_dir
 
+    check_output(args.out, args.overwrite, inputs=[args.adapter, args.base])
     out, rep = merge_adapter_dir(args.adapter, args.out, base=args.base, reprune=args.reprune,
                                  overwrite=args.overwrite, data_dir=args.data_dir, protocol=args.protocol,
                                  dtype=args.dtype)

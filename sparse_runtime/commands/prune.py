@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import Command
-from ._common import add_data_args, add_model_args, add_out_args
+from ._common import add_data_args, add_model_args, add_out_args, check_device, check_output
 
 
 def _option(text: str):
@@ -29,6 +29,9 @@ def add_arguments(p):
     g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
     g.add_argument("--true-sequential", action="store_true", help="re-run the block between q,k,v / o / gate,up / down")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable; e.g. percdamp=0.05 for sparsegpt); the value is read "
+                        "as a YAML scalar; unknown keys list the known ones")
     a = p.add_argument_group("allocation")
     a.add_argument("--allocation", default="uniform", help="uniform (default) | owl | atp")
     a.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
@@ -37,6 +40,8 @@ def add_arguments(p):
     a.add_argument("--atp-candidates", type=int, default=4, help="ATP auto: number of beta candidates (default 4)")
     a.add_argument("--atp-step", type=float, default=None, help="ATP auto: fixed beta step instead (paper: 0.002)")
     a.add_argument("--atp-heldout", default="wikitext2-valid", help="ATP auto scoring data: wikitext2-valid | c4")
+    a.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the allocation (repeatable; e.g. lam=0.1 for owl, beta=0.02 for atp)")
     s = p.add_argument_group("layers and calibration")
     s.add_argument("--include", action="append", default=None, help="glob over full layer names (repeatable; default all block linears)")
     s.add_argument("--exclude", action="append", default=[], help="glob of layers to keep dense (repeatable)")
@@ -53,15 +58,20 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..options import parse_options
     from ..prune import PruneConfig, prune_checkpoint
 
+    check_device(args.device)
+    check_output(args.out, args.overwrite, inputs=[args.model])
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, atp_beta=args.atp_beta, atp_candidates=args.atp_candidates,
         atp_step=args.atp_step, atp_heldout=args.atp_heldout, include=args.include or ["*"], exclude=args.exclude,
         per_row=args.per_row, true_sequential=args.true_sequential, protocol=args.protocol, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, percdamp=args.percdamp, blocksize=args.blocksize, device=args.device,
-        offload=args.offload, refine=args.refine, refine_options=dict(_option(o) for o in args.refine_option))
+        offload=args.offload, refine=args.refine, refine_options=dict(_option(o) for o in args.refine_option),
+        method_options=parse_options(args.method_option, "--method-option"),
+        allocation_options=parse_options(args.allocation_option, "--allocation-option"))
     r = prune_checkpoint(args.model, cfg, args.out, overwrite=args.overwrite, data_dir=args.data_dir, dtype=args.dtype)
     t = r.timing
     extra = f"; beta {r.allocation_info['beta']:.6g}" if "beta" in r.allocation_info else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import Command
-from ._common import add_data_args, add_out_args
+from ._common import add_data_args, add_out_args, check_device, check_output, check_output_file, write_text_atomic
 
 
 def _same_sign(text: str):
@@ -48,6 +48,9 @@ def run(args) -> int:
     from ..stages.repair import REPAIR_METHODS
 
     REPAIR_METHODS.get(args.method)  # unknown method: a clear error before any work
+    check_device(args.device)
+    check_output(args.out, args.overwrite, inputs=[args.model, args.dense])
+    check_output_file(args.json_out)
     opts = {k: v for k, v in (("max_cycles", args.max_cycles), ("threshold", args.threshold),
                               ("threshold_unit", args.threshold_unit), ("var_power", args.var_power),
                               ("var_floor", args.var_floor), ("layers", args.layers)) if v is not None}
@@ -69,8 +72,7 @@ def run(args) -> int:
           f"DSnoT {t['dsnot_s']:.2f} s, calibration forwards {t['calibration_forward_s']:.2f} s, total {t['total_s']:.1f} s; "
           f"wrote {rep.checkpoint} (dense weights from {rep.dense_source})")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(rep.as_dict(), f, indent=1, default=str)
+        write_text_atomic(args.json_out, json.dumps(rep.as_dict(), indent=1, default=str))
     return 0
 
 

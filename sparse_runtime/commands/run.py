@@ -24,9 +24,21 @@ def run(args) -> int:
     if args.data_dir:
         recipe.data_dir = args.data_dir
     work = Path(args.workdir or Path("runs") / recipe.name)
+    _check_workdir(work)
     ctx = run_recipe(recipe, work, overwrite=args.overwrite, fresh=args.fresh)
     print(f"recipe {recipe.name!r} finished; outputs in {work}; final model: {ctx.model}")
     return 0
+
+
+def _check_workdir(work: Path) -> None:
+    """The run directory is a directory (existing: resumed) we can write, before any step runs."""
+    from ..errors import ConfigError
+    from ._common import check_output
+
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"--workdir {work} is a file, not a directory: choose another --workdir or remove the file")
+    if not work.exists():
+        check_output(work, flag="--workdir")
 
 
 COMMAND = Command("run", "run a recipe (a YAML list of stages); resumes from the last finished step",

@@ -7,7 +7,7 @@ Takes all of ``finetune``'s data/training options plus the SEFT group below (doc
 from __future__ import annotations
 
 from . import Command
-from ._common import check_device
+from ._common import check_device, check_output
 from .finetune import add_arguments as add_finetune_arguments
 
 
@@ -76,6 +76,7 @@ def run(args) -> int:
     if args.targets:
         opts["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
     check_device(args.device)
+    check_output(args.out, overwrite=True, inputs=[args.model])  # see commands/finetune.py
     res, lm = finetune(args.model, args.out, cfg, opts, data_dir=args.data_dir, resume=args.resume,
                        overwrite=args.overwrite, dtype=args.dtype, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,6 +1,7 @@
 """WikiText-2 (evaluation), C4 (calibration and fine-tuning windows) and Alpaca (instructions).
 
-Calibration follows the pruning papers (methods.md 1.1, protocols.md): seed Python's ``random``, draw
+Calibration follows the pruning papers (docs/methods.md#calibration-data,
+docs/protocols.md#calibration): seed Python's ``random``, draw
 a random C4 document, re-draw until it has more than ``seqlen`` tokens, take a random window of
 ``seqlen`` tokens. Fine-tuning windows use a different seed (``ft-quick`` uses 1) so they differ
 from the calibration windows where the corpus allows.
@@ -46,7 +47,7 @@ def _hub_c4() -> Path:
 
 
 def wikitext2_text(data_dir: Optional[os.PathLike] = None) -> str:
-    """The raw WikiText-2 test split: the HF rows joined with "\\n\\n" (protocols.md)."""
+    """The raw WikiText-2 test split: the HF rows joined with "\\n\\n" (docs/protocols.md)."""
     p = find_file(WIKITEXT_REL, data_dir, hub=_hub_wikitext, what="WikiText-2 test (wiki.test.raw)")
     return p.read_text(encoding="utf-8")
 
@@ -54,14 +55,26 @@ def wikitext2_text(data_dir: Optional[os.PathLike] = None) -> str:
 def c4_documents(data_dir: Optional[os.PathLike] = None) -> list[str]:
     p = find_file(C4_REL, data_dir, hub=_hub_c4, what="C4 en train shard 00000 sample (c4_sample.jsonl)")
     docs = []
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                docs.append(json.loads(line)["text"])
+    with p.open("rb") as f:  # bytes, decoded per line: a decoding error then knows its line
+        try:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.decode("utf-8").strip()
+                if line:
+                    docs.append(_c4_text(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            what = ("is not valid UTF-8" if isinstance(e, UnicodeDecodeError)
+                    else f"is not a JSON object with a string 'text' ({e})")
+            raise DataNotFoundError(f"{p} line {lineno} {what}: fix or delete that line, or "
+                                    "restore the file") from e
     if not docs:
         raise DataNotFoundError(f"{p} holds no documents")
     return docs
+
+
+def _c4_text(row) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise TypeError("no string 'text' field")
+    return row["text"]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -90,7 +103,7 @@ def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize once as one stream (protocols.md), as a 1-D LongTensor."""
+    """Tokenize once as one stream (docs/protocols.md), as a 1-D LongTensor."""
     return torch.tensor(_encode(tokenizer, text), dtype=torch.long)
 
 
@@ -105,9 +118,21 @@ def alpaca_records(data_dir: Optional[os.PathLike] = None, path: Optional[os.Pat
     p = Path(path) if path else find_file(ALPACA_REL, data_dir, what="Alpaca instructions (alpaca_5000.json)")
     if not p.is_file():
         raise DataNotFoundError(f"instruction data {p} does not exist")
-    data = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(data, list) or not all({"instruction", "output"} <= set(r) for r in data[:10]):
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataNotFoundError(f"{p} is not valid UTF-8 (byte {e.start}): restore the file") from e
+    except json.JSONDecodeError as e:
+        raise DataNotFoundError(f"{p} line {e.lineno} column {e.colno} is not valid JSON ({e.msg}): fix that "
+                                "line or restore the file") from e
+    if not isinstance(data, list):
         raise DataNotFoundError(f"{p} is not Alpaca format: a JSON list of {{instruction, input, output}}")
+    for i, r in enumerate(data):
+        # every record, not a sample: one bad record deep in the file would otherwise fail mid-training
+        if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
+                and isinstance(r.get("input", ""), (str, type(None)))):
+            raise DataNotFoundError(f"{p} record {i} (0-based) is not an Alpaca record with string instruction, "
+                                    "input and output: fix or delete that record")
     return data
 
 

@@ -1,9 +1,9 @@
 """The eight zero-shot sets of the pruning papers, as lm-eval-harness builds their prompts.
 
 Each task reads one file in the layout of the shared data folder (``$SPARSE_RUNTIME_DATA`` or a
-directory the user names; see ``../shared/data/README.md``) and yields items whose prompt strings
-are those of lm-eval-harness (v0.4 task YAMLs, which match the v0.3 fork Wanda used, methods.md
-§1.1), so that scores are comparable with the papers' tables:
+directory the user names; see ``docs/data.md``) and yields items whose prompt strings
+are those of lm-eval-harness (v0.4 task YAMLs, which match the v0.3 fork Wanda used,
+docs/methods.md#zero-shot-suites), so that scores are comparable with the papers' tables:
 
 ========== ============================================================ ===================== =========
 task       context                                                      choices (after " ")   metrics

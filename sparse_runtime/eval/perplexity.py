@@ -1,4 +1,4 @@
-"""WikiText-2 perplexity exactly as the pruning papers compute it (protocols.md).
+"""WikiText-2 perplexity exactly as the pruning papers compute it (docs/protocols.md#perplexity).
 
 Tokenize the whole test text once, cut non-overlapping windows of ``seqlen`` tokens (remainder
 dropped), batch 1. Per window the NLL is the mean cross-entropy over the ``seqlen - 1`` shifted

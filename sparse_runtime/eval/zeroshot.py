@@ -1,4 +1,5 @@
-"""Zero-shot accuracy with lm-eval-harness's scoring (protocols.md, methods.md §1.1).
+"""Zero-shot accuracy with lm-eval-harness's scoring (docs/protocols.md#zero-shot-accuracy,
+docs/methods.md#zero-shot-suites).
 
 For every choice the model scores the summed log-likelihood of the continuation given the context
 (lm-eval's ``loglikelihood`` request); ``acc`` is the argmax of those sums and ``acc_norm`` the argmax
@@ -39,7 +40,7 @@ from ..progress import progress
 __all__ = ["ZEROSHOT_TASKS", "TASK_SETS", "ZeroShotResult", "evaluate_zeroshot", "encode_pair", "loglikelihoods",
            "score_items", "protocol_limit", "PROTOCOL_LIMITS"]
 
-#: Items per task under each named protocol when no explicit limit is given (protocols.md: the
+#: Items per task under each named protocol when no explicit limit is given (docs/protocols.md: the
 #: ``quick`` variant uses a fixed prefix of each set and must say so; ``paper`` uses every item).
 PROTOCOL_LIMITS: dict[str, Optional[int]] = {"quick": 500, "paper": None, "test": 8}
 
@@ -173,7 +174,7 @@ def score_items(items: Sequence[Item], lls: Sequence[float], metrics: Sequence[s
                 norm_unit: str = "bytes") -> dict[str, float]:
     """acc / acc_norm of items given the flat list of per-request log-likelihoods (choice order).
 
-    ``norm_unit="bytes"`` (protocols.md; lm-eval calls this metric ``acc_bytes``) or ``"chars"``
+    ``norm_unit="bytes"`` (docs/protocols.md; lm-eval calls this metric ``acc_bytes``) or ``"chars"``
     (lm-eval's ``acc_norm``: ``len(choice)``); identical on ASCII choices."""
     if norm_unit not in NORM_UNITS:
         raise ConfigError(f"norm_unit must be one of {NORM_UNITS}, got {norm_unit!r}")

@@ -9,7 +9,7 @@ Why two layouts: batch-1 decode is memory-bound, so the bytes read per output de
     values  float32 [nnz]             nonzeros of row 0, then row 1, ... (row-major, unpadded)
     row_ptr int64 [N + 1]             offset of each row's first value
     Bytes per weight at density d: 4 d + 1/8, so the batch-1 bound over dense fp32 is
-    4 / (4 d + 0.125) = 3.0x at 70 % sparsity (protocols.md).
+    4 / (4 d + 0.125) = 3.0x at 70 % sparsity (docs/protocols.md#the-memory-bandwidth-bound).
 
 ``csr16`` (AVX2 path; AVX2 has no expand instruction, so x is gathered by column index):
     idx     uint16 [nnz] (stored as an int16 tensor; same bits), values / row_ptr as above.

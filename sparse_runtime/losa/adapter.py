@@ -1,5 +1,5 @@
 """LoSA's adapter: a LoRA whose update is masked by the current weight mask, with a per-layer rank
-that changes between rounds (methods.md 5.1, "Modified LoRA layer").
+that changes between rounds (docs/methods.md#losa-adapter-layer).
 
     y = x W^T + b + s * drop(x) ((B A) ⊙ M)^T,      merge: W' = W + s (B A) ⊙ M  (exact)
 
@@ -115,7 +115,7 @@ def truncate_svd(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 FINETUNE_METHODS.register("losa")(FinetuneMethod(
     "losa", LoSAAdapter, LoSAAdapterConfig,
-    # official SFTTrainer arguments (methods.md 5.1 step 10); max_grad_norm 0.3 is set by the round loop
+    # official SFTTrainer arguments (docs/methods.md#losa-round-loop step 10); max_grad_norm 0.3 is set by the round loop
     train_defaults=dict(lr=2e-4, schedule="linear", warmup_ratio=0.3, weight_decay=0.001),
     description="LoSA: progressive pruning from the dense model with a masked, per-layer-rank LoRA "
                 "(use `sparse-runtime finetune DENSE --method losa --sparsity S` or `sparse-runtime losa`)"))

@@ -9,7 +9,9 @@ def add_losa_arguments(p) -> None:
     g = p.add_argument_group("LoSA (--method losa: progressive pruning from the dense model)")
     g.add_argument("--sparsity", type=float, default=None, help="LoSA: final mean sparsity S in [0, 1)")
     g.add_argument("--rounds", type=int, default=5, help="LoSA: rounds T (default 5)")
-    g.add_argument("--prune-method", choices=["wanda", "sparsegpt"], default="wanda", help="LoSA: re-prune method")
+    g.add_argument("--prune-method", default="wanda", help="LoSA: re-prune method (wanda | sparsegpt | any registered)")
+    g.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="LoSA: an option of the re-prune method (repeatable; e.g. percdamp=0.05 for sparsegpt)")
     g.add_argument("--allocation", choices=["rmi", "atp", "owl", "uniform"], default="rmi",
                    help="LoSA: per-layer sparsity each round (default rmi: RMI + the paper's LP)")
     g.add_argument("--delta", type=float, default=None, help="LoSA: LP half-width (default: a function of s_t)")
@@ -47,7 +49,11 @@ def config_from_args(args):
     targets = None
     if getattr(args, "targets", None):
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    kw = dict(sparsity=args.sparsity, rounds=args.rounds, prune_method=args.prune_method, allocation=args.allocation,
+    from ..options import parse_options
+
+    kw = dict(sparsity=args.sparsity, rounds=args.rounds, prune_method=args.prune_method,
+              prune_options=parse_options(getattr(args, "prune_option", None), "--prune-option"),
+              allocation=args.allocation,
               delta=args.delta, rmi_features=args.rmi_features, rmi_samples=args.rmi_samples,
               refine="dsnot" if args.refine_dsnot else None, from_pruned=args.from_pruned,
               rank_schedule=args.rank_schedule, r_max=args.r_max, nsamples=args.calib_samples,

@@ -9,12 +9,12 @@ from .ranks import RANK_SCHEDULES
 from .rmi import FEATURES
 
 ALLOCATIONS = ("rmi", "atp", "owl", "uniform")
-PRUNE_METHODS = ("wanda", "sparsegpt")
+PRUNE_METHODS = ("wanda", "sparsegpt")  # the built-in methods LoSA was checked with; any registered pruner runs
 
 
 @dataclass
 class LoSAConfig:
-    """Defaults follow the paper/official code (methods.md 5.1) except where docs/losa.md says why.
+    """Defaults follow the paper/official code (docs/methods.md#losa-round-loop) except where docs/losa.md says why.
 
     Budget: ``steps`` optimiser steps IN TOTAL, split over the rounds (``round_steps`` to set each
     round's share explicitly; the default is an even split with the remainder to the last rounds).
@@ -24,7 +24,8 @@ class LoSAConfig:
     rounds: int = 5  # T
     schedule: Optional[str] = None  # cubic (paper) | flat; None: cubic from dense, flat from pruned
     from_pruned: bool = False  # start from an already pruned checkpoint (flat schedule: a deviation)
-    prune_method: str = "wanda"  # wanda | sparsegpt
+    prune_method: str = "wanda"  # wanda | sparsegpt | any registered pruner (sparse_runtime.pruning.PRUNERS)
+    prune_options: dict = field(default_factory=dict)  # the pruner's own options (its Options dataclass)
     structure: str = "unstructured"
     mixed_nm: bool = False  # per-layer N for N:M: not implemented (an error, never ignored)
     allocation: str = "rmi"  # rmi (paper) | atp | owl | uniform
@@ -95,8 +96,13 @@ class LoSAConfig:
                     "cannot honour; use structure='unstructured' (or the mixed per-layer-N N:M mode, mixed_nm=True)")
             raise ConfigError("mixed N:M (a per-layer N, the paper's mixed N:8) is not implemented in this LoSA; "
                               "use structure='unstructured'")
-        if self.prune_method not in PRUNE_METHODS:
-            raise ConfigError(f"prune_method must be one of {PRUNE_METHODS}, got {self.prune_method!r}")
+        from ..plugins import load_plugins
+        from ..pruning import PRUNERS
+
+        load_plugins()
+        PRUNERS.get(self.prune_method)  # unknown names list the known ones
+        if not isinstance(self.prune_options, dict):
+            raise ConfigError(f"prune_options must be a mapping of option names to values, got {self.prune_options!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.schedule is not None and self.schedule not in ("cubic", "flat"):

@@ -1,4 +1,4 @@
-"""LoSA's layer-wise sparsity linear program (the paper's Eq. 5; methods.md 5.1 step 5):
+"""LoSA's layer-wise sparsity linear program (the paper's Eq. 5; docs/methods.md#losa-round-loop step 5):
 
     min_x  sum_l I_l x_l   s.t.  mean_w(x) = s_t,   max(0, s_t - delta) <= x_l <= min(s_t + delta, 1)
 

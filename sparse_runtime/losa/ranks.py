@@ -1,4 +1,4 @@
-"""Per-layer LoRA ranks from reconstruction errors (the paper's Eq. 7; methods.md 5.1 step 9).
+"""Per-layer LoRA ranks from reconstruction errors (the paper's Eq. 7; docs/methods.md#losa-round-loop step 9).
 
 Layers whose sparse outputs drift furthest from the dense model get more rank. The official
 ``allocate_ranks`` rounds err_l / sum(err) * total, clips to [1, 16] and then nudges the total back

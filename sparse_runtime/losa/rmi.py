@@ -13,7 +13,7 @@ calibration samples (each flattened to one vector of seqlen * d), and H = I - 11
 which is exactly the official ``CKA/cka.py`` (``unbiased=False``). Only the Gram matrices are kept
 (n x n per layer), never the features, so memory is bounded by the sequential driver's one block.
 
-Importance (methods.md 5.1 step 4): m_l = sum_{b != l} C_lb, normalised to sum to 1 (how redundant
+Importance (docs/methods.md#losa-round-loop step 4): m_l = sum_{b != l} C_lb, normalised to sum to 1 (how redundant
 layer l is with the others), and I_l = exp(-beta m_l). The LP objective sum_l I_l x_l gives the
 least redundant layers the lowest sparsity. Because the LP is linear with box constraints, only
 the ORDER of I matters, and exp(-beta m) is monotone in m: beta (1 for Wanda, 100 for SparseGPT in
@@ -21,7 +21,7 @@ the code) changes nothing in the allocation; it is kept for the record.
 
 Which features: ``"outputs"`` (default, our reading of the paper: each layer's representation is
 what it produces) or ``"inputs"`` (the official code: each block's INPUT, so block 0's importance is
-measured on the embeddings; methods.md 5.4 surprise 4).
+measured on the embeddings; docs/methods.md#losa-surprises item 3).
 """
 from __future__ import annotations
 

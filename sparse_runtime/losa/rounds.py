@@ -1,4 +1,4 @@
-"""The LoSA round loop (Huang et al., ICLR 2025; methods.md 5.1), from the DENSE model by default.
+"""The LoSA round loop (Huang et al., ICLR 2025; docs/methods.md#losa-round-loop), from the DENSE model by default.
 
 Once, before the rounds: validate everything; draw the calibration windows; run the dense model
 block by block and write each block's outputs on the calibration set to disk (one safetensors file
@@ -150,18 +150,17 @@ class _Job:
     """One LoSA run on one loaded model (state shared by the phases)."""
 
     def __init__(self, lm, cfg: LoSAConfig, data_dir, work: Path) -> None:
-        from ..prune import PruneConfig, check_model, resolve_refiner
-        from ..pruning import PRUNERS
+        from ..prune import PruneConfig, check_model, make_pruner, resolve_refiner
 
         self.lm, self.model, self.family, self.tok = lm, lm.model, lm.family, lm.tokenizer
         self.cfg, self.data_dir, self.work = cfg, data_dir, work
         self.calib = cfg.calibration()
         self.pcfg = PruneConfig(method=cfg.prune_method, sparsity=cfg.sparsity, percdamp=cfg.percdamp,
                                 blocksize=cfg.blocksize, protocol=cfg.protocol, batch_size=cfg.batch_size,
-                                offload=cfg.offload, device=cfg.device)
+                                offload=cfg.offload, device=cfg.device, method_options=dict(cfg.prune_options))
         self.pcfg.validate()
         self.selected, self.layout = check_model(self.model, self.family, self.pcfg)
-        self.pruner = PRUNERS.get(cfg.prune_method).from_config(self.pcfg)
+        self.pruner = make_pruner(self.pcfg)
         self.refiner = resolve_refiner(cfg.refine, cfg.refine_options) if cfg.refine else None
         self.needs = frozenset(self.pruner.needs) | frozenset(getattr(self.refiner, "needs", ()) or ())
         self.L = len(self.layout.blocks)
@@ -276,17 +275,15 @@ class _Job:
             beta = cfg.atp_beta_fraction * atp_beta_max(s_t, lay.weights)
             return atp_rates(s_t, beta, lay.weights), {"beta": beta}
         if cfg.allocation == "owl":
-            from types import SimpleNamespace
-
             from ..allocation.base import AllocationRequest
-            from ..allocation.owl import OWLAllocator
+            from ..allocation.owl import OWLAllocator, OWLOptions
 
             t0 = time.perf_counter()
-            ns = SimpleNamespace(owl_m=cfg.owl_m, owl_lambda=min(cfg.owl_lambda, s_t, 1 - s_t))
+            opts = OWLOptions(m=cfg.owl_m, lam=min(cfg.owl_lambda, s_t, 1 - s_t))
             filt = lambda n: n in self.selected  # noqa: E731
-            req = AllocationRequest(s_t, lay, ns, stats_pass=lambda on_layer, needs: self._pass(
+            req = AllocationRequest(s_t, lay, self.pcfg, stats_pass=lambda on_layer, needs: self._pass(
                 calib_ids, on_layer, needs, filt, desc="OWL statistics"))
-            a = OWLAllocator().allocate(req)
+            a = OWLAllocator(opts).allocate(req)
             self.timing["rmi_s"] += time.perf_counter() - t0  # the statistics pass plays RMI's role
             return a.rates, {"lod": a.info.get("lod")}
         # RMI + LP
@@ -495,7 +492,9 @@ def run_losa(model_spec, out, cfg: LoSAConfig, *, data_dir=None, overwrite: bool
         raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     lm = load_model(model_spec, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.losa-", dir=out.parent))
+    from ..manifest import make_temporary_beside
+
+    work = make_temporary_beside(out)  # named so a later run cleans it if this one is killed
     if cfg.device and not cfg.offload:
         # the whole model on the device: the fine-tuning rounds train where the model is, and the
         # calibration passes then find every block at home
@@ -520,13 +519,15 @@ def run_losa(model_spec, out, cfg: LoSAConfig, *, data_dir=None, overwrite: bool
     manifest = build_manifest(lm.model, lm.family, targets=targets,
                               base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
                               dense_source=dense_source, previous=prev, step=step)
-    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite)
     result.checkpoint = str(out)
-    if plot:
-        from .plot import plot_rounds
 
-        result.plot = str(plot_rounds(result, out / "losa_allocation.png"))
-    tmp = out / ".losa_report.json.tmp"
-    tmp.write_text(json.dumps(result.as_dict(), indent=1, default=str))
-    tmp.replace(out / "losa_report.json")
+    def write_report(tmp: Path) -> None:  # inside the temporary directory: the rename is the last step
+        if plot:
+            from .plot import plot_rounds
+
+            plot_rounds(result, tmp / "losa_allocation.png")
+            result.plot = str(out / "losa_allocation.png")
+        (tmp / "losa_report.json").write_text(json.dumps(result.as_dict(), indent=1, default=str))
+
+    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite, on_write=write_report)
     return result

@@ -1,4 +1,4 @@
-"""LoSA's sparsity schedule and the LP's half-width (methods.md 5.1 steps 2-3).
+"""LoSA's sparsity schedule and the LP's half-width (docs/methods.md#losa-round-loop steps 2-3).
 
 Cubic schedule (the paper's Eq. 9, after Zhu & Gupta's gradual pruning): round t = 1..T prunes to
 

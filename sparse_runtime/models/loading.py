@@ -17,15 +17,15 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SparseRuntimeError
 from .family import FamilyAdapter, family_for_model_type, family_of
+from .gguf_check import check_gguf
 from .tiny import ByteTokenizer, TINY_CONFIGS, tiny_model
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,14 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSE_RUNTIME_CACHE", Path.home() / ".cache" / "sparse-runtime"))
+    p = Path(os.environ.get("SPARSE_RUNTIME_CACHE", Path.home() / ".cache" / "sparse-runtime"))
+    for q in (p, *p.parents):  # a file where the cache should be: one line, not mkdir's traceback
+        if q.exists():
+            if not q.is_dir():
+                raise ModelLoadError(f"the cache directory {p} cannot be used: {q} is a file; point "
+                                     "$SPARSE_RUNTIME_CACHE at a directory or remove the file")
+            break
+    return p
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -122,15 +129,29 @@ def _load_hf_dir(p: Path, dtype, trust_remote_code: bool, verify_manifest: bool,
     if device_map:
         kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, **kw).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(p, output_loading_info=True, **kw)
     except Exception as e:
         raise ModelLoadError(f"cannot load the weights in {p}: {e}") from e
+    model.eval()
+    # transformers fills a tensor missing from the files with random values and only warns
+    # ("newly initialized"); a checkpoint built on that would be silently wrong
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(
+            f"{p} lacks {len(missing)} weight tensor(s) its config.json needs ({', '.join(missing[:3])}"
+            f"{'...' if len(missing) > 3 else ''}); the files are incomplete or corrupt: copy the model again")
     tok = _load_tokenizer(p, trust_remote_code)
     manifest = None
     from ..manifest import MANIFEST_NAME, read_manifest, verify_manifest as _verify
 
     if (p / MANIFEST_NAME).exists():
-        manifest = read_manifest(p)
+        if verify_manifest:
+            manifest = read_manifest(p)
+        else:  # unverified load (inspect --write-manifest): an unreadable manifest is what is being replaced
+            try:
+                manifest = read_manifest(p)
+            except SparseRuntimeError:
+                manifest = None
         if verify_manifest:
             _verify(model, manifest, family)
     return LoadedModel(model, tok, source, family, manifest, p)
@@ -149,6 +170,7 @@ def _load_gguf(p: Path, dtype) -> LoadedModel:
 
     if not p.is_file():
         raise ModelLoadError(f"GGUF file {p} does not exist")
+    check_gguf(p)  # a damaged file: one line naming it, not the gguf reader's traceback
     for mod, pkg in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(mod) is None:
             raise ModelLoadError(f"reading GGUF needs the '{pkg}' package: pip install {pkg}")
@@ -161,7 +183,7 @@ def _load_gguf(p: Path, dtype) -> LoadedModel:
 
 def fix_gguf_tokenizer(tok) -> None:
     """SmolLM2's GGUF says add_bos_token=False and eos <|im_end|>; transformers rebuilds it with
-    add_bos_token=True and eos <|im_start|>. Restore the GGUF's intent (stack.md)."""
+    add_bos_token=True and eos <|im_start|>. Restore the GGUF's intent (docs/stack.md)."""
     vocab = tok.get_vocab()
     if "<|im_end|>" in vocab:
         tok.eos_token = "<|im_end|>"
@@ -182,23 +204,83 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _smollm2_ready(target: Path) -> bool:
+    return (target / "config.json").is_file() and bool(list(target.glob("*.safetensors")))
+
+
 def ensure_smollm2() -> Path:
-    """Convert the embedded GGUF once into a cached HF directory (fp32 safetensors) and return it."""
+    """Convert the embedded GGUF once into a cached HF directory (fp32 safetensors) and return it.
+
+    The conversion runs under an exclusive ``fcntl`` lock on ``<cache>/models/.smollm2-135m.lock``:
+    a second process that finds the cache empty waits for the first and then uses its result
+    instead of converting again. The new directory is built beside the target and renamed into
+    place; an existing target is never removed first (a concurrent reader keeps its files).
+    """
+    from ..manifest import apply_umask, make_temporary_beside
+
     target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+    if _smollm2_ready(target):
         return target
     gguf = smollm2_gguf_path()
-    log.info("converting %s to %s (once)", gguf, target)
-    loaded = _load_gguf(gguf, "float32")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if _smollm2_ready(target):  # another process converted it while we waited
+            return target
+        log.info("converting %s to %s (once)", gguf, target)
+        loaded = _load_gguf(gguf, "float32")
+        tmp = make_temporary_beside(target)
+        try:
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            apply_umask(tmp)
+            if target.exists():  # an incomplete leftover: move it aside, never delete under a reader
+                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class _file_lock:
+    """An exclusive advisory lock held for the ``with`` block (``fcntl.flock``; no-op where absent)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_file_lock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the rename still keeps readers safe
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def model_context_limit(spec) -> Optional[int]:
+    """The model's longest context (``max_position_embeddings``) when it can be read without loading
+    the weights (a tiny model, a directory with config.json, the converted default), else None."""
+    import json
+
+    s = str(spec)
+    if s.startswith("tiny-") and s[5:] in TINY_CONFIGS:
+        return getattr(TINY_CONFIGS[s[5:]](), "max_position_embeddings", None)
+    p = cache_dir() / "models" / "smollm2-135m" if s == DEFAULT_MODEL else Path(s).expanduser()
+    f = p / "config.json"
+    try:
+        value = json.loads(f.read_text()).get("max_position_embeddings") if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -147,10 +147,20 @@ class Engine:
     def _restore(self, snap: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # -- slots (optional): many sequences at once, for serving ------------------------------------
+    # Engines with ``supports_slots`` also implement ``init_slots(n_slots, capacity)``,
+    # ``prefill_slot(slot, ids [T]) -> logits [V]`` (torch), ``decode_slots(slots, tokens) -> logits
+    # [B, V]`` (one batched step, per-slot cache lengths), ``free_slot(slot)`` and ``slot_bytes()``;
+    # ``sparse_runtime.serve`` batches them continuously. Others are served one sequence at a time
+    # by swapping their single-sequence state (docs/serving.md).
+    supports_slots: bool = False
+
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int = 32, eos_token_id: Optional[int] = None) -> Iterator[int]:
         """Greedy decoding, one token id at a time (batch 1), so callers can stream text."""
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:  # every engine's prefill fails on it, each with its own traceback
+            raise SparseRuntimeError("the prompt is empty (0 tokens): give --prompt some text")
         logits = self.prefill(ids)
         n = ids.shape[1]
         for _ in range(max_new_tokens):

@@ -83,38 +83,59 @@ def find_python(python: Optional[str] = None) -> str:
 
 
 def install(python: Optional[str] = None, force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Create the venv and pip-install ``deepsparse==1.8.0`` into it (about a minute)."""
+    """Create the venv and pip-install ``deepsparse==1.8.0`` into it (about a minute).
+
+    The venv is built at its final path: a venv's scripts (``pip``, ``activate``,
+    ``deepsparse.benchmark``) carry its absolute path, so one built under a temporary name and
+    renamed would point at a directory that no longer exists. The marker file is written last, so
+    :func:`is_installed` never sees a half-built env; a previous env is moved aside meanwhile and
+    put back if the new one fails.
+    """
     target = env_dir()
     if is_installed() and not force:
         return status()
     py = find_python(python)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)  # older releases' temp
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
     say = (lambda *_: None) if quiet else (lambda m: print(m, flush=True))
-    say(f"creating {partial} with {py}")
-    subprocess.run([py, "-m", "venv", str(partial)], check=True, env=_env())
-    say(f"pip install deepsparse=={DEEPSPARSE_VERSION} (pins onnx 1.14.1, numpy<2) ...")
-    t0 = time.perf_counter()
-    r = subprocess.run([str(python_path(partial)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        f"deepsparse=={DEEPSPARSE_VERSION}"], env=_env(), capture_output=True, text=True)
-    if r.returncode:
-        shutil.rmtree(partial, ignore_errors=True)
-        tail = ((r.stderr or r.stdout).strip().splitlines() or [""])[-1]
-        raise SparseRuntimeError(f"installing deepsparse failed (pip exit {r.returncode}): {tail}")
-    probe = subprocess.run([str(python_path(partial)), "-c", "import deepsparse, onnx, numpy, sys; "
-                            "print(deepsparse.__version__, onnx.__version__, numpy.__version__, sys.version.split()[0])"],
-                           env=_env(), capture_output=True, text=True)
-    if probe.returncode:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise SparseRuntimeError(f"deepsparse installed but does not import: {probe.stderr.strip()[-300:]}")
+
+    def fail(message: str) -> SparseRuntimeError:
+        shutil.rmtree(target, ignore_errors=True)
+        if old.exists():
+            os.replace(old, target)
+        return SparseRuntimeError(message)
+
+    try:
+        say(f"creating {target} with {py}")
+        subprocess.run([py, "-m", "venv", str(target)], check=True, env=_env())
+        say(f"pip install deepsparse=={DEEPSPARSE_VERSION} (pins onnx 1.14.1, numpy<2) ...")
+        t0 = time.perf_counter()
+        r = subprocess.run([str(python_path(target)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            f"deepsparse=={DEEPSPARSE_VERSION}"], env=_env(), capture_output=True, text=True)
+        if r.returncode:
+            tail = ((r.stderr or r.stdout).strip().splitlines() or [""])[-1]
+            raise fail(f"installing deepsparse failed (pip exit {r.returncode}): {tail}")
+        probe = subprocess.run([str(python_path(target)), "-c", "import deepsparse, onnx, numpy, sys; "
+                                "print(deepsparse.__version__, onnx.__version__, numpy.__version__, "
+                                "sys.version.split()[0])"], env=_env(), capture_output=True, text=True)
+        if probe.returncode:
+            raise fail(f"deepsparse installed but does not import: {probe.stderr.strip()[-300:]}")
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise fail(f"creating the DeepSparse environment in {target} failed: {e}") from e
+    except KeyboardInterrupt:
+        fail("interrupted")
+        raise
     ds, onnx_v, np_v, py_v = probe.stdout.split()[-4:]
     marker = {"deepsparse": ds, "onnx": onnx_v, "numpy": np_v, "python": py_v, "installed_seconds":
               round(time.perf_counter() - t0, 1), "licence": LICENCE}
-    (partial / MARKER).write_text(json.dumps(marker, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(partial, target)  # the venv's python is a symlink to the base interpreter: renaming is safe
+    tmp = target / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, target / MARKER)
+    shutil.rmtree(old, ignore_errors=True)
     say(f"installed DeepSparse {ds} in {target}. {LICENCE}")
     return status()
 

@@ -3,7 +3,7 @@
 Loads a checkpoint directory, any :func:`sparse_runtime.load_model` spec, or a 2:4
 ``semi-structured`` export (rebuilt dense on the CPU). Weights are dense tensors: a pruned model runs
 exactly as fast as the dense one (PyTorch has no CPU kernel that skips zeros in a dense tensor, and
-its CSR matmul was slower than dense here, stack.md). ``compile=True`` wraps the forward in
+its CSR matmul was slower than dense here, docs/stack.md). ``compile=True`` wraps the forward in
 ``torch.compile`` (dynamic shapes); it costs tens of seconds per new shape on 2 cores and gave no
 reliable gain at batch-1 decode, so it is off by default.
 """

@@ -21,7 +21,13 @@ class BenchConfig:
 
     def validate(self) -> None:
         if self.repeats < 5:
-            raise ConfigError("bench.repeats must be >= 5 (protocols.md)")
+            raise ConfigError("bench.repeats must be >= 5 (docs/protocols.md)")
+        if self.decode_steps < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError("bench.decode_steps and bench.threads must be >= 1")
+        from ..bench.latency import parse_scenario
+
+        for sc in self.scenarios:
+            parse_scenario(sc, self.decode_steps)  # impossible scenarios fail before any work
 
 
 @STAGES.register("bench")

@@ -6,7 +6,9 @@
   options: {dtype: float16, optimize: basic}
 ```
 The export goes to ``<step dir>/<format>`` unless ``out`` is given. The model spec is unchanged
-(an export is not a checkpoint the next stage could prune or evaluate).
+(an export is not a checkpoint the next stage could prune or evaluate). An export placed before the
+step that prunes the model would export the dense model: the recipe is refused unless the export
+step says ``dense: true``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class ExportConfig:
     format: str = "onnx"
     out: Optional[str] = None
     options: dict = field(default_factory=dict)
+    dense: bool = False  # true: exporting the dense model before a pruning step is intended
 
     def validate(self) -> None:
         from exporters import formats, make_options

@@ -23,6 +23,7 @@ from ..recipe import STAGES, Stage, StageContext, StageResult
 class LoSAStage(Stage):
     name = "losa"
     writes_checkpoint = True
+    prunes = True
 
     Config = LoSAConfig
 

@@ -9,9 +9,18 @@ steps:
     atp_beta: auto           # or a number in (0, min(2S/(L-1), 2(1-S)/(L-1))]
     refine: dsnot            # optional mask refiner, run inside the same pass
     refine_options: {max_cycle_time: 50}
+  - stage: prune
+    method: sparsegpt
+    sparsity: 0.5
+    method_options: {percdamp: 0.05, blocksize: 64}   # the method's own options (SparseGPTOptions)
+    allocation: owl
+    allocation_options: {lam: 0.1}                    # the allocation's own options (OWLOptions)
 ```
-Options are :class:`sparse_runtime.prune.PruneConfig` fields; the calibration protocol defaults to
-the recipe's.
+Options are :class:`sparse_runtime.prune.PruneConfig` fields; ``method_options`` and
+``allocation_options`` are checked against the chosen method's ``Options`` dataclass (the flat
+``atp_beta``, ``owl_lambda``, ``percdamp``, ... still work as their aliases). A recipe names
+registered methods only; it never names a module to import (plugins: ``$SPARSE_RUNTIME_PLUGINS``,
+:mod:`sparse_runtime.plugins`). The calibration protocol defaults to the recipe's.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ class PruneStage(Stage):
     name = "prune"
     Config = PruneConfig
     writes_checkpoint = True
+    prunes = True
 
     def run(self, ctx: StageContext, cfg: PruneConfig, out_dir: Path) -> StageResult:
         if cfg.protocol is None:

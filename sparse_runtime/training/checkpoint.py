@@ -8,7 +8,8 @@ Each holds everything a resume needs to continue the *same* loss curve:
 - ``trainer_state.json``: step, sequences consumed (the data position), tokens, the loss log so
   far, method callbacks' state, and the run identity (method, adapter options, base-mask
   fingerprint, data and optimisation settings). A resume with another identity is refused.
-Written atomically (temporary directory + rename); the oldest are pruned to ``keep``.
+Written atomically (temporary directory + rename, every process's files inside it before the
+rename); the oldest are pruned to ``keep``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError, ManifestError
-from ..manifest import atomic_directory
+from ..manifest import atomic_directory, make_temporary_beside, replace_directory
 
 STATE = "trainer_state.json"
 FORMAT = "sparse-runtime/train-checkpoint"
@@ -60,18 +61,37 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, st
     from ..adapters import adapter_state_dict
 
     target = checkpoint_dir(run_dir, step)
-    if rank == 0:
+
+    def write_shared(tmp: Path) -> None:
+        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng-rank0.pt")
+        (tmp / STATE).write_text(json.dumps({"format": FORMAT, **state}, indent=1, default=str))
+
+    if world <= 1:
         with atomic_directory(target, overwrite=True) as tmp:
-            save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-            torch.save(rng_state(), tmp / "rng-rank0.pt")
-            (tmp / STATE).write_text(json.dumps({"format": FORMAT, **state}, indent=1, default=str))
-    if barrier:
-        barrier()
-    if rank > 0:
-        torch.save(rng_state(), target / f"rng-rank{rank}.pt")
-    if barrier:
-        barrier()
+            write_shared(tmp)
+    else:
+        # every process writes its RNG file into the same temporary directory BEFORE the rename,
+        # so a checkpoint directory that exists always holds every process's state
+        name = [str(make_temporary_beside(target)) if rank == 0 else ""]
+        torch.distributed.broadcast_object_list(name, src=0)
+        tmp = Path(name[0])
+        try:
+            if rank == 0:
+                write_shared(tmp)
+            else:
+                torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+            if barrier:
+                barrier()
+            if rank == 0:
+                replace_directory(tmp, target)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if barrier:
+            barrier()
     if rank == 0:
         olds = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*"))
         for p in olds[:-keep]:

@@ -56,6 +56,9 @@ class TrainConfig:
             raise ConfigError("data 'text' needs --data-path FILE (a UTF-8 text file)")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.data == "c4" and self.data_path:
+            raise ConfigError("--data-path does not apply to --data c4 (it reads c4/c4_sample.jsonl under --data-dir): "
+                              "drop --data-path, or give --data-dir DIR holding that file")
         if self.data == "c4" and self.steps is None:
             raise ConfigError("data 'c4' draws steps x batch_size windows: give --steps")
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):

@@ -39,6 +39,7 @@ from ..adapters import (FINETUNE_METHODS, AdapterConfig, attach_adapters, count_
                         trainable_parameters)
 from ..adapters.io import mask_fingerprint, save_adapter
 from ..errors import CheckpointExistsError, ConfigError
+from ..faults import fault_point
 from ..progress import progress
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
@@ -146,13 +147,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer, family, method: str, adapter_cfg: AdapterConfig,
                  cfg: TrainConfig, out_dir: Path, *, adapters: dict, data_dir=None, base_model: str = "",
-                 fingerprint: str = "", dist: Optional[DistInfo] = None) -> None:
+                 fingerprint: str = "", dist: Optional[DistInfo] = None, final_dir: Optional[Path] = None) -> None:
         self.spec = FINETUNE_METHODS.get(method)
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.method, self.adapter_cfg = method, adapter_cfg
         self.cfg = cfg.resolved(self.spec.train_defaults)
         self.cfg.validate()
         self.out_dir = Path(out_dir)
+        # where the run ends up: out_dir itself, or the directory a staging out_dir replaces at the end
+        self.final_dir = Path(final_dir) if final_dir is not None else self.out_dir
         self.adapters = adapters
         self.data_dir = data_dir
         self.base_model, self.fingerprint = base_model, fingerprint
@@ -313,6 +316,7 @@ class Trainer:
             if cuda:  # kernels run asynchronously: a step's time ends when its work has
                 torch.cuda.synchronize(self.device)
             self.step += 1
+            fault_point("train-step")  # test hook (sparse_runtime/faults.py); nothing when unset
             step_tokens = sum(len(e.input_ids) for e in examples)
             self.tokens += step_tokens
             loss = float(loss_acc) / max(1, total)
@@ -339,7 +343,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_disable()
         self.model.eval()
-        res = TrainResult(self.out_dir, self.step, self.losses, self.evals, self.tokens, seconds,
+        res = TrainResult(self.final_dir, self.step, self.losses, self.evals, self.tokens, seconds,
                           count_trainable(self.model), peak_rss_mb(),
                           str(resumed_from) if resumed_from is not None else None,
                           torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None, setup_peak)
@@ -414,26 +418,190 @@ def finetune(model_spec, out: os.PathLike, cfg: TrainConfig, adapter_options: Op
              data_dir=None, resume: Union[bool, str] = False, overwrite: bool = False, dtype="float32",
              device: Optional[str] = None) -> tuple[TrainResult, Any]:
     """Fine-tune ``model_spec`` (a checkpoint dir, a model name or a LoadedModel) with ``cfg.method``;
-    write the adapter to ``out``. Returns (TrainResult, LoadedModel with the trained adapters attached)."""
+    write the adapter to ``out``. Returns (TrainResult, LoadedModel with the trained adapters attached).
+
+    Nothing appears at ``out`` until the run is complete: the model, adapter options and data are
+    checked first, then the run (log, resumable checkpoints, adapter) is written into a hidden
+    temporary directory beside ``out`` that replaces ``out`` at the end. A failure removes it (a
+    bad input or a full disk leaves no trace) unless it holds a resumable checkpoint, which is kept
+    for ``--resume``; a ``kill -9`` leaves it too, and ``--resume`` continues it (see
+    :func:`_choose_run_dir`). ``resume=True`` with no checkpoint to continue starts afresh, with a note."""
     cfg.validate()
     FINETUNE_METHODS.get(cfg.method)  # unknown method: clear error before loading anything
     out = Path(out)
+    check_out_apart_from_input(model_spec, out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose another --out")
     dist = init_distributed()
-    if resume is False:
-        if out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise CheckpointExistsError(f"{out} already exists; choose another --out, pass --overwrite, "
-                                            "or --resume to continue it")
-            if dist.rank == 0:
-                shutil.rmtree(out)
-        dist.barrier()
+    if resume is False and _nonempty_dir(out) and not overwrite:
+        raise CheckpointExistsError(f"{out} already exists; choose another --out, pass --overwrite, "
+                                    "or --resume to continue it")
+    if resume not in (False, True, None) and not Path(resume).is_dir():
+        raise ConfigError(f"checkpoint {resume} does not exist; give a checkpoints/step-N directory of the run")
     if device is None and dist.enabled and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank}"
-    out.mkdir(parents=True, exist_ok=True)
+    # everything that can fail on the user's input (model, adapter options, data) fails here, before
+    # anything is created on disk
     lm, adapters, adapter_cfg, fp = prepare_model(model_spec, cfg.method, adapter_options, dtype=dtype,
                                                   device=device, seed=cfg.seed)
     base = str(lm.path) if getattr(lm, "path", None) else str(lm.source)
     trainer = Trainer(lm.model, lm.tokenizer, lm.family, cfg.method, adapter_cfg, cfg, out, adapters=adapters,
-                      data_dir=data_dir, base_model=base, fingerprint=fp, dist=dist)
-    result = trainer.train(resume=resume)
+                      data_dir=data_dir, base_model=base, fingerprint=fp, dist=dist, final_dir=out)
+    made = _missing_parents(out)
+    work, source = _shared_run_dir(out, resume, overwrite, dist)
+    trainer.out_dir = work
+    try:
+        result = trainer.train(resume=source if source is not None else False)
+        if dist.rank == 0:
+            from ..manifest import replace_directory
+
+            replace_directory(work, out)
+        dist.barrier()
+    except BaseException:
+        if dist.rank == 0:
+            _discard_run_dir(work, made)
+        raise
+    result.out_dir = out
+    if result.resumed_from and result.resumed_from.startswith(str(work)):  # where it lies now
+        result.resumed_from = str(out) + result.resumed_from[len(str(work)):]
     return result, lm
+
+
+def _nonempty_dir(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """The ancestors of ``out`` that do not exist yet (deepest first): a failed run removes them again."""
+    missing, p = [], out.absolute().parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _discard_run_dir(work: Path, made: list[Path]) -> None:
+    """After a failure: remove the run's temporary directory, unless it holds a resumable checkpoint
+    (hours of training a ``--resume`` can continue); then the parents this run created, if empty."""
+    import sys
+
+    found = ckpt_mod.latest_checkpoint(work) if work.is_dir() else None
+    if found is not None:
+        print(f"note: the interrupted run's last checkpoint ({found.name}) is kept in {work}; rerun the same "
+              "command with --resume to continue it", file=sys.stderr)
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    for p in made:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _stale_runs(out: Path) -> list[tuple[float, Path]]:
+    """Temporary run directories beside ``out`` that a killed (or failed) run left, with a resumable
+    checkpoint: (mtime of that checkpoint, directory)."""
+    from ..manifest import TMP_MARK, _pid_alive
+
+    prefix = f".{out.name}{TMP_MARK}"
+    found = []
+    if not out.parent.is_dir():
+        return found
+    for p in out.parent.iterdir():
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue  # another process's run in progress (ours: an earlier call that failed)
+        ck = ckpt_mod.latest_checkpoint(p)
+        if ck is not None:
+            found.append((ck.stat().st_mtime, p))
+    return sorted(found)
+
+
+def _clean_inner_temporaries(run_dir: Path) -> None:
+    """Hidden half-written checkpoints a kill left inside an adopted run directory."""
+    from ..manifest import OLD_MARK, TMP_MARK, clean_stale_temporaries
+
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in list(root.iterdir()):
+        for mark in (TMP_MARK, OLD_MARK):
+            if p.name.startswith(".") and mark in p.name:
+                clean_stale_temporaries(root / p.name[1:].split(mark, 1)[0])
+
+
+def _choose_run_dir(out: Path, resume, overwrite: bool) -> tuple[Path, Optional[str]]:
+    """Where this run writes (a hidden temporary directory beside ``out``) and the checkpoint it
+    continues from (None: from step 0).
+
+    ``resume=True`` continues the newest checkpoint of: a run a kill or a failure left beside
+    ``out`` (that directory is taken over), else the finished run at ``out`` (copied, so ``out``
+    stays intact until the continued run is complete); with neither, it starts afresh with a note
+    (a run killed before its first checkpoint). ``resume=PATH`` continues that checkpoint."""
+    import secrets
+    import sys
+    import tempfile
+
+    from ..manifest import TMP_MARK, make_temporary_beside
+
+    def fresh_name() -> Path:
+        return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if resume is True:
+        stale = _stale_runs(out)
+        if stale:
+            work = fresh_name()
+            os.rename(stale[-1][1], work)  # ours now: a concurrent cleaner sees a live pid
+            _clean_inner_temporaries(work)
+            return work, str(ckpt_mod.latest_checkpoint(work))
+        if ckpt_mod.latest_checkpoint(out) is not None:
+            work = make_temporary_beside(out)
+            shutil.copytree(out, work, dirs_exist_ok=True)
+            return work, str(ckpt_mod.latest_checkpoint(work))
+        if _nonempty_dir(out) and not overwrite:
+            raise CheckpointExistsError(f"nothing to resume: {out} holds no checkpoint (and no interrupted run is "
+                                        "beside it); pass --overwrite to replace it, or choose another --out")
+        print(f"note: nothing to resume for {out} (no checkpoint was written before the run stopped); "
+              "starting from step 0", file=sys.stderr)
+        return make_temporary_beside(out), None
+    if resume not in (False, None):
+        # an explicit checkpoint may lie in an interrupted run's directory: no stale-temporary cleaning here
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+        if out.is_dir():
+            shutil.copytree(out, work, dirs_exist_ok=True)
+        return work, str(resume)
+    return make_temporary_beside(out), None
+
+
+def _shared_run_dir(out: Path, resume, overwrite: bool, dist: DistInfo) -> tuple[Path, Optional[str]]:
+    """:func:`_choose_run_dir` on rank 0, its answer sent to every process."""
+    msg = [list(map(lambda x: None if x is None else str(x), _choose_run_dir(out, resume, overwrite)))
+           if dist.rank == 0 else None]
+    if dist.enabled:
+        torch.distributed.broadcast_object_list(msg, src=0)
+    work, source = msg[0]
+    return Path(work), source
+
+
+def check_out_apart_from_input(model_spec, out: Path) -> None:
+    """Refuse an output directory that is, or lies inside, or contains the input model directory:
+    writing (or, with ``--overwrite``, replacing) it would destroy the model being trained."""
+    from ..errors import ConfigError as _ConfigError
+
+    if hasattr(model_spec, "model"):
+        src = getattr(model_spec, "path", None)
+        if src is None:
+            return
+    else:
+        src = Path(str(model_spec)).expanduser()
+    src = Path(src)
+    if not src.exists():
+        return
+    a, b = src.resolve(), Path(out).expanduser().resolve()
+    if a == b or a in b.parents:
+        raise _ConfigError(f"--out {out} is the input model directory or inside it; choose an --out outside "
+                           f"{src} (writing there would destroy the model being fine-tuned)")
+    if b in a.parents:
+        raise _ConfigError(f"--out {out} contains the input model {src}; choose an --out that does not hold "
+                           "the input (replacing it would destroy the model being fine-tuned)")
