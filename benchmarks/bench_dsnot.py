@@ -34,6 +34,7 @@ from sparse_runtime.repair.dsnot import DSnoTRefiner, make_config
 from sparse_runtime.report import save_results
 
 PAIRS: dict[str, dict] = {
+    "wanda-50": dict(method="wanda", sparsity=0.5),
     "wanda-60": dict(method="wanda", sparsity=0.6),
     "wanda-70": dict(method="wanda", sparsity=0.7),
     "wanda-2:4": dict(method="wanda", structure="2:4"),
@@ -132,7 +133,7 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
     notes = [f"dense ppl {dense_ppl:.3f} (same run)",
              f"calibration: C4 {proto.calib_samples} x {proto.calib_seqlen} tokens, seed {proto.calib_seed}, drawn once and "
              f"shared by every run; perplexity: WikiText-2 test, first {proto.eval_windows} windows of {proto.eval_seqlen} "
-             "tokens (protocols.md)",
+             "tokens (docs/protocols.md)",
              f"DSnoT options: {dcfg.as_dict()} (fused into the pruning pass)",
              "mean |e| = mean over refined rows of the expected output error |e_r| = |sum_pruned W_rj E[x_j]| (per token), "
              "before and after DSnoT; rows changed = rows with at least one accepted swap",

@@ -2,7 +2,7 @@
 
 Why it works. For output row r of a linear y = W x, pruning the set P_r changes the row's output by
 eps_r(x) = sum_{j in P_r} W_rj x_j. DSnoT cannot see every token, so it controls the *expected*
-error (methods.md 3.1, step 1)
+error (docs/methods.md#dsnot-algorithm, step 2)
 
     e_r = E[eps_r] = sum_{j in P_r} W_rj * E[x_j]                                            (1)
 
@@ -29,8 +29,9 @@ The swap is accepted while |e_r| > threshold, for at most
 rankings are computed once from the initial mask, as in the official code, so a regrown weight is
 never pruned again and a DSnoT-pruned weight is never regrown: every step makes progress.
 
-N:M (methods.md 3.1, N:M branch): the growth ranking is the same; the partner is the kept weight of
-the *same M-group* with the smallest Wanda score (any sign), so the group keeps exactly M-N nonzeros.
+N:M (docs/methods.md#dsnot-algorithm, N:M): the growth ranking is the same; the partner is the
+kept weight of the *same M-group* with the smallest Wanda score (any sign), so the group keeps
+exactly M-N nonzeros.
 
 What this module does differently from the official code (each an option; ``DSnoTConfig.official()``
 restores the code's behaviour; see docs/dsnot.md):
@@ -45,8 +46,8 @@ restores the code's behaviour; see docs/dsnot.md):
   |e_r|) are on by default. Together they make |e_r| non-increasing across accepted swaps, the
   property the tests check; the official unstructured default has neither and allows overshoot;
 - after SparseGPT (kept weights already reconstructed), a regrown weight takes its ORIGINAL dense
-  value, because SparseGPT's update overwrote nothing at pruned positions we could use (methods.md
-  3.4 item 3 and 9.1); kept weights keep their SparseGPT values.
+  value, because SparseGPT's update overwrote nothing at pruned positions we could use
+  (docs/methods.md#dsnot-defaults-and-surprises and #composition); kept weights keep their SparseGPT values.
 
 Everything per cycle is a handful of [rows] tensor operations: all rows swap in parallel, with no
 Python loop over rows, and the rankings are top-k over at most ``max_cycles`` candidates.
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 
 THRESHOLD_UNITS = ("initial", "output_rms", "per_token", "token_sum")
 LAYER_SETS = ("all", "attention", "mlp")
-OBJECTIVES = ("mse", "mean")
+OBJECTIVES = ("mse", "mean", "gram")
 
 
 @dataclass
@@ -103,7 +104,10 @@ class DSnoTConfig:
       error under independent input channels, e_r^2 + sum_{j in P_r} W_rj^2 Var(x_j) (Eq. 4), or
       ``"mean"``, |e_r| alone (Eq. 1). Lowering |e_r| by regrowing a low-score weight and pruning a
       higher-score one raises the variance term; on SmolLM2 that made perplexity worse, so the
-      default only accepts a swap that lowers the total.
+      default only accepts a swap that lowers the total. ``"gram"``: the row's exact squared error
+      on the calibration tokens, D_r G D_r^T with G = E[x x^T] (Eq. 5; no independence assumption;
+      needs the inputs' second-moment matrix, SparseGPT's Hessian / 2, so the pass gathers it). A
+      swap is then accepted only if the layer's calibration output error goes down.
     """
 
     max_cycles: int = 50
@@ -213,7 +217,8 @@ def _take(pool: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
 def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                       wanda_norm: torch.Tensor, cfg: Optional[DSnoTConfig] = None, *,
                       pattern: Optional[NMPattern] = None, threshold: Optional[torch.Tensor] = None,
-                      current: Optional[torch.Tensor] = None, trace: bool = False) -> DSnoTResult:
+                      current: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None,
+                      trace: bool = False) -> DSnoTResult:
     """Refine ``keep`` (True = kept) of the dense ``weight`` [R, C] by DSnoT's prune-and-grow.
 
     ``mean`` = E[x_j] per token, ``var`` = Var(x_j), ``wanda_norm`` = ||X_j||_2 (any positive scale):
@@ -225,6 +230,11 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
     they differ from the dense ones at kept positions, and the error is that of the actual layer:
     e_r = sum_j (W_rj - V_rj) E[x_j] over all j; pruning a kept weight removes its current value
     V_rk (its contribution V_rk E[x_k], its score |V_rk| ||X_k||), regrowing restores the dense W_ri.
+
+    ``gram`` = G = E[x x^T] [C, C] (needed by ``objective="gram"``): the row's calibration error is
+    then exactly E[eps_r^2] = D_r G D_r^T (Eq. 5, D = W - V), tracked through g_r = D_r G, so a swap
+    that moves D by delta (delta_i = -W_ri at the grown i, +V_rk at the pruned k) changes it by
+    2 delta.g_r + delta G delta^T, read off in O(1) per row; accepted rows update g_r in O(C).
     """
     cfg = (cfg or DSnoTConfig()).validate()
     w = weight.detach().float()
@@ -253,6 +263,13 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
     if cfg.max_cycles == 0 or math.isinf(float(cfg.threshold)) and threshold is None:
         return DSnoTResult(keep, swaps, err0, err, thr, 0, traces)
 
+    use_gram = cfg.require_decrease and cfg.objective == "gram"
+    if use_gram:
+        if gram is None:
+            raise ConfigError("dsnot objective='gram' needs the inputs' second-moment matrix (the 'hessian' statistic)")
+        gmat = gram.detach().to(dev).float()
+        gdiag = gmat.diagonal()
+        gerr = (w.masked_fill(keep, 0.0) if v is None else w - v) @ gmat  # g_r = D_r G, [R, C]
     floor = cfg.var_floor * float(var.mean()) + 1e-20 if cfg.var_floor > 0 else 0.0
     varp = var.clamp_min(floor) ** cfg.var_power if cfg.var_power else torch.ones_like(var)
     # Eq. (2) over the pruned weights only (kept = 0). Positive entries form the pool used when
@@ -331,12 +348,20 @@ def dsnot_refine_mask(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tens
                     d_p = w_p * w_p - (w_p - v_p) * (w_p - v_p)
                 d_var = d_p * var[p_idx] - w_g * w_g * var[g_idx]
                 ok &= after * after - err * err + d_var < 0
+            elif use_gram:  # Eq. (5): exact change of D_r G D_r^T
+                d_g = -w[row_idx, g_idx]  # the grown weight leaves the error
+                d_p = (w if v is None else v)[row_idx, p_idx]  # the pruned one's current value enters it
+                change = (2 * (d_g * gerr[row_idx, g_idx] + d_p * gerr[row_idx, p_idx])
+                          + d_g * d_g * gdiag[g_idx] + d_p * d_p * gdiag[p_idx] + 2 * d_g * d_p * gmat[g_idx, p_idx])
+                ok &= change < 0
             else:
                 ok &= after.abs() < err.abs()
         skip = base & skip  # N:M only: no partner in this M-group; try the next candidate
         active = ok | skip
         # apply the accepted swaps (one in, one out per row)
         r = row_idx[ok]
+        if use_gram and bool(ok.any()):
+            gerr[r] += d_g[ok].unsqueeze(1) * gmat[g_idx[ok]] + d_p[ok].unsqueeze(1) * gmat[p_idx[ok]]
         keep[r, g_idx[ok]] = True
         keep[r, p_idx[ok]] = False
         err = torch.where(ok, after, err)
@@ -363,6 +388,7 @@ class InputMoments:
     sq_mean: torch.Tensor  # E[x_j^2]
     norm: torch.Tensor  # Wanda's ||X_j||_2 (sqrt of scaler_row)
     tokens_per_sample: float
+    gram: Optional[torch.Tensor] = None  # E[x x^T] (SparseGPT's H / 2), only for objective="gram"
 
     @classmethod
     def from_stats(cls, stats) -> "InputMoments":
@@ -370,10 +396,16 @@ class InputMoments:
         if missing:
             raise ConfigError(f"dsnot needs the input statistics {sorted(DSNOT_NEEDS)}; gathered without {missing}")
         tps = stats.ntokens / max(1, stats.nsamples)  # token_sum and sq_sum are per-sample token sums
-        return cls(stats.token_sum / tps, stats.var, stats.sq_sum / tps, stats.sq_sum.sqrt(), tps)
+        gram = None if stats.hessian is None else stats.hessian / 2
+        return cls(stats.token_sum / tps, stats.var, stats.sq_sum / tps, stats.sq_sum.sqrt(), tps, gram)
 
 
 DSNOT_NEEDS = frozenset({"norm", "mean", "var"})
+
+
+def dsnot_needs(cfg: "DSnoTConfig") -> frozenset:
+    """The input statistics DSnoT gathers: the moments, plus the Gram matrix for objective='gram'."""
+    return DSNOT_NEEDS | ({"hessian"} if cfg.require_decrease and cfg.objective == "gram" else set())
 
 
 @torch.no_grad()
@@ -397,7 +429,7 @@ def refine_linear(dense_weight: torch.Tensor, pruned_weight: torch.Tensor, momen
     thr = row_thresholds(cfg, dense, keep, moments.mean.to(dense.device), moments.sq_mean.to(dense.device),
                          moments.tokens_per_sample, current)
     res = dsnot_refine_mask(dense, keep, moments.mean, moments.var, moments.norm, cfg, pattern=pattern, threshold=thr,
-                            current=current)
+                            current=current, gram=moments.gram)
     # only the swapped positions change: pruned ones become 0, regrown ones take their dense value
     idx = (res.keep != keep.to(res.keep.device)).nonzero(as_tuple=True)
     new = pruned_weight.detach().clone()
@@ -465,6 +497,7 @@ class DSnoTRefiner:
 
     def __init__(self, cfg: Optional[DSnoTConfig] = None, **options: Any) -> None:
         self.cfg = make_config(options, cfg)
+        self.needs = dsnot_needs(self.cfg)
         self.records: dict[str, LayerRecord] = {}
         self.seconds = 0.0
 
@@ -617,7 +650,7 @@ def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, 
         new = refiner.refine(task, dense_t, pruned, keep, patterns.get(task.name), 0.0)
         task.linear.weight.data.copy_(new.to(task.linear.weight.dtype))
 
-    timing = sequential_pass(model, family, calib_ids, on_layer, needs=DSNOT_NEEDS, device=device,
+    timing = sequential_pass(model, family, calib_ids, on_layer, needs=refiner.needs, device=device,
                              on_block_start=on_block_start, desc="dsnot repair")
     for n, lin in family.iter_linears(model):
         if not torch.equal((lin.weight != 0).sum(1).cpu(), nnz_before[n].cpu()):

@@ -375,9 +375,20 @@ class LeanLlama:
             raise ConfigError(f"the sequence holds {self.batch} rows; got {B} (call reset() to start a new one)")
         p0 = self.length
         self._grow(p0 + T, B)
+        x = self._causal_layers(ids, p0, self.cos, self.sin, self.k, self.v)
+        self.length = p0 + T
+        return F.linear(_rms(x, self.final_norm, self.eps), self.lm_head, self.lm_bias)
+
+    def _causal_layers(self, ids: torch.Tensor, p0: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The decoder layers over ``ids`` [B, T] appended at position ``p0`` of caches
+        ``[layers, B, KV, capacity, D]`` (the sequence cache, or one slot's view of the serving
+        cache): causal (and sliding-window) attention over everything cached so far. Returns the
+        hidden states [B, T, hidden] before the final norm."""
+        B, T = ids.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)
-        cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
+        cos, sin = cos_table[p0:p0 + T], sin_table[p0:p0 + T]
         qpos = torch.arange(p0, p0 + T).unsqueeze(1)
         kpos = torch.arange(p0 + T).unsqueeze(0)
         causal = kpos <= qpos
@@ -389,16 +400,15 @@ class LeanLlama:
             q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
             q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
             k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
-            self.k[i, :, :, p0:p0 + T] = k
-            self.v[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
-            kk = self.k[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-            vv = self.v[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            k_cache[i, :, :, p0:p0 + T] = k
+            v_cache[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
+            kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+            vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
             a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
             x = x + l.o(a.transpose(1, 2).reshape(B, T, H * D))
             g, u = l.gate_up(_rms(x, l.post_norm, self.eps)).split([self.inter, self.inter], -1)
             x = x + l.down(F.silu(g) * u)
-        self.length = p0 + T
-        return F.linear(_rms(x, self.final_norm, self.eps), self.lm_head, self.lm_bias)
+        return x
 
     def reset(self) -> None:
         self.length = 0
@@ -516,29 +526,8 @@ class LeanLlama:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         T = ids.shape[1]
         p0 = self._check_room(slot, T)
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)
-        cos, sin = self.slot_cos[p0:p0 + T], self.slot_sin[p0:p0 + T]
-        qpos = torch.arange(p0, p0 + T).unsqueeze(1)
-        kpos = torch.arange(p0 + T).unsqueeze(0)
-        causal = kpos <= qpos
-        masks: dict[int, torch.Tensor] = {}
-        for i, l in enumerate(self.layers):
-            if l.window not in masks:
-                masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
-            h = _rms(x, l.in_norm, self.eps)
-            q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
-            q = _rotate(q.view(1, T, H, D).transpose(1, 2), cos, sin)
-            k = _rotate(k.view(1, T, KV, D).transpose(1, 2), cos, sin)
-            kc, vc = self.slot_k[i, slot:slot + 1], self.slot_v[i, slot:slot + 1]
-            kc[:, :, p0:p0 + T] = k
-            vc[:, :, p0:p0 + T] = v.view(1, T, KV, D).transpose(1, 2)
-            kk = kc[:, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-            vv = vc[:, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
-            x = x + l.o(a.transpose(1, 2).reshape(1, T, H * D))
-            g, u = l.gate_up(_rms(x, l.post_norm, self.eps)).split([self.inter, self.inter], -1)
-            x = x + l.down(F.silu(g) * u)
+        x = self._causal_layers(ids, p0, self.slot_cos, self.slot_sin, self.slot_k[:, slot:slot + 1],
+                                self.slot_v[:, slot:slot + 1])
         self.slot_len[slot] = p0 + T
         return F.linear(_rms(x[0, -1:], self.final_norm, self.eps), self.lm_head, self.lm_bias)[0]
 
