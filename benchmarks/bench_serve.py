@@ -2,6 +2,7 @@
 
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --out-dir benchmarks/results
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --soak 600 --out-dir benchmarks/results
+    flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --steps --out-dir benchmarks/results
     python benchmarks/bench_serve.py --smoke          # tiny models, < 1 minute: proves the script works
 
 Load test (default): one server process per model, all on the same build and engine (``sparse-cpu``:
@@ -320,6 +321,60 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
     return 0
 
 
+def engine_steps(args, models: dict[str, str]) -> int:
+    """The server's ceiling: the engine's batched decode step alone, in this process (no HTTP, no
+    prefill interleaved, no client on the cores). Every model's engine is loaded with the serve
+    slots; each slot holds ``--steps-context`` random tokens; per round, per batch size, each model
+    in turn times ``--steps-per-round`` steps (median over the rounds' per-step medians)."""
+    import torch
+
+    from sparse_runtime.report import save_results
+    from sparse_runtime.runtime.registry import load_engine
+
+    batches = [int(b) for b in args.steps_batches.split(",") if b]
+    engines = {label: load_engine(args.engine, path, threads=args.threads) for label, path in models.items()}
+    g = torch.Generator().manual_seed(args.seed)
+    for e in engines.values():
+        e.init_slots(max(batches), args.max_model_len)
+    times: dict[tuple[str, int], list[float]] = {}
+    for rnd in range(args.steps_rounds + 1):  # round 0 warms up
+        for b in batches:
+            for label, e in engines.items():
+                ids = torch.randint(3, e.vocab_size, (b,), generator=g).tolist()
+                per = []
+                for _ in range(args.steps_per_round):
+                    for s in range(b):  # every slot back to the same context: equal work each step
+                        e.free_slot(s)
+                        e.lean.slot_len[s] = args.steps_context
+                    t = time.perf_counter()
+                    e.decode_slots(list(range(b)), ids)
+                    per.append(time.perf_counter() - t)
+                if rnd:
+                    times.setdefault((label, b), []).append(statistics.median(per))
+    rows = []
+    for (label, b), ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"model": label, "batch": b, "step_ms": round(med * 1e3, 2),
+                     "step_ms_range": f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}",
+                     "tok_s": round(b / med, 1)})
+    for r in rows:
+        base = next((x for x in rows if x["model"] == "dense" and x["batch"] == r["batch"]), None)
+        if base:
+            r["tok_s_vs_dense"] = round(r["tok_s"] / base["tok_s"], 3)
+    rows.sort(key=lambda r: (r["batch"], list(models).index(r["model"])))
+    notes = [f"engine {args.engine}, {args.threads or 'default (min(2, cores))'} threads, in one process; "
+             f"LeanLlama.decode_slots on slots holding {args.steps_context} tokens of context (batch 1: the C "
+             "step on the slot; batch > 1: one batched torch forward with the SparseLinear dispatch)",
+             f"{args.steps_rounds} interleaved rounds after a warm-up round; per round {args.steps_per_round} steps, "
+             "median; step_ms = median over rounds, range = min-max over rounds",
+             "the ceiling of the load test: no HTTP, no prefill chunks between steps, no client process"]
+    save_results(args.name + "_steps", "Serving ceiling: the batched decode step alone, dense vs sparse", rows,
+                 protocol="bench_serve engine steps", model=", ".join(models), notes=notes, out_dir=args.out_dir)
+    for e in engines.values():
+        e.close()
+    return 0
+
+
 async def soak_client(url: str, prompts: list[str], args, stop_at: float, stats: dict, rng: random.Random,
                       ctx_prompt: str) -> None:
     import httpx
@@ -435,6 +490,12 @@ def main() -> int:
     ap.add_argument("--soak-concurrency", type=int, default=16)
     ap.add_argument("--soak-warmup", type=float, default=60)
     ap.add_argument("--bad-fraction", type=float, default=0.05)
+    ap.add_argument("--steps", action="store_true", help="time the engine's batched decode step alone instead "
+                    "(the load test's ceiling; writes <name>_steps)")
+    ap.add_argument("--steps-batches", default="1,4,16")
+    ap.add_argument("--steps-context", type=int, default=128)
+    ap.add_argument("--steps-rounds", type=int, default=5)
+    ap.add_argument("--steps-per-round", type=int, default=8)
     ap.add_argument("--name", default="serve")
     ap.add_argument("--out-dir", default=None, help="default $SPARSE_RUNTIME_CACHE/bench-serve (outside the repo)")
     ap.add_argument("--work", default=None, help="server logs and smoke checkpoints (default under the cache)")
@@ -456,7 +517,10 @@ def main() -> int:
     t0 = time.perf_counter()
     models = prepare_models(args)
     prompts = load_prompts(args)
-    rc = soak(args, models, prompts) if args.soak else load_test(args, models, prompts)
+    if args.steps:
+        rc = engine_steps(args, models)
+    else:
+        rc = soak(args, models, prompts) if args.soak else load_test(args, models, prompts)
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     return rc
 
