@@ -150,25 +150,7 @@ def model_rows(dtype, repeats: int, layers: int, scenarios) -> list[dict]:
                 converted.append(f"model.layers.{i}.{name}")
     rows = []
     for kind, b, t in scenarios:
-        ids = torch.randint(3, 49152, (b, t), device="cuda")
-        if kind == "prefill":
-            fns = {name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in (("dense", dense), ("2:4", sparse))}
-            per = 1
-        else:
-            from transformers import DynamicCache
-
-            steps = 16
-            nxt = torch.randint(3, 49152, (b, steps), device="cuda")
-            fns = {}
-            for name, m in (("dense", dense), ("2:4", sparse)):
-                cache = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
-
-                def run(m=m, cache=cache):
-                    cache.crop(t)
-                    for i in range(steps):
-                        m(input_ids=nxt[:, i:i + 1], past_key_values=cache, use_cache=True)
-                fns[name] = run
-            per = steps
+        fns, per = model_timers(dense, sparse, kind, b, t, 16, 49152, "cuda")
         with torch.inference_mode():
             times = interleaved(fns, repeats)
             kern = kernels_of(fns["2:4"])
@@ -183,6 +165,31 @@ def model_rows(dtype, repeats: int, layers: int, scenarios) -> list[dict]:
                                          or "cslt" in k.lower())[:160]})
         print(rows[-1], flush=True)
     return rows
+
+
+def model_timers(dense, sparse, kind: str, b: int, t: int, steps: int, vocab: int, device) -> tuple[dict, int]:
+    """{"dense": fn, "2:4": fn} running one prefill (``b x t``) or ``steps`` decode steps after a
+    context of ``t`` (each call crops the cache back to ``t``), and how many tokens a call times per
+    row (1 for prefill, ``steps`` for decode)."""
+    import torch
+
+    ids = torch.randint(3, vocab, (b, t), device=device)
+    if kind == "prefill":
+        return {name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in
+                (("dense", dense), ("2:4", sparse))}, 1
+    from transformers import DynamicCache
+
+    nxt = torch.randint(3, vocab, (b, steps), device=device)
+    fns = {}
+    for name, m in (("dense", dense), ("2:4", sparse)):
+        cache = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+
+        def run(m=m, cache=cache):
+            cache.crop(t)
+            for i in range(steps):
+                m(input_ids=nxt[:, i:i + 1], past_key_values=cache, use_cache=True)
+        fns[name] = run
+    return fns, steps
 
 
 def save(rows, notes, gpu):

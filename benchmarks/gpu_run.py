@@ -774,29 +774,12 @@ def e2e_scenario(accel: Accel, dense, sparse, kind: str, b: int, t: int, steps: 
     """Time one prefill (``b x t``) or ``steps`` decode steps after a context of ``t``, dense and 2:4
     interleaved; figures per forward (prefill) or per token (decode)."""
     import torch
-    from gpu_latency_24 import stats_module
-    from transformers import DynamicCache
+    from gpu_latency_24 import model_timers, stats_module
 
     st = stats_module()
     vocab = dense.config.vocab_size
-    ids = torch.randint(3, vocab, (b, t), device=accel.device)
     with torch.inference_mode():
-        if kind == "prefill":
-            fns = {name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in
-                   (("dense", dense), ("2:4", sparse))}
-            per = 1
-        else:
-            nxt = torch.randint(3, vocab, (b, steps), device=accel.device)
-            fns = {}
-            for name, m in (("dense", dense), ("2:4", sparse)):
-                cache = m(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
-
-                def run(m=m, cache=cache):
-                    cache.crop(t)
-                    for i in range(steps):
-                        m(input_ids=nxt[:, i:i + 1], past_key_values=cache, use_cache=True)
-                fns[name] = run
-            per = steps
+        fns, per = model_timers(dense, sparse, kind, b, t, steps, vocab, accel.device)
         times = timed_rounds(accel, fns, 2 if accel.dry else 10, warmup=1 if accel.dry else 2)
         names = accel.kernels(fns["2:4"]) if kern and kind == "prefill" else []
     d, s = st.summarize(times["dense"]), st.summarize(times["2:4"])

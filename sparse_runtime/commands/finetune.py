@@ -71,6 +71,8 @@ def run(args) -> int:
     # --out: not the current directory nor the input, on a writable disk (an existing --out is the
     # engine's to judge: --overwrite / --resume), before the model is loaded
     check_output(args.out, overwrite=True, inputs=[args.model])
+    if args.merge_to:  # the merged checkpoint's place is checked now too, not after the training
+        check_output(args.merge_to, overwrite=args.overwrite, inputs=[args.model, args.out], flag="--merge-to")
     from ..adapters import parse_ranks
     from ..training import TrainConfig, finetune
 

@@ -25,6 +25,7 @@ WRITERS = {
                     "--json", "{OUT}.json"],
     "finetune": [*LORS, "--out", "{OUT}"],
     "finetune-checkpoints": [*LORS, "--save-every", "1", "--out", "{OUT}"],
+    "finetune-merge-to": [*LORS, "--out", "{T}/ft", "--merge-to", "{OUT}"],
     "seft": [*SEFT, "--out", "{OUT}"],
     "losa": [*LOSA, "--out", "{OUT}"],
     "merge": ["merge", "{A}", "--out", "{OUT}"],
@@ -67,6 +68,8 @@ def _check(res, pattern, before, world, T, verb):
     changes = diff(before, snapshot(T, *world.shared()))
     if verb == "repair-json":  # the checkpoint went to a healthy disk and is complete; only the report failed
         changes = [c for c in changes if not c.startswith(f"created {T / 'r'}")]
+    if verb == "finetune-merge-to":  # the adapter went to a healthy disk and is complete; only the merge failed
+        changes = [c for c in changes if not c.startswith(f"created {T / 'ft'}")]
     if verb == "run":  # a recipe's run directory may keep empty step directories (it resumes there)
         changes = [c for c in changes if not (c.startswith("created ") and Path(c[8:]).is_dir()
                                               and not any(Path(c[8:]).rglob("*.*")))]
