@@ -58,11 +58,18 @@ def run(args) -> int:
         logging.getLogger(__name__).info("--max-model-len %d > the model's context %d: using %d",
                                          cfg.max_model_len, limit, limit)
         cfg.max_model_len = limit
-    eng = load_engine(args.engine, args.model, threads=args.threads)
-    from ..serve.server import run_server
+    from ..serve.app import create_app
+    from ..serve.server import in_worker_thread, run_server
 
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+
+    def load():  # off the main thread: its OpenMP pools must not outlive the load (in_worker_thread)
+        e = load_engine(args.engine, args.model, threads=args.threads)
+        return e, create_app(e, cfg, name)
+
+    eng, app = in_worker_thread(load)
     try:
-        run_server(eng, cfg, args.served_model_name or Path(str(args.model).rstrip("/")).name)
+        run_server(eng, cfg, name, app=app)
     finally:
         eng.close()
     return 0

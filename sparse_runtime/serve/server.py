@@ -6,11 +6,12 @@ import logging
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _uvicorn_config(app, config: ServeConfig, **kw):
@@ -40,10 +41,38 @@ def _server_class():
     return DrainingServer
 
 
-def run_server(engine, config: ServeConfig, model_name: Optional[str] = None) -> None:
+def in_worker_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a short-lived thread and return its result (its exception is raised here).
+
+    Why: libgomp keeps one thread pool per thread that opened a parallel region, and once the
+    process holds more OpenMP threads than cores, every barrier stops spinning and sleeps. The
+    engine's steps run in the scheduler thread; when loading and calibration had run parallel
+    regions on the main thread, that idle pool counted against them and the C decode step took
+    ~23 ms instead of ~14 ms (SmolLM2 Wanda 70 %, 2 cores: ``benchmarks/results/serve*.md``). A
+    pool ends with its thread, so ``serve`` loads the engine and builds the app (which starts the
+    scheduler thread) in a thread that then exits."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="sparse-runtime-load")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def run_server(engine, config: ServeConfig, model_name: Optional[str] = None, app=None) -> None:
+    """Serve until SIGTERM/SIGINT. ``app``: one already built by :func:`create_app` for ``engine``
+    (the command builds it off the main thread, see :func:`in_worker_thread`)."""
     from .app import create_app
 
-    app = create_app(engine, config, model_name)
+    app = app if app is not None else create_app(engine, config, model_name)
     st = app.state.serve
     log.info("serving %s on http://%s:%d (engine %s, %d slots x %d tokens, %s, KV cache %.1f MB)", st.model_name,
              config.host, config.port, engine.name, st.slots.n, st.capacity,
