@@ -318,6 +318,33 @@ def make_temporary_beside(target: os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
 
 
+def overlaps_input(out: os.PathLike, spec) -> bool:
+    """Whether the output directory ``out`` is the input ``spec``, lies inside it, or holds it
+    (symbolic links resolved); False when ``spec`` is no existing path (a model name such as
+    ``tiny-llama``). Writing into such an ``out``, or replacing it, would destroy the input."""
+    if spec is None or not Path(str(spec)).expanduser().exists():
+        return False
+    src = Path(os.path.realpath(Path(str(spec)).expanduser()))
+    real = Path(os.path.realpath(Path(out).expanduser()))
+    return real == src or src in real.parents or real in src.parents
+
+
+def write_file_atomic(path: os.PathLike, data) -> None:
+    """Write ``data`` (str or bytes) to ``path`` so that the file is complete or absent: written
+    beside it under a hidden name, then renamed; a failed write (a full disk) leaves nothing."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def replace_directory(src: os.PathLike, target: os.PathLike) -> None:
     """Move the complete directory ``src`` to ``target``, replacing an existing ``target``.
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ManifestError
+from ..manifest import write_file_atomic
 from ..sparsity import mask_digest
 from .base import FINETUNE_METHODS, adapter_state_dict, attach_adapters, load_adapter_state_dict
 
@@ -39,12 +40,6 @@ def mask_fingerprint(model, family=None, manifest=None) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_adapter(model, out_dir: os.PathLike, method: str, adapter_cfg, *, base_model: str, fingerprint: str,
                  extra: Optional[dict[str, Any]] = None) -> Path:
     from safetensors.torch import save_file
@@ -58,7 +53,7 @@ def save_adapter(model, out_dir: os.PathLike, method: str, adapter_cfg, *, base_
     meta = {"format": ADAPTER_FORMAT, "version": 1, "method": method, "config": adapter_cfg.to_dict(),
             "base_model": _portable_base(base_model, out), "base_mask_fingerprint": fingerprint,
             "trainable_parameters": int(sum(v.numel() for k, v in state.items())), **(extra or {})}
-    _atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(meta, indent=1, default=str).encode())
+    write_file_atomic(out / ADAPTER_CONFIG, json.dumps(meta, indent=1, default=str))
     return out
 
 

@@ -64,11 +64,10 @@ def check_output(out, overwrite: bool = False, inputs=(), flag: str = "--out") -
     if real == cwd or real in cwd.parents:
         raise ConfigError(f"{flag} {out} is the current directory (or one above it), which would be replaced: "
                           f"name a new directory, e.g. {flag} runs/NAME")
+    from ..manifest import overlaps_input
+
     for spec in inputs:
-        if spec is None or not Path(str(spec)).expanduser().exists():
-            continue  # a model name (tiny-llama, smollm2-135m), not a path
-        src = Path(os.path.realpath(Path(str(spec)).expanduser()))
-        if real == src or src in real.parents or real in src.parents:
+        if overlaps_input(p, spec):
             raise ConfigError(f"{flag} {out} is the input {spec} (or inside it, or holds it), which must stay "
                               f"intact: choose another {flag}")
     if p.exists() or p.is_symlink():
@@ -117,19 +116,3 @@ def _probe_writable(parent, out, flag: str) -> None:
                errno.ENOSPC: "is on a full disk"}.get(e.errno, f"cannot be written ({e.strerror})")
         raise ConfigError(f"{flag} {out}: {parent} {why}; nothing was computed. Choose another {flag} "
                           "on a writable disk") from e
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write a small result file (``--json``) so that it is either complete or absent: a full disk
-    mid-write must not leave a truncated file that looks like a result."""
-    import os
-    from pathlib import Path
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from . import Command
-from ._common import add_data_args, add_device_arg, add_model_args, check_device, check_output_file, write_text_atomic
+from ._common import add_data_args, add_device_arg, add_model_args, check_device, check_output_file
 
 
 def add_arguments(p):
@@ -63,7 +63,8 @@ def run(args) -> int:
         print(f"zero-shot [{z.task_set}; {z.limit_note()}; {z.seconds:.1f} s]")
         print(markdown_table(z.table_rows()))
     if args.json_out:
-        write_text_atomic(args.json_out, json.dumps(out, indent=1, default=str))
+        from ..manifest import write_file_atomic
+        write_file_atomic(args.json_out, json.dumps(out, indent=1, default=str))
     return 0
 
 

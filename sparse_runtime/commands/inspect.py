@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ._common import add_model_args, check_output_file, write_text_atomic
+from ._common import add_model_args, check_output_file
 from . import Command
 
 
@@ -37,7 +37,8 @@ def run(args) -> int:
           f"total sparsity: {rep.total:.4f}; N:M compliant everywhere: {', '.join(rep.nm_all) or 'no'}; "
           f"sparsity manifest: {manifest}")
     if args.json_out:
-        write_text_atomic(args.json_out, json.dumps({"model": lm.source, "total": rep.total, "nm_all": rep.nm_all,
+        from ..manifest import write_file_atomic
+        write_file_atomic(args.json_out, json.dumps({"model": lm.source, "total": rep.total, "nm_all": rep.nm_all,
                                                      "layers": rep.rows()}, indent=1))
     return 0
 
@@ -47,7 +48,7 @@ def write_manifest(args) -> None:
     from pathlib import Path
 
     from ..errors import ConfigError, SparseRuntimeError
-    from ..manifest import MANIFEST_NAME, build_manifest, read_manifest
+    from ..manifest import MANIFEST_NAME, build_manifest, read_manifest, write_file_atomic
     from ..models import load_model
     from ..sparsity import NMPattern, nm_compliant, parse_structure
     from ._common import _probe_writable
@@ -72,7 +73,7 @@ def write_manifest(args) -> None:
     man = build_manifest(lm.model, lm.family, structures=structures, previous=prev,
                          base_model=(prev.base_model if prev and prev.base_model else str(d)),
                          step={"stage": "write-manifest", "reason": "rebuilt from the weights by inspect"})
-    write_text_atomic(d / MANIFEST_NAME, json.dumps(man.to_json(), indent=1))
+    write_file_atomic(d / MANIFEST_NAME, json.dumps(man.to_json(), indent=1))
     print(f"wrote {d / MANIFEST_NAME} from the weights ({len(man.layers)} layers, total sparsity "
           f"{man.total_measured:.4f})")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import Command
-from ._common import add_data_args, add_out_args, check_device, check_output, check_output_file, write_text_atomic
+from ._common import add_data_args, add_out_args, check_device, check_output, check_output_file
 
 
 def _same_sign(text: str):
@@ -72,7 +72,8 @@ def run(args) -> int:
           f"DSnoT {t['dsnot_s']:.2f} s, calibration forwards {t['calibration_forward_s']:.2f} s, total {t['total_s']:.1f} s; "
           f"wrote {rep.checkpoint} (dense weights from {rep.dense_source})")
     if args.json_out:
-        write_text_atomic(args.json_out, json.dumps(rep.as_dict(), indent=1, default=str))
+        from ..manifest import write_file_atomic
+        write_file_atomic(args.json_out, json.dumps(rep.as_dict(), indent=1, default=str))
     return 0
 
 

@@ -216,7 +216,7 @@ def ensure_smollm2() -> Path:
     instead of converting again. The new directory is built beside the target and renamed into
     place; an existing target is never removed first (a concurrent reader keeps its files).
     """
-    from ..manifest import apply_umask, make_temporary_beside
+    from ..manifest import make_temporary_beside, replace_directory
 
     target = cache_dir() / "models" / "smollm2-135m"
     if _smollm2_ready(target):
@@ -232,12 +232,7 @@ def ensure_smollm2() -> Path:
         try:
             loaded.model.save_pretrained(tmp, safe_serialization=True)
             loaded.tokenizer.save_pretrained(tmp)
-            apply_umask(tmp)
-            if target.exists():  # an incomplete leftover: move it aside, never delete under a reader
-                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            os.replace(tmp, target)
+            replace_directory(tmp, target)  # an incomplete leftover is moved aside, never deleted under a reader
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

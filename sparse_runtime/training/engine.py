@@ -587,21 +587,9 @@ def _shared_run_dir(out: Path, resume, overwrite: bool, dist: DistInfo) -> tuple
 def check_out_apart_from_input(model_spec, out: Path) -> None:
     """Refuse an output directory that is, or lies inside, or contains the input model directory:
     writing (or, with ``--overwrite``, replacing) it would destroy the model being trained."""
-    from ..errors import ConfigError as _ConfigError
+    from ..manifest import overlaps_input
 
-    if hasattr(model_spec, "model"):
-        src = getattr(model_spec, "path", None)
-        if src is None:
-            return
-    else:
-        src = Path(str(model_spec)).expanduser()
-    src = Path(src)
-    if not src.exists():
-        return
-    a, b = src.resolve(), Path(out).expanduser().resolve()
-    if a == b or a in b.parents:
-        raise _ConfigError(f"--out {out} is the input model directory or inside it; choose an --out outside "
-                           f"{src} (writing there would destroy the model being fine-tuned)")
-    if b in a.parents:
-        raise _ConfigError(f"--out {out} contains the input model {src}; choose an --out that does not hold "
-                           "the input (replacing it would destroy the model being fine-tuned)")
+    src = getattr(model_spec, "path", None) if hasattr(model_spec, "model") else model_spec
+    if overlaps_input(out, src):
+        raise ConfigError(f"--out {out} is the input model {src} (or inside it, or holds it), which must stay "
+                          "intact: choose another --out")
