@@ -1,11 +1,15 @@
 # sparse-runtime: the two entry points of the README.
-#   make demo   set up, then run the main job (recipes/demo.yaml) on the embedded SmolLM2-135M
+#   make demo   set up, then run the main job (recipes/demo.yaml) on the embedded SmolLM2-135M:
+#               prune, export, dense vs sparse decode, report (DEMO_RECIPE=recipes/demo_70.yaml: 70 %;
+#               recipes/demo_zeroshot.yaml: with zero-shot; DEMO_MODEL=tiny-llama: a seconds-long smoke run)
 #   make test   set up, then run the test suite (fast; `make test-all` adds real-model tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export SPARSE_RUNTIME_DATA ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM = false
+DEMO_RECIPE ?= recipes/demo.yaml
+DEMO_MODEL  ?=
 
 .PHONY: setup demo test test-all bench clean
 
@@ -24,7 +28,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/sparse-runtime run recipes/demo.yaml --workdir runs/demo
+	$(BIN)/sparse-runtime run $(DEMO_RECIPE) --workdir runs/$(basename $(notdir $(DEMO_RECIPE)))$(if $(DEMO_MODEL),-$(DEMO_MODEL) --model $(DEMO_MODEL))$(if $(filter tiny-%,$(DEMO_MODEL)), --protocol test)
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

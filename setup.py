@@ -2,8 +2,8 @@
 
 Metadata lives in pyproject.toml; this file only declares the compiled extension. It needs a C++
 compiler and the Python headers, nothing else (no torch headers: pip's isolated build would pull a
-CUDA torch). Every instruction-set path is compiled with ``#pragma GCC target`` inside the one
-source file, so no ``-march`` flag is used and the binary runs on any x86-64 CPU; the path is
+CUDA torch). Every instruction-set path is compiled with ``#pragma GCC target`` inside the
+source files, so no ``-march`` flag is used and the binary runs on any x86-64 CPU; the path is
 chosen at run time (see docs/kernels.md).
 
 The extension is ``optional``: if it fails to build, the package still installs and imports, and
@@ -18,9 +18,12 @@ _openmp = [] if os.environ.get("SPARSE_RUNTIME_NO_OPENMP") or sys.platform == "d
 
 ext = Extension(
     "sparse_runtime.kernels._sparse_kernels",
-    sources=["csrc/sparse_kernels.cpp"],
-    # included by sparse_kernels.cpp: the lean decode step, the ONNX Runtime custom op and its ABI
-    depends=["csrc/lean_decode.inc", "csrc/ort_op.inc", "csrc/ort_abi.h"],
+    # the inference kernels (with the lean decode step and the ONNX Runtime op they include) and
+    # SparseGPT's column solver, one shared object
+    sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp"],
+    # the C interface (sparse_runtime.h), the shared internals, the included parts, ORT's ABI
+    depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/lean_decode.inc", "csrc/ort_op.inc",
+             "csrc/ort_abi.h"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti",
                         "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-uninitialized", *_openmp],

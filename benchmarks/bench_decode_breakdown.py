@@ -114,9 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="decode_breakdown")
     a = ap.parse_args()
-    from sparse_runtime.kernels import _lib
+    from sparse_runtime.kernels import native
 
-    if "avx512" not in _lib.supported_isas():
+    if "avx512" not in native.supported_isas():
         raise SystemExit("this breakdown uses the AVX-512 path; run bench_kernels.py on this CPU instead")
     choose_gemv_variant()
     rows = layers(1) + layers(2)

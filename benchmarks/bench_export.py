@@ -6,7 +6,7 @@ agreement on a fixed 24-token prompt, batch 2 for ONNX Runtime / batch 1 for the
 prefill and one KV-cached decode step), plus DeepSparse's share of optimised ops when its env is
 installed. Pruned checkpoints are made with the project's Wanda (``sparse_runtime.prune``, quick
 protocol calibration: 32 x 512 C4 tokens, seed 0) when available, else with a one-pass Wanda-style
-score from ``exporters.testing`` (the notes say which).
+score from ``tests/wanda_reference.py`` (the notes say which).
 
 Run under the shared lock:  flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_export.py
 """
@@ -41,14 +41,15 @@ def make_checkpoints(work: Path, data_dir, which: list[str]) -> tuple[dict[str, 
             prune_checkpoint("smollm2-135m", PruneConfig(method="wanda", protocol="quick", **cfgs[name]), ck,
                              overwrite=True, data_dir=data_dir, plot=False)
         except ImportError:
-            how = "exporters.testing.prune_model (one-pass Wanda score on 8x512 C4 tokens)"
+            how = "tests/wanda_reference.py prune_model (one-pass Wanda score on 8x512 C4 tokens)"
             _fallback_prune(ck, cfgs[name], data_dir)
         print(f"pruned {name} in {time.perf_counter() - t0:.0f} s -> {ck}", flush=True)
     return out, how
 
 
 def _fallback_prune(ck: Path, cfg: dict, data_dir) -> None:
-    from exporters.testing import prune_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the plain reference pruner
+    from wanda_reference import prune_model
     from sparse_runtime.data import c4_windows
     from sparse_runtime.manifest import build_manifest, save_checkpoint
     from sparse_runtime.models import load_model

@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import gc
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +46,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from _common import tf32_training  # the script's folder is on sys.path
+from _scheduler import WorkDir, load_table, model_slug, run_queue, select_names, slug, spawn_worker, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 8
@@ -163,19 +161,11 @@ def row_key(config: str, budget: Budget, kind: str) -> str:
     return f"{config} [reduced {budget.text}]"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
-
-
-def model_slug(model: str) -> str:
-    return slug(Path(model).name if (os.sep in str(model) or Path(str(model)).exists()) else model)
-
-
-class Work:
-    """``$SR_BENCH_WORK/<model>-<protocol>/``: bases/, runs/, locks/."""
+class Work(WorkDir):
+    """``$SR_BENCH_WORK/<model>-<protocol>/``: bases/, runs/, locks/ (the scheduler's shared work dir)."""
 
     def __init__(self, model: str, protocol: str) -> None:
-        self.root = Path(os.environ.get("SR_BENCH_WORK", DEFAULT_WORK)) / f"{model_slug(model)}-{slug(protocol)}"
+        super().__init__(Path(os.environ.get("SR_BENCH_WORK", DEFAULT_WORK)) / f"{model_slug(model)}-{slug(protocol)}")
 
     def base_dir(self, base: str) -> Path:
         return self.root / "bases" / slug(base)
@@ -194,26 +184,6 @@ class Work:
 
     def run_dir(self, cfg: Config, budget: Budget) -> Path:
         return self.root / "runs" / slug(f"{cfg.train_key()}-{budget.tag}")
-
-    @contextlib.contextmanager
-    def lock(self, name: str):
-        import fcntl
-
-        d = self.root / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{slug(name)}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def read_log(run: Path) -> list[dict[str, Any]]:
@@ -496,27 +466,9 @@ def spawn(args, extra: list[str]) -> tuple[int, float, float]:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     if args.keep_merged:
         cmd.append("--keep-merged")
-    env = dict(os.environ)
-    shared = ROOT.parent / "shared" / "data"
-    if "SPARSE_RUNTIME_DATA" not in env and shared.is_dir():
-        env["SPARSE_RUNTIME_DATA"] = str(shared)
-    log = None
-    if args.log_dir:  # concurrent configurations: one log per worker instead of interleaved bars
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(args.log_dir) / f"{slug(extra[0] + '-' + extra[2])}.log", "a")
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-        except KeyboardInterrupt:
-            p.wait()
-            raise
-    finally:
-        if log is not None:
-            log.close()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, ru.ru_maxrss / 1024.0
+    # concurrent configurations: one log per worker instead of interleaved bars
+    log = Path(args.log_dir) / f"{slug(extra[0] + '-' + extra[2])}.log" if args.log_dir else None
+    return spawn_worker(cmd, log)
 
 
 def ensure_base(args, work: Work, base: str) -> dict[str, Any]:
@@ -694,23 +646,7 @@ def estimate(cfg: Config, budget: Budget, args, work: Work, rows: list[dict[str,
 
 # -- selection, rows, saving ----------------------------------------------------------------------
 def select(spec: Optional[str], done: set[str], budget: Budget) -> list[str]:
-    if not spec:
-        return []
-    names: list[str] = []
-    for tok in (t.strip() for t in spec.split(",")):
-        if not tok:
-            continue
-        if tok == "all":
-            hit = list(CONFIGS)
-        elif tok == "missing":
-            hit = [c for c in CONFIGS if row_key(c, budget, CONFIGS[c].kind) not in done]
-        else:
-            hit = [c for c in CONFIGS if fnmatch.fnmatchcase(c, tok)]
-        if not hit and tok not in ("missing",):
-            raise SystemExit(f"unknown configuration {tok!r}; choose from: {', '.join(CONFIGS)} (or all, missing, "
-                             "a pattern such as '*@wanda-50')")
-        names += [h for h in hit if h not in names]
-    return names
+    return select_names(spec, list(CONFIGS), lambda c: row_key(c, budget, CONFIGS[c].kind) not in done)
 
 
 def results_path(args) -> Path:
@@ -726,15 +662,7 @@ def out_name(args) -> str:
 
 
 def load_rows(args) -> list[dict[str, Any]]:
-    path = results_path(args)
-    if args.replace or not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    b = data.get("bench", {})
-    if b.get("model") != args.model or b.get("eval_protocol") != args.protocol:
-        raise SystemExit(f"{path} holds {b.get('model')!r} / {b.get('eval_protocol')!r}, not {args.model!r} / "
-                         f"{args.protocol!r}: choose another --name, or --replace to start it over")
-    return list(data.get("rows", []))
+    return load_table(results_path(args), {"model": args.model, "eval_protocol": args.protocol}, args.replace)
 
 
 def order_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -974,15 +902,7 @@ def main() -> None:
     def one(i: int, name: str) -> None:
         run_config(args, work, budget, i, names, name, state, table_lock, ran, failed, trained, t_run)
 
-    if args.jobs == 1:
-        for i, name in enumerate(names, 1):
-            one(i, name)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each thread waits on one child process
-            for f in [pool.submit(one, i, n) for i, n in enumerate(names, 1)]:
-                f.result()
+    run_queue(names, one, args.jobs)
     print_summary(args, order_rows(load_rows(args)), ran)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (their rows are missing; rerun them)")

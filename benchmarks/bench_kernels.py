@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_runtime.kernels import (SparseLinear, available, counters, pack, reset_counters,
                                     supported_isas, unavailable_reason)
-from sparse_runtime.kernels import _lib
-from sparse_runtime.kernels._lib import DEFAULT_LAYOUT
+from sparse_runtime.kernels import native
+from sparse_runtime.kernels.native import DEFAULT_LAYOUT
 from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice, measure_threshold
 from sparse_runtime.report import save_results
 from sparse_runtime.sparsity import NMPattern, nm_prune_mask, topk_prune_mask
 
-FORM_PATHS = {isa: f"{isa}/{lay}" for isa, lay in _lib.GEMV_FORM_LAYOUT.items()}  # paths with two batch-1 forms
+FORM_PATHS = {isa: f"{isa}/{lay}" for isa, lay in native.GEMV_FORM_LAYOUT.items()}  # paths with two batch-1 forms
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 SEVEN_B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STRUCTS = ["50%", "70%", "90%", "2:4"]
@@ -141,11 +141,11 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
                     for isa, key in FORM_PATHS.items():
                         if b == 1 and key in mods:
                             chosen = choose_gemv_variant(isa=isa)
-                            other = next(v for v in _lib.GEMV_FORMS[isa] if v != chosen)
+                            other = next(v for v in native.GEMV_FORMS[isa] if v != chosen)
                             others[key] = other
                             fns[key + "-other"] = (lambda isa=isa, key=key, other=other, chosen=chosen: (
-                                _lib.set_gemv_variant(other, isa), mods[key].sparse_forward(x),
-                                _lib.set_gemv_variant(chosen, isa)))
+                                native.set_gemv_variant(other, isa), mods[key].sparse_forward(x),
+                                native.set_gemv_variant(chosen, isa)))
                     res = timed(fns, repeats)
                     for key, other in others.items():
                         r = res[key + "-other"]
@@ -182,7 +182,7 @@ def bench_layers(threads_list, batches, repeats, shapes, structs, with_ort):
 @torch.inference_mode()
 def bench_bf16(threads, batches, repeats, shapes, structs):
     """bf16 values vs dense bf16 F.linear (the issue's option), default ISA path if it has bf16."""
-    from sparse_runtime.kernels._lib import supports_bf16
+    from sparse_runtime.kernels.native import supports_bf16
 
     rows = []
     isa = next((i for i in reversed(supported_isas()) if supports_bf16(i)), None)

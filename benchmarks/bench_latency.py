@@ -9,7 +9,7 @@ calibration tokens, seed 0; uniform per-layer sparsity; 2:4 = two zeros in every
 for ONNX Runtime (optimum decoder with KV cache) and for DeepSparse (static graphs: batch 1 x 128
 with a decode graph of 192 cache slots, batch 1 x 512, batch 8 x 128).
 
-Step 2: ``sparse_runtime.bench.latency.run_latency``: per engine, per scenario, every model warmed up
+Step 2: ``sparse_runtime.measure.latency.run_latency``: per engine, per scenario, every model warmed up
 then timed in 5 interleaved rounds; medians, IQR, min-max, speedup of medians and pairwise speedups,
 the bandwidth bound beside decode, the evidence of which path ran; saved via ``save_results`` as
 ``benchmarks/results/latency.{md,json,png}``.
@@ -121,14 +121,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--name", default="latency")
-    from sparse_runtime.bench.latency import LOAD_ORDERS
+    from sparse_runtime.measure.latency import LOAD_ORDERS
 
     ap.add_argument("--load-order", default="dense-first", choices=sorted(LOAD_ORDERS),
                     help="order in which in-process engines load the models (ORT ran its first session slower)")
     args = ap.parse_args()
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
-    from sparse_runtime.bench.latency import LatencyConfig, run_latency, save_latency
+    from sparse_runtime.measure.latency import LatencyConfig, run_latency, save_latency
     from sparse_runtime.models.loading import cache_dir, ensure_smollm2
 
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from _common import run_worker  # noqa: E402  (one fresh process per load order)
 def worker(order: list[str], rounds: int, engine: str, threads: int) -> dict:
     import numpy as np
 
-    from sparse_runtime.bench.stats import interleaved_order
+    from sparse_runtime.measure.stats import interleaved_order
     from sparse_runtime.models.loading import cache_dir, ensure_smollm2
     from sparse_runtime.runtime import load_engine
 

@@ -11,7 +11,7 @@
    ``torch-cuda-24`` engine: prefill batch 1 x 128 / 512, batch 16 x 128, and decode ms/token at
    context 128.
 Timing: CUDA-synchronised wall clock, warm-up, interleaved dense/sparse rounds, median and IQR,
-pairwise speedups (sparse_runtime.bench.stats). Evidence: the CUDA kernel names the profiler saw for
+pairwise speedups (sparse_runtime.measure.stats). Evidence: the CUDA kernel names the profiler saw for
 the sparse matmul. Results: ``benchmarks/results/gpu_latency_24.{md,json}`` with the GPU name.
 
 Without a CUDA GPU it prints why and exits 0.
@@ -34,7 +34,7 @@ SEVEN_B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 def stats_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_stats", ROOT / "sparse_runtime" / "bench" / "stats.py")
+    spec = importlib.util.spec_from_file_location("_stats", ROOT / "sparse_runtime" / "measure" / "stats.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)  # plain Python, no package import (the GPU image has other versions)

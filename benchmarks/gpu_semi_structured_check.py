@@ -10,7 +10,7 @@ gave. Results go to ``benchmarks/results/gpu_semi_structured.{md,json}``.
 Without a GPU it prints why and exits 0. Model: ``--model`` (default smollm2-135m); if that cannot
 be loaded on the GPU machine (no cached weights, no network) it falls back to a random Llama with
 SmolLM2's shapes (hidden 576, intermediate 1536, 9/3 heads) and fewer layers, and says so.
-2:4 masks: magnitude (exporters.testing.prune_model); the check is about kernels, not quality.
+2:4 masks: magnitude (tests/wanda_reference.py prune_model); the check is about kernels, not quality.
 
     python benchmarks/gpu_semi_structured_check.py [--export DIR] [--dtype float16]
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_export(model_spec: str, dtype: str, work: Path) -> tuple[Path, str]:
     from exporters import export
-    from exporters.testing import prune_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the plain reference pruner
+    from wanda_reference import prune_model
     from sparse_runtime.manifest import build_manifest, save_checkpoint
     from sparse_runtime.models import family_of, load_model, tiny_model
 

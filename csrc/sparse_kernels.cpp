@@ -13,8 +13,9 @@
 //
 // Paths: bitmask x {avx512 (expand-load), avx2 (left-pack of x), portable}; csr16 x {avx2 (gathers),
 // portable}.
-// All entry points are plain C (loaded with ctypes); the Python module init below exists only
-// so that setuptools builds and installs this file as an ordinary extension module.
+// All entry points are plain C (loaded with ctypes), declared in sparse_runtime.h; the Python module
+// init below exists only so that setuptools builds and installs this file as an ordinary extension
+// module. SparseGPT's column solver (also in this shared object) is in sparsegpt_solver.cpp.
 #include <Python.h>
 
 #include <stdint.h>
@@ -22,52 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define SR_X86 1
-#include <immintrin.h>
-#else
-#define SR_X86 0
-#endif
-
-enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
-enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_NLAYOUT = 4 };  // counter slots
-enum { SR_FEAT_VBMI2 = 1 << 3 };  // feature bit: AVX512-VBMI2 (16-bit expand), needed by the bf16 AVX-512 path
-enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
+#include "sparse_runtime.h"
+#include "sr_common.h"
 
 static int64_t g_calls[SR_NISA][SR_NLAYOUT];
 
-// ---------------------------------------------------------------------------------------------
-// threading: split output rows into contiguous blocks (one stream per thread suits prefetchers)
-// ---------------------------------------------------------------------------------------------
-// How many row blocks: up to n_threads, each of at least min_rows_per_thread rows (at least one).
-static inline int row_parts(int64_t n_rows, int n_threads, int64_t min_rows_per_thread) {
-    const int64_t max_t = n_rows / (min_rows_per_thread > 0 ? min_rows_per_thread : 1);
-    return max_t < n_threads ? (int)(max_t > 1 ? max_t : 1) : n_threads;
-}
-
-template <class F>
-static void parallel_rows(int64_t n_rows, int n_threads, int64_t min_rows_per_thread, F f) {
-#ifdef _OPENMP
-    const int nt = row_parts(n_rows, n_threads, min_rows_per_thread);
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            int t = omp_get_thread_num(), T = omp_get_num_threads();
-            int64_t r0 = n_rows * t / T, r1 = n_rows * (t + 1) / T;
-            f(r0, r1);
-        }
-        return;
-    }
-#else
-    (void)n_threads;
-    (void)min_rows_per_thread;
-#endif
-    f((int64_t)0, n_rows);
-}
+// Threading (row_parts, parallel_rows): sr_common.h.
 
 // ---------------------------------------------------------------------------------------------
 // portable paths (plain C++; the compiler may auto-vectorise for the baseline ISA)
@@ -119,52 +80,23 @@ static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, c
 
 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-static void bm_avx512_gemv_rows(const float* x, int64_t K, const uint32_t* mask, const float* vals,
-                                const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1) {
-    const int64_t Kw = (K + 31) / 32;
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint32_t* mr = mask + r * Kw;
-        const float* v = vals + rp[r];
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        int64_t w = 0;
-        for (; w + 2 <= Kw; w += 2) {
-            const uint32_t m0 = mr[w], m1 = mr[w + 1];
-            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
-            const __mmask16 k2 = (__mmask16)m1, k3 = (__mmask16)(m1 >> 16);
-            const float* v1 = v + _mm_popcnt_u32(k0);
-            const float* v2 = v + _mm_popcnt_u32(m0);
-            const float* v3 = v2 + _mm_popcnt_u32(k2);
-            const float* xw = x + 32 * w;
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), _mm512_maskz_loadu_ps(k0, xw), a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, v1), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k2, v2), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k3, v3), _mm512_maskz_loadu_ps(k3, xw + 48), a3);
-            v = v2 + _mm_popcnt_u32(m1);
-        }
-        if (w < Kw) {
-            const uint32_t m0 = mr[w];
-            const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
-            const float* xw = x + 32 * w;
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), _mm512_maskz_loadu_ps(k0, xw), a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, v + _mm_popcnt_u32(k0)),
-                                 _mm512_maskz_loadu_ps(k1, xw + 16), a1);
-        }
-        const float s = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        y[r] = s + (bias ? bias[r] : 0.f);
-    }
-}
-
-// Variant: plain 64-byte load + register-form vexpandps (1 uop on Intel) instead of the
-// memory-form expand-load (microcoded/slow on some cores). Over-reads up to 15 floats past a
-// chunk's values, so the last chunks before the end of the values array use the masked form.
+// The values load of the batch-1 kernel, its only difference between the two forms (kGemvVariant):
+// vexpandps from memory (the expand-load), or a plain 64-byte load + the register-form vexpandps
+// (1 uop on Intel; the memory form is microcoded/slow on some cores). The register form over-reads
+// up to 15 floats past a chunk's values, so the last chunks before vend (the end of the values
+// array) use the memory form.
+static inline __m512 expand_mem(__mmask16 k, const float* v, const float*) { return _mm512_maskz_expandloadu_ps(k, v); }
 static inline __m512 expand_reg(__mmask16 k, const float* v, const float* vend) {
     return v + 16 <= vend ? _mm512_maskz_expand_ps(k, _mm512_loadu_ps(v)) : _mm512_maskz_expandloadu_ps(k, v);
 }
+typedef __m512 (*ExpandLoad)(__mmask16 k, const float* v, const float* vend);
 
-static void bm_avx512_gemv_rows_reg(const float* x, int64_t K, const uint32_t* mask, const float* vals,
-                                    const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1,
-                                    const float* vend) {
+// Rows [r0, r1) at batch 1, four 16-lane accumulators (two mask words) per step; Load places the
+// next popcount(k) values into the lanes of k (inlined: a compile-time constant).
+template <ExpandLoad Load>
+static inline void bm_avx512_gemv_rows_t(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                                         const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1,
+                                         const float* vend) {
     const int64_t Kw = (K + 31) / 32;
     for (int64_t r = r0; r < r1; ++r) {
         const uint32_t* mr = mask + r * Kw;
@@ -180,13 +112,13 @@ static void bm_avx512_gemv_rows_reg(const float* x, int64_t K, const uint32_t* m
             const float* v2 = v + _mm_popcnt_u32(m0);
             const float* v3 = v2 + _mm_popcnt_u32(k2);
             const float* xw = x + 32 * w;
-            a0 = _mm512_fmadd_ps(expand_reg(k0, v, vend), _mm512_maskz_loadu_ps(k0, xw), a0);
-            a1 = _mm512_fmadd_ps(expand_reg(k1, v1, vend), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
-            a2 = _mm512_fmadd_ps(expand_reg(k2, v2, vend), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
-            a3 = _mm512_fmadd_ps(expand_reg(k3, v3, vend), _mm512_maskz_loadu_ps(k3, xw + 48), a3);
+            a0 = _mm512_fmadd_ps(Load(k0, v, vend), _mm512_maskz_loadu_ps(k0, xw), a0);
+            a1 = _mm512_fmadd_ps(Load(k1, v1, vend), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
+            a2 = _mm512_fmadd_ps(Load(k2, v2, vend), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
+            a3 = _mm512_fmadd_ps(Load(k3, v3, vend), _mm512_maskz_loadu_ps(k3, xw + 48), a3);
             v = v2 + _mm_popcnt_u32(m1);
         }
-        if (w < Kw) {
+        if (w < Kw) {  // an odd last word: the memory form in both (it may end the values array)
             const uint32_t m0 = mr[w];
             const __mmask16 k0 = (__mmask16)m0, k1 = (__mmask16)(m0 >> 16);
             const float* xw = x + 32 * w;
@@ -199,17 +131,31 @@ static void bm_avx512_gemv_rows_reg(const float* x, int64_t K, const uint32_t* m
     }
 }
 
-// Several tokens at once: each mask word is expanded once and reused for TB rows of x.
-template <int TB>
+// The memory form (kGemvVariant = 0).
+static void bm_avx512_gemv_rows(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                                const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1) {
+    bm_avx512_gemv_rows_t<expand_mem>(x, K, mask, vals, rp, bias, y, r0, r1, nullptr);
+}
+
+// The register form (kGemvVariant = 1, the default); vend: the end of the whole values array.
+static void bm_avx512_gemv_rows_reg(const float* x, int64_t K, const uint32_t* mask, const float* vals,
+                                    const int64_t* rp, const float* bias, float* y, int64_t r0, int64_t r1,
+                                    const float* vend) {
+    bm_avx512_gemv_rows_t<expand_reg>(x, K, mask, vals, rp, bias, y, r0, r1, vend);
+}
+
+// Several tokens at once: each mask word is expanded once (by Load, as at batch 1) and reused for
+// TB rows of x.
+template <int TB, ExpandLoad Load>
 static inline void bm_avx512_tile(const float* x, int64_t K, const uint32_t* mr, int64_t Kw, const float* v,
-                                  float* out) {
+                                  const float* vend, float* out) {
     __m512 lo[TB], hi[TB];
     for (int b = 0; b < TB; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
     for (int64_t w = 0; w < Kw; ++w) {
         const uint32_t m = mr[w];
         const __mmask16 k0 = (__mmask16)m, k1 = (__mmask16)(m >> 16);
-        const __m512 e0 = _mm512_maskz_expandloadu_ps(k0, v);
-        const __m512 e1 = _mm512_maskz_expandloadu_ps(k1, v + _mm_popcnt_u32(k0));
+        const __m512 e0 = Load(k0, v, vend);
+        const __m512 e1 = Load(k1, v + _mm_popcnt_u32(k0), vend);
         v += _mm_popcnt_u32(m);
         const float* xw = x + 32 * w;
         for (int b = 0; b < TB; ++b) {
@@ -360,9 +306,11 @@ static void bm_blk_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, 
     }
 }
 
-static void bm_avx512_gemm_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
-                                const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
-                                int64_t r1) {
+// Rows [r0, r1) of y [B, N] (B < kXtMinBatch, so at most 8 rows of x per tile) from the bitmask layout.
+template <ExpandLoad Load>
+static inline void bm_avx512_gemm_rows_t(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                                         const float* vals, const int64_t* rp, const float* bias, float* y,
+                                         int64_t r0, int64_t r1, const float* vend) {
     const int64_t Kw = (K + 31) / 32;
     float out[8];
     for (int64_t r = r0; r < r1; ++r) {
@@ -373,18 +321,32 @@ static void bm_avx512_gemm_rows(const float* x, int64_t B, int64_t K, int64_t N,
             const int64_t tb = B - b0 < 8 ? B - b0 : 8;
             const float* xb = x + b0 * K;
             switch (tb) {
-                case 1: bm_avx512_tile<1>(xb, K, mr, Kw, v, out); break;
-                case 2: bm_avx512_tile<2>(xb, K, mr, Kw, v, out); break;
-                case 3: bm_avx512_tile<3>(xb, K, mr, Kw, v, out); break;
-                case 4: bm_avx512_tile<4>(xb, K, mr, Kw, v, out); break;
-                case 5: bm_avx512_tile<5>(xb, K, mr, Kw, v, out); break;
-                case 6: bm_avx512_tile<6>(xb, K, mr, Kw, v, out); break;
-                case 7: bm_avx512_tile<7>(xb, K, mr, Kw, v, out); break;
-                default: bm_avx512_tile<8>(xb, K, mr, Kw, v, out); break;
+                case 1: bm_avx512_tile<1, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 2: bm_avx512_tile<2, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 3: bm_avx512_tile<3, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 4: bm_avx512_tile<4, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 5: bm_avx512_tile<5, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 6: bm_avx512_tile<6, Load>(xb, K, mr, Kw, v, vend, out); break;
+                case 7: bm_avx512_tile<7, Load>(xb, K, mr, Kw, v, vend, out); break;
+                default: bm_avx512_tile<8, Load>(xb, K, mr, Kw, v, vend, out); break;
             }
             for (int64_t b = 0; b < tb; ++b) y[(b0 + b) * N + r] = out[b] + bb;
         }
     }
+}
+
+// The memory form of the expand (kGemvVariant = 0) and the register form (1; vend: the end of the
+// whole values array), as at batch 1.
+static void bm_avx512_gemm_rows(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                                const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                int64_t r1) {
+    bm_avx512_gemm_rows_t<expand_mem>(x, B, K, N, mask, vals, rp, bias, y, r0, r1, nullptr);
+}
+
+static void bm_avx512_gemm_rows_reg(const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                                    const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
+                                    int64_t r1, const float* vend) {
+    bm_avx512_gemm_rows_t<expand_reg>(x, B, K, N, mask, vals, rp, bias, y, r0, r1, vend);
 }
 #pragma GCC pop_options
 
@@ -755,48 +717,6 @@ static void csr_bf16_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int6
 #endif  // SR_X86
 
 // ---------------------------------------------------------------------------------------------
-// SparseGPT's sequential OBS updates inside one column block (sparse_runtime/pruning/sparsegpt.py,
-// Alg. 1 of the paper), in the layout of W^T: "column" i of W is the contiguous row W1[i]. For
-// i in [i0, i1):   err_i = W1[i] * scale[i];   W1[j] -= Hinv1[i, j] * err_i  for j in [i, count).
-// Output rows of W (entries r of each W1 row) never interact, so threads split r and the whole
-// i/j loop runs without synchronisation. One body, compiled for each ISA by inlining.
-// ---------------------------------------------------------------------------------------------
-static inline __attribute__((always_inline)) void obs_body(float* W1, float* Err1, const float* Hinv1,
-                                                           const float* scale, int64_t rows, int64_t count,
-                                                           int64_t i0, int64_t i1, int64_t r0, int64_t r1) {
-    for (int64_t i = i0; i < i1; ++i) {
-        const float* wi = W1 + i * rows;
-        const float* si = scale + i * rows;
-        float* ei = Err1 + i * rows;
-        for (int64_t r = r0; r < r1; ++r) ei[r] = wi[r] * si[r];
-        const float* h = Hinv1 + i * count;
-        for (int64_t j = i; j < count; ++j) {
-            const float hj = h[j];
-            float* wj = W1 + j * rows;
-            for (int64_t r = r0; r < r1; ++r) wj[r] -= hj * ei[r];
-        }
-    }
-}
-
-// One instantiation of obs_body per ISA (the body is inlined, so it is vectorised for that target).
-#define SR_OBS_VARIANT(name)                                                                          \
-    static void name(float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,     \
-                     int64_t count, int64_t i0, int64_t i1, int64_t r0, int64_t r1) {                 \
-        obs_body(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);                                \
-    }
-SR_OBS_VARIANT(obs_portable)
-#if SR_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-SR_OBS_VARIANT(obs_avx2)
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx2,fma")
-SR_OBS_VARIANT(obs_avx512)
-#pragma GCC pop_options
-#endif
-
-// ---------------------------------------------------------------------------------------------
 // C API
 // ---------------------------------------------------------------------------------------------
 extern "C" {
@@ -833,6 +753,37 @@ void sr_get_counters(int64_t* out) {
 void sr_reset_counters(void) {
     for (int i = 0; i < SR_NISA; ++i)
         for (int l = 0; l < SR_NLAYOUT; ++l) __atomic_store_n(&g_calls[i][l], 0, __ATOMIC_RELAXED);
+}
+
+// The ABI check (sparse_runtime.h): the Python side compares its ctypes mirrors with these.
+size_t sr_struct_size(const char* name) {
+    if (!name) return 0;
+    if (!strcmp(name, "SRLinear")) return sizeof(SRLinear);
+    if (!strcmp(name, "SRLayer")) return sizeof(SRLayer);
+    if (!strcmp(name, "SRModel")) return sizeof(SRModel);
+    return 0;
+}
+
+int64_t sr_field_offset(const char* struct_name, const char* field) {
+    struct Field {
+        const char *s, *f;
+        size_t off;
+    };
+#define F(T, f) {#T, #f, offsetof(T, f)}
+    static const Field fields[] = {
+        F(SRLinear, kind), F(SRLinear, isa), F(SRLinear, N), F(SRLinear, K), F(SRLinear, index),
+        F(SRLinear, values), F(SRLinear, row_ptr), F(SRLinear, bias),
+        F(SRLayer, in_norm), F(SRLayer, post_norm), F(SRLayer, qkv), F(SRLayer, o), F(SRLayer, gate_up),
+        F(SRLayer, down), F(SRLayer, k_cache), F(SRLayer, v_cache), F(SRLayer, window),
+        F(SRModel, n_layers), F(SRModel, hidden), F(SRModel, inter), F(SRModel, n_heads), F(SRModel, n_kv_heads),
+        F(SRModel, head_dim), F(SRModel, vocab), F(SRModel, cap), F(SRModel, eps), F(SRModel, pad_),
+        F(SRModel, embed), F(SRModel, final_norm), F(SRModel, lm_head), F(SRModel, layers), F(SRModel, scratch),
+    };
+#undef F
+    if (!struct_name || !field) return -1;
+    for (const Field& e : fields)
+        if (!strcmp(e.s, struct_name) && !strcmp(e.f, field)) return (int64_t)e.off;
+    return -1;
 }
 
 static const int64_t kMinRows = 32;  // below this many rows per thread, threading costs more than it gives
@@ -1100,22 +1051,6 @@ void sr_csr16_densify(int64_t K, int64_t N, const uint16_t* idx, const float* va
             for (int64_t p = rp[r]; p < rp[r + 1]; ++p) o[idx[p]] = vals[p];
         }
     });
-}
-
-// SparseGPT OBS column updates (see obs_body): W1, Err1, scale [count, rows]; Hinv1 [count, count],
-// all row-major fp32. Returns SR_EUNSUPPORTED if the CPU lacks the ISA.
-int sr_obs_columns(int isa, float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,
-                   int64_t count, int64_t i0, int64_t i1, int n_threads) {
-    if (!W1 || !Err1 || !Hinv1 || !scale || rows < 0 || count < 0 || i0 < 0 || i1 > count || i0 > i1) return SR_EARG;
-    if (isa < 0 || isa >= SR_NISA || !(sr_cpu_features() & (1 << isa))) return SR_EUNSUPPORTED;
-    parallel_rows(rows, n_threads, 256, [&](int64_t r0, int64_t r1) {
-#if SR_X86
-        if (isa == SR_AVX512) { obs_avx512(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1); return; }
-        if (isa == SR_AVX2) { obs_avx2(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1); return; }
-#endif
-        obs_portable(W1, Err1, Hinv1, scale, rows, count, i0, i1, r0, r1);
-    });
-    return SR_OK;
 }
 
 }  // extern "C"

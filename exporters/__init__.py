@@ -109,22 +109,45 @@ class ExportResult:
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+LOAD_DTYPES = ("float32", "bfloat16")
+LOAD_DTYPE_FORMATS = ("bitmask", "semi-structured")  # formats that read the weights without tracing the model
+
+
 def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = False, *,
-           trust_remote_code: bool = False, **options) -> ExportResult:
-    """Export ``model_dir_or_spec`` (a checkpoint dir or any load_model spec) as ``format`` to ``out``."""
+           trust_remote_code: bool = False, stream: str = "auto", load_dtype: str = "float32",
+           **options) -> ExportResult:
+    """Export ``model_dir_or_spec`` (a checkpoint dir or any load_model spec) as ``format`` to ``out``.
+
+    ``stream`` (``auto`` | ``on`` | ``off``, :func:`sparse_runtime.models.streaming.stream_path`):
+    formats with a ``write_streamed`` (bitmask) convert a model too large for memory tensor by tensor
+    from its shards, verifying each layer as it goes (docs/scale.md#streaming).
+
+    ``load_dtype``: the compute dtype the source model is loaded (and verified) in, distinct from the
+    ``dtype`` option (the stored dtype). ``bfloat16`` halves the source's memory; the bitmask then
+    stores bf16 unless ``dtype`` says otherwise. The ONNX formats trace the model in float32."""
     from sparse_runtime.faults import fault_point
     from sparse_runtime.manifest import atomic_directory
+    from sparse_runtime.models.streaming import stream_path
 
     from .source import load_source
 
     exporter = get_exporter(format)()
+    if load_dtype not in LOAD_DTYPES:
+        raise ConfigError(f"load dtype {load_dtype!r}: choose one of {', '.join(LOAD_DTYPES)}")
+    if load_dtype != "float32":
+        if exporter.name not in LOAD_DTYPE_FORMATS:
+            raise ConfigError(f"the {exporter.name} export traces the model in float32: use --load-dtype float32 "
+                              f"(--dtype sets the stored dtype), or export {' / '.join(LOAD_DTYPE_FORMATS)}")
+        if exporter.name == "bitmask":
+            options.setdefault("dtype", load_dtype)  # bf16 in, bf16 out
     opts = make_options(format, options)
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before loading anything
-        from sparse_runtime.errors import CheckpointExistsError
+    from sparse_runtime.checkpoint_step import refuse_output
 
-        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    src = load_source(model_dir_or_spec, trust_remote_code=trust_remote_code)
+    out = refuse_output(out, overwrite, (model_dir_or_spec,))  # fail before loading anything
+    path = stream_path(model_dir_or_spec, load_dtype, stream)
+    if path is not None:
+        return _export_streamed(exporter, path, str(model_dir_or_spec), out, overwrite, opts, stream)
+    src = load_source(model_dir_or_spec, trust_remote_code=trust_remote_code, dtype=load_dtype)
     try:
         with atomic_directory(out, overwrite) as tmp:
             t0 = time.perf_counter()
@@ -155,6 +178,34 @@ def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = F
         src.cleanup()
     return ExportResult(exporter.name, out, manifest["files"], manifest["total_bytes"], t_export, t_verify,
                         report, contents, manifest)
+
+
+def _export_streamed(exporter: Exporter, path: Path, spec: str, out: Path, overwrite: bool, opts,
+                     stream: str) -> ExportResult:
+    """An export written and verified tensor by tensor from the checkpoint's shards."""
+    from sparse_runtime.faults import fault_point
+    from sparse_runtime.manifest import atomic_directory
+
+    if not callable(getattr(exporter, "write_streamed", None)):
+        raise ConfigError(f"the {exporter.name} export needs the whole model in memory, which this model does not "
+                          f"fit (--stream {stream}); export it as bitmask, which streams, or on a machine with "
+                          "more memory with --stream off")
+    with atomic_directory(out, overwrite) as tmp:
+        t0 = time.perf_counter()
+        contents, report, source = exporter.write_streamed(path, spec, tmp, opts)
+        fault_point("write")
+        t_export = time.perf_counter() - t0
+        if opts.verify:
+            from .verify import raise_if_failed
+
+            raise_if_failed(report, exporter.name)
+        payload = {"export_format": exporter.name, "description": exporter.description, "source": source,
+                   "options": asdict(opts) if is_dataclass(opts) else dict(opts), "contents": contents,
+                   "verification": report, "export_seconds": t_export, "verify_seconds": 0.0,
+                   "notes": exporter.notes(opts) + ["streamed: written and verified tensor by tensor"]}
+        manifest = write_export_manifest(tmp, payload)
+    return ExportResult(exporter.name, out, manifest["files"], manifest["total_bytes"], t_export, 0.0, report,
+                        contents, manifest)
 
 
 __all__ = ["EXPORTERS", "Exporter", "CommonOptions", "ExportResult", "ExportVerificationError", "export",

@@ -160,14 +160,93 @@ class BitmaskExporter(Exporter):
                 "bytes_on_disk": size, "dense_bytes": dense_bytes, "size_ratio": size / max(1, dense_bytes),
                 "sparsity_config_written": opts.write_sparsity_config}
 
+    def write_streamed(self, path: Path, spec: str, out: Path, opts: BitmaskOptions):
+        """:meth:`write` and :meth:`verify` tensor by tensor from ``path``'s shards (a model larger
+        than memory): each pruned layer is compressed, decompressed again and compared bit for bit,
+        and its mask checked against the sparsity manifest, before the next one is read; the
+        output is sharded like the input (``model.bitmask[-0000i-of-0000n].safetensors`` plus
+        ``model.bitmask.safetensors.index.json`` when more than one). The logits comparison of
+        :meth:`verify` needs the whole model and is replaced by these per-layer checks."""
+        import hashlib
+        import shutil
+
+        from sparse_runtime.manifest import MANIFEST_NAME, check_layer, layer_record, read_manifest
+        from sparse_runtime.models.streaming import SIDE_FILES, CheckpointReader, ShardWriter, StreamedModel
+
+        sm = StreamedModel(path, opts.dtype)  # the skeleton: names, family, manifest checks
+        reader: CheckpointReader = sm.reader
+        manifest = sm.manifest
+        dt = _dtype(opts.dtype)
+        layer_names = {f"{n}.weight": n for n, _ in sm.family.iter_linears(sm.model)}
+        writer = ShardWriter(out, metadata={"format": "pt", "sparse_format": "sparse-bitmask"}, stem="model.bitmask")
+        compressed, dense_bytes, layer_info, bad, records = [], 0, {}, [], {}
+        from sparse_runtime.progress import progress
+
+        for k in progress(reader.names(), desc="bitmask export (streamed)"):
+            v = reader.get(k)
+            v = v.to(dt) if v.is_floating_point() else v
+            dense_bytes += v.numel() * v.element_size()
+            layer = layer_names.get(k)
+            if layer is not None:
+                rec = manifest.layers[layer] if manifest is not None else layer_record(v)
+                records[layer] = rec
+                if manifest is not None and (msg := check_layer(layer, v, rec)) is not None:
+                    bad.append(msg)
+                s = 1.0 - rec.nnz / max(1, v.numel())
+                if v.ndim == 2 and s >= opts.min_sparsity and compressed_bytes(v) < v.numel() * v.element_size():
+                    parts = bitmask_compress(v)
+                    if not torch.equal(bitmask_decompress(parts["compressed"], parts["bitmask"], parts["shape"]), v):
+                        bad.append(f"{layer}: the compressed form does not decompress to the weight")
+                    base = k[: -len(".weight")]
+                    for p_, t in parts.items():
+                        writer.add(f"{base}.{p_}", t)
+                    compressed.append(base)
+                    layer_info[base] = {"sparsity": s, "shape": list(v.shape)}
+                    continue
+            writer.add(k, v)
+            del v
+        files = writer.close()
+        for f in ("config.json", *SIDE_FILES):
+            if (path / f).is_file():
+                shutil.copyfile(path / f, out / f)
+        h = hashlib.sha256()
+        for name in sorted(records):
+            h.update(f"{name}={records[name].mask_sha256};".encode())
+        total = sum(r.nnz for r in records.values())
+        numel = sum(int(np.prod(r.shape)) for r in records.values())
+        source = {"spec": spec, "path": str(path), "family": sm.family.name, "model_type": sm.config.model_type,
+                  "base_model": (manifest.base_model if manifest is not None else "") or spec,
+                  "sparsity_manifest": MANIFEST_NAME if manifest is not None else None,
+                  "sparsity_manifest_sha256": hashlib.sha256((path / MANIFEST_NAME).read_bytes()).hexdigest()
+                  if manifest is not None else None,
+                  "masks_sha256": h.hexdigest(), "total_sparsity": 1.0 - total / max(1, numel),
+                  "layers": len(records), "structures": sorted({r.structure for r in records.values()})}
+        if opts.write_sparsity_config:
+            self._update_ct_config(out, source["total_sparsity"], compressed)
+        size = sum((out / f).stat().st_size for f in files)
+        contents = {"weights": files[0] if len(files) == 1 else f"model.bitmask.safetensors.index.json ({len(files)} shards)",
+                    "dtype": opts.dtype, "compressed_layers": len(compressed),
+                    "dense_layers_kept": len(layer_names) - len(compressed), "layers": layer_info,
+                    "bytes_on_disk": size, "dense_bytes": dense_bytes, "size_ratio": size / max(1, dense_bytes),
+                    "sparsity_config_written": opts.write_sparsity_config, "streamed": True}
+        report = {"ok": not bad, "logits": [], "masks": {"problems": bad[:10], "layers": len(records),
+                                                   "matched": len(records) - len(bad)},
+                  "per_layer": "compress/decompress bitwise equal and masks equal to the sparsity manifest, "
+                               "layer by layer (the logits check needs the whole model in memory)"}
+        return contents, report, source
+
     @staticmethod
     def _write_ct_config(out: Path, src: Source, compressed: list[str]) -> None:
+        BitmaskExporter._update_ct_config(out, src.manifest.total_measured, compressed)
+
+    @staticmethod
+    def _update_ct_config(out: Path, total_sparsity: float, compressed: list[str]) -> None:
         cfg_path = out / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["quantization_config"] = {
             "quant_method": "compressed-tensors", "version": CT_VERSION, "format": "dense",
             "config_groups": {}, "quantization_status": "compressed",
-            "sparsity_config": {"format": "sparse-bitmask", "global_sparsity": src.manifest.total_measured,
+            "sparsity_config": {"format": "sparse-bitmask", "global_sparsity": total_sparsity,
                                 "sparsity_structure": "unstructured", "targets": compressed,
                                 "ignore": [], "registry_requires_subclass": False},
         }
@@ -201,13 +280,21 @@ def load_bitmask(path, dtype: Optional[str] = None, device: str = "cpu"):
 
     path = Path(path)
     f = path / WEIGHTS_NAME
+    index = path / f"{WEIGHTS_NAME}.index.json"
     if not f.is_file() and (path / LEGACY_WEIGHTS_NAME).is_file():
         f = path / LEGACY_WEIGHTS_NAME
-    if not f.is_file():
+    if index.is_file():  # a streamed export of a large model: shards
+        files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif f.is_file():
+        files = [f]
+    else:
         raise ModelLoadError(f"{path} holds no {WEIGHTS_NAME}; is it a bitmask export?")
     cfg = AutoConfig.from_pretrained(path)
     cfg.__dict__.pop("quantization_config", None)  # we decompress ourselves
-    sd = decompress_state_dict(load_file(str(f)))
+    raw: dict[str, torch.Tensor] = {}
+    for part in files:
+        raw.update(load_file(str(part)))
+    sd = decompress_state_dict(raw)
     dt = _dtype(dtype) if dtype else next(v.dtype for v in sd.values() if v.is_floating_point())
     model = AutoModelForCausalLM.from_config(cfg, dtype=dt, attn_implementation="eager")
     missing, unexpected = model.load_state_dict(sd, strict=False)

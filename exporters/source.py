@@ -107,8 +107,9 @@ class Source:
         self._tmp.clear()
 
 
-def load_source(spec, trust_remote_code: bool = False) -> Source:
-    loaded = load_model(spec, dtype="float32", trust_remote_code=trust_remote_code)
+def load_source(spec, trust_remote_code: bool = False, dtype: str = "float32") -> Source:
+    """The source model loaded in ``dtype`` (the compute dtype; the stored one is the exporter's)."""
+    loaded = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     digest = None
     if loaded.manifest is not None:
         manifest, from_ckpt = loaded.manifest, True

@@ -192,6 +192,7 @@ def sequential_pass(
     on_block_start: Optional[Callable[[int, nn.Module], None]] = None,
     on_block_end: Optional[Callable[[int, nn.Module, BlockInputs, list[torch.Tensor]], None]] = None,
     desc: str = "blocks",
+    streamer: Optional[Any] = None,
 ) -> DriverTiming:
     """Walk the blocks in order; see the module docstring. ``layer_filter(full_name)`` picks the
     linears to hand to ``on_layer`` (default: all of the family's block linears).
@@ -200,10 +201,18 @@ def sequential_pass(
     pass (e.g. to restore dense weights for a repair that needs them).
     ``on_block_end(i, block, inputs, outputs)`` sees the block's inputs and its (pruned) outputs,
     e.g. for reconstruction errors. Returns phase timings.
+
+    ``streamer`` (a :class:`sparse_runtime.models.streaming.BlockStreamer`, streaming mode): the
+    model's blocks live on ``meta``; ``streamer.load(i, block)`` reads block i from the files before
+    its turn and ``streamer.done(i, block)`` hands it on (written out) and releases it after, so
+    one block is in memory at a time. The embedding is the streamer's to load and is released once
+    the inputs are caught.
     """
     timing = DriverTiming()
     t_all = time.perf_counter()
     needs = frozenset(needs)
+    if streamer is not None:
+        streamer.streamed.load_embed()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -218,12 +227,16 @@ def sequential_pass(
     inputs = capture_block_inputs(model, family, calib_ids, batch_size, dev)
     if not offload and embed_home != dev:
         embed.to(embed_home)
+    if streamer is not None:
+        streamer.streamed.release_embed()
     timing.embed_s = time.perf_counter() - t0
     kwargs = {k: _move(v, dev) for k, v in inputs.kwargs.items()}
     hidden = [h.to(dev) for h in inputs.hidden]
     groups_all = family.sequential_groups if true_sequential else (tuple(family.linear_names),)
     for bi in progress(range(len(blocks)), desc=desc):
         block = blocks[bi]
+        if streamer is not None:
+            streamer.load(bi, block)
         home = next(block.parameters()).device
         if offload or home != dev:
             block.to(dev)
@@ -264,6 +277,8 @@ def sequential_pass(
             on_block_end(bi, block, BlockInputs(hidden, kwargs), outs)
         if offload or home != dev:
             block.to(home)
+        if streamer is not None:
+            streamer.done(bi, block)
         hidden = outs
         timing.blocks += 1
     if was_cache is not None:

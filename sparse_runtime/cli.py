@@ -11,6 +11,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from typing import Optional
@@ -29,10 +30,19 @@ def _commands():
     return found
 
 
+# plain text: argparse prints it as written (the module docstring is reST for the docs)
+DESCRIPTION = ("Prune a language model, repair it, merge to exact sparse weights, export it, and measure\n"
+               "whether it runs faster (dense against sparse, on the same engine).")
+EPILOG = ("Every COMMAND has --help. Commands that read data (calibration, perplexity, zero-shot,\n"
+          "fine-tuning) look in $SPARSE_RUNTIME_DATA or --data-dir (docs/data.md).\n"
+          "Example: sparse-runtime prune smollm2-135m --method wanda --sparsity 0.5 --out runs/w50")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="sparse-runtime", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sparse-runtime", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sparse-runtime {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +103,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        from .quiet import install
+
+        install()  # known harmless library notices (sparse_runtime/quiet.py); -v shows them
+    # as the Makefile and the tests run: otherwise tokenizers warns at every fork (engine workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args._run(args) or 0)
     except SparseRuntimeError as e:

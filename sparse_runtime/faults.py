@@ -10,7 +10,8 @@ It is a test hook, not a feature (docs/reliability.md lists the points). When th
 set, :func:`fault_point` is one dictionary look-up.
 
 Points: ``calibration`` (prune/repair, after the first block's calibration forward),
-``train-step`` (fine-tuning, after an optimiser step), ``write`` (a checkpoint's weights written
+``train-step`` (fine-tuning, after an optimiser step), ``shard`` (a streamed output's first
+shard written, the rest not yet), ``write`` (a checkpoint's weights written
 into its temporary directory, the rest not yet), ``before-rename`` (an output directory
 complete in its temporary directory, not yet renamed into place), ``after-rename`` (renamed into
 place, the previous output not yet removed).
@@ -21,7 +22,7 @@ import os
 import signal
 
 ENV = "SPARSE_RUNTIME_FAULT"
-POINTS = ("calibration", "train-step", "write", "before-rename", "after-rename")
+POINTS = ("calibration", "train-step", "shard", "write", "before-rename", "after-rename")
 _seen: dict[str, int] = {}
 
 

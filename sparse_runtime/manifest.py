@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -135,9 +135,12 @@ def layer_record(weight: torch.Tensor, structure: Optional[str] = None, target: 
 def build_manifest(model, family=None, *, targets: Optional[dict[str, float]] = None,
                    structures: Optional[dict[str, str]] = None, base_model: str = "",
                    dense_source: Optional[str] = None, previous: Optional[Manifest] = None,
-                   step: Optional[dict[str, Any]] = None, extra: Optional[dict[str, Any]] = None) -> Manifest:
+                   step: Optional[dict[str, Any]] = None, extra: Optional[dict[str, Any]] = None,
+                   records: Optional[dict[str, LayerRecord]] = None) -> Manifest:
     """Measure ``model``'s block linears and describe them. ``previous`` carries history/targets
-    forward so a chain of stages keeps its record; ``step`` is appended to the history."""
+    forward so a chain of stages keeps its record; ``step`` is appended to the history.
+    ``records`` (``{layer: LayerRecord}``) are measurements already taken, e.g. of a streamed model
+    whose blocks were measured as they were written (its skeleton holds no weights)."""
     from .models.family import family_of
 
     family = family or family_of(model)
@@ -148,7 +151,13 @@ def build_manifest(model, family=None, *, targets: Optional[dict[str, float]] = 
         prev = previous.layers.get(name) if previous else None
         target = targets.get(name, prev.target if prev else None)
         structure = structures.get(name, prev.structure if prev else "unstructured")
-        layers[name] = layer_record(lin.weight, structure, target)
+        if records is not None:
+            rec = records[name]
+            layers[name] = LayerRecord(structure=structure or "unstructured",
+                                       target=None if target is None else float(target), measured=rec.measured,
+                                       nnz=rec.nnz, shape=list(rec.shape), mask_sha256=rec.mask_sha256)
+        else:
+            layers[name] = layer_record(lin.weight, structure, target)
     m = Manifest(
         layers=layers,
         base_model=base_model or (previous.base_model if previous else ""),
@@ -171,6 +180,15 @@ def verify_manifest(model, manifest: Manifest, family=None, *, rtol_sparsity: fl
 
     family = family or family_of(model)
     actual = dict(family.iter_linears(model))
+    check_manifest_layers(actual, manifest)
+    bad = [msg for name, rec in manifest.layers.items()
+           if (msg := check_layer(name, actual[name].weight, rec)) is not None]
+    raise_if_bad(bad)
+
+
+def check_manifest_layers(actual: Iterable[str], manifest: Manifest) -> None:
+    """The manifest names exactly the model's prunable layers (no more, no fewer)."""
+    actual = list(actual)
     missing = sorted(set(manifest.layers) - set(actual))
     if missing:
         raise ManifestError(
@@ -186,20 +204,33 @@ def verify_manifest(model, manifest: Manifest, family=None, *, rtol_sparsity: fl
             f"layers; it has no record of {', '.join(unrecorded[:3])}{'...' if len(unrecorded) > 3 else ''} "
             "(tampered or corrupt checkpoint): rebuild it from trusted weights with "
             "`sparse-runtime inspect DIR --write-manifest`")
-    bad = []
-    for name, rec in manifest.layers.items():
-        w = actual[name].weight.detach()
-        if list(w.shape) != list(rec.shape):
-            bad.append(f"{name}: shape {list(w.shape)} != manifest {rec.shape}")
-            continue
-        keep = w != 0
-        nnz = int(keep.sum().item())
-        if nnz != rec.nnz or mask_digest(keep) != rec.mask_sha256:
-            bad.append(f"{name}: {nnz} nonzeros (manifest says {rec.nnz}) or a different mask")
-            continue
-        pattern = parse_structure(rec.structure)
-        if isinstance(pattern, NMPattern) and not nm_compliant(w, pattern):
-            bad.append(f"{name}: manifest says {rec.structure} but the weights break that pattern")
+
+
+def check_layer(name: str, weight: torch.Tensor, rec: LayerRecord) -> Optional[str]:
+    """What is wrong with one layer against its record (shape, nonzeros, mask digest, N:M), or None."""
+    w = weight.detach()
+    if list(w.shape) != list(rec.shape):
+        return f"{name}: shape {list(w.shape)} != manifest {rec.shape}"
+    keep = w != 0
+    return check_layer_facts(name, w.shape, int(keep.sum().item()), mask_digest(keep),
+                             lambda p: nm_compliant(w, p), rec)
+
+
+def check_layer_facts(name: str, shape, nnz: int, digest: str, satisfies: Callable[[NMPattern], bool],
+                      rec: LayerRecord) -> Optional[str]:
+    """:func:`check_layer` on measured facts (shape, nonzero count, mask digest, and whether the
+    weight satisfies an N:M pattern), for readers that never hold the weight (``inspect``)."""
+    if list(shape) != list(rec.shape):
+        return f"{name}: shape {list(shape)} != manifest {rec.shape}"
+    if nnz != rec.nnz or digest != rec.mask_sha256:
+        return f"{name}: {nnz} nonzeros (manifest says {rec.nnz}) or a different mask"
+    pattern = parse_structure(rec.structure)
+    if isinstance(pattern, NMPattern) and not satisfies(pattern):
+        return f"{name}: manifest says {rec.structure} but the weights break that pattern"
+    return None
+
+
+def raise_if_bad(bad: list[str]) -> None:
     if bad:
         raise ManifestError("the sparsity manifest disagrees with the weights (tampered or corrupt checkpoint): "
                             + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))

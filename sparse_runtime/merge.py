@@ -47,6 +47,7 @@ class MergeReport:
     mask_changed: int = 0
     reprune: Optional[str] = None
     max_abs_logit_diff: Optional[float] = None
+    checkpoint: Optional[str] = None  # where the merged checkpoint was written (not in as_dict: the manifest's)
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "kept_zero_fixups": self.kept_zero_fixups, "mask_changed": self.mask_changed,
@@ -237,24 +238,44 @@ def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optio
     import warnings
 
     from .adapters.io import attach_saved_adapter, read_adapter_config
-    from .manifest import atomic_directory, build_manifest, save_checkpoint
+    from .checkpoint_step import checkpoint_step
+    from .manifest import build_manifest
     from .models import load_model
 
     meta = read_adapter_config(adapter_dir)
     base_spec = base or resolve_adapter_base(meta.get("base_model"), adapter_dir)
     if not base_spec:
         raise ConfigError(f"{adapter_dir} does not name its base model; pass --base DIR")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        from .errors import CheckpointExistsError
+    bases: dict[str, Any] = {}
 
-        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    lm = load_model(base_spec, dtype)
-    if lm.manifest is None:
-        warnings.warn(f"{base_spec} has no sparsity manifest: the merge checks against masks inferred from zeros",
-                      UserWarning, stacklevel=2)
-    base_manifest = lm.manifest or build_manifest(lm.model, lm.family, base_model=str(base_spec))
-    attach_saved_adapter(lm.model, lm.family, adapter_dir, lm.manifest)
+    def load():
+        lm = load_model(base_spec, dtype)
+        if lm.manifest is None:
+            warnings.warn(f"{base_spec} has no sparsity manifest: the merge checks against masks inferred from zeros",
+                          UserWarning, stacklevel=4)
+        bases["manifest"] = lm.manifest or build_manifest(lm.model, lm.family, base_model=str(base_spec))
+        attach_saved_adapter(lm.model, lm.family, adapter_dir, lm.manifest)
+        return lm
+
+    def work(lm) -> MergeReport:
+        return _merge_and_compare(lm, bases["manifest"], reprune, data_dir, protocol, logit_tol)
+
+    def manifest(lm, report: MergeReport):
+        step = {"stage": "merge", "method": meta["method"], "adapter": str(adapter_dir), "reprune": report.reprune,
+                "merge": report.as_dict(), "train": meta.get("train")}
+        man = build_manifest(lm.model, lm.family, previous=bases["manifest"], step=step)
+        _check_merged_manifest(man, bases["manifest"], report)
+        return man
+
+    done = checkpoint_step(out, overwrite=overwrite, inputs=(adapter_dir, base_spec), load=load, work=work,
+                           manifest=manifest)
+    done.result.checkpoint = str(done.out)
+    return done.out, done.result
+
+
+def _merge_and_compare(lm, base_manifest, reprune: str, data_dir, protocol: str, logit_tol: float) -> MergeReport:
+    """Merge the attached adapters and compare logits on a fixed probe with the adapter model's: a
+    mask-keeping merge must reproduce them (within ``logit_tol``, relative to the largest logit)."""
     vocab = lm.model.get_input_embeddings().weight.shape[0]
     probe = _probe_ids(vocab)
     lm.model.eval()
@@ -270,9 +291,12 @@ def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optio
         if report.max_abs_logit_diff > tol:
             raise MergeError(f"merged logits differ from the adapter model's by {report.max_abs_logit_diff:.3g} "
                              f"(tolerance {tol:.3g})")
-    step = {"stage": "merge", "method": meta["method"], "adapter": str(adapter_dir), "reprune": report.reprune,
-            "merge": report.as_dict(), "train": meta.get("train")}
-    manifest = build_manifest(lm.model, lm.family, previous=base_manifest, step=step)
+    return report
+
+
+def _check_merged_manifest(manifest, base_manifest, report: MergeReport) -> None:
+    """Per layer, the merged nonzeros equal the base's (unless SEFT re-pruned globally), and a
+    mask-keeping merge keeps the mask digest."""
     for name, rec in manifest.layers.items():
         b = base_manifest.layers.get(name)
         if b is None:
@@ -282,5 +306,3 @@ def merge_adapter_dir(adapter_dir: os.PathLike, out: os.PathLike, *, base: Optio
             raise MergeError(f"{name}: {rec.nnz} nonzeros after merge, base had {b.nnz}")
         if report.reprune is None and check == "mask" and rec.mask_sha256 != b.mask_sha256:
             raise MergeError(f"{name}: mask digest changed by a mask-keeping merge")
-    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite)
-    return out, report

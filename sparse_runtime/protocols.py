@@ -32,6 +32,10 @@ PROTOCOLS.register("quick")(Protocol(
 PROTOCOLS.register("paper")(Protocol(
     "paper", 128, 2048, 0, 2048, None,
     "calibration 128 x 2048 tokens (C4, seed 0); WikiText-2 test, all windows of 2048 tokens"))
+PROTOCOLS.register("scale")(Protocol(
+    "scale", 8, 128, 0, 512, 4,
+    "calibration 8 x 128 tokens (C4, seed 0); WikiText-2 test, first 4 windows of 512 tokens: memory and time "
+    "at 7B and beyond on random-weight models (docs/scale.md); measures scaling, never quality"))
 PROTOCOLS.register("test")(Protocol(
     "test", 4, 32, 0, 32, 4, "tiny numbers for unit tests; checks behaviour, not quality"))
 

@@ -45,11 +45,12 @@ import torch
 from .allocation import ALLOCATIONS, AllocationRequest, BlockLayout
 from .allocation.atp import HELDOUT_SETS  # noqa: F401  (its home is ATP's options; re-exported)
 from .calibration import DriverTiming, InputStatistics, LayerTask, sequential_pass
-from .errors import CheckpointExistsError, ConfigError, SparseRuntimeError
+from .errors import ConfigError
 from .options import options_from_dict
+from .progress import progress
 from .pruning import PRUNERS, REFINERS, MaskRefiner
-from .pruning.base import build_method
-from .sparsity import NMPattern, check_sparsity, nm_compliant, parse_structure, structure_name
+from .pruning.base import build_method, prune_layer
+from .sparsity import NMPattern, check_sparsity, parse_structure, structure_name
 
 # Refiners are imported by a fixed name -> module table, never from a user string.
 _REFINER_MODULES = {"dsnot": "sparse_runtime.repair.dsnot"}
@@ -354,59 +355,79 @@ def heldout_ids(tokenizer, cfg: PruneConfig, data_dir=None) -> tuple[torch.Tenso
     return ids[: seqlen * n], seqlen
 
 
-def _check_refined(name: str, before_keep: torch.Tensor, new: torch.Tensor, ref: torch.Tensor,
-                   pattern: Optional[NMPattern]) -> None:
-    if new.shape != ref.shape:
-        raise SparseRuntimeError(f"the refiner returned shape {tuple(new.shape)} for {name}, expected {tuple(ref.shape)}")
-    over = (new != 0).sum(1) > before_keep.sum(1)
-    if bool(over.any()):
-        raise SparseRuntimeError(f"the refiner made rows of {name} denser than the mask allows "
-                                 f"({int(over.sum())} rows): refiners must keep each row's count")
-    if pattern is not None and not nm_compliant(new, pattern):
-        raise SparseRuntimeError(f"the refiner broke the {pattern} pattern of {name}")
-
-
 class _Pruning:
     """One pruning job on one model: the pass, the allocation trials, the timing."""
 
-    def __init__(self, model, family, cfg, pruner, refiner, selected, calib_ids):
+    def __init__(self, model, family, cfg, pruner, refiner, selected, calib_ids, streamed=None):
         self.model, self.family, self.cfg = model, family, cfg
         self.pruner, self.refiner, self.selected, self.calib_ids = pruner, refiner, selected, calib_ids
         self.pattern = cfg.pattern
         self.needs = frozenset(pruner.needs) | frozenset(getattr(refiner, "needs", frozenset()) if refiner else ())
         self.uses_data = bool(self.needs) or refiner is not None
+        # streaming mode (sparse_runtime.models.streaming): blocks are read from the input's files for
+        # each pass and released after it; ``sink`` (the final pass only) writes each pruned block
+        self.streamed = streamed
+        self.sink = None
 
-    def _driver(self, on_layer, needs, layer_filter, desc) -> DriverTiming:
+    def _streamer(self):
+        if self.streamed is None:
+            return None
+        from .models.streaming import BlockStreamer
+
+        return BlockStreamer(self.streamed, self.sink)
+
+    def _driver(self, on_layer, needs, layer_filter, desc, on_block_end=None) -> DriverTiming:
         c = self.cfg
         return sequential_pass(self.model, self.family, self.calib_ids, on_layer, needs=needs, layer_filter=layer_filter,
                                true_sequential=c.true_sequential, device=c.device, offload=c.offload,
-                               batch_size=c.batch_size, desc=desc)
+                               batch_size=c.batch_size, desc=desc, on_block_end=on_block_end,
+                               streamer=self._streamer())
 
     def stats_pass(self, on_layer, needs) -> DriverTiming:
         """A pass WITHOUT pruning (OWL's pass 1)."""
         return self._driver(on_layer, needs, lambda n: n in self.selected, "statistics (no pruning)")
 
+    def block_pass(self, on_block_end, max_samples: int) -> DriverTiming:
+        """A pass WITHOUT pruning over the first ``max_samples`` windows, calling ``on_block_end``
+        after each block (the ``rmi`` allocation's Gram matrices)."""
+        c = self.cfg
+        return sequential_pass(self.model, self.family, self.calib_ids[:max_samples], None, needs=(),
+                               device=c.device, offload=c.offload, batch_size=c.batch_size,
+                               on_block_end=on_block_end, desc="RMI Gram matrices (no pruning)",
+                               streamer=self._streamer())
+
     def prune_linear(self, task: LayerTask, sparsity: float) -> None:
-        w = task.linear.weight.data
+        """The shared per-layer step (:func:`~sparse_runtime.pruning.base.prune_layer`, also LoSA's
+        re-prune); a dense target with no pattern or refiner leaves the layer untouched."""
         if sparsity <= 0 and self.pattern is None and self.refiner is None:
             return
-        dense = w.clone() if self.refiner is not None else w
-        out = self.pruner.prune(task, sparsity, self.pattern)
-        new = out.weight
-        if self.refiner is not None:
-            new = self.refiner.refine(task, dense, out.weight, out.keep, self.pattern, sparsity)
-            _check_refined(task.name, out.keep, new, out.weight, self.pattern)
-        w.copy_(new.to(device=w.device, dtype=w.dtype))
+        prune_layer(task, sparsity, self.pruner, self.pattern, self.refiner)
 
-    def run(self, targets: dict[str, float]) -> DriverTiming:
+    def run(self, targets: dict[str, float], on_block_end=None, desc: Optional[str] = None) -> DriverTiming:
+        """Prune every selected layer to ``targets``. ``on_block_end(i, block, inputs, outputs)``
+        sees each pruned block (streaming ATP carries its held-out activations through it)."""
         def on_layer(task: LayerTask) -> None:
             self.prune_linear(task, targets[task.name])
 
+        desc = desc or f"prune {self.cfg.method}"
         if self.uses_data:
-            return self._driver(on_layer, self.needs, lambda n: n in targets, f"prune {self.cfg.method}")
+            return self._driver(on_layer, self.needs, lambda n: n in targets, desc, on_block_end)
         t0 = time.perf_counter()  # plain magnitude: no calibration data needed
+        streamer = self._streamer()
+        by_block: dict[int, list] = {}
         for name, (bi, short, lin) in self.selected.items():
-            on_layer(LayerTask(bi, name, short, lin, InputStatistics(lin.in_features, frozenset())))
+            by_block.setdefault(bi, []).append((name, short, lin))
+        blocks = self.family.blocks(self.model)
+        todo = range(len(blocks)) if streamer is not None or on_block_end is not None else sorted(by_block)
+        for bi in progress(todo, desc=desc):
+            if streamer is not None:
+                streamer.load(bi, blocks[bi])
+            for name, short, lin in by_block.get(bi, []):
+                on_layer(LayerTask(bi, name, short, lin, InputStatistics(lin.in_features, frozenset())))
+            if on_block_end is not None:
+                on_block_end(bi, blocks[bi], None, None)
+            if streamer is not None:
+                streamer.done(bi, blocks[bi])
         dt = time.perf_counter() - t0
         return DriverTiming(layer_s=dt, total_s=dt)
 
@@ -425,11 +446,19 @@ def _targets(selected, layout: BlockLayout, rates) -> dict[str, float]:
 
 @torch.no_grad()
 def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=None,
-                refiner: Union[None, str, MaskRefiner] = None, calib_ids: Optional[torch.Tensor] = None) -> PruneResult:
+                refiner: Union[None, str, MaskRefiner] = None, calib_ids: Optional[torch.Tensor] = None,
+                streamed=None, sink=None, records: Optional[dict] = None) -> PruneResult:
     """Prune ``model`` in place (see the module docstring) and describe what was done.
 
     ``refiner`` (an object, or a name such as ``"dsnot"``) overrides ``cfg.refine``; ``calib_ids``
     ([n, seqlen] token ids) skips drawing the calibration windows (benchmarks cache them).
+
+    Streaming (``streamed``, a :class:`sparse_runtime.models.streaming.StreamedModel` whose skeleton
+    is ``model``): every pass reads the blocks from the input's files one at a time; the final
+    pass hands each pruned block to ``sink(i, block)`` (which writes it) and measures it into
+    ``records`` (``{layer: LayerRecord}``, for the manifest). ATP's trials then score held-out
+    perplexity by carrying the held-out windows through each freshly pruned block, keep nothing,
+    and the chosen rates are pruned once more in the final pass (docs/scale.md#streaming).
     """
     from .models.family import family_of
 
@@ -444,7 +473,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     S = cfg.target
     calib = cfg.calibration()
     peak = _PeakRSS()
-    job = _Pruning(model, family, cfg, pruner, refiner_obj, selected, calib_ids)
+    job = _Pruning(model, family, cfg, pruner, refiner_obj, selected, calib_ids, streamed)
 
     t0 = time.perf_counter()
     if (job.uses_data or allocator.needs_calibration) and job.calib_ids is None:
@@ -461,6 +490,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     def trial(rates) -> float:
         from .eval.perplexity import perplexity_from_ids
 
+        if streamed is not None:
+            return streamed_trial(rates)
         if not dense_copy:
             dense_copy.update(job.snapshot())
         if not held:
@@ -473,11 +504,28 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
         job.restore(dense_copy)
         return score
 
+    def streamed_trial(rates) -> float:
+        from .eval.perplexity import streamed_nll
+        from .models.streaming import StreamedForward
+
+        if not held:
+            held["ids"], held["seqlen"] = heldout_ids(tokenizer, cfg, data_dir)
+        sl = held["seqlen"]
+        windows = held["ids"][: held["ids"].numel() // sl * sl].view(-1, sl)
+        carry = StreamedForward(streamed, windows)
+        timing = job.run(_targets(selected, layout, rates), on_block_end=lambda bi, block, *_: carry.step(block),
+                         desc=f"trial {cfg.method}")
+        r = streamed_nll(carry, windows, desc="held-out ppl", protocol="heldout")
+        score = r.ppl if math.isfinite(r.ppl) else math.inf
+        if score < best["score"] or best["key"] is None:
+            best.update(score=score, key=tuple(rates), timing=timing)
+        return score
+
     t0 = time.perf_counter()
-    req = AllocationRequest(S, layout, cfg, stats_pass=job.stats_pass, trial=trial)
+    req = AllocationRequest(S, layout, cfg, stats_pass=job.stats_pass, trial=trial, block_pass=job.block_pass)
     alloc = allocator.allocate(req)
     targets = _targets(selected, layout, alloc.rates)
-    reused = best["key"] is not None and best["key"] == tuple(alloc.rates)
+    reused = streamed is None and best["key"] is not None and best["key"] == tuple(alloc.rates)
     if reused:
         job.restore(best["weights"])
         timing = best["timing"]
@@ -485,13 +533,29 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     dense_copy.clear()
     best.pop("weights", None)
 
+    if streamed is not None:
+        from .manifest import layer_record
+
+        records = records if records is not None else {}
+
+        def final_sink(bi, block) -> None:
+            for short, lin in family.block_linears(block).items():
+                records[f"{family.blocks_path}.{bi}.{short}"] = layer_record(lin.weight)
+            if sink is not None:
+                sink(bi, block)
+
+        job.sink = final_sink
     if not reused:
         timing = job.run(targets)
+    job.sink = None
 
     structures = {n: structure_name(cfg.pattern) for n in selected}
     measured, nz, nn_ = {}, 0, 0
     for name, (_, _, lin) in selected.items():
-        z = int((lin.weight.data == 0).sum().item())
+        if streamed is not None:
+            z = lin.weight.numel() - records[name].nnz
+        else:
+            z = int((lin.weight.data == 0).sum().item())
         measured[name] = z / lin.weight.numel()
         nz += z
         nn_ += lin.weight.numel()
@@ -519,47 +583,163 @@ def _dense_source(lm, model_spec) -> str:
 
 def prune_checkpoint(model_spec, cfg: PruneConfig, out, overwrite: bool = False, data_dir=None, *,
                      dtype: str = "float32", refiner: Union[None, str, MaskRefiner] = None,
-                     plot: bool = True) -> PruneResult:
+                     plot: bool = True, stream: str = "auto") -> PruneResult:
     """Load ``model_spec``, prune it, write ``out`` (HF safetensors + sparsity manifest, atomically),
-    plus ``layer_sparsity.png`` and ``prune_report.json`` beside it. Returns the :class:`PruneResult`."""
-    import json
+    plus ``layer_sparsity.png`` and ``prune_report.json`` beside it. Returns the :class:`PruneResult`.
 
-    from .manifest import build_manifest, save_checkpoint
+    ``stream`` (``auto`` | ``on`` | ``off``; :func:`sparse_runtime.models.streaming.stream_path`):
+    a model too large for memory is pruned block by block from its files and written shard by
+    shard (docs/scale.md#streaming); ``dtype`` is the compute dtype, and the weights are written in
+    the input's storage dtype either way (bf16 in, bf16 out)."""
+    from .checkpoint_step import checkpoint_step, refuse_output
+    from .manifest import build_manifest
     from .models import load_model
+    from .models.streaming import stream_path
 
     cfg.validate()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    lm = load_model(model_spec, dtype)
-    check_model(lm.model, lm.family, cfg)
-    result = prune_model(lm.model, lm.tokenizer, cfg, family=lm.family, data_dir=data_dir, refiner=refiner)
-    dense_source = _dense_source(lm, model_spec)
-    prev = lm.manifest
+    out = refuse_output(out, overwrite, (model_spec,))  # before loading anything, streamed or not
+    path = stream_path(model_spec, dtype, stream)
+    if path is not None:
+        return _prune_streamed(model_spec, path, cfg, out, overwrite, data_dir, dtype, refiner, plot)
+
+    def load():
+        lm = load_model(model_spec, dtype)
+        check_model(lm.model, lm.family, cfg)
+        return lm
+
+    def work(lm) -> PruneResult:
+        return prune_model(lm.model, lm.tokenizer, cfg, family=lm.family, data_dir=data_dir, refiner=refiner)
+
+    def manifest(lm, result: PruneResult):
+        prev = lm.manifest
+        targets = _all_targets(result, lm.family, lm.model, prev)
+        step = _step_record(model_spec, cfg, result)
+        storage = _storage_dtype(lm)
+        if storage is not None and storage != next(lm.model.parameters()).dtype:
+            lm.model.to(storage)  # bf16 in, bf16 out: the compute dtype is not the stored one
+        step["storage_dtype"] = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        result.checkpoint = str(out)
+        return build_manifest(lm.model, lm.family, targets=targets, structures=result.structures,
+                              base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
+                              dense_source=_dense_source(lm, model_spec), previous=prev, step=step)
+
+    return checkpoint_step(out, overwrite=overwrite, inputs=(model_spec,), load=load, work=work, manifest=manifest,
+                           write_extra=lambda tmp, result: _write_report(result, cfg, out, tmp, plot)).result
+
+
+def _all_targets(result: PruneResult, family, model, prev) -> dict[str, float]:
+    """Every block linear's target: this prune's, else the previous manifest's, else dense (0)."""
     targets = dict(result.targets)
-    for name, _ in lm.family.iter_linears(lm.model):
+    for name, _ in family.iter_linears(model):
         if name not in targets:
             rec = prev.layers.get(name) if prev else None
             targets[name] = rec.target if rec is not None and rec.target is not None else 0.0
-    step = {"stage": "prune", "input": str(model_spec), "method": cfg.method, "structure": result.structure,
+    return targets
+
+
+def _step_record(model_spec, cfg: PruneConfig, result: PruneResult) -> dict[str, Any]:
+    """The manifest history's record of this prune."""
+    return {"stage": "prune", "input": str(model_spec), "method": cfg.method, "structure": result.structure,
             "sparsity": cfg.target, "allocation": cfg.allocation, "allocation_info": result.allocation_info,
             "refine": result.refiner, "config": asdict(cfg), "options": result.options,
-            "calibration": result.calibration,
-            "measured": result.sparsity_measured, "timing": result.timing}
-    manifest = build_manifest(lm.model, lm.family, targets=targets, structures=result.structures,
-                              base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
-                              dense_source=dense_source, previous=prev, step=step)
-    result.checkpoint = str(out)
+            "calibration": result.calibration, "measured": result.sparsity_measured, "timing": result.timing}
 
-    def write_report(tmp: Path) -> None:  # inside the temporary directory: the rename is the last step
-        if plot:
-            from .plots import plot_layer_sparsity
 
-            title = f"{cfg.method} {result.structure} {cfg.allocation}: target {result.sparsity_target:.3f}, " \
-                    f"measured {result.sparsity_measured:.3f}"
-            made = plot_layer_sparsity(result.targets, result.measured, tmp / "layer_sparsity.png", title)
-            result.plot = str(out / Path(made).name) if made else None
-        (tmp / "prune_report.json").write_text(json.dumps(result.as_dict(), indent=1, default=str))
+def _write_report(result: PruneResult, cfg: PruneConfig, out: Path, tmp: Path, plot: bool) -> None:
+    """The per-layer plot and ``prune_report.json``, inside the temporary directory (the rename
+    is the last step, so a checkpoint never lacks them)."""
+    import json
 
-    save_checkpoint(lm.model, lm.tokenizer, out, manifest, overwrite=overwrite, on_write=write_report)
-    return result
+    if plot:
+        from .plots import plot_layer_sparsity
+
+        title = f"{cfg.method} {result.structure} {cfg.allocation}: target {result.sparsity_target:.3f}, " \
+                f"measured {result.sparsity_measured:.3f}"
+        made = plot_layer_sparsity(result.targets, result.measured, tmp / "layer_sparsity.png", title)
+        result.plot = str(out / Path(made).name) if made else None
+    (tmp / "prune_report.json").write_text(json.dumps(result.as_dict(), indent=1, default=str))
+
+
+def _storage_dtype(lm) -> Optional[torch.dtype]:
+    """The floating dtype the input's block weights are stored in (None for tiny / GGUF models)."""
+    if lm.path is None or not Path(lm.path).is_dir():
+        return None
+    from .models.streaming import CheckpointReader
+
+    reader = CheckpointReader(lm.path)
+    names = [n for n in reader.names() if n.startswith(lm.family.blocks_path + ".")]
+    return reader.storage_dtype(names)
+
+
+def _prune_streamed(model_spec, path: Path, cfg: PruneConfig, out: Path, overwrite: bool, data_dir, dtype,
+                    refiner, plot: bool) -> PruneResult:
+    """:func:`prune_checkpoint` block by block: read each block from ``path``'s shards, prune it,
+    write it into ``out``'s shards in the stored dtype, release it (docs/scale.md#streaming)."""
+    import json
+    import shutil
+
+    from .faults import fault_point
+    from .manifest import MANIFEST_NAME, atomic_directory, build_manifest
+    from .models.loading import _load_tokenizer
+    from .models.streaming import SIDE_FILES, ShardWriter, StreamedModel, check_fits, dtype_name, estimate_stream_peak
+
+    sm = StreamedModel(path, dtype)
+    family = sm.family
+    check_model(sm.model, family, cfg)
+    prev = sm.manifest
+    pruner = make_pruner(cfg)
+    ref = resolve_refiner(refiner if refiner is not None else cfg.refine, cfg.refine_options)
+    needs = set(pruner.needs) | set(getattr(ref, "needs", ()) if ref else ())
+    calib = cfg.calibration()
+    held = 0
+    if cfg.allocation == "atp":
+        from .protocols import get_protocol
+
+        opts = getattr(make_allocator(cfg), "options", None)
+        held = int(getattr(opts, "heldout_windows", 16)) * get_protocol(cfg.protocol or "quick").eval_seqlen
+    est = estimate_stream_peak(sm, nsamples=calib["nsamples"] if needs or ref else 0, seqlen=calib["seqlen"],
+                               batch_size=cfg.batch_size, needs=needs, refiner=ref is not None, heldout_tokens=held)
+    check_fits(est, f"pruning {path} block by block in {dtype_name(sm.dtype)}",
+               "give fewer or shorter calibration windows (--nsamples, --seqlen), a smaller --batch-size, or "
+               "compute in bfloat16 (--dtype bfloat16)")
+    tok = _load_tokenizer(path, False)
+    storage = sm.storage_dtype
+    records: dict = {}
+    result_box: dict = {}
+    with atomic_directory(out, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+
+        def sink(bi, block) -> None:
+            for name, t in sm.block_state(bi, storage).items():
+                writer.add(name, t)
+
+        result = prune_model(sm.model, tok, cfg, family=family, data_dir=data_dir, refiner=refiner,
+                             streamed=sm, sink=sink, records=records)
+        result_box["r"] = result
+        for name in sm.reader.names():  # embeddings, norms, head: copied as stored
+            if name not in writer.written and name not in writer._buf:
+                writer.add(name, sm.reader.get(name))
+        writer.close()
+        fault_point("write")
+        config = json.loads((path / "config.json").read_text())
+        config["torch_dtype"] = dtype_name(storage)
+        if "dtype" in config:
+            config["dtype"] = dtype_name(storage)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in SIDE_FILES:
+            if (path / f).is_file():
+                shutil.copyfile(path / f, tmp / f)
+        if not (tmp / "tokenizer_config.json").exists() and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(tmp)
+        targets = _all_targets(result, family, sm.model, prev)
+        step = {**_step_record(model_spec, cfg, result), "streamed": True, "compute_dtype": dtype_name(sm.dtype),
+                "storage_dtype": dtype_name(storage), "max_live_blocks": sm.max_live_blocks}
+        dense_source = prev.dense_source if prev is not None and prev.dense_source and prev.total_measured > 0 \
+            else str(path.resolve())
+        manifest = build_manifest(sm.model, family, targets=targets, structures=result.structures,
+                                  base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
+                                  dense_source=dense_source, previous=prev, step=step, records=records)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
+        result.checkpoint = str(out)
+        _write_report(result, cfg, out, tmp, plot)
+    return result_box["r"]

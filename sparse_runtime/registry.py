@@ -16,6 +16,23 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}  # name -> the module that registers it, imported on first lookup
+
+    def register_lazy(self, name: str, module: str) -> None:
+        """Name an entry that ``module`` registers when it is imported, and import it on the first
+        lookup. Why: a method that lives in its own package (LoSA) is listed and found wherever the
+        registry is, without the registry's package importing it (no import climbing back up)."""
+        self._lazy[name.lower()] = module
+
+    def _resolve(self, key: str) -> None:
+        module = self._lazy.get(key)
+        if module is None or key in self._items:
+            return
+        import importlib
+
+        importlib.import_module(module)
+        if key not in self._items:
+            raise ConfigError(f"{self.kind} {key!r} is not available: {module} did not register it")
 
     def register(self, name: str) -> Callable[[T], T]:
         key = name.lower()
@@ -30,17 +47,19 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         key = str(name).lower()
+        self._resolve(key)
         if key not in self._items:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             )
         return self._items[key]
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._lazy))
 
     def __contains__(self, name: object) -> bool:
-        return str(name).lower() in self._items
+        key = str(name).lower()
+        return key in self._items or key in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

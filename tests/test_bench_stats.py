@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from sparse_runtime.bench.stats import (bandwidth_bound, interleaved_order, median, paired_speedups, speedup,
+from sparse_runtime.measure.stats import (bandwidth_bound, interleaved_order, median, paired_speedups, speedup,
                                         summarize)
 
 

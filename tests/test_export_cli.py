@@ -4,7 +4,7 @@ import json
 import pytest
 
 from exporters import read_export_manifest
-from exporters.testing import make_checkpoint
+from wanda_reference import make_checkpoint
 from sparse_runtime.cli import main
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.recipe import Recipe, run_recipe

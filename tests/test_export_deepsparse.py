@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from exporters import export
-from exporters.testing import make_checkpoint
+from wanda_reference import make_checkpoint
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.runtime import deepsparse_env
 

@@ -8,7 +8,7 @@ import torch
 from exporters import EXPORT_MANIFEST_NAME, export, formats, read_export_manifest
 from exporters.bitmask import load_bitmask
 from exporters.semi_structured import Not24Error, load_semi_structured
-from exporters.testing import make_checkpoint
+from wanda_reference import make_checkpoint
 from exporters.verify import ExportVerificationError
 from sparse_runtime.errors import CheckpointExistsError, ConfigError
 from sparse_runtime.models import load_model
@@ -144,7 +144,7 @@ def test_plain_spec_source_has_no_checkpoint_digest(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SparseSemiStructuredTensor is CUDA-only)")
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 def test_semi_structured_cuda_matches_dense(backend, tmp_path):
-    from exporters.testing import prune_model
+    from wanda_reference import prune_model
     from sparse_runtime.models import tiny_model, family_of
     from sparse_runtime.manifest import build_manifest, save_checkpoint
 

@@ -14,7 +14,7 @@ from torch import nn
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import (SparseLinear, available, counters, pack, reference_linear, sparse_linear,
                                     sparsify_linears, supported_isas, unavailable_reason)
-from sparse_runtime.kernels import _lib
+from sparse_runtime.kernels import native
 from sparse_runtime.kernels.layout import mask_of, unpack
 from sparse_runtime.kernels.module import call_counts, measure_threshold
 from sparse_runtime.kernels.ops import densify
@@ -107,7 +107,7 @@ def test_densify_and_counters():
     w = sparse_weight(70, 90, 0.6)
     before = counters()
     for isa in supported_isas():
-        layout = _lib.DEFAULT_LAYOUT[isa]
+        layout = native.DEFAULT_LAYOUT[isa]
         p = pack(w, layout)
         assert torch.equal(densify(p), w)
         sparse_linear(torch.randn(1, 90), p, isa=isa)
@@ -115,15 +115,15 @@ def test_densify_and_counters():
 
 
 def test_isa_env_var(monkeypatch):
-    monkeypatch.setenv(_lib.ENV_ISA, "portable")
-    assert _lib.select_isa() == "portable"
-    monkeypatch.setenv(_lib.ENV_ISA, "sse9")
+    monkeypatch.setenv(native.ENV_ISA, "portable")
+    assert native.select_isa() == "portable"
+    monkeypatch.setenv(native.ENV_ISA, "sse9")
     with pytest.raises(ConfigError, match="unknown kernel ISA"):
-        _lib.select_isa()
-    monkeypatch.delenv(_lib.ENV_ISA)
-    assert _lib.select_isa() == supported_isas()[-1]
+        native.select_isa()
+    monkeypatch.delenv(native.ENV_ISA)
+    assert native.select_isa() == supported_isas()[-1]
     with pytest.raises(ConfigError, match="no portable kernel|has no"):
-        _lib.select_layout("avx512", "csr16")
+        native.select_layout("avx512", "csr16")
 
 
 def test_custom_op_and_compile_path():
@@ -163,8 +163,8 @@ def test_sparse_linear_module_dispatch():
 
 @pytest.mark.parametrize("isa,layout", PATHS)
 def test_model_swap_same_logits(isa, layout, monkeypatch):
-    monkeypatch.setenv(_lib.ENV_ISA, isa)  # forced by the environment variable, as a user would
-    monkeypatch.setenv(_lib.ENV_LAYOUT, layout)
+    monkeypatch.setenv(native.ENV_ISA, isa)  # forced by the environment variable, as a user would
+    monkeypatch.setenv(native.ENV_LAYOUT, layout)
     from sparse_runtime.models import tiny_model
     from sparse_runtime.sparsity import topk_prune_mask
 
@@ -334,14 +334,14 @@ def test_package_imports_without_extension():
             "import sparse_runtime.kernels as k\n"
             "assert not k.available() and k.supported_isas() == []\n"
             "print(k.unavailable_reason())")
-    env = {k: v for k, v in os.environ.items() if k != _lib.ENV_LIB}
+    env = {k: v for k, v in os.environ.items() if k != native.ENV_LIB}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "not installed" in out.stdout
 
 
 BF16_PATHS = [pytest.param(i, l, id=f"bf16-{i}-{l}", marks=pytest.mark.skipif(
-    not _lib.supports_bf16(i), reason=f"CPU lacks a bf16 {i} path")) for i, l in ALL if (l, i) in _lib.IMPLEMENTED_BF16]
+    not native.supports_bf16(i), reason=f"CPU lacks a bf16 {i} path")) for i, l in ALL if (l, i) in native.IMPLEMENTED_BF16]
 
 
 def test_bf16_bitmask_on_avx2_is_refused_with_the_fix():
@@ -375,7 +375,7 @@ def test_bf16_module_and_model_swap():
     from sparse_runtime.models import tiny_model
     from sparse_runtime.sparsity import topk_prune_mask
 
-    isa = next((i for i in reversed(supported_isas()) if _lib.supports_bf16(i)), None)
+    isa = next((i for i in reversed(supported_isas()) if native.supports_bf16(i)), None)
     if isa is None:
         pytest.skip("no bf16 path")
     model = tiny_model("llama", seed=0).eval().to(torch.bfloat16)
@@ -395,7 +395,7 @@ def test_bf16_module_and_model_swap():
 
 
 @pytest.mark.skipif("avx512" not in supported_isas(), reason="CPU lacks avx512")
-@pytest.mark.parametrize("form", sorted(_lib.GEMV_VARIANTS))
+@pytest.mark.parametrize("form", sorted(native.GEMV_VARIANTS))
 def test_avx512_batch1_forms_match_reference(form):
     """Both AVX-512 batch-1 forms (memory / register vexpandps) give the reference result, including
     odd widths where the register form must fall back near the end of the values array."""
@@ -403,16 +403,16 @@ def test_avx512_batch1_forms_match_reference(form):
 
     chosen = choose_gemv_variant()
     try:
-        _lib.set_gemv_variant(form)
+        native.set_gemv_variant(form)
         for n, k, sp in [(1, 1, 0.0), (5, 17, 0.5), (33, 31, 0.7), (64, 100, 0.9), (16, 64, 0.0), (9, 257, 0.3)]:
             w = sparse_weight(n, k, sp, seed=n + k)
             check(w, torch.randn(n), torch.randn(1, k), "avx512", "bitmask")
     finally:
-        _lib.set_gemv_variant(chosen)
+        native.set_gemv_variant(chosen)
 
 
 @pytest.mark.skipif("avx2" not in supported_isas(), reason="CPU lacks avx2")
-@pytest.mark.parametrize("form", sorted(_lib.GEMV_FORMS["avx2"]))
+@pytest.mark.parametrize("form", sorted(native.GEMV_FORMS["avx2"]))
 def test_avx2_batch1_forms_match_reference(form):
     """Both AVX2 csr16 batch-1 forms (gathers / scalar loads + inserts), with row lengths around
     their 16- and 4-nonzero steps."""
@@ -420,20 +420,20 @@ def test_avx2_batch1_forms_match_reference(form):
 
     chosen = choose_gemv_variant(isa="avx2")
     try:
-        _lib.set_gemv_variant(form, "avx2")
+        native.set_gemv_variant(form, "avx2")
         for n, k, sp in [(1, 1, 0.0), (5, 17, 0.5), (33, 31, 0.7), (64, 100, 0.9), (16, 64, 0.0), (9, 257, 0.3),
                          (4, 3, 0.0), (7, 20, 0.0), (3, 65536, 0.999)]:
             w = sparse_weight(n, k, sp, seed=n + k)
             check(w, torch.randn(n), torch.randn(1, k), "avx2", "csr16")
     finally:
-        _lib.set_gemv_variant(chosen, "avx2")
+        native.set_gemv_variant(chosen, "avx2")
 
 
 @pytest.mark.skipif("avx2" not in supported_isas(), reason="CPU lacks avx2")
 def test_avx2_gemv_form_choice(monkeypatch):
     from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice
 
-    env = _lib.ENV_GEMV_FORM["avx2"]
+    env = native.ENV_GEMV_FORM["avx2"]
     monkeypatch.setenv(env, "gather")
     assert choose_gemv_variant(force=True, isa="avx2") == "gather" and gemv_choice("avx2")["how"] == f"${env}"
     monkeypatch.setenv(env, "auto")
@@ -451,16 +451,16 @@ def test_avx2_gemv_form_choice(monkeypatch):
 def test_gemv_variant_choice(monkeypatch):
     from sparse_runtime.kernels.module import choose_gemv_variant, gemv_choice
 
-    monkeypatch.setenv(_lib.ENV_GEMV, "register")
-    assert choose_gemv_variant(force=True) == "register" and gemv_choice()["how"] == f"${_lib.ENV_GEMV}"
-    monkeypatch.setenv(_lib.ENV_GEMV, "auto")
+    monkeypatch.setenv(native.ENV_GEMV, "register")
+    assert choose_gemv_variant(force=True) == "register" and gemv_choice()["how"] == f"${native.ENV_GEMV}"
+    monkeypatch.setenv(native.ENV_GEMV, "auto")
     got = choose_gemv_variant(force=True, repeats=3)
     info = gemv_choice()
-    assert got in _lib.GEMV_VARIANTS and info["how"] == "measured" and got == min(info["ms"], key=info["ms"].get)
-    monkeypatch.setenv(_lib.ENV_GEMV, "sideways")
+    assert got in native.GEMV_VARIANTS and info["how"] == "measured" and got == min(info["ms"], key=info["ms"].get)
+    monkeypatch.setenv(native.ENV_GEMV, "sideways")
     with pytest.raises(ConfigError, match="register"):
         choose_gemv_variant(force=True)
-    monkeypatch.delenv(_lib.ENV_GEMV)
+    monkeypatch.delenv(native.ENV_GEMV)
     choose_gemv_variant(force=True, repeats=3)
 
 

@@ -13,7 +13,7 @@ from sparse_runtime.errors import ConfigError
 from sparse_runtime.losa import (LoSAConfig, allocate_ranks, cka, cka_matrix, cubic_sparsity, delta_for, gram,
                                  lp_allocate, rmi_importance, round_rank_budget, run_losa, run_losa_model,
                                  sparsity_schedule, truncate_svd)
-from sparse_runtime.losa.rmi import GramCollector
+from sparse_runtime.allocation.rmi import GramCollector
 from sparse_runtime.calibration import BlockInputs
 
 
@@ -336,4 +336,16 @@ def test_cli_finetune_method_losa(tmp_path, data_dir):
                "--batch-size", "2", "--seq-len", "32", "--data", "c4", "--protocol", "test", "--rank", "4",
                "--data-dir", str(data_dir), "--out", str(out)])
     assert rc == 0 and (out / "sparsity_manifest.json").is_file()
-    assert main(["losa", "tiny-llama", "--sparsity", "1.5", "--out", str(tmp_path / "y")]) == 2
+    assert main(["finetune", "tiny-llama", "--method", "losa", "--sparsity", "1.5", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_adapters_name_losa_without_importing_it():
+    """`losa` is listed by the adapters' registry and loaded on first lookup; importing the adapters
+    never imports the LoSA package (no import climbing back up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sparse_runtime.adapters as a; assert 'losa' in a.FINETUNE_METHODS.names(); "
+            "assert 'sparse_runtime.losa' not in sys.modules; assert a.FINETUNE_METHODS.get('losa').name == 'losa'; "
+            "assert 'sparse_runtime.losa.adapter' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -307,3 +307,30 @@ def test_offload_gives_the_same_result():
                     calib_ids=ids)
         outs.append({n: l.weight.data.clone() for n, l in _linears(model).items()})
     assert all(torch.equal(outs[0][n], outs[1][n]) for n in outs[0])
+
+
+def test_topk_mask_selection_equals_the_stable_sort():
+    """The selection-based mask (kthvalue, ties by position) is exactly the stable sort's."""
+    from sparse_runtime.sparsity import topk_prune_mask
+
+    def ref(score, sparsity, per_row):
+        keep = torch.ones_like(score, dtype=torch.bool)
+        k = int((score.shape[1] if per_row else score.numel()) * sparsity)
+        if k and per_row:
+            keep.scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], False)
+        elif k:
+            keep.view(-1)[torch.sort(score.reshape(-1), stable=True)[1][:k]] = False
+        return keep
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(80):
+        r, c = torch.randint(1, 40, (2,), generator=g).tolist()
+        x = [torch.randn(r, c, generator=g), torch.randint(0, 3, (r, c), generator=g).float(),
+             torch.randint(-2, 2, (r, c), generator=g).float() * 0.0,
+             torch.randn(r, c, generator=g).abs() * torch.randint(0, 2, (r, c), generator=g)][trial % 4]
+        for s in (0.0, 0.1, 0.5, 0.7, 0.99):
+            for per_row in (True, False):
+                assert torch.equal(topk_prune_mask(x, s, per_row), ref(x, s, per_row)), (trial, s, per_row)
+    x = torch.randn(50, 64)
+    x[3, 5] = float("nan")
+    assert torch.equal(topk_prune_mask(x, 0.5, True), ref(x, 0.5, True))

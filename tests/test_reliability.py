@@ -72,7 +72,7 @@ def test_finetune_overwrite_keeps_old_output_when_the_new_run_fails(tmp_path, ba
 def test_finetune_overwrite_replaces_only_when_complete(tmp_path, base, trained):
     out = _copy(trained, tmp_path / "ad")
     old_log = (out / "train_log.jsonl").read_text()
-    assert main(["seft", str(base), "--data", "c4", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+    assert main(["finetune", str(base), "--method", "seft", "--data", "c4", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
                  "--rank", "2", "--out", str(out), "--overwrite"]) == 0
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["method"] == "seft" and (out / "train_log.jsonl").read_text() != old_log

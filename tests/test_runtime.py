@@ -29,7 +29,7 @@ def export_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sparse_ckpt(tmp_path_factory):
     """A 50 %-pruned tiny llama checkpoint (with manifest): engines must load checkpoints."""
-    from exporters.testing import make_checkpoint
+    from wanda_reference import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny50", "llama", sparsity=0.5)
 
@@ -144,7 +144,7 @@ def test_torch_cuda_24_matches_dense_fp16(tmp_path):
     # 2:4 kernels need dimensions that are multiples of 64 on some backends: hidden 128
     from sparse_runtime.manifest import build_manifest, save_checkpoint
     from sparse_runtime.models import ByteTokenizer, family_of, tiny_model
-    from exporters.testing import prune_model
+    from wanda_reference import prune_model
 
     m = tiny_model("llama", 0, hidden_size=128, intermediate_size=256)
     fam = family_of(m)
@@ -176,7 +176,7 @@ def test_missing_engines_name_the_install_command(monkeypatch):
 
 
 def test_bench_end_to_end_on_tiny_models(tmp_path, export_cache, sparse_ckpt):
-    from sparse_runtime.bench.latency import LatencyConfig, run_latency, save_latency
+    from sparse_runtime.measure.latency import LatencyConfig, run_latency, save_latency
 
     dense = tmp_path / "dense"
     from sparse_runtime.manifest import build_manifest, save_checkpoint
@@ -214,7 +214,7 @@ def test_bench_end_to_end_on_tiny_models(tmp_path, export_cache, sparse_ckpt):
 
 
 def test_load_orders():
-    from sparse_runtime.bench.latency import LOAD_ORDERS
+    from sparse_runtime.measure.latency import LOAD_ORDERS
 
     models = [("dense", "d"), ("a", "x"), ("b", "y")]
     assert LOAD_ORDERS["dense-first"](models) == models

@@ -265,7 +265,7 @@ def test_cli_seft_then_merge(tmp_path, bases):
     from sparse_runtime.cli import main
 
     base = bases["unstructured"]
-    rc = main(["seft", str(base), "--data", "c4", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+    rc = main(["finetune", str(base), "--method", "seft", "--data", "c4", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
                "--rank", "2", "--update-every", "2", "--accumulation-steps", "1", "--seft-init-samples", "2",
                "--scope", "row", "--out", str(tmp_path / "ad")])
     assert rc == 0
@@ -274,12 +274,34 @@ def test_cli_seft_then_merge(tmp_path, bases):
     assert main(["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 0
     m = sr.read_manifest(tmp_path / "m")
     assert m.history[-1]["method"] == "seft" and "mask_evolution" in m.history[-1]["merge"]
-    # the generic finetune command trains SEFT with its defaults
+    # SEFT's defaults when no SEFT option is given
     rc = main(["finetune", str(base), "--method", "seft", "--data", "c4", "--steps", "1", "--batch-size", "2",
                "--seq-len", "32", "--rank", "2", "--out", str(tmp_path / "ad2")])
     assert rc == 0
-    assert main(["seft", str(base), "--data", "c4", "--steps", "1", "--update-every", "0",
+    assert main(["finetune", str(base), "--method", "seft", "--data", "c4", "--steps", "1", "--update-every", "0",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_one_route_per_method_and_every_option_explained(tmp_path, capsys):
+    """`finetune --method M` is the only route (no `seft`/`losa` commands); an option of another
+    method is one line before anything is loaded; every finetune option has a help string."""
+    from sparse_runtime.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "finetune" in sub.choices and "seft" not in sub.choices and "losa" not in sub.choices
+    ft = sub.choices["finetune"]
+    assert all(a.help for a in ft._actions if a.option_strings), [a.option_strings for a in ft._actions if not a.help]
+    for argv, flag in ((["--method", "seft", "--grad-mode", "exact"], "--grad-mode"),
+                       (["--method", "seft", "--alpha", "4"], "--alpha"),
+                       (["--method", "lors", "--density", "0.1"], "--density"),
+                       (["--method", "masked-lora", "--sparsity", "0.5"], "--sparsity"),
+                       (["--method", "losa", "--sparsity", "0.5", "--eval-every", "2"], "--eval-every")):
+        capsys.readouterr()
+        assert main(["finetune", str(tmp_path / "nope"), *argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "does not apply" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_recipe_owl_prune_then_seft_keeps_the_allocation(tmp_path):

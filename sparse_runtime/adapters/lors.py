@@ -35,6 +35,7 @@ Scale: s = α / √r with α = r by default (the training script passes α = r: 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,12 +57,16 @@ class LoRSConfig(LoRAConfig):
     init: str = "gradient-svd"
     grad_mode: str = "exact"
     grad_chunk: int = 1024  # output rows per chunk of the exact masked gradient
-    init_samples: int = 128  # training examples averaged for the gradient-SVD initialisation
+    # training examples averaged for the gradient-SVD initialisation (official: 128); never more
+    # than the run trains on (steps x batch_size), so the init cannot dwarf a short run
+    init_samples: int = 128
     # examples per forward/backward of that average (0 = the training micro-batch). The init holds
-    # dense gradients of every adapted weight AND one micro-batch's activations at once, so its peak
-    # exceeds the training loop's (SmolLM2, 8 x 512: 9.3 against 8.4 GiB); a smaller value lowers
-    # the activation part. Same average up to float summation order.
-    init_micro_batch: int = 0
+    # dense gradients of every adapted weight AND one micro-batch's activations at once, so at the
+    # training micro-batch its peak exceeded the training loop's (SmolLM2-135M, Alpaca, 8 x 512, 8
+    # init examples: peak RSS 5.2 GB after the init, the training step added nothing); one example
+    # per pass drops the activation part (2.9 GB after the init, then 4.4 GB at the first training
+    # step: training sets the peak). Same average up to float summation order, same work.
+    init_micro_batch: int = 1
     stable_gamma: float = 1.0
 
     def validate(self) -> None:
@@ -180,11 +185,29 @@ class GradientSVDInit(TrainingCallback):
         cfg: LoRSConfig = next(iter(adapters.values())).cfg
         if cfg.init != "gradient-svd":
             return
-        with dense_weight_gradients(adapters):
-            n = trainer.accumulate_dense_gradients(cfg.init_samples, cfg.init_micro_batch or None)
-            for i, (name, ad) in enumerate(adapters.items()):
+        from ..progress import phase, progress
+
+        trained = trainer.total_steps * trainer.cfg.batch_size  # examples the run will train on
+        n = min(cfg.init_samples, trained, len(trainer.train_set))
+        if n < cfg.init_samples and trained < cfg.init_samples:
+            log.info("LoRS gradient-SVD init: %d examples instead of init_samples=%d, as the run trains on "
+                     "only %d (steps x batch_size)", n, cfg.init_samples, trained)
+        micro = cfg.init_micro_batch or trainer.micro
+        ranks = sorted({ad.rank for ad in adapters.values()})
+        # said before it starts: on a CPU this phase can take longer than a short training run
+        log.info("LoRS gradient-SVD init: the dense gradient of %d layers averaged over %d training examples "
+                 "(%d forward/backward passes of %d example(s), about %.1f optimiser steps of work; "
+                 "--init-samples lowers it), then a randomized rank-%s SVD of each layer's gradient",
+                 len(adapters), n, -(-n // min(micro, n)), min(micro, n), n / max(1, trainer.cfg.batch_size),
+                 "/".join(map(str, ranks)))
+        t0 = time.perf_counter()
+        with dense_weight_gradients(adapters), phase("LoRS gradient-SVD init"):
+            n = trainer.accumulate_dense_gradients(n, micro)
+            for i, (name, ad) in enumerate(progress(list(adapters.items()), desc="SVD per layer")):
                 ad.init_from_gradient(ad.base.weight.grad, generator_seed=trainer.cfg.seed + i)
-        log.info("LoRS gradient-SVD init from %d examples on %d layers", n, len(adapters))
+                ad.base.weight.grad = None  # done with it: the memory goes back while the others are read
+        log.info("LoRS gradient-SVD init from %d examples on %d layers: %.1f s", n, len(adapters),
+                 time.perf_counter() - t0)
 
 
 FINETUNE_METHODS.register("lors")(FinetuneMethod(

@@ -1,4 +1,5 @@
-"""Layer-wise sparsity allocation behind the :data:`ALLOCATIONS` registry: ``uniform``, ``owl``, ``atp``.
+"""Layer-wise sparsity allocation behind the :data:`ALLOCATIONS` registry: ``uniform``, ``owl``, ``atp``,
+``rmi`` (LoSA's).
 
 Per-block rates whose parameter-weighted mean is exactly the target (see :mod:`.base`).
 """
@@ -9,8 +10,9 @@ from ..registry import import_submodules
 import_submodules(__name__, __path__)  # a new allocation's file here registers itself: nothing to add
 from .atp import ATPOptions, atp_beta_max, atp_rates, beta_candidates, check_beta
 from .owl import OWLOptions, outlier_ratio, owl_rates
+from .rmi import RMIOptions
 from .uniform import UniformOptions
 
 __all__ = ["ALLOCATIONS", "Allocation", "AllocationRequest", "Allocator", "BlockLayout", "weighted_mean",
-           "ATPOptions", "OWLOptions", "UniformOptions",
+           "ATPOptions", "OWLOptions", "RMIOptions", "UniformOptions",
            "atp_beta_max", "atp_rates", "beta_candidates", "check_beta", "outlier_ratio", "owl_rates"]

@@ -26,11 +26,14 @@ paper's fixed-step grid instead (0.002 in ``search.sh``).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence, Union
 
 from ..errors import ConfigError
 from .base import ALLOCATIONS, Allocation, AllocationRequest, BlockLayout, clip_unit
+
+log = logging.getLogger(__name__)
 
 _TOL = 1e-12
 HELDOUT_SETS = ("wikitext2-valid", "c4")
@@ -146,9 +149,16 @@ class ATPAllocator:
         if not isinstance(o.beta, str):
             beta = float(o.beta)
             return Allocation(atp_rates(S, beta, w), {"beta": beta, "beta_max": bmax, "search": None})
+        from ..progress import phase
+
         scores = {}
-        for beta in beta_candidates(bmax, o.candidates, o.step):
-            scores[beta] = float(req.trial(atp_rates(S, beta, w)))
+        cands = beta_candidates(bmax, o.candidates, o.step)
+        log.info("ATP beta search: %d candidates in (0, %.4g], each a full prune scored by held-out perplexity",
+                 len(cands), bmax)
+        for i, beta in enumerate(cands, 1):
+            with phase(f"ATP beta search: candidate {i}/{len(cands)}, beta={beta:.4g}"):
+                scores[beta] = float(req.trial(atp_rates(S, beta, w)))
+            log.info("ATP beta search: candidate %d/%d, beta=%.4g: held-out ppl %.2f", i, len(cands), beta, scores[beta])
         best = min(scores, key=lambda b: (scores[b], b))
         return Allocation(atp_rates(S, best, w), {
             "beta": best, "beta_max": bmax,

@@ -40,7 +40,9 @@ class AllocationRequest:
     ``stats_pass(on_layer, needs)`` runs the sequential driver over the calibration data WITHOUT
     pruning (OWL's pass 1). ``trial(rates)`` prunes the dense model with per-block rates, scores it
     on held-out data (never the test set) and restores the dense weights; lower is better (ATP's
-    beta search).
+    beta search). ``block_pass(on_block_end, max_samples)`` runs the model block by block over (the
+    first ``max_samples`` of) the calibration data WITHOUT pruning and calls
+    ``on_block_end(block_index, block, inputs, outputs)`` after each block (RMI's Gram matrices).
     """
 
     sparsity: float
@@ -48,6 +50,7 @@ class AllocationRequest:
     cfg: Any
     stats_pass: Optional[Callable] = None
     trial: Optional[Callable[[Sequence[float]], float]] = None
+    block_pass: Optional[Callable[[Callable, int], Any]] = None
 
 
 @dataclass

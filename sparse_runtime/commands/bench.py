@@ -5,7 +5,7 @@ from . import Command
 
 
 def add_arguments(p):
-    from ..bench.latency import DEFAULT_ENGINES, DEFAULT_SCENARIOS, LOAD_ORDERS
+    from ..measure.latency import DEFAULT_ENGINES, DEFAULT_SCENARIOS, LOAD_ORDERS
 
     p.add_argument("dense", help="the dense model (checkpoint directory or spec, e.g. smollm2-135m)")
     p.add_argument("sparse", nargs="+", help="sparse checkpoints, each DIR or LABEL=DIR")
@@ -15,9 +15,12 @@ def add_arguments(p):
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                    help="comma-separated prefill:BxT and decode:B@C (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (>= 5)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per model before timing (>= 1; default 1)")
     p.add_argument("--decode-steps", type=int, default=16, help="tokens per timed decode run")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default min(2, cores))")
+    from ._dtype import add_dtype_argument
+
+    add_dtype_argument(p)
     p.add_argument("--load-order", default="dense-first", choices=sorted(LOAD_ORDERS),
                    help="order in which in-process engines load the models (not neutral for ONNX Runtime: "
                         "run both orders to see the effect)")
@@ -41,7 +44,7 @@ def check_request(args, cfg) -> None:
     """Impossible scenarios and result files that would be replaced: one clear line, before any work."""
     from pathlib import Path
 
-    from ..bench.latency import parse_scenario
+    from ..measure.latency import parse_scenario
     from ..errors import CheckpointExistsError, ConfigError
     from ..models.loading import model_context_limit
 
@@ -86,12 +89,18 @@ def check_request(args, cfg) -> None:
 def run(args) -> int:
     import tempfile
 
-    from ..bench.latency import LatencyConfig, run_latency, save_latency
+    from ..measure.latency import LatencyConfig, run_latency, save_latency
 
     cfg = LatencyConfig(engines=[e.strip() for e in args.engines.split(",") if e.strip()],
                         scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
                         repeats=args.repeats, warmup=args.warmup, decode_steps=args.decode_steps, threads=args.threads,
                         load_order=args.load_order)
+    from ._dtype import engine_dtype_options
+
+    for e in cfg.engines:  # every engine must run the dtype: one line before any model is loaded
+        opts = engine_dtype_options(e, getattr(args, "dtype", None))
+        if opts:
+            cfg.engine_options.setdefault(e, {}).update(opts)
     check_request(args, cfg)
     res = run_latency(args.dense, parse_models(args.sparse), cfg)
     if args.out:

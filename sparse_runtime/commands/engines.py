@@ -8,7 +8,9 @@ from typing import Any, Callable
 from ..registry import Registry
 from . import Command
 
-ENGINES: Registry[dict[str, Callable]] = Registry("engine")
+# The engines that live outside the main environment: name -> {"status": ..., "install": ...} (the
+# engines themselves are runtime.ENGINES; these are the environments some of them need).
+ENGINE_ENVIRONMENTS: Registry[dict[str, Callable]] = Registry("engine")
 
 
 def _ort_status() -> dict[str, Any]:
@@ -37,8 +39,8 @@ def _ds_install(args) -> dict[str, Any]:
     return deepsparse_env.install(python=args.python, force=args.force)
 
 
-ENGINES.register("onnxruntime")({"status": _ort_status, "install": _ort_install})
-ENGINES.register("deepsparse")({"status": _ds_status, "install": _ds_install})
+ENGINE_ENVIRONMENTS.register("onnxruntime")({"status": _ort_status, "install": _ort_install})
+ENGINE_ENVIRONMENTS.register("deepsparse")({"status": _ds_status, "install": _ds_install})
 
 
 def add_arguments(p):
@@ -52,8 +54,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     if args.action == "list":
-        for name in ENGINES:
-            st = ENGINES.get(name)["status"]()
+        for name in ENGINE_ENVIRONMENTS:
+            st = ENGINE_ENVIRONMENTS.get(name)["status"]()
             state = "installed" if st.get("installed") else "not installed"
             extra = ", ".join(f"{k} {v}" for k, v in st.items() if k in ("version", "deepsparse", "python", "path", "where"))
             print(f"{name}: {state}" + (f" ({extra})" if extra else ""))
@@ -62,7 +64,7 @@ def run(args) -> int:
             if not st.get("installed"):
                 print(f"  install: sparse-runtime engines install {name}" if name == "deepsparse" else f"  {st.get('hint', '')}")
         return 0
-    install = ENGINES.get(args.engine)["install"]
+    install = ENGINE_ENVIRONMENTS.get(args.engine)["install"]
     if getattr(args, "python", None):
         import shutil
         from pathlib import Path

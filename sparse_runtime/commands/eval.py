@@ -25,6 +25,9 @@ def add_arguments(p):
                    help="first N items per zero-shot task (default: from --protocol; quick=500, paper=all)")
     p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="perplexity block by block from the safetensors shards, so memory holds one block: auto "
+                        "(default: when the whole model would not fit comfortably), on, off")
 
 
 def run(args) -> int:
@@ -45,6 +48,15 @@ def run(args) -> int:
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be a positive number of items per task, got {args.limit}")
         limit = args.limit if args.limit is not None else protocol_limit(proto.name)
+    from ..models.streaming import stream_path
+
+    path = stream_path(args.model, args.dtype, args.stream) if not args.device else None
+    if path is not None:
+        if args.zeroshot:
+            raise ConfigError(f"{args.model} is read block by block (--stream {args.stream}), which perplexity "
+                              "supports and zero-shot scoring does not yet: run --ppl alone, or --stream off on a "
+                              "machine with the memory for the whole model")
+        return _streamed_ppl(args, path, proto)
     lm = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.device:
         lm.model.to(args.device)
@@ -62,6 +74,27 @@ def run(args) -> int:
         out["zeroshot"] = z.as_dict()
         print(f"zero-shot [{z.task_set}; {z.limit_note()}; {z.seconds:.1f} s]")
         print(markdown_table(z.table_rows()))
+    if args.json_out:
+        from ..manifest import write_file_atomic
+        write_file_atomic(args.json_out, json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def _streamed_ppl(args, path, proto) -> int:
+    """WikiText-2 perplexity of a model read block by block (docs/scale.md#streaming)."""
+    from ..data.text import tokenize_stream, wikitext2_text
+    from ..eval.perplexity import streamed_perplexity
+    from ..models.loading import _load_tokenizer
+    from ..models.streaming import StreamedModel
+
+    sm = StreamedModel(path, args.dtype, trust_remote_code=args.trust_remote_code)
+    ids = tokenize_stream(_load_tokenizer(path, args.trust_remote_code), wikitext2_text(args.data_dir))
+    r = streamed_perplexity(sm, ids, proto.eval_seqlen, proto.eval_windows, desc=f"wikitext2 ppl [{proto.name}]",
+                            protocol=proto.name)
+    out = {"model": str(args.model), "protocol": proto.name, "device": "cpu", "streamed": True,
+           "perplexity": r.as_dict()}
+    print(f"WikiText-2 perplexity [{proto.name}: seqlen {r.seqlen}, {r.windows} windows; streamed block by block]: "
+          f"{r.ppl:.4f} ({r.seconds:.1f} s)")
     if args.json_out:
         from ..manifest import write_file_atomic
         write_file_atomic(args.json_out, json.dumps(out, indent=1, default=str))

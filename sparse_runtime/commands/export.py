@@ -17,7 +17,12 @@ def add_arguments(p):
     p.add_argument("model", help="sparse-runtime checkpoint directory, HF directory, 'smollm2-135m' or tiny-*")
     p.add_argument("--format", required=True, help="onnx | deepsparse | semi-structured | bitmask")
     add_out_args(p)
-    p.add_argument("--dtype", default=None, help="stored dtype: float32 | float16 | bfloat16 (format default if omitted)")
+    p.add_argument("--dtype", default=None, help="STORED dtype of the exported weights: float32 | float16 | bfloat16 "
+                                                 "(format default if omitted; --load-dtype is the compute dtype)")
+    p.add_argument("--load-dtype", dest="load_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype the source model is loaded and verified in (default float32; bfloat16 halves "
+                        "its memory, bitmask and semi-structured only; the bitmask then stores bf16 unless --dtype "
+                        "says otherwise)")
     p.add_argument("--optimize", default=None, help="onnx: ORT offline graph optimisation none|basic|extended")
     p.add_argument("--sparse-initializers", dest="sparse_initializers", action="store_const", const=True,
                    default=None, help="onnx: store weights as ONNX sparse initializers (ORT densifies them on load)")
@@ -34,6 +39,9 @@ def add_arguments(p):
                    help="skip the reload-and-compare check (not recommended)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="any other exporter option")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="bitmask: convert tensor by tensor from the shards, so memory holds one tensor: auto "
+                        "(default: when the whole model would not fit comfortably), on, off")
 
 
 def collect_options(args) -> dict:
@@ -57,7 +65,8 @@ def run(args) -> int:
 
     check_output(args.out, args.overwrite, inputs=[args.model])
     res = export(args.model, args.format, args.out, overwrite=args.overwrite,
-                 trust_remote_code=args.trust_remote_code, **collect_options(args))
+                 trust_remote_code=args.trust_remote_code, stream=args.stream,
+                 load_dtype=getattr(args, "load_dtype", "float32"), **collect_options(args))
     v = res.verification
     print(f"exported {args.model} as {res.format} to {res.out}: {res.total_bytes / 2**20:.1f} MiB in "
           f"{len(res.files)} files, {res.export_seconds:.1f} s (+{res.verify_seconds:.1f} s verify)")
@@ -72,7 +81,26 @@ def run(args) -> int:
                                   else ds.get("reason", "not checked")))
     for n in res.manifest.get("notes", []):
         print(f"  note: {n}")
+    for line in how_to_read(res.format, res.out):
+        print(f"  {line}")
     return 0
+
+
+def how_to_read(fmt: str, out) -> list[str]:
+    """The other tools' way in, printed with the export: the formats whose own clients need a flag or
+    a version the user cannot guess (docs/formats.md, docs/ecosystem.md)."""
+    if fmt == "deepsparse":
+        from ..runtime.deepsparse_env import env_dir
+
+        return ["DeepSparse's own benchmark reads the prefill graph with the engine's KV-cache rewrites off "
+                "(without them it stops at 'Unexpected external input name: position_ids'):",
+                f"    {env_dir() / 'bin' / 'deepsparse.benchmark'} {out}/prefill.onnx "
+                "--disable-kv-cache-overrides --no-internal-kv-cache"]
+    if fmt == "bitmask":
+        return ["read it with exporters.bitmask.load_bitmask, or with compressed-tensors 0.14 "
+                "(pip install 'compressed-tensors==0.14.0.1'; 0.15 and later have no sparse-bitmask "
+                "compressor and cannot read it)"]
+    return []
 
 
 COMMAND = Command("export", "export a model as onnx | deepsparse | semi-structured | bitmask (verified on load)",

@@ -15,11 +15,14 @@ def add_arguments(p):
                    help=f"one of {', '.join(engine_names())} (default torch-cpu); sparse-cpu = the lean path on our "
                         "sparse kernels, the fastest decode on a CPU (docs/runtime.md)")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate after the prompt (default 48)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: min(2, cores))")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--prefill-length", type=int, default=128,
                    help="deepsparse only: the static prompt length it compiles (prompts are left-padded)")
+    from ._dtype import add_dtype_argument
+
+    add_dtype_argument(p)
 
 
 def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -42,7 +45,10 @@ def run(args) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
     if not args.prompt and not args.chat:  # before loading anything (every engine would fail on it)
         raise ConfigError("the prompt is empty: give --prompt some text")
+    from ._dtype import engine_dtype_options
+
     opts = {"prefill_length": args.prefill_length} if args.engine == "deepsparse" else {}
+    opts.update(engine_dtype_options(args.engine, getattr(args, "dtype", None)))  # before loading anything
     eng = load_engine(args.engine, args.model, threads=args.threads, **opts)
     try:
         tok = eng.tokenizer or ByteTokenizer()

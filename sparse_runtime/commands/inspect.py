@@ -3,6 +3,12 @@
 ``--write-manifest`` (re)writes a checkpoint directory's sparsity manifest from the weights as they
 are: the repair that a manifest error recommends when the manifest, not the weights, is wrong
 (deleted, corrupt, or from another model). It keeps the old manifest's history when it is readable.
+
+A Hugging Face directory is never loaded: config.json, the safetensors headers and each block
+linear's weight, read in row chunks one tensor at a time in its stored dtype
+(``sparse_runtime.inspect.inspect_directory``), so a 7B checkpoint needs the memory of one chunk.
+A manifest is still checked against every scanned tensor; ``--trust-manifest`` skips the scan and
+reports what the manifest records. Tiny test models and GGUF files are measured in memory.
 """
 from __future__ import annotations
 
@@ -18,64 +24,102 @@ def add_arguments(p):
     p.add_argument("--summary", action="store_true", help="only the totals, not every layer")
     p.add_argument("--write-manifest", action="store_true",
                    help="rewrite MODEL's sparsity_manifest.json from its weights (only if you trust the weights)")
+    p.add_argument("--trust-manifest", action="store_true",
+                   help="report a checkpoint's recorded sparsity without scanning its weights (seconds at 7B; "
+                        "the manifest is not checked against the tensors)")
 
 
 def run(args) -> int:
-    from ..inspect import inspect_sparsity
+    from ..errors import ConfigError
+    from ..inspect import _dir_of, compare_with_manifest, inspect_directory, inspect_sparsity
     from ..models import load_model
     from ..report import markdown_table
 
     check_output_file(args.json_out)
+    if args.write_manifest and args.trust_manifest:
+        raise ConfigError("--write-manifest rebuilds the manifest from the weights, --trust-manifest skips reading "
+                          "them: pass one of the two")
+    d = None if args.trust_remote_code else _dir_of(args.model)
     if args.write_manifest:
-        write_manifest(args)
-    lm = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
-    rep = inspect_sparsity(lm.model, lm.family)
+        found = write_manifest(args)
+        compare_with_manifest(found.scans, found.manifest)  # what was written describes the weights scanned
+        source, family, rep, manifest = found.source, found.family, found.report, "verified"
+    elif d is not None:
+        found = inspect_directory(args.model, trust_manifest=args.trust_manifest)
+        source, family, rep = found.source, found.family, found.report
+        manifest = ("none (plain model)" if found.manifest is None else
+                    "trusted, weights not scanned (--trust-manifest)" if found.from_manifest else "verified")
+        if found.bitmask_layers:
+            manifest += (f"; bitmask export ({found.bitmask_layers} compressed layers"
+                         + (", masks match its export manifest)" if found.export_masks_verified else ")"))
+    else:
+        if args.trust_manifest:
+            raise ConfigError(f"--trust-manifest reads a checkpoint directory's manifest; {args.model} is not one")
+        lm = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+        rep = inspect_sparsity(lm.model, lm.family)
+        source, family = lm.source, lm.family
+        manifest = "verified" if lm.manifest is not None else "none (plain model)"
     if not args.summary:
         print(markdown_table(rep.rows()))
-    manifest = "verified" if lm.manifest is not None else "none (plain model)"
-    print(f"model: {lm.source} ({lm.family.name}); block linears: {len(rep.layers)}; "
+    print(f"model: {source} ({family.name}); block linears: {len(rep.layers)}; "
           f"total sparsity: {rep.total:.4f}; N:M compliant everywhere: {', '.join(rep.nm_all) or 'no'}; "
           f"sparsity manifest: {manifest}")
     if args.json_out:
         from ..manifest import write_file_atomic
-        write_file_atomic(args.json_out, json.dumps({"model": lm.source, "total": rep.total, "nm_all": rep.nm_all,
+        write_file_atomic(args.json_out, json.dumps({"model": source, "total": rep.total, "nm_all": rep.nm_all,
                                                      "layers": rep.rows()}, indent=1))
     return 0
 
 
-def write_manifest(args) -> None:
-    """Describe the weights of the directory ``args.model`` in a new manifest, written atomically."""
+def write_manifest(args):
+    """Describe the weights of the directory ``args.model`` in a new manifest, written atomically.
+
+    The weights are scanned one tensor at a time (``inspect_directory``), never loaded; the records
+    are those :func:`sparse_runtime.manifest.build_manifest` makes from a loaded model (same nonzero
+    counts, digests, structures, history). Returns the scan with the new manifest in it."""
+    import datetime as _dt
     from pathlib import Path
 
-    from ..errors import ConfigError, SparseRuntimeError
-    from ..manifest import MANIFEST_NAME, build_manifest, read_manifest, write_file_atomic
-    from ..models import load_model
-    from ..sparsity import NMPattern, nm_compliant, parse_structure
+    from ..errors import ConfigError
+    from ..inspect import _dir_of, inspect_directory
+    from ..manifest import MANIFEST_NAME, LayerRecord, Manifest, package_versions, write_file_atomic
+    from ..sparsity import NMPattern, parse_structure
     from ._common import _probe_writable
 
-    d = Path(args.model)
-    if not d.is_dir():
+    d = _dir_of(args.model) if str(args.model).lower() == "smollm2-135m" else Path(args.model)
+    if d is None or not d.is_dir():
         raise ConfigError(f"--write-manifest needs a checkpoint directory, got {args.model!r}")
-    _probe_writable(d, args.model, "--write-manifest")  # a read-only directory fails here, before loading
-    lm = load_model(d, args.dtype, trust_remote_code=args.trust_remote_code, verify_manifest=False)
-    try:
-        prev = read_manifest(d) if (d / MANIFEST_NAME).exists() else None
-    except SparseRuntimeError:
-        prev = None  # unreadable: start afresh
-    structures = {}
-    for name, lin in lm.family.iter_linears(lm.model):
-        rec = prev.layers.get(name) if prev else None
-        pat = parse_structure(rec.structure) if rec else None
-        if isinstance(pat, NMPattern) and not nm_compliant(lin.weight, pat):
-            structures[name] = "unstructured"  # the weights no longer keep the recorded pattern
-    if prev is not None and not set(prev.layers) <= {n for n, _ in lm.family.iter_linears(lm.model)}:
+    _probe_writable(d, args.model, "--write-manifest")  # a read-only directory fails here, before reading
+    found = inspect_directory(d, verify=False, digests=True)
+    prev = found.manifest  # None when absent or unreadable: start afresh
+    if prev is not None and not set(prev.layers) <= set(found.scans):
         prev = None  # another model's manifest: nothing of it applies
-    man = build_manifest(lm.model, lm.family, structures=structures, previous=prev,
-                         base_model=(prev.base_model if prev and prev.base_model else str(d)),
-                         step={"stage": "write-manifest", "reason": "rebuilt from the weights by inspect"})
+    layers = {}
+    for name, scan in found.scans.items():
+        rec = prev.layers.get(name) if prev else None
+        try:
+            pat = parse_structure(rec.structure) if rec else None
+        except Exception:  # noqa: BLE001 - an unreadable structure is replaced
+            pat = None
+        structure = rec.structure if rec else "unstructured"
+        if rec is not None and (pat is None and str(rec.structure).strip().lower() not in ("unstructured", "none", "")):
+            structure = "unstructured"
+        if isinstance(pat, NMPattern) and str(pat) not in scan.nm:
+            structure = "unstructured"  # the weights no longer keep the recorded pattern
+        n = scan.shape[0] * scan.shape[1]
+        layers[name] = LayerRecord(structure=structure, target=rec.target if rec else None,
+                                   measured=1.0 - scan.nnz / max(1, n), nnz=scan.nnz, shape=list(scan.shape),
+                                   mask_sha256=scan.digest)
+    man = Manifest(layers=layers, base_model=(prev.base_model if prev and prev.base_model else str(d)),
+                   dense_source=prev.dense_source if prev else None, history=list(prev.history) if prev else [],
+                   extra=dict(prev.extra) if prev else {}, versions=package_versions(),
+                   created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    man.history.append({"stage": "write-manifest", "reason": "rebuilt from the weights by inspect"})
     write_file_atomic(d / MANIFEST_NAME, json.dumps(man.to_json(), indent=1))
     print(f"wrote {d / MANIFEST_NAME} from the weights ({len(man.layers)} layers, total sparsity "
           f"{man.total_measured:.4f})")
+    found.manifest = man
+    return found
 
 
 COMMAND = Command("inspect", "print per-layer and total sparsity of the block linears and N:M compliance",

@@ -33,7 +33,7 @@ def add_arguments(p):
                    help="an option of the method (repeatable; e.g. percdamp=0.05 for sparsegpt); the value is read "
                         "as a YAML scalar; unknown keys list the known ones")
     a = p.add_argument_group("allocation")
-    a.add_argument("--allocation", default="uniform", help="uniform (default) | owl | atp")
+    a.add_argument("--allocation", default="uniform", help="uniform (default) | owl | atp | rmi")
     a.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
     a.add_argument("--owl-lambda", type=float, default=0.08, help="OWL lambda (default 0.08)")
     a.add_argument("--atp-beta", default="auto", help="ATP beta, or 'auto' (held-out search; default)")
@@ -50,6 +50,9 @@ def add_arguments(p):
     s.add_argument("--seed", type=int, default=None, help="calibration seed (default: the protocol's)")
     s.add_argument("--device", default=None, help="compute device for the block being pruned (default: the model's)")
     s.add_argument("--offload", action="store_true", help="keep blocks off the device except the current one")
+    s.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="read and write the model block by block from its safetensors shards, so memory holds one "
+                        "block: auto (default: when the whole model would not fit comfortably), on, off")
     r = p.add_argument_group("refinement")
     r.add_argument("--refine", default=None, help="mask refiner run inside the same pass: dsnot")
     r.add_argument("--refine-option", action="append", default=[], metavar="KEY=VALUE", help="refiner option (repeatable)")
@@ -72,7 +75,8 @@ def run(args) -> int:
         offload=args.offload, refine=args.refine, refine_options=dict(_option(o) for o in args.refine_option),
         method_options=parse_options(args.method_option, "--method-option"),
         allocation_options=parse_options(args.allocation_option, "--allocation-option"))
-    r = prune_checkpoint(args.model, cfg, args.out, overwrite=args.overwrite, data_dir=args.data_dir, dtype=args.dtype)
+    r = prune_checkpoint(args.model, cfg, args.out, overwrite=args.overwrite, data_dir=args.data_dir, dtype=args.dtype,
+                         stream=args.stream)
     t = r.timing
     extra = f"; beta {r.allocation_info['beta']:.6g}" if "beta" in r.allocation_info else ""
     print(f"pruned {args.model} with {r.method} ({r.structure}, allocation {r.allocation}{extra}"

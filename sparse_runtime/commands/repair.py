@@ -28,6 +28,8 @@ def add_arguments(p):
     p.add_argument("--seqlen", type=int, default=None, help="calibration length (default: the protocol's)")
     p.add_argument("--device", default=None, help="compute device for the pass (e.g. cuda)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--eval-ppl", action="store_true",
+                   help="also measure WikiText-2 perplexity (--protocol) before and after the repair")
     d = p.add_argument_group("DSnoT options (defaults: paper values; see docs/dsnot.md)")
     d.add_argument("--official", action="store_true",
                    help="the released code's behaviour (token-sum threshold, attention only, overshoot allowed); "
@@ -71,10 +73,49 @@ def run(args) -> int:
           f"mean |e_r| {s['mean_abs_error_before']:.4g} -> {s['mean_abs_error_after']:.4g}; "
           f"DSnoT {t['dsnot_s']:.2f} s, calibration forwards {t['calibration_forward_s']:.2f} s, total {t['total_s']:.1f} s; "
           f"wrote {rep.checkpoint} (dense weights from {rep.dense_source})")
+    ppl = _perplexities(args) if args.eval_ppl else None
+    print(what_changed(rep, args.model, ppl))
     if args.json_out:
         from ..manifest import write_file_atomic
         write_file_atomic(args.json_out, json.dumps(rep.as_dict(), indent=1, default=str))
     return 0
+
+
+def _perplexities(args) -> tuple:
+    """WikiText-2 perplexity of the input and of the repaired checkpoint (same protocol, same data)."""
+    from ..eval.perplexity import wikitext2_perplexity
+    from ..models import load_model
+
+    out = []
+    for spec in (args.model, args.out):
+        lm = load_model(spec, args.dtype)
+        out.append(wikitext2_perplexity(lm.model, lm.tokenizer, args.protocol, args.data_dir))
+        del lm
+    return tuple(out)
+
+
+def what_changed(rep, before_dir, ppl=None) -> str:
+    """Before/after in one small table, so the user sees whether the model got better: the
+    calibration output error DSnoT lowers, the sparsity it must keep, and (``--eval-ppl``) the
+    perplexity that decides."""
+    from ..manifest import read_manifest
+    from ..report import markdown_table
+
+    s = rep.summary
+    e0, e1 = s["mean_abs_error_before"], s["mean_abs_error_after"]
+    rows = [{"": "mean calibration output error per row, abs(e_r)", "before": e0, "after": e1,
+             "change": f"{(e1 / e0 - 1) * 100:+.1f} %" if e0 else ""},
+            {"": "sparsity (measured)", "before": read_manifest(before_dir).total_measured,
+             "after": read_manifest(rep.checkpoint).total_measured, "change": "kept"},
+            {"": "masks", "before": "", "after": "", "change": f"{s['swaps']} swaps in {s['rows_changed']} of "
+                                                               f"{s['rows']} rows"}]
+    if ppl:
+        a, b = ppl
+        rows.append({"": f"WikiText-2 perplexity ({b.protocol}: {b.windows} x {b.seqlen} tokens)", "before": a.ppl,
+                     "after": b.ppl, "change": f"{(b.ppl / a.ppl - 1) * 100:+.2f} %"})
+    else:
+        rows.append({"": "perplexity", "before": "", "after": "", "change": "not measured (--eval-ppl)"})
+    return markdown_table(rows).rstrip("\n")
 
 
 def _add(p):

@@ -11,6 +11,7 @@ def add_arguments(p):
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--model", default=None, help="override the recipe's model")
     p.add_argument("--data-dir", default=None, help="override the recipe's data directory")
+    p.add_argument("--protocol", default=None, help="override the recipe's protocol (e.g. test: a smoke run on a tiny model)")
     p.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
     p.add_argument("--overwrite", action="store_true", help="stages may replace existing outputs")
 
@@ -23,6 +24,8 @@ def run(args) -> int:
         recipe.model = args.model
     if args.data_dir:
         recipe.data_dir = args.data_dir
+    if args.protocol:
+        recipe.protocol = args.protocol
     work = Path(args.workdir or Path("runs") / recipe.name)
     _check_workdir(work)
     ctx = run_recipe(recipe, work, overwrite=args.overwrite, fresh=args.fresh)

@@ -13,7 +13,7 @@ def add_arguments(p):
                    help="sparse-cpu (default; continuous batching on the project's sparse kernels), lean-cpu (its dense "
                         "twin), ort-sparse, ort-cpu or torch-cpu (these serve sequences in turn, batch 1)")
     p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port to listen on (default {d.port})")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: min(2, cores))")
     p.add_argument("--slots", type=int, default=d.slots, help="sequences decoded together (default %(default)s)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len,

@@ -37,13 +37,17 @@ def find_file(relpath: str, data_dir: Optional[os.PathLike] = None,
     if hub is not None and not os.environ.get("HF_HUB_OFFLINE") and not os.environ.get("HF_DATASETS_OFFLINE"):
         try:
             return hub()
-        except Exception as e:  # no network, no `datasets`, ...
+        except ModuleNotFoundError as e:  # the hub fallback needs the optional `datasets` package
+            hub_error = f"needs `pip install {e.name or 'datasets'}`"
+        except Exception as e:  # no network, ...
             hub_error = f"{type(e).__name__}: {e}"
-    msg = f"cannot find {what or relpath}. Looked in: " + (", ".join(tried) if tried else f"(no data directory: ${ENV_VAR} is unset)")
+    # one line, the fix first: a newcomer usually has the data and has not said where it is
+    msg = (f"cannot find {what or relpath}. Fix: export {ENV_VAR}=/path/to/data (a directory holding {relpath}) "
+           f"or pass --data-dir (docs/data.md). Looked in: "
+           + (", ".join(tried) if tried else f"no data directory (${ENV_VAR} is unset)"))
     if hub is not None:
         msg += f"; the Hugging Face hub: {hub_error or 'offline mode is set'}"
-    msg += f". Fix: point ${ENV_VAR} (or --data-dir) at a directory holding {relpath}."
-    raise DataNotFoundError(msg)
+    raise DataNotFoundError(msg + ".")
 
 
 def hub_cache(name: str) -> Path:

@@ -40,15 +40,22 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
-def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None,
-                        desc: str = "perplexity", protocol: str = "custom") -> PerplexityResult:
-    ids = ids.reshape(-1)
+def window_count(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -> int:
+    """Non-overlapping windows of ``seqlen`` in the flat ``ids`` (remainder dropped), at most
+    ``max_windows``; one clear line when there is not even one."""
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise ConfigError(f"the text has {ids.numel()} tokens: fewer than one window of seqlen={seqlen}")
+    return n
+
+
+@torch.no_grad()
+def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None,
+                        desc: str = "perplexity", protocol: str = "custom") -> PerplexityResult:
+    ids = ids.reshape(-1)
+    n = window_count(ids, seqlen, max_windows)
     dev = model_device(model)
     t0 = time.perf_counter()
     nll_sum = 0.0
@@ -72,3 +79,54 @@ def wikitext2_perplexity(model, tokenizer, protocol="quick", data_dir=None,
     windows = proto.eval_windows if max_windows == -1 else max_windows
     ids = tokenize_stream(tokenizer, wikitext2_text(data_dir))
     return perplexity_from_ids(model, ids, seqlen, windows, desc=f"wikitext2 ppl [{proto.name}]", protocol=proto.name)
+
+
+def _carried_nll(carry, windows: torch.Tensor, desc: str) -> float:
+    """Sum over windows of (mean shifted cross-entropy x seqlen), as :func:`perplexity_from_ids`."""
+    n, seqlen = windows.shape
+    nll_sum = 0.0
+    for i, logits in enumerate(progress(carry.logits(), desc=desc, total=n)):
+        x = windows[i].unsqueeze(0)
+        loss = F.cross_entropy(logits.float()[0, :-1], x[0, 1:])
+        nll_sum += loss.item() * seqlen
+    return nll_sum
+
+
+@torch.no_grad()
+def streamed_nll(carry, windows: torch.Tensor, desc: str = "perplexity", protocol: str = "custom") -> PerplexityResult:
+    """Perplexity of windows already carried through every block of a streamed model
+    (:class:`sparse_runtime.models.streaming.StreamedForward`), by the same formula as
+    :func:`perplexity_from_ids`."""
+    t0 = time.perf_counter()
+    n, seqlen = windows.shape
+    nll_sum = _carried_nll(carry, windows, desc)
+    return PerplexityResult(math.exp(nll_sum / (n * seqlen)), seqlen, n, n * seqlen, time.perf_counter() - t0,
+                            protocol)
+
+
+@torch.no_grad()
+def streamed_perplexity(streamed, ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None,
+                        desc: str = "perplexity", protocol: str = "custom",
+                        group_bytes: int = 1 << 30) -> PerplexityResult:
+    """:func:`perplexity_from_ids` on a model read block by block from its files
+    (:class:`sparse_runtime.models.streaming.StreamedModel`): the windows' activations are carried
+    through each block in turn, in groups of windows whose activations fit ``group_bytes`` (each
+    group reads the model once), so memory is one block plus one group, whatever the depth."""
+    from ..models.streaming import StreamedForward
+
+    ids = ids.reshape(-1)
+    n = window_count(ids, seqlen, max_windows)
+    windows = ids[: n * seqlen].view(n, seqlen)
+    per_window = seqlen * int(streamed.config.hidden_size) * torch.empty((), dtype=streamed.dtype).element_size()
+    g = max(1, min(n, group_bytes // max(1, per_window)))
+    t0 = time.perf_counter()
+    nll_sum = 0.0
+    for s in range(0, n, g):
+        part = windows[s:s + g]
+        carry = StreamedForward(streamed, part)
+        for bi in progress(range(streamed.n_blocks), desc=f"{desc} [windows {s + 1}-{s + part.shape[0]}/{n}]"):
+            carry.step(streamed.load_block(bi))
+            streamed.release_block(bi)
+        nll_sum += _carried_nll(carry, part, desc)
+    return PerplexityResult(math.exp(nll_sum / (n * seqlen)), seqlen, n, n * seqlen, time.perf_counter() - t0,
+                            protocol)

@@ -2,15 +2,17 @@
 
 - :mod:`.layout`: the compressed layouts (``bitmask`` for AVX-512/portable, ``csr16`` for AVX2).
 - :mod:`.reference`: the NumPy reference the kernels are tested against.
-- :mod:`._lib`: the compiled extension (ctypes), CPU feature detection, ISA choice, call counters.
+- :mod:`.native`: the compiled extension (ctypes over ``csrc/sparse_runtime.h``, with the struct
+  check at load), CPU feature detection, ISA choice, call counters.
+- :mod:`.decode`: the lean decode step's C model description (ctypes mirrors of the C structs).
 - :mod:`.ops`: ``torch.ops.sparse_runtime.sparse_linear`` and the eager :func:`sparse_linear`.
 - :mod:`.module`: :class:`SparseLinear` and :func:`sparsify_linears` (model swap), dense/sparse
   dispatch by a measured batch threshold.
 
 Everything imports without the compiled extension; :func:`available` says whether it loaded.
 """
-from ._lib import (ENV_ISA, ENV_LAYOUT, available, counters, reset_counters, select_isa, select_layout,
-                   supported_isas, unavailable_reason)
+from .native import (ENV_ISA, ENV_LAYOUT, available, counters, reset_counters, select_isa, select_layout,
+                     supported_isas, unavailable_reason)
 from .layout import LAYOUTS, PackedWeight, pack, pack_bitmask, pack_csr16, unpack
 from .module import (SparseLinear, SparsifyReport, apply_dispatch, call_counts, choose_gemv_variant, gemv_choice,
                      measure_dispatch, measure_threshold, sparsify_linears)

@@ -1,8 +1,11 @@
-"""ctypes view of the compiled lean decode step (``sr_decode_step`` in ``csrc/lean_decode.inc``).
+"""ctypes view of the compiled lean decode steps (``sr_decode_step`` and the batched
+``sr_decode_step_batch`` in ``csrc/lean_decode.inc``, declared in ``csrc/sparse_runtime.h``).
 
 The C step runs one whole batch-1 decode token of a Llama-family decoder in one OpenMP region; this
 module only describes the model to it: :class:`CLinear` (one dense or packed sparse linear),
-:class:`CLayer` and :class:`CModel` mirror the C structs field for field, and :func:`linear_desc`
+:class:`CLayer` and :class:`CModel` mirror the C structs ``SRLinear``, ``SRLayer`` and ``SRModel``
+field for field (checked against the library's own sizes and offsets when it loads:
+:data:`STRUCTS`, :func:`sparse_runtime.kernels.native.check_structs`), and :func:`linear_desc`
 builds a descriptor from the tensors a caller keeps alive. The model logic (which weights, fused
 how, the KV cache, prefill) lives in :mod:`sparse_runtime.runtime.lean_llama`.
 """
@@ -14,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from . import _lib
+from . import native
 from .layout import PackedWeight
 
 KIND_DENSE, KIND_BITMASK, KIND_CSR16 = 0, 1, 2
@@ -39,6 +42,10 @@ class CModel(ctypes.Structure):
                 ("final_norm", _p), ("lm_head", CLinear), ("layers", _p), ("scratch", _p)]
 
 
+# The C name of each mirror: the library's sr_struct_size/sr_field_offset are compared with these.
+STRUCTS: dict[str, type[ctypes.Structure]] = {"SRLinear": CLinear, "SRLayer": CLayer, "SRModel": CModel}
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -47,14 +54,14 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
                 bias: Optional[torch.Tensor] = None) -> CLinear:
     """A C descriptor for ``y = W x + b``: ``dense`` (a contiguous fp32 [N, K] weight) or ``packed``
     (fp32 values; the layout must have a kernel on ``isa``). The caller keeps the tensors alive."""
-    isa_id = _lib.ISAS.index(isa)
+    isa_id = native.ISAS.index(isa)
     for name, t in (("dense weight", dense), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             raise ConfigError(f"the lean decode step takes contiguous float32 tensors; got a {t.dtype} {name}")
     if packed is not None:
         if packed.values.dtype != torch.float32:
             raise ConfigError("the lean decode step runs float32 values only; pack with value_dtype='float32'")
-        if (packed.layout, isa) not in _lib.IMPLEMENTED:
+        if (packed.layout, isa) not in native.IMPLEMENTED:
             raise ConfigError(f"no {isa} kernel for the {packed.layout} layout")
         return CLinear(_KINDS[packed.layout], isa_id, packed.out_features, packed.in_features,
                        packed.index.data_ptr(), packed.values.data_ptr(), packed.row_ptr.data_ptr(), _ptr(bias))
@@ -64,7 +71,7 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
 
 
 def _bind() -> ctypes.CDLL:
-    lb = _lib.lib()
+    lb = native.lib()
     if not hasattr(lb, "sr_decode_step"):
         raise ConfigError("the compiled kernels predate the lean decode step; rebuild them with `pip install -e .`")
     if not getattr(lb.sr_decode_step, "argtypes", None):  # set once per library
@@ -78,12 +85,21 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile.restype = None
         lb.sr_decode_profile_get.argtypes = [_p]
         lb.sr_decode_profile_get.restype = None
+        if hasattr(lb, "sr_decode_step_batch"):
+            lb.sr_decode_step_batch.argtypes = [ctypes.POINTER(CModel), _i64, _p, _p, _p, _p, _p, _i64, _p, _p, _p,
+                                                ctypes.c_int]
+            lb.sr_decode_step_batch.restype = ctypes.c_int
     return lb
 
 
 def available() -> bool:
     """Whether the loaded kernel library has the lean decode step."""
-    return _lib.available() and hasattr(_lib.lib(), "sr_decode_step")
+    return native.available() and hasattr(native.lib(), "sr_decode_step")
+
+
+def batch_available() -> bool:
+    """Whether the loaded kernel library has the batched step (``sr_decode_step_batch``)."""
+    return available() and hasattr(native.lib(), "sr_decode_step_batch")
 
 
 def scratch_floats(model: CModel) -> int:
@@ -95,7 +111,7 @@ def run_linear(desc: CLinear, x: torch.Tensor, y: torch.Tensor, threads: int) ->
     the step's own kernels and thread split: what the lean path times to choose dense or packed."""
     rc = _bind().sr_linear_desc_run(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads)
     if rc != 0:
-        raise ConfigError(f"sr_linear_desc_run failed: {_lib.ERRORS.get(rc, rc)}")
+        raise ConfigError(f"sr_linear_desc_run failed: {native.ERRORS.get(rc, rc)}")
 
 
 def profile_start() -> None:
@@ -123,5 +139,36 @@ class DecodeStep:
     def __call__(self, token: int, pos: int, cos_ptr: int, sin_ptr: int, logits_ptr: int, threads: int) -> None:
         rc = self._fn(self._model, token, pos, cos_ptr, sin_ptr, logits_ptr, threads)
         if rc != 0:
-            raise ConfigError(f"sr_decode_step failed: {_lib.ERRORS.get(rc, rc)} (token {token}, position {pos}, "
+            raise ConfigError(f"sr_decode_step failed: {native.ERRORS.get(rc, rc)} (token {token}, position {pos}, "
                               f"cache capacity {self.model.cap})")
+
+
+class DecodeStepBatch:
+    """A bound ``sr_decode_step_batch``: one decode token for each of B slots of a serving cache
+    ``[layers, n_slots, kv_heads, capacity, head_dim]`` in ONE C call, every linear's weights read once
+    for all B rows (the point: decode is bound by weight bytes). ``model`` describes the weights
+    (its layers' own cache pointers are unused); the caller keeps the caches and tables alive."""
+
+    def __init__(self, model: CModel, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor):
+        for name, t in (("k cache", k_cache), ("v cache", v_cache), ("cos table", cos), ("sin table", sin)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ConfigError(f"the batched decode step takes contiguous float32 tensors; got a {t.dtype} {name}")
+        self._fn = _bind().sr_decode_step_batch
+        self._model = ctypes.byref(model)
+        self.model = model
+        self._k, self._v, self._cos, self._sin = k_cache, v_cache, cos, sin
+        self.n_slots = int(k_cache.shape[1])
+
+    def __call__(self, tokens: list[int], slots: list[int], pos: list[int], logits: torch.Tensor,
+                 threads: int) -> None:
+        """Logits ``[B, vocab]`` (contiguous fp32, written in place) for ``tokens[b]`` at position
+        ``pos[b]`` of slot ``slots[b]`` (distinct slots); each K/V lands in its slot's rows."""
+        B = len(slots)
+        arr = _i64 * B
+        rc = self._fn(self._model, B, arr(*tokens), arr(*slots), arr(*pos), self._k.data_ptr(), self._v.data_ptr(),
+                      self.n_slots, self._cos.data_ptr(), self._sin.data_ptr(), logits.data_ptr(), threads)
+        if rc != 0:
+            raise ConfigError(f"sr_decode_step_batch failed: {native.ERRORS.get(rc, rc)} (slots {list(slots)}, "
+                              f"positions {list(pos)}, tokens {list(tokens)}, capacity {self.model.cap}; slots must "
+                              f"be distinct)")

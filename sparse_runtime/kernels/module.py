@@ -8,8 +8,15 @@ not be one interval: on AVX-512 the expand tiles can lose narrowly at batch 2-4 
 wins clearly at 8-32). Everything else runs ``F.linear`` on the dense weight. Both are MEASURED on
 this machine (:func:`measure_dispatch`: dense vs sparse at batch 1, 2, 4, ..., 128; a range spans
 consecutive tried batches that all won, so an untried size is sparse only between two winners),
-so the module is never slower than dense at any batch up to the measurement's noise. ``sparse_calls`` / ``dense_calls`` count which path ran (and the C library
-counts its own calls per path, :func:`sparse_runtime.kernels.counters`).
+so the module is never slower than dense at any batch up to the measurement's noise.
+
+"Dense" is whatever the module's dense path costs: ``F.linear`` on a kept dense weight
+(``keep_dense``), or, when none is kept (the lean engines: a sparse model must take less memory
+than its dense original), rebuilding the weight from the packed form into a reusable
+:class:`DenseScratch` (one buffer of the largest weight, shared by all modules that run one at a
+time) and ``F.linear`` on it; the dispatch measurement times that whole path, scatter included.
+``sparse_calls`` / ``dense_calls`` count which path ran (and the C library counts its own calls per
+path, :func:`sparse_runtime.kernels.counters`).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import _lib
+from . import native
 from .layout import PackedWeight, pack
 from .ops import _ISA_ID, _run, densify, sparse_linear_op
 
@@ -39,7 +46,7 @@ _GEMV: dict[str, dict[str, object]] = {}  # per ISA: the chosen batch-1 form and
 def choose_gemv_variant(force: bool = False, repeats: int = 9, isa: str = "avx512") -> str:
     """The batch-1 kernel form of an ISA path for this process, chosen once.
 
-    Two forms do the same arithmetic on each path that has them (``_lib.GEMV_FORMS``):
+    Two forms do the same arithmetic on each path that has them (``native.GEMV_FORMS``):
     - AVX-512 (bitmask): ``memory`` expands the packed values straight from memory (``vexpandps
       zmm{k}, [mem]``), ``register`` loads 64 bytes and expands in a register. The memory form is
       microcoded on some cores (e.g. AMD Zen 4); on this project's Xeon it won on a quiet machine
@@ -47,22 +54,22 @@ def choose_gemv_variant(force: bool = False, repeats: int = 9, isa: str = "avx51
     - AVX2 (csr16): ``gather`` reads x with ``vgatherdps``, ``insert`` with scalar loads and
       ``vinsertps``. Gathers are microcoded on AMD Zen 1/2, where the gather form lost to dense at
       70 % and the insert form did not (kernels_layers_avx2.md).
-    So it is measured, not assumed: the ISA's variable (``_lib.ENV_GEMV_FORM``, e.g.
+    So it is measured, not assumed: the ISA's variable (``native.ENV_GEMV_FORM``, e.g.
     ``$SPARSE_RUNTIME_AVX512_GEMV`` = ``memory`` | ``register``, ``$SPARSE_RUNTIME_AVX2_GEMV`` =
     ``gather`` | ``insert``) forces one; otherwise (``auto``) the forms are timed alternately on a
     2048 x 2048 matrix at 70 % sparsity, batch 1 (a few ms), and the faster median wins. The result
     is in :func:`gemv_choice`.
     """
-    forms = _lib.GEMV_FORMS[isa]
+    forms = native.GEMV_FORMS[isa]
     if isa in _GEMV and not force:
         return str(_GEMV[isa]["variant"])
-    env = _lib.ENV_GEMV_FORM[isa]
+    env = native.ENV_GEMV_FORM[isa]
     want = os.environ.get(env, "auto").strip().lower() or "auto"
     if want != "auto":
-        _lib.set_gemv_variant(want, isa)
+        native.set_gemv_variant(want, isa)
         _GEMV[isa] = dict(variant=want, how=f"${env}")
         return want
-    layout = _lib.GEMV_FORM_LAYOUT[isa]
+    layout = native.GEMV_FORM_LAYOUT[isa]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 2048, generator=g)
     w = w * (torch.rand(w.shape, generator=g) >= 0.7)
@@ -70,19 +77,19 @@ def choose_gemv_variant(force: bool = False, repeats: int = 9, isa: str = "avx51
     x = torch.randn(1, 2048, generator=g)
 
     def call():
-        return _run(x, p.index, p.values, p.row_ptr, None, 2048, 2048, _lib.LAYOUT_IDS[layout], _ISA_ID[isa])
+        return _run(x, p.index, p.values, p.row_ptr, None, 2048, 2048, native.LAYOUT_IDS[layout], _ISA_ID[isa])
 
     times: dict[str, list[float]] = {name: [] for name in forms}
     for name in times:  # warm-up
-        _lib.set_gemv_variant(name, isa)
+        native.set_gemv_variant(name, isa)
         call()
     for _ in range(repeats):
         for name in times:
-            _lib.set_gemv_variant(name, isa)
+            native.set_gemv_variant(name, isa)
             times[name].append(_median_ms(call, 3))
     med = {name: statistics.median(t) for name, t in times.items()}
     best = min(med, key=med.get)
-    _lib.set_gemv_variant(best, isa)
+    native.set_gemv_variant(best, isa)
     _GEMV[isa] = dict(variant=best, how="measured", ms=med)
     return best
 
@@ -92,22 +99,88 @@ def gemv_choice(isa: str = "avx512") -> dict[str, object]:
     return dict(_GEMV.get(isa, {}))
 
 
+class DenseScratch:
+    """One reusable buffer per dtype for weights rebuilt from their packed form.
+
+    Why: a module that keeps no dense copy still needs a dense weight for products where the GEMM
+    beats the sparse kernel (prefill). Allocating it per call costs page faults on every call, and
+    keeping one per module is the dense copy again; modules of one model run one at a time, so one
+    buffer the size of the largest weight serves all of them (memory: that one weight). Not for
+    concurrent use from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A ``[rows, cols]`` view of the buffer of ``dtype`` (grown when too small; contents undefined)."""
+        n = rows * cols
+        buf = self._bufs.get(dtype)
+        if buf is None or buf.numel() < n:
+            self._bufs.pop(dtype, None)  # free the old one before allocating the larger one
+            buf = self._bufs[dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(rows, cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+DENSIFY_CHUNK = 1 << 22  # elements of the fp32 staging block when rebuilding bf16 values
+
+
+def densify_into(packed: PackedWeight, out: torch.Tensor, threads: Optional[int] = None) -> torch.Tensor:
+    """Write the dense ``[N, K]`` weight of ``packed`` into ``out`` (float32, or bfloat16 for bf16
+    values) with the C scatter kernel; returns ``out``.
+
+    The compiled scatter reads fp32 values, so bf16 values are rebuilt in row blocks of about
+    ``DENSIFY_CHUNK`` elements: the block's values widened (exact), scattered into an fp32 staging
+    block, then narrowed into ``out`` (exact: they were bf16). Memory beyond ``out``: one block."""
+    n, k = packed.out_features, packed.in_features
+    if tuple(out.shape) != (n, k) or not out.is_contiguous():
+        raise ConfigError(f"densify_into needs a contiguous [{n}, {k}] output, got {tuple(out.shape)}")
+    lb = native.lib()
+    fn = lb.sr_bitmask_densify if packed.layout == "bitmask" else lb.sr_csr16_densify
+    threads = threads or torch.get_num_threads()
+    if packed.values.dtype == torch.float32 and out.dtype == torch.float32:
+        fn(k, n, packed.index.data_ptr(), packed.values.data_ptr(), packed.row_ptr.data_ptr(), out.data_ptr(), threads)
+        return out
+    if out.dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"densify_into writes float32 or bfloat16, not {out.dtype}")
+    rp = packed.row_ptr
+    step = max(1, DENSIFY_CHUNK // max(k, 1))
+    stage = torch.empty(min(step, n), k, dtype=torch.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        v0, v1 = int(rp[r0]), int(rp[r1])
+        vals = packed.values[v0:v1].float().contiguous()
+        rows = rp[r0:r1 + 1] - v0  # the block's row offsets, relative to its own values
+        index = packed.index[r0:r1] if packed.layout == "bitmask" else packed.index[v0:v1]
+        blk = stage[:r1 - r0]
+        fn(k, r1 - r0, index.data_ptr(), vals.data_ptr(), rows.data_ptr(), blk.data_ptr(), threads)
+        out[r0:r1].copy_(blk)
+    return out
+
+
 class SparseLinear(nn.Module):
     """y = x W^T + b with W held in a packed sparse layout (fp32 or bf16 values; inference only).
 
     Buffers: ``index``/``values``/``row_ptr`` (the layout) and, with ``keep_dense``, ``weight``
     (the original dense weight, used for batches above the threshold and for autograd; it is never
     read on the sparse path, so it costs memory, not bandwidth). Without ``keep_dense`` the dense
-    fallback rebuilds the weight per call with a C scatter kernel.
+    fallback rebuilds the weight per call with a C scatter kernel, into ``scratch`` (a
+    :class:`DenseScratch`, shared by a model's modules) when given, and multiplies in the value dtype
+    (bf16 values: a bf16 GEMM, as the dense bf16 model does; the result is returned in x's dtype).
     """
 
     def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor] = None, *, isa: Optional[str] = None,
-                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False):
+                 dense_weight: Optional[torch.Tensor] = None, batch_threshold: int = 16, use_op: bool = False,
+                 scratch: Optional[DenseScratch] = None):
         super().__init__()
-        self.isa = _lib.select_isa(isa)
-        if (packed.layout, self.isa) not in _lib.IMPLEMENTED:
+        self.isa = native.select_isa(isa)
+        if (packed.layout, self.isa) not in native.IMPLEMENTED:
             raise ConfigError(f"no {self.isa} kernel for layout {packed.layout!r}")
-        if _lib.GEMV_FORM_LAYOUT.get(self.isa) == packed.layout:
+        if native.GEMV_FORM_LAYOUT.get(self.isa) == packed.layout:
             choose_gemv_variant(isa=self.isa)  # once per process and ISA
         self.layout = packed.layout
         self.in_features, self.out_features = packed.in_features, packed.out_features
@@ -119,7 +192,8 @@ class SparseLinear(nn.Module):
         self.batch_threshold = int(batch_threshold)
         self.sparse_ranges: tuple[tuple[int, int], ...] = ()  # (lo, hi) token counts beyond the threshold
         self.use_op = use_op
-        self._ids = (_lib.LAYOUT_IDS[self.layout], _ISA_ID[self.isa])
+        self.scratch = scratch
+        self._ids = (native.LAYOUT_IDS[self.layout], _ISA_ID[self.isa])
         self.sparse_calls = 0
         self.dense_calls = 0
 
@@ -128,13 +202,13 @@ class SparseLinear(nn.Module):
                     keep_dense: bool = True, batch_threshold: int = 16, use_op: bool = False,
                     value_dtype: Optional[str] = None) -> "SparseLinear":
         """``value_dtype`` defaults to the weight's: bf16 weights keep bf16 values (compared with dense bf16)."""
-        isa = _lib.select_isa(isa)
+        isa = native.select_isa(isa)
         w = linear.weight.detach()
         value_dtype = value_dtype or ("bfloat16" if w.dtype == torch.bfloat16 else "float32")
-        if value_dtype == "bfloat16" and not _lib.supports_bf16(isa):
+        if value_dtype == "bfloat16" and not native.supports_bf16(isa):
             raise ConfigError(f"the {isa} path has no bf16 kernel on this CPU (AVX-512 needs VBMI2); "
                               f"use value_dtype='float32' or isa='portable'/'avx2'")
-        packed = pack(w, _lib.select_layout(isa, layout), value_dtype)
+        packed = pack(w, native.select_layout(isa, layout), value_dtype)
         dense = w.to(packed.values.dtype).contiguous() if keep_dense else None
         return cls(packed, linear.bias, isa=isa, dense_weight=dense, batch_threshold=batch_threshold, use_op=use_op)
 
@@ -153,6 +227,18 @@ class SparseLinear(nn.Module):
             return sparse_linear_op(*args)
         return _run(*args)
 
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense path: F.linear on the kept weight (in x's dtype, as before), or on the weight
+        rebuilt into the scratch buffer (in the value dtype; no per-module copy is kept)."""
+        if self.dense_weight is not None or self.scratch is None:
+            w = self.weight
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = densify_into(self.packed, self.scratch.get(self.out_features, self.in_features, self.values.dtype))
+        if w.dtype == x.dtype:
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bf16 values: a bf16 GEMM; the bias added in x's dtype
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def takes_sparse(self, tokens: int) -> bool:
         """Whether ``tokens`` rows go to the sparse kernel (the measured dispatch)."""
         return tokens <= self.batch_threshold or any(lo <= tokens <= hi for lo, hi in self.sparse_ranges)
@@ -165,7 +251,7 @@ class SparseLinear(nn.Module):
             self.sparse_calls += 1
             return self.sparse_forward(x)
         self.dense_calls += 1
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self.dense_forward(x)
 
     def extra_repr(self) -> str:
         p = self.packed
@@ -185,20 +271,36 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def _dispatch_key(module: SparseLinear, batches: tuple[int, ...]) -> tuple:
-    """Measurements are shared per (isa, layout, dtype, shape, density to 0.05, threads, batches)."""
+    """Measurements are shared per (isa, layout, dtype, shape, density to 0.05, threads, dense form,
+    batches)."""
     return (module.isa, module.layout, str(module.values.dtype), module.out_features, module.in_features,
-            round(module.packed.density * 20) / 20, torch.get_num_threads(), batches)
+            round(module.packed.density * 20) / 20, torch.get_num_threads(), _dense_form(module), batches)
+
+
+def _dense_form(module: SparseLinear) -> str:
+    """What the module's dense path is: a kept weight, a rebuild into scratch, or a rebuild per call."""
+    return "kept" if module.dense_weight is not None else ("scratch" if module.scratch is not None else "rebuilt")
 
 
 def _sparse_wins(module: SparseLinear, batch: int, repeats: int, margin: float) -> bool:
-    """Whether the sparse kernel was not slower than dense F.linear at ``batch`` tokens: both timed
-    alternately (so drift on a shared machine hits both alike), medians of ``repeats`` compared."""
-    w = module.weight
-    bias = None if module.bias is None else module.bias.to(w.dtype)
-    x = torch.randn(batch, module.in_features, dtype=w.dtype)  # bf16 values are compared with dense bf16
+    """Whether the sparse kernel was not slower than the module's dense path at ``batch`` tokens:
+    both timed alternately (so drift on a shared machine hits both alike), medians of ``repeats``
+    compared. With a kept weight the dense path is F.linear on it (bf16 values against dense bf16);
+    without one it is the rebuild into scratch plus F.linear, timed whole, on fp32 activations (what
+    the lean engines pass)."""
+    if module.dense_weight is not None or module.scratch is None:
+        w = module.weight
+        bias = None if module.bias is None else module.bias.to(w.dtype)
+        x = torch.randn(batch, module.in_features, dtype=w.dtype)  # bf16 values are compared with dense bf16
+
+        def dense():
+            return F.linear(x, w, bias)
+    else:
+        x = torch.randn(batch, module.in_features)
+        dense = lambda: module.dense_forward(x)  # noqa: E731
     d_times, s_times = [], []
     for _ in range(repeats):
-        d_times.append(_median_ms(lambda: F.linear(x, w, bias), 1))
+        d_times.append(_median_ms(dense, 1))
         s_times.append(_median_ms(lambda: module.sparse_forward(x), 1))
     return statistics.median(s_times) <= statistics.median(d_times) * margin
 
@@ -303,10 +405,10 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
     (shape, density) group's dispatch here (:func:`apply_dispatch`); else ``batch_threshold``
     (default 16) and no further ranges.
     """
-    if not _lib.available():
-        raise ConfigError(_lib.unavailable_reason() or "sparse kernels unavailable")
-    isa = _lib.select_isa(isa)
-    layout = _lib.select_layout(isa, layout)
+    if not native.available():
+        raise ConfigError(native.unavailable_reason() or "sparse kernels unavailable")
+    isa = native.select_isa(isa)
+    layout = native.select_layout(isa, layout)
     cands = _candidates(model)
     if names is not None:
         wanted = set(names)
@@ -317,7 +419,7 @@ def sparsify_linears(model: nn.Module, *, isa: Optional[str] = None, layout: Opt
         if w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu":
             skipped[name] = f"{w.dtype} on {w.device} (kernels are float32/bfloat16 CPU)"
             continue
-        if w.dtype == torch.bfloat16 and not _lib.supports_bf16(isa):
+        if w.dtype == torch.bfloat16 and not native.supports_bf16(isa):
             skipped[name] = f"bf16 weights but the {isa} path has no bf16 kernel on this CPU"
             continue
         sp = float((w == 0).float().mean())

@@ -15,15 +15,15 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from . import _lib
+from . import native
 from .layout import PackedWeight
 
-_ISA_ID = {name: i for i, name in enumerate(_lib.ISAS)}
+_ISA_ID = {name: i for i, name in enumerate(native.ISAS)}
 
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        raise ConfigError(f"sparse kernel {what} failed: {_lib.ERRORS.get(rc, rc)}")
+        raise ConfigError(f"sparse kernel {what} failed: {native.ERRORS.get(rc, rc)}")
 
 
 def _run(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
@@ -42,7 +42,7 @@ def _run(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, row_ptr: to
     b = x2.shape[0]
     y = torch.empty((b, out_features), dtype=torch.float32)
     if b and out_features:
-        lb = _lib.lib()
+        lb = native.lib()
         if values.dtype == torch.bfloat16:
             fn = lb.sr_bitmask_linear_bf16 if layout_id == 0 else lb.sr_csr16_linear_bf16
         else:
@@ -51,7 +51,7 @@ def _run(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, row_ptr: to
             bias = bias.float()
         rc = fn(isa_id, x2.data_ptr(), b, in_features, out_features, index.data_ptr(), values.data_ptr(),
                 row_ptr.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        _check(rc, f"({_lib.ISAS[isa_id]}, layout {layout_id}, {values.dtype})")
+        _check(rc, f"({native.ISAS[isa_id]}, layout {layout_id}, {values.dtype})")
     y = y.reshape(*lead, out_features)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
@@ -72,15 +72,15 @@ def _(x, index, values, row_ptr, bias, out_features, in_features, layout_id, isa
 def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias: Optional[torch.Tensor] = None,
                   isa: Optional[str] = None, use_op: bool = False) -> torch.Tensor:
     """``x @ W^T + bias`` for a packed ``W`` on the chosen (or default) ISA path."""
-    isa = _lib.select_isa(isa)
-    if (packed.layout, isa) not in _lib.IMPLEMENTED:
+    isa = native.select_isa(isa)
+    if (packed.layout, isa) not in native.IMPLEMENTED:
         raise ConfigError(f"no {isa} kernel for the {packed.layout} layout; repack with "
-                          f"layout={_lib.DEFAULT_LAYOUT[isa]!r} or choose another ISA")
-    if packed.values.dtype == torch.bfloat16 and (packed.layout, isa) not in _lib.IMPLEMENTED_BF16:
+                          f"layout={native.DEFAULT_LAYOUT[isa]!r} or choose another ISA")
+    if packed.values.dtype == torch.bfloat16 and (packed.layout, isa) not in native.IMPLEMENTED_BF16:
         raise ConfigError(f"no {isa} kernel for bf16 values in the {packed.layout} layout; repack with "
-                          f"layout={_lib.DEFAULT_LAYOUT[isa]!r} or use float32 values")
+                          f"layout={native.DEFAULT_LAYOUT[isa]!r} or use float32 values")
     args = (x, packed.index, packed.values, packed.row_ptr, bias, packed.out_features, packed.in_features,
-            _lib.LAYOUT_IDS[packed.layout], _ISA_ID[isa])
+            native.LAYOUT_IDS[packed.layout], _ISA_ID[isa])
     return sparse_linear_op(*args) if use_op else _run(*args)
 
 
@@ -91,7 +91,7 @@ def densify(packed: PackedWeight, threads: Optional[int] = None) -> torch.Tensor
 
         return unpack(packed).to(packed.values.dtype)
     out = torch.empty((packed.out_features, packed.in_features), dtype=torch.float32)
-    lb = _lib.lib()
+    lb = native.lib()
     fn = lb.sr_bitmask_densify if packed.layout == "bitmask" else lb.sr_csr16_densify
     fn(packed.in_features, packed.out_features, packed.index.data_ptr(), packed.values.data_ptr(),
        packed.row_ptr.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())

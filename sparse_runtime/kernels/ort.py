@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from . import _lib
+from . import native
 from .layout import pack
 from .ops import _ISA_ID, _run
 
@@ -81,8 +81,8 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
 
     from exporters.onnx_common import densify_sparse_initializers
 
-    isa = _lib.select_isa(isa)
-    layout = _lib.select_layout(isa, layout)
+    isa = native.select_isa(isa)
+    layout = native.select_layout(isa, layout)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -106,7 +106,7 @@ def sparsify_onnx(model, *, min_sparsity: float = 0.3, isa: Optional[str] = None
         new_nodes.append(helper.make_node(OP_TYPE if layout == "bitmask" else OP_TYPE_CSR16, [node.input[0], base + "_index", base + "_values", base + "_row_ptr"],
                                           list(node.output), name=base, domain=DOMAIN,
                                           out_features=p.out_features, in_features=p.in_features,
-                                          layout_id=_lib.LAYOUT_IDS[layout], isa_id=_ISA_ID[isa]))
+                                          layout_id=native.LAYOUT_IDS[layout], isa_id=_ISA_ID[isa]))
         dropped.add(node.input[1])
         count += 1
     del g.node[:]
@@ -142,7 +142,7 @@ def session(model, threads: int = 0, backend: str = "native", options=None, pool
         so.add_session_config_entry(THREADS_KEY, str(threads or so.intra_op_num_threads or torch.get_num_threads()))
         so.add_session_config_entry(POOL_KEY, pool)
         try:
-            so.register_custom_ops_library(_lib.library_path())
+            so.register_custom_ops_library(native.library_path())
         except Exception as e:  # an old runtime, or a build without the entry point
             raise ConfigError(f"ONNX Runtime {ort.__version__} could not load the native SparseLinear op ({e}); "
                               f"it needs onnxruntime >= 1.16 and a current build (pip install -e .), "

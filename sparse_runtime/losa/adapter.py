@@ -118,4 +118,4 @@ FINETUNE_METHODS.register("losa")(FinetuneMethod(
     # official SFTTrainer arguments (docs/methods.md#losa-round-loop step 10); max_grad_norm 0.3 is set by the round loop
     train_defaults=dict(lr=2e-4, schedule="linear", warmup_ratio=0.3, weight_decay=0.001),
     description="LoSA: progressive pruning from the dense model with a masked, per-layer-rank LoRA "
-                "(use `sparse-runtime finetune DENSE --method losa --sparsity S` or `sparse-runtime losa`)"))
+                "(use `sparse-runtime finetune DENSE --method losa --sparsity S`)"))

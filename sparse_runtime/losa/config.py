@@ -6,9 +6,10 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 from .ranks import RANK_SCHEDULES
-from .rmi import FEATURES
+from ..allocation.rmi import FEATURES
 
-ALLOCATIONS = ("rmi", "atp", "owl", "uniform")
+# the registered allocations whose options LoSA maps each round (rounds._Job.allocator_options)
+LOSA_ALLOCATIONS = ("rmi", "atp", "owl", "uniform")
 PRUNE_METHODS = ("wanda", "sparsegpt")  # the built-in methods LoSA was checked with; any registered pruner runs
 
 
@@ -28,7 +29,7 @@ class LoSAConfig:
     prune_options: dict = field(default_factory=dict)  # the pruner's own options (its Options dataclass)
     structure: str = "unstructured"
     mixed_nm: bool = False  # per-layer N for N:M: not implemented (an error, never ignored)
-    allocation: str = "rmi"  # rmi (paper) | atp | owl | uniform
+    allocation: str = "rmi"  # a registered allocation (sparse_runtime.allocation): rmi (paper) | atp | owl | uniform
     delta: Optional[float] = None  # LP half-width; None: delta_for(s_t)
     rmi_features: str = "outputs"  # outputs (paper reading) | inputs (official code)
     rmi_samples: Optional[int] = None  # calibration samples for RMI (official 64 of 128); None: min(nsamples, 64)
@@ -103,8 +104,8 @@ class LoSAConfig:
         PRUNERS.get(self.prune_method)  # unknown names list the known ones
         if not isinstance(self.prune_options, dict):
             raise ConfigError(f"prune_options must be a mapping of option names to values, got {self.prune_options!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation not in LOSA_ALLOCATIONS:
+            raise ConfigError(f"LoSA's allocation must be one of {LOSA_ALLOCATIONS}, got {self.allocation!r}")
         if self.schedule is not None and self.schedule not in ("cubic", "flat"):
             raise ConfigError(f"schedule must be 'cubic' or 'flat', got {self.schedule!r}")
         if self.delta is not None and not 0.0 <= float(self.delta) < 1.0:

@@ -8,10 +8,12 @@ Round t = 1..T:
 
 1. merge: W <- W + s (B A) ⊙ M (the current effective weight); the adapters come off;
 2. target s_t = S (1 - (1 - t/T)^3) (:mod:`.schedule`);
-3. per-block sparsity: RMI on the current model (Gram matrices only, :mod:`.rmi`) and the LP with
-   half-width delta(s_t) (:mod:`.lp_allocation`); or ATP / OWL / uniform at s_t;
-4. re-prune the merged weights with Wanda or SparseGPT at those rates through the sequential driver
-   (optionally DSnoT on each layer, at the same point); already-zero weights score 0, so masks nest;
+3. per-block sparsity from the registered allocation (:data:`sparse_runtime.allocation.ALLOCATIONS`):
+   ``rmi``, RMI on the current model (Gram matrices only) and the LP with half-width delta(s_t)
+   (:mod:`sparse_runtime.allocation.rmi`); or ATP / OWL / uniform at s_t;
+4. re-prune the merged weights with Wanda or SparseGPT at those rates through the sequential driver,
+   with one-shot pruning's own per-layer step (:func:`sparse_runtime.pruning.base.prune_layer`;
+   optionally DSnoT on each layer, at the same point); already-zero weights score 0, so masks nest;
 5. per block, reconstruction error of the (sequential, accumulated) sparse outputs O_l against the
    stored dense outputs D_l: err_l = sum((D_l - O_l) / ||D_l||_col)^2 / d;
 6. ranks from the errors: total fixed (mean r + t - (T+1)/2), bounded in [r_min, r_max], exact
@@ -40,12 +42,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..allocation import ALLOCATIONS, AllocationRequest
+from ..allocation.base import weighted_mean
 from ..errors import CheckpointExistsError, ConfigError, SparseRuntimeError
+from ..pruning.base import build_method, fix_kept_zeros_, prune_layer
 from .config import LoSAConfig
-from .lp_allocation import lp_allocate, weighted_mean
 from .ranks import allocate_ranks, round_rank_budget
-from .rmi import GramCollector, cka_matrix, rmi_importance
-from .schedule import delta_for, sparsity_schedule
+from .schedule import sparsity_schedule
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +110,6 @@ def _measured_zeros(model, family, names) -> dict[str, int]:
     return out
 
 
-def _fix_kept_zeros_(w: torch.Tensor, keep: torch.Tensor) -> int:
-    """Kept positions holding an exact zero get the dtype's smallest normal number, so the mask
-    (and the measured sparsity) is exactly the pruner's keep set."""
-    bad = keep & (w == 0)
-    n = int(bad.sum())
-    if n:
-        w[bad] = torch.finfo(w.dtype).tiny
-    return n
-
-
 def _keep_effective_nonzero_(w: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor) -> int:
     """Where a kept weight's effective value ``w + delta`` rounds to exactly zero, move ``w`` one ulp
     away. It happens when a layer's rate drops between rounds: a weight pruned earlier is kept again
@@ -129,21 +122,6 @@ def _keep_effective_nonzero_(w: torch.Tensor, delta: torch.Tensor, keep: torch.T
                            torch.tensor(float("-inf"), device=w.device)).to(w.dtype)
         w[bad] = torch.nextafter(w[bad], away)
     return n
-
-
-def _refined_keep(new: torch.Tensor, pruner_keep: torch.Tensor) -> torch.Tensor:
-    """The refiner's keep set with each row's count equal to the pruner's: its nonzeros, topped up
-    (where a kept weight is exactly zero, e.g. one pruned in an earlier round and now allowed back by
-    a lower rate) from the pruner's keep set, then from any position, in column order."""
-    keep = new != 0
-    want = pruner_keep.sum(1, keepdim=True)
-    for pool in (pruner_keep, torch.ones_like(pruner_keep)):
-        deficit = want - keep.sum(1, keepdim=True)
-        if not bool((deficit > 0).any()):
-            break
-        cand = pool & ~keep
-        keep = keep | (cand & (cand.cumsum(1) <= deficit))
-    return keep
 
 
 class _Job:
@@ -263,63 +241,56 @@ class _Job:
         return float((((D2 - O2) / col) ** 2).sum() / D2.shape[-1])
 
     # -- allocation -------------------------------------------------------------------------------
-    def allocate(self, s_t: float, ids_rmi, calib_ids) -> tuple[list[float], dict[str, Any]]:
-        cfg, lay = self.cfg, self.layout
-        if cfg.allocation == "uniform":
-            return [s_t] * self.L, {}
-        if cfg.allocation == "atp":
-            from ..allocation.atp import atp_beta_max, atp_rates
+    def allocator_options(self, s_t: float):
+        """This round's options of the registered allocation ``cfg.allocation`` (LoSA's fields mapped
+        onto the allocator's ``Options``; OWL's lambda and ATP's beta are bounded by s_t each round)."""
+        from ..allocation import ATPOptions, OWLOptions, RMIOptions, UniformOptions, atp_beta_max
 
-            if s_t <= 0:
-                return [0.0] * self.L, {"beta": 0.0}
-            beta = cfg.atp_beta_fraction * atp_beta_max(s_t, lay.weights)
-            return atp_rates(s_t, beta, lay.weights), {"beta": beta}
+        cfg = self.cfg
+        if cfg.allocation == "rmi":
+            return RMIOptions(delta=cfg.delta, features=cfg.rmi_features, samples=self.calib["rmi_samples"],
+                              beta=cfg.effective_rmi_beta())
         if cfg.allocation == "owl":
-            from ..allocation.base import AllocationRequest
-            from ..allocation.owl import OWLAllocator, OWLOptions
+            return OWLOptions(m=cfg.owl_m, lam=min(cfg.owl_lambda, s_t, 1 - s_t))
+        if cfg.allocation == "atp":
+            return ATPOptions(beta=cfg.atp_beta_fraction * atp_beta_max(s_t, self.layout.weights))
+        return UniformOptions()
 
-            t0 = time.perf_counter()
-            opts = OWLOptions(m=cfg.owl_m, lam=min(cfg.owl_lambda, s_t, 1 - s_t))
-            filt = lambda n: n in self.selected  # noqa: E731
-            req = AllocationRequest(s_t, lay, self.pcfg, stats_pass=lambda on_layer, needs: self._pass(
-                calib_ids, on_layer, needs, filt, desc="OWL statistics"))
-            a = OWLAllocator(opts).allocate(req)
-            self.timing["rmi_s"] += time.perf_counter() - t0  # the statistics pass plays RMI's role
-            return a.rates, {"lod": a.info.get("lod")}
-        # RMI + LP
-        t0 = time.perf_counter()
-        col = GramCollector(cfg.rmi_features)
-        self._pass(ids_rmi, on_block_end=col, desc="LoSA RMI (Gram)")
-        C = cka_matrix([col.grams[b] for b in lay.blocks])
-        imp, m = rmi_importance(C, cfg.effective_rmi_beta())
-        self.timing["rmi_s"] += time.perf_counter() - t0
-        delta = float(cfg.delta) if cfg.delta is not None else delta_for(s_t)
-        delta = max(0.0, min(delta, s_t, (1.0 - s_t) / 2.0)) if cfg.delta is not None else delta
-        rates = lp_allocate(imp, s_t, delta, lay.weights)
-        return rates, {"importance": imp, "redundancy": m, "delta": delta}
+    def allocate(self, s_t: float, calib_ids) -> tuple[list[float], dict[str, Any]]:
+        """Per-block rates for round target ``s_t`` from the registered allocation (:data:`ALLOCATIONS`),
+        on the current (merged) model. The allocation's calibration pass (RMI's Gram matrices over the
+        first ``rmi_samples`` windows, OWL's statistics) is timed as ``rmi_s``."""
+        if self.cfg.allocation == "atp" and s_t <= 0:
+            return [0.0] * self.L, {"beta": 0.0}  # no legal beta at sparsity 0
+        allocator = build_method(ALLOCATIONS.get(self.cfg.allocation), self.allocator_options(s_t))
+
+        def timed(fn):
+            def run(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.timing["rmi_s"] += time.perf_counter() - t0
+            return run
+
+        filt = lambda n: n in self.selected  # noqa: E731
+        stats_pass = timed(lambda on_layer, needs: self._pass(calib_ids, on_layer, needs, filt,
+                                                              desc=f"LoSA {self.cfg.allocation} statistics"))
+        block_pass = timed(lambda on_block_end, n: self._pass(calib_ids[:n], on_block_end=on_block_end,
+                                                              desc="LoSA RMI (Gram)"))
+        a = allocator.allocate(AllocationRequest(s_t, self.layout, self.pcfg, stats_pass=stats_pass,
+                                                 block_pass=block_pass))
+        return a.rates, a.info
 
     # -- one re-prune with reconstruction errors --------------------------------------------------
     def reprune(self, targets: dict[str, float], calib_ids) -> tuple[dict[int, float], dict[str, int]]:
-        from ..prune import _check_refined
-
+        """One-shot pruning's own per-layer step (:func:`~sparse_runtime.pruning.base.prune_layer`) on the
+        merged weights, with the mask made exact (``W != 0`` is the keep set: the adapters read it)."""
         errors: dict[int, float] = {}
         zeros: dict[str, int] = {}
 
         def on_layer(task) -> None:
-            w = task.linear.weight.data
-            s = targets[task.name]
-            dense = w.clone() if self.refiner is not None else w
-            out = self.pruner.prune(task, s, None)
-            new = out.weight
-            keep = out.keep
-            if self.refiner is not None:
-                new = self.refiner.refine(task, dense, out.weight, out.keep, None, s)
-                _check_refined(task.name, out.keep, new, out.weight, None)
-                keep = _refined_keep(new, out.keep)
-            new = new.to(device=w.device, dtype=w.dtype).clone()
-            new[~keep] = 0
-            _fix_kept_zeros_(new, keep)
-            w.copy_(new)
+            keep = prune_layer(task, targets[task.name], self.pruner, None, self.refiner, exact_mask=True)
             zeros[task.name] = int((~keep).sum())
 
         def on_block_end(bi, block, inputs, outs) -> None:
@@ -352,7 +323,7 @@ class _Job:
             d = ad.delta_weight(masked=True)
             new = (W.float() - d).to(W.dtype)
             new[~keep] = 0
-            _fix_kept_zeros_(new, keep)
+            fix_kept_zeros_(new, keep)
             _keep_effective_nonzero_(new, d, keep)
             W.copy_(new)
             _set_module(self.model, name, ad)
@@ -383,7 +354,6 @@ def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Pat
     from ..merge import merge_adapters
     from ..training.data import DataOrder
     from ..training.engine import Trainer
-    from . import adapter as _adapter  # noqa: F401  (registers "losa")
 
     cfg.validate()
     t_all = time.perf_counter()
@@ -398,7 +368,6 @@ def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Pat
         steps = cfg.steps_per_round()
         schedule = sparsity_schedule(cfg.sparsity, cfg.rounds, cfg.resolved_schedule())
         ids = calib_ids if calib_ids is not None else job.calibration_ids()
-        ids_rmi = ids[: job.calib["rmi_samples"]]
         slices = job.training_slices(steps)
         lm.model.eval()
         job.dense_reference(ids)
@@ -412,7 +381,7 @@ def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Pat
             lm.model.eval()
             t0 = time.perf_counter()
             rmi0 = job.timing["rmi_s"]
-            rates, info = job.allocate(s_t, ids_rmi, ids)
+            rates, info = job.allocate(s_t, ids)
             rt["rmi_s"] = job.timing["rmi_s"] - rmi0
             rt["allocation_s"] = time.perf_counter() - t0 - rt["rmi_s"]
             job.timing["allocation_s"] += rt["allocation_s"]

@@ -2,9 +2,9 @@
 
 A *pruner* turns one linear (and the statistics of its calibration inputs gathered by the
 sequential driver, :mod:`sparse_runtime.calibration`) into a pruned weight and a keep-mask at a
-given sparsity and structure. It never writes the module itself: :mod:`sparse_runtime.prune` does,
-after an optional *refiner* (e.g. DSnoT, docs/methods.md#dsnot) has changed the mask. Keeping "compute" and
-"write" apart is what lets a refiner see the dense weight, the pruned weight and the mask together,
+given sparsity and structure. It never writes the module itself: :func:`prune_layer` does (the one
+per-layer step, shared by :mod:`sparse_runtime.prune` and LoSA's re-prune), after an optional
+*refiner* (e.g. DSnoT, docs/methods.md#dsnot) has changed the mask. Keeping "compute" and "write" apart is what lets a refiner see the dense weight, the pruned weight and the mask together,
 inside the same sequential pass (docs/methods.md#composition: DSnoT runs at the same point as Wanda).
 
 Options belong to their method: a pruner class may declare ``Options``, a dataclass in the same file
@@ -24,8 +24,9 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import torch
 
 from ..calibration import LayerTask
+from ..errors import SparseRuntimeError
 from ..registry import Registry
-from ..sparsity import NMPattern
+from ..sparsity import NMPattern, nm_compliant
 
 PRUNERS: Registry = Registry("pruning method")
 REFINERS: Registry = Registry("mask refiner")
@@ -86,3 +87,70 @@ class MaskRefiner(Protocol):
 def apply_keep(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``weight`` with zeros where ``keep`` is False, in the weight's own dtype."""
     return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def check_refined(name: str, before_keep: torch.Tensor, new: torch.Tensor, ref: torch.Tensor,
+                  pattern: Optional[NMPattern]) -> None:
+    """A refiner's weight must have the pruned weight's shape, no row denser than the pruner's mask
+    and the N:M pattern: refiners change WHICH weights are kept, never how many."""
+    if new.shape != ref.shape:
+        raise SparseRuntimeError(f"the refiner returned shape {tuple(new.shape)} for {name}, expected {tuple(ref.shape)}")
+    over = (new != 0).sum(1) > before_keep.sum(1)
+    if bool(over.any()):
+        raise SparseRuntimeError(f"the refiner made rows of {name} denser than the mask allows "
+                                 f"({int(over.sum())} rows): refiners must keep each row's count")
+    if pattern is not None and not nm_compliant(new, pattern):
+        raise SparseRuntimeError(f"the refiner broke the {pattern} pattern of {name}")
+
+
+def refined_keep(new: torch.Tensor, pruner_keep: torch.Tensor) -> torch.Tensor:
+    """The refiner's keep set with each row's count equal to the pruner's: its nonzeros, topped up
+    (where a kept weight is exactly zero, e.g. one pruned in an earlier LoSA round and now allowed
+    back by a lower rate) from the pruner's keep set, then from any position, in column order."""
+    keep = new != 0
+    want = pruner_keep.sum(1, keepdim=True)
+    for pool in (pruner_keep, torch.ones_like(pruner_keep)):
+        deficit = want - keep.sum(1, keepdim=True)
+        if not bool((deficit > 0).any()):
+            break
+        cand = pool & ~keep
+        keep = keep | (cand & (cand.cumsum(1) <= deficit))
+    return keep
+
+
+def fix_kept_zeros_(w: torch.Tensor, keep: torch.Tensor) -> int:
+    """Kept positions holding an exact zero get the dtype's smallest normal number, so the mask
+    (``W != 0``, and the measured sparsity) is exactly the pruner's keep set. Returns how many."""
+    bad = keep & (w == 0)
+    n = int(bad.sum())
+    if n:
+        w[bad] = torch.finfo(w.dtype).tiny
+    return n
+
+
+@torch.no_grad()
+def prune_layer(task: LayerTask, sparsity: float, pruner: Pruner, pattern: Optional[NMPattern] = None,
+                refiner: Optional[MaskRefiner] = None, *, exact_mask: bool = False) -> torch.Tensor:
+    """THE per-layer prune step, shared by one-shot pruning (:mod:`sparse_runtime.prune`) and LoSA's
+    re-prune each round (:mod:`sparse_runtime.losa.rounds`): the pruner makes the weight and mask, the
+    optional refiner changes the mask on the same statistics (checked: same row counts, same
+    pattern), and the result is written into ``task.linear.weight`` in place. Returns the keep-mask.
+
+    ``exact_mask=True`` makes ``W != 0`` equal the returned mask exactly: a kept weight that is
+    exactly zero (one pruned in an earlier round, allowed back by a lower rate) holds the dtype's
+    smallest normal number instead. LoSA needs it because its adapter's mask is read from ``W != 0``;
+    one-shot pruning does not (a kept zero there is simply a zero)."""
+    w = task.linear.weight.data
+    dense = w.clone() if refiner is not None else w
+    out = pruner.prune(task, sparsity, pattern)
+    new, keep = out.weight, out.keep
+    if refiner is not None:
+        new = refiner.refine(task, dense, out.weight, out.keep, pattern, sparsity)
+        check_refined(task.name, out.keep, new, out.weight, pattern)
+        keep = refined_keep(new, out.keep) if exact_mask else new != 0
+    if exact_mask:
+        new = new.to(device=w.device, dtype=w.dtype).clone()
+        new[~keep] = 0
+        fix_kept_zeros_(new, keep)
+    w.copy_(new.to(device=w.device, dtype=w.dtype))
+    return keep

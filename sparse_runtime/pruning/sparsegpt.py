@@ -78,10 +78,10 @@ def _select_group(W1: torch.Tensor, d1: torch.Tensor, mask1: torch.Tensor, scale
 def _native_obs():
     """The compiled OBS column loop (sparse_runtime.kernels), or None without the extension."""
     try:
-        from ..kernels import _lib
+        from ..kernels import native
     except Exception:  # pragma: no cover - depends on the build
         return None
-    return _lib.obs_columns if _lib.available() else None
+    return native.obs_columns if native.available() else None
 
 
 @torch.no_grad()

@@ -98,6 +98,7 @@ class Engine:
     description: str = ""
     install_hint: str = ""
     exploits_sparsity: str = "no"  # what the engine does with zeros: "no", "unstructured", "2:4", ...
+    dtypes: tuple[str, ...] = ("float32",)  # compute dtypes its ``dtype`` option accepts (first: the default)
 
     def __init__(self, model: str | os.PathLike, threads: Optional[int] = None, **options: Any):
         self.check_available()

@@ -31,7 +31,7 @@ import time
 TAG = "@@SPARSE-RUNTIME-RESULT@@"
 os.environ["NM_DISABLE_ANALYTICS"] = "1"
 
-ENGINES = {}
+LOADED = {}  # the engines this session process has loaded, by key (not the runtime registry ENGINES)
 STATE = {}
 SNAPSHOT = {}
 
@@ -58,7 +58,7 @@ def _compile(req):
         sec = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ENGINES[key] = eng
+    LOADED[key] = eng
     return {"fraction_of_supported_ops": float(eng.fraction_of_supported_ops), "compile_seconds": sec,
             "rss_delta_mb": _rss_mb() - rss0, "input_names": list(eng.input_names),
             "output_names": list(eng.output_names)}
@@ -77,7 +77,7 @@ def _prefill(key, ids, L):
              "attention_mask": np.concatenate([np.zeros((b, pad), np.int64), np.ones((b, n), np.int64)], 1),
              "position_ids": np.concatenate([np.zeros((b, pad), np.int64),
                                              np.tile(np.arange(n, dtype=np.int64), (b, 1))], 1)}
-    eng = ENGINES[key]
+    eng = LOADED[key]
     return eng.run(_feeds(eng, named)), eng
 
 
@@ -102,7 +102,7 @@ def _decode_step(key, ids, state):
     import numpy as np
 
     b = ids.shape[0]
-    eng = ENGINES[key]
+    eng = LOADED[key]
     if state["pos"] >= int(state.get("C", 1 << 30)):
         # DeepSparse 1.8 aborts the whole process on a position id >= the cache length it compiled
         raise ValueError(f"position {state['pos']} is past the static cache length {state['C']}")
@@ -125,7 +125,7 @@ def handle(req):
     if op == "compile":
         return _compile(req)
     if op == "release":
-        ENGINES.pop(req["key"], None)
+        LOADED.pop(req["key"], None)
         return {"released": req["key"]}
     if op == "rss":
         return {"rss_mb": _rss_mb()}

@@ -5,10 +5,21 @@ whole decode token in one C call; ``lean-cpu`` is the same path with dense weigh
 matrix-vector kernel in the C step, F.linear in prefill), so dense and sparse are compared on
 identical glue. Both take what ``torch-cpu`` takes (a checkpoint dir or model spec) and refuse
 models the lean path does not implement with the reason (use ``torch-sparse`` there).
+
+``dtype``: ``float32`` (default, exact, the C decode step) or ``bfloat16`` (the model loaded in bf16,
+weights / packed values kept in bf16, fp32 activations; decode on the torch path, since the C step
+reads fp32 only: ``lean-cpu`` bf16 is the dense bf16 baseline beside ``sparse-cpu`` bf16). The HF
+model is consumed while the engine is built (its linears freed block by block), so the engine holds
+one form of each weight and a sparse model takes less memory than its dense original. A Hugging
+Face directory too large to load whole (``stream``: auto/on/off, ``models.streaming.stream_path``) is
+read one block at a time from its shards: the peak is the engine plus one block.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import ctypes
+import gc
 
 import numpy as np
 import torch
@@ -17,13 +28,25 @@ from .base import Engine, EngineUnavailableError
 from .registry import ENGINES
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Why: the
+    source model's weights are freed while the engine is built, but blocks below glibc's (adaptive)
+    mmap threshold return to the heap, where they stay resident until trimmed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 @ENGINES.register("sparse-cpu")
 class SparseCPUEngine(Engine):
     name = "sparse-cpu"
-    description = "lean Llama-family forward, fused sparse linears, batch-1 decode in one C call (float32)"
+    description = ("lean Llama-family forward, fused sparse linears, batch-1 decode in one C call (float32; "
+                   "bfloat16 values optional)")
     install_hint = "pip install -e . (builds sparse_runtime's C kernels; see docs/kernels.md)"
     exploits_sparsity = "unstructured and N:M (project kernels)"
     sparse = True
+    dtypes = ("float32", "bfloat16")
 
     @classmethod
     def check_available(cls) -> None:
@@ -32,24 +55,45 @@ class SparseCPUEngine(Engine):
         except Exception as e:  # pragma: no cover - depends on the build
             raise EngineUnavailableError(f"{cls.name} needs sparse_runtime.kernels ({e}); run `{cls.install_hint}`")
         if not decode.available():
-            from ..kernels import _lib
+            from ..kernels import native
 
-            raise EngineUnavailableError(f"the compiled kernels lack the lean decode step "
-                                         f"({_lib.unavailable_reason() or 'an old build'}); run `{cls.install_hint}`")
+            if not native.available():  # not built, or built from other sources (the reason names the fix)
+                raise EngineUnavailableError(f"{cls.name} needs the compiled kernels: {native.unavailable_reason()}")
+            raise EngineUnavailableError(f"the compiled kernels lack the lean decode step (an old build); "
+                                         f"run `{cls.install_hint}`")
 
-    def _load(self, model: str, dtype: str = "float32", **opts: Any) -> None:
+    def _load(self, model: str, dtype: str = "float32", stream: str = "auto", **opts: Any) -> None:
+        """``stream``: ``auto`` (a Hugging Face directory whose dense model would not fit comfortably
+        in memory is read one block at a time, see ``models.streaming.stream_path``), ``on``, ``off``."""
         from .lean_llama import LeanConfig, LeanLlama
         from .torch_cpu import load_torch_model
 
-        if dtype != "float32":
+        if dtype not in self.dtypes:
             from ..errors import ConfigError
 
-            raise ConfigError(f"{self.name} runs float32 only (got dtype {dtype!r})")
+            raise ConfigError(f"{self.name} runs {' or '.join(self.dtypes)}, not {dtype!r}; choose --dtype float32 "
+                              f"(exact) or bfloat16")
+        self.dtype = dtype
         torch.set_num_threads(self.threads)
-        hf, self.tokenizer, self.path = load_torch_model(model, dtype)
-        hf.eval()
-        self.lean = LeanLlama(hf, LeanConfig(sparse=self.sparse, **opts), threads=self.threads)
-        del hf  # the lean model keeps only what it reads (fused weights, norms, embedding/lm_head)
+        from pathlib import Path
+
+        from ..models.streaming import StreamedModel, stream_path
+
+        path = None if (Path(model) / "export_manifest.json").is_file() else stream_path(model, dtype, stream)
+        lean = LeanConfig(sparse=self.sparse, value_dtype=dtype, **opts)
+        self.streamed = path is not None
+        if self.streamed:  # the dense model is never whole in memory: peak = engine + one block
+            from .base import load_tokenizer
+
+            self.tokenizer, self.path = load_tokenizer(path), path
+            self.lean = LeanLlama(None, lean, threads=self.threads, streamed=StreamedModel(path, dtype))
+        else:
+            hf, self.tokenizer, self.path = load_torch_model(model, dtype)
+            hf.eval()
+            self.lean = LeanLlama(hf, lean, threads=self.threads, release_source=True)
+            del hf  # the lean model keeps only what it reads (fused weights, norms, embedding/lm_head)
+        gc.collect()  # the HF model's reference cycles: free what is left of it now, not later
+        trim_heap()
         from ..kernels import counters
 
         self._counter0 = counters()
@@ -72,6 +116,11 @@ class SparseCPUEngine(Engine):
     supports_slots = True
 
     def init_slots(self, n_slots: int, capacity: int) -> None:
+        if self.dtype != "float32":
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{self.name} serves float32 models only (the batched slots and the C step read fp32); "
+                              f"load it with dtype float32")
         self.lean.init_slots(n_slots, capacity)
 
     def prefill_slot(self, slot: int, ids) -> torch.Tensor:
@@ -95,7 +144,12 @@ class SparseCPUEngine(Engine):
         self.lean.length = snap  # later cache slots are overwritten by the next steps
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "torch": torch.__version__, "kernel_isa": self.lean.isa, "lean": self.lean.summary()}
+        return {**super().info(), "dtype": self.dtype, "streamed": self.streamed, "torch": torch.__version__,
+                "kernel_isa": self.lean.isa, "lean": self.lean.summary()}
+
+    def memory(self) -> dict[str, Any]:
+        """Load RSS plus the bytes of every tensor the engine holds (weights, caches, scratch)."""
+        return {**super().memory(), "held_tensor_mb": round(self.lean.held_bytes() / 2 ** 20, 1)}
 
     def evidence(self) -> dict[str, Any]:
         """``module_calls``: this model's own sparse/dense product counts; ``kernel_calls``: the C

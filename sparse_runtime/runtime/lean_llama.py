@@ -10,20 +10,36 @@ swapping kernels into HF's forward gave ~1.06x. Here:
   bitmask/csr16 layout), so a layer is 4 products instead of 7;
 - decode (batch 1, one token) is ONE C call per token (``sr_decode_step``): norms, RoPE, GQA
   attention over the cache, SwiGLU, residuals and the dense lm_head, in one OpenMP region;
-- prefill (and decode with batch > 1) runs a short torch forward on the same fused weights, each
-  fused linear dispatching sparse/dense by its measured batch threshold (``SparseLinear``).
+- the serving slots' decode of B > 1 sequences is ONE C call too (``sr_decode_step_batch``): each
+  linear's weights are read once for the B rows, attention runs per sequence over its own length;
+- prefill (and the single-sequence ``forward`` with batch > 1) runs a short torch forward on the same
+  fused weights, each fused linear dispatching sparse/dense by its measured batch threshold
+  (``SparseLinear``).
 
 ``sparse=False`` gives the dense variant of the same path (dense fused weights, a dense AVX-512/AVX2
 matrix-vector kernel in the C step, F.linear in prefill), so dense and sparse are compared on equal
 glue. Logits equal HF's within fp32 tolerance (tests/test_lean_decode.py).
 
+Memory: a fused linear holds ONE form of its weight, packed or dense, never both, so a sparse model
+takes less memory than its dense original, prefill included: products the measured dispatch sends
+to the GEMM rebuild the packed weight into one scratch buffer shared by the whole model
+(:class:`~sparse_runtime.kernels.module.DenseScratch`, the size of the largest fused weight). The
+HF model's linears are not referenced once built (``release_source`` frees them layer by layer).
+
+``value_dtype='bfloat16'``: packed values (or the dense variant's weights, the embedding and the
+lm_head) stored in bf16; sparse products accumulate in fp32 on fp32 activations, dense ones run a
+bf16 GEMM (what a dense bf16 model does). The C decode step reads fp32 only, so bf16 models decode
+on the torch path (one batched forward per token). fp32 stays the default and is exact.
+
 Refused with a clear error (use ``torch-cpu``/``torch-sparse`` for these): other families, Qwen3's
 q/k norms, non-SiLU MLPs, rope types whose frequencies depend on the sequence length
-(``dynamic``, ``longrope``), partial rotary, non-fp32 weights, and models off the CPU.
+(``dynamic``, ``longrope``), partial rotary, weights neither fp32 nor (with bf16 values) bf16, and
+models off the CPU.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,7 +80,8 @@ class LeanConfig:
     kernels and threads) and the sparse/dense dispatch for prefill (threshold and further winning
     token ranges); without it the step always runs packed weights and prefill uses
     ``batch_threshold``. ``initial_cache``:
-    KV slots allocated first (doubled when full)."""
+    KV slots allocated first (doubled when full). ``value_dtype``: ``float32`` (exact, default) or
+    ``bfloat16`` (see the module docstring)."""
 
     sparse: bool = True
     min_sparsity: float = 0.3
@@ -73,10 +90,21 @@ class LeanConfig:
     calibrate: bool = True
     batch_threshold: int = 1
     initial_cache: int = 256
+    value_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"value_dtype {self.value_dtype!r}: the lean path stores float32 or bfloat16 weights")
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise ConfigError naming why ``model`` cannot run on the lean path."""
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DECODE_FORM_BUDGET = 256 << 20  # bytes of dense weights rebuilt at once to time the C step's forms
+DENSE_DECODE_MARGIN = 0.9  # a group is held dense only where dense took at most this share of packed's time
+
+
+def check_supported(model: nn.Module, value_dtype: str = "float32", skeleton: bool = False) -> None:
+    """Raise ConfigError naming why ``model`` cannot run on the lean path (with ``value_dtype``).
+    ``skeleton``: a streamed model's module tree on ``meta`` (its weights are read block by block)."""
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None)
     if mt not in FAMILIES:
@@ -95,49 +123,90 @@ def check_supported(model: nn.Module) -> None:
                           f"path; use torch-sparse")
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise ConfigError("partial rotary embeddings are not supported by the lean path; use torch-sparse")
+    ok = (torch.float32,) if value_dtype == "float32" else (torch.float32, torch.bfloat16)
     for name, p in model.named_parameters():
-        if p.dtype != torch.float32 or p.device.type != "cpu":
-            raise ConfigError(f"the lean path runs float32 CPU weights; {name} is {p.dtype} on {p.device} "
-                              f"(load the model with dtype float32)")
+        if p.dtype not in ok or p.device.type not in (("cpu", "meta") if skeleton else ("cpu",)):
+            raise ConfigError(f"the lean path runs {' or '.join(str(d).replace('torch.', '') for d in ok)} CPU weights "
+                              f"with {value_dtype} values; {name} is {p.dtype} on {p.device} (load the model with "
+                              f"dtype float32, or use bfloat16 values: dtype='bfloat16' / --dtype bfloat16)")
 
 
 class FusedLinear:
-    """One fused linear (q|k|v, gate|up, or a single one): the dense fused weight for large batches
-    and, when sparse, a :class:`~sparse_runtime.kernels.SparseLinear` holding the packed layout
-    (its forward dispatches by the measured batch threshold)."""
+    """One fused linear (q|k|v, gate|up, or a single one) holding ONE form of its weight:
 
-    def __init__(self, linears: list[nn.Linear], lean: LeanConfig, isa: Optional[str]):
-        w = torch.cat([l.weight.detach() for l in linears], 0).contiguous()
+    - packed (``module``, a :class:`~sparse_runtime.kernels.SparseLinear` with no dense copy): its
+      forward dispatches by the measured batch threshold; products sent to the GEMM rebuild the
+      weight into the model's shared ``scratch`` (see ``measure_dispatch``, which times exactly that);
+    - dense (``weight``): the dense variant, layers below ``min_sparsity``, and sparse layers whose
+      packed form lost to dense in the C decode step (:func:`choose_decode_forms`; setting
+      ``decode_packed`` converts between the forms, exactly: fp32 packing and rebuilding are lossless).
+    """
+
+    def __init__(self, linears: list[nn.Linear], lean: LeanConfig, isa: Optional[str], scratch=None):
+        dtype = VALUE_DTYPES[lean.value_dtype]
+        w = torch.cat([l.weight.detach() for l in linears], 0).to(dtype).contiguous()
         biases = [l.bias for l in linears]
-        self.bias = None
+        self.bias = None  # fp32 (the kernels and the C step add it in fp32)
         if any(b is not None for b in biases):
-            self.bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features)
-                                   for b, l in zip(biases, linears)]).float().contiguous()
-        self.weight = w
-        self.sparsity = float((w == 0).float().mean())
+            self.bias = torch.cat([b.detach().float() if b is not None else torch.zeros(l.out_features)
+                                   for b, l in zip(biases, linears)]).contiguous()
+        self.shape = tuple(w.shape)
+        self.sparsity = 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
+        self.lean, self.isa, self.scratch = lean, isa, scratch
+        self.can_pack = bool(lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity)
         self.module = None
-        self.decode_packed = False  # whether the C decode step reads the packed form (set below / measured)
-        if lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity:
-            from ..kernels import SparseLinear, apply_dispatch, pack, select_layout
+        self.weight: Optional[torch.Tensor] = w
+        if self.can_pack:
+            self._to_packed()
 
-            # the fused dense weight is kept for products above the measured dispatch (prefill)
-            self.module = SparseLinear(pack(w, select_layout(isa, lean.layout)), self.bias, isa=isa, dense_weight=w,
-                                       batch_threshold=lean.batch_threshold)
-            self.decode_packed = True
-            if lean.calibrate:
-                apply_dispatch(self.module)
+    def _to_packed(self) -> None:
+        from ..kernels import SparseLinear, apply_dispatch, pack, select_layout
+
+        p = pack(self.weight, select_layout(self.isa, self.lean.layout), self.lean.value_dtype)
+        self.weight = None  # the packed form only, from here on
+        self.module = SparseLinear(p, self.bias, isa=self.isa, batch_threshold=self.lean.batch_threshold,
+                                   scratch=self.scratch)
+        if self.lean.calibrate:
+            apply_dispatch(self.module)
+
+    def _to_dense(self) -> None:
+        from ..kernels.module import densify_into
+
+        m = self.module
+        self.weight = densify_into(m.packed, torch.empty(self.shape, dtype=m.values.dtype))
+        self.module = None
+
+    @property
+    def decode_packed(self) -> bool:
+        """Whether the weight is held (and the C decode step reads it) packed. Setting False
+        rebuilds the dense weight and drops the packed one; True packs a packable one again."""
+        return self.module is not None
+
+    @decode_packed.setter
+    def decode_packed(self, packed: bool) -> None:
+        if packed and self.module is None and self.can_pack:
+            self._to_packed()
+        elif not packed and self.module is not None:
+            self._to_dense()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.module is not None:
             return self.module(x)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if w.dtype == x.dtype:
+            return F.linear(x, w, self.bias)
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bf16 weights: a bf16 GEMM, like a dense bf16 model
+        return y if self.bias is None else y + self.bias
 
     def desc(self, isa: str, packed: Optional[bool] = None):
-        """The C step's descriptor: the packed form when ``packed`` (default: ``decode_packed``)."""
+        """The C step's descriptor of the form held (``packed`` must name that form if given)."""
         from ..kernels.decode import linear_desc
 
         if (self.decode_packed if packed is None else packed) and self.module is not None:
             return linear_desc(isa, packed=self.module.packed, bias=self.bias)
+        if self.weight is None:
+            raise ConfigError("this fused linear holds only its packed form (set decode_packed = False to rebuild "
+                              "the dense one)")
         return linear_desc(isa, dense=self.weight, bias=self.bias)
 
 
@@ -150,20 +219,28 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
     ``repeats`` rounds): each weight is read once per round, as in a decode token. Timing one
     matrix repeatedly instead would keep it in cache and favour dense on the small shapes (measured:
     it chose dense for q/k/v and o, which ran ~1.8x slower than packed inside the real step). The
-    packed form is kept where it was not slower. Cached per (isa, layout, shape, density to 0.05,
-    threads)."""
+    dense forms are rebuilt for the timing only, for as many members as fit in
+    ``DECODE_FORM_BUDGET`` bytes (at least one; all of them on SmolLM2), then freed. The packed form
+    is kept unless dense was clearly faster (median at most ``DENSE_DECODE_MARGIN`` of packed's:
+    dense is then held instead, ~3x the bytes at 70 %, so a tie or the noise of a loaded machine
+    must not buy it; measured under load, the plain "not slower" rule flipped whole groups to dense).
+    Cached per (isa, layout, shape, density to 0.05, threads)."""
     from ..kernels import decode as cdec
+    from ..kernels.module import densify_into
 
     groups: dict[tuple, list[FusedLinear]] = {}
     for f in linears:
         if f.module is not None:
-            key = (isa, f.module.layout, *f.weight.shape, round(f.module.packed.density * 20) / 20, threads)
+            key = (isa, f.module.layout, *f.shape, round(f.module.packed.density * 20) / 20, threads)
             groups.setdefault(key, []).append(f)
     for key, members in groups.items():
         if key not in _DECODE_FORM:
-            n, k = members[0].weight.shape
+            n, k = members[0].shape
+            timed = members[:max(1, DECODE_FORM_BUDGET // max(4 * n * k, 1))]
+            dense = [densify_into(f.module.packed, torch.empty(n, k)) for f in timed]
             x, y = torch.randn(k), torch.empty(n)
-            forms = {form: [f.desc(isa, form) for f in members] for form in (True, False)}
+            forms = {True: [f.desc(isa, True) for f in timed],
+                     False: [cdec.linear_desc(isa, dense=d, bias=f.bias) for d, f in zip(dense, timed)]}
             times: dict[bool, list[float]] = {True: [], False: []}
             for _ in range(repeats + 1):  # the first round warms up
                 for form, descs in forms.items():
@@ -171,9 +248,35 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
                     for d in descs:
                         cdec.run_linear(d, x, y, threads)
                     times[form].append(time.perf_counter() - t)
-            _DECODE_FORM[key] = statistics.median(times[True][1:]) <= statistics.median(times[False][1:])
+            del forms, dense
+            dense_s, packed_s = statistics.median(times[False][1:]), statistics.median(times[True][1:])
+            _DECODE_FORM[key] = not dense_s <= DENSE_DECODE_MARGIN * packed_s
         for f in members:
             f.decode_packed = _DECODE_FORM[key]
+
+
+def held_tensor_bytes(root: object) -> int:
+    """Bytes of every distinct tensor storage reachable from ``root`` through attributes, lists,
+    tuples, dicts and modules: what an engine holds (weights, caches, scratch), each storage counted
+    once however many views share it. Used to check that sparse holds less than dense."""
+    seen_obj: set[int] = set()
+    storages: dict[tuple[int, int], int] = {}
+    stack = [root]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen_obj or o is None or isinstance(o, (str, bytes, int, float, bool, type)):
+            continue
+        seen_obj.add(id(o))
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            storages[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and type(o).__module__.split(".")[0] in ("sparse_runtime", "torch", "transformers"):
+            stack.extend(vars(o).values())
+    return sum(storages.values())
 
 
 LM_BLOCK = 256  # rows of the output table per product in lm_head_blocked
@@ -218,6 +321,38 @@ def choose_lm_head_form(w: torch.Tensor, bias: Optional[torch.Tensor], max_batch
     return _LM_FORM[key]
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of ``t`` that shares no storage with the source model (see LeanLlama.__init__)."""
+    return t.detach().to(torch.float32, copy=True).contiguous()
+
+
+def _release_linears(*linears: nn.Linear) -> None:
+    """Replace the source model's linear weights by empty tensors (their storage is freed unless
+    someone else holds it): the engine owns the fused copies from here on."""
+    for lin in linears:
+        lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.new_empty(0), requires_grad=False)
+
+
+def _bf16_isa(isa: str, lean: LeanConfig) -> str:
+    """The ISA path that runs bf16 values here: ``isa`` when it has a bf16 kernel for its layout,
+    else (AVX-512 without VBMI2) the AVX2 csr16 path, else portable; an explicit isa/layout that
+    cannot is refused with the fix."""
+    from ..kernels import native
+
+    if native.supports_bf16(isa, native.select_layout(isa, lean.layout)):
+        return isa
+    if lean.isa is not None or lean.layout is not None:
+        layout = lean.layout or native.select_layout(isa, None)
+        raise ConfigError(f"the {isa} path has no bf16 kernel for layout {layout} on this CPU; leave isa/layout "
+                          f"unset, or use value_dtype='float32'")
+    for alt in ("avx2", "portable"):
+        if native.supports_bf16(alt, native.DEFAULT_LAYOUT[alt]):
+            return alt
+    raise ConfigError("no bf16 sparse kernel runs on this CPU; use value_dtype='float32'")
+
+
 @dataclass
 class LeanLayer:
     in_norm: torch.Tensor
@@ -240,18 +375,35 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class LeanLlama:
     """The lean model: weights read from a loaded HF ``*ForCausalLM`` (shared where unchanged),
-    one sequence of ``batch`` rows, KV cache ``[layers, batch, kv_heads, capacity, head_dim]``."""
+    one sequence of ``batch`` rows, KV cache ``[layers, batch, kv_heads, capacity, head_dim]``.
 
-    def __init__(self, model: nn.Module, config: Optional[LeanConfig] = None, threads: Optional[int] = None):
-        check_supported(model)
+    No reference to the HF model's linears is kept (the fused weights are new tensors), so the
+    caller can drop the model; ``release_source=True`` also empties each block's linears as soon as
+    that block is built, so the dense model and the built engine never coexist whole (the peak is
+    the source model plus one block). ``streamed`` (a
+    :class:`~sparse_runtime.models.streaming.StreamedModel`; ``model`` is then ignored): the model is
+    read from its safetensors shards one block at a time, so the peak is the engine plus ONE block in
+    the compute dtype: how a model larger than memory in its dense form is loaded."""
+
+    def __init__(self, model: Optional[nn.Module], config: Optional[LeanConfig] = None,
+                 threads: Optional[int] = None, release_source: bool = False, streamed=None):
         self.config = lean = config or LeanConfig()
+        if streamed is not None:
+            model = streamed.model
+        check_supported(model, lean.value_dtype, skeleton=streamed is not None)
         cfg = model.config
         self.threads = int(threads or torch.get_num_threads())
-        from ..kernels import _lib
+        from ..kernels import native
+        from ..kernels.module import DenseScratch
 
-        self.isa = _lib.select_isa(lean.isa) if _lib.available() else None
+        self.isa = native.select_isa(lean.isa) if native.available() else None
         if lean.sparse and self.isa is None:
-            raise ConfigError(_lib.unavailable_reason() or "sparse kernels unavailable")
+            raise ConfigError(native.unavailable_reason() or "sparse kernels unavailable")
+        self.value_dtype = lean.value_dtype
+        dtype = VALUE_DTYPES[lean.value_dtype]
+        if lean.sparse and dtype == torch.bfloat16:
+            self.isa = _bf16_isa(self.isa, lean)
+        self.scratch = DenseScratch()  # one rebuilt weight at a time, for every packed fused linear
         inner = model.model
         attn0 = inner.layers[0].self_attn
         self.n_heads = int(cfg.num_attention_heads)
@@ -261,25 +413,46 @@ class LeanLlama:
         self.inter = int(cfg.intermediate_size)
         self.eps = float(cfg.rms_norm_eps)
         self.vocab = int(model.lm_head.out_features)
-        self.embed = inner.embed_tokens.weight.detach().contiguous()
-        self.final_norm = inner.norm.weight.detach().contiguous()
-        self.lm_head = model.lm_head.weight.detach().contiguous()  # the tied table is the same tensor
-        self.lm_bias = None if model.lm_head.bias is None else model.lm_head.bias.detach().contiguous()
+        # Every kept tensor is COPIED, not shared with the HF model: a view into a memory-mapped
+        # safetensors file keeps the whole mapping alive, and every page the build touched resident.
+        if streamed is not None:
+            streamed.load_embed()
+            streamed.load_head()
+        emb, head = inner.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+        self.embed = emb.to(dtype, copy=True).contiguous()
+        tied = head.data_ptr() == emb.data_ptr() and head.shape == emb.shape
+        self.lm_head = self.embed if tied else head.to(dtype, copy=True).contiguous()  # tied: the same tensor
+        self.final_norm = _own(inner.norm.weight)
+        self.lm_bias = None if model.lm_head.bias is None else _own(model.lm_head.bias)
+        if streamed is not None:
+            streamed.release_head()
+            streamed.release_embed()
         self._rotary = inner.rotary_emb
         window = FAMILIES[cfg.model_type]
         self.layers: list[LeanLayer] = []
+        sc = self.scratch
         for i, blk in enumerate(inner.layers):
+            if streamed is not None:
+                streamed.load_block(i)  # fills this skeleton block in place (the compute dtype)
             a, m = blk.self_attn, blk.mlp
             self.layers.append(LeanLayer(
-                blk.input_layernorm.weight.detach().contiguous(), blk.post_attention_layernorm.weight.detach().contiguous(),
-                FusedLinear([a.q_proj, a.k_proj, a.v_proj], lean, self.isa), FusedLinear([a.o_proj], lean, self.isa),
-                FusedLinear([m.gate_proj, m.up_proj], lean, self.isa), FusedLinear([m.down_proj], lean, self.isa),
+                _own(blk.input_layernorm.weight), _own(blk.post_attention_layernorm.weight),
+                FusedLinear([a.q_proj, a.k_proj, a.v_proj], lean, self.isa, sc),
+                FusedLinear([a.o_proj], lean, self.isa, sc),
+                FusedLinear([m.gate_proj, m.up_proj], lean, self.isa, sc),
+                FusedLinear([m.down_proj], lean, self.isa, sc),
                 window(cfg, i)))
-        q_rows = self.layers[0].qkv.weight.shape[0]
+            if streamed is not None:
+                streamed.release_block(i)
+            elif release_source:
+                _release_linears(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        if release_source:
+            gc.collect()
+        q_rows = self.layers[0].qkv.shape[0]
         if q_rows != (self.n_heads + 2 * self.n_kv) * self.head_dim:
             raise ConfigError(f"unexpected q/k/v sizes ({q_rows} rows for {self.n_heads} heads, {self.n_kv} kv heads "
                               f"of {self.head_dim}); use torch-sparse")
-        if lean.calibrate and self.isa is not None:
+        if lean.calibrate and self.isa is not None and self.c_step_supported:
             from ..kernels import decode as cdec
 
             if cdec.available():
@@ -291,6 +464,22 @@ class LeanLlama:
         self.c_steps = 0  # decode tokens run by the C step (each runs every fused linear once)
         self._grow(max(16, int(lean.initial_cache)), batch=1)
 
+    @property
+    def c_step_supported(self) -> bool:
+        """The C decode step reads fp32 weights only; bf16 models decode on the torch path."""
+        return self.value_dtype == "float32"
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor this model holds (weights, KV cache, scratch; see held_tensor_bytes)."""
+        return held_tensor_bytes(self)
+
+    def _lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection of fp32 hidden states (bf16 table: a bf16 GEMM, fp32 logits)."""
+        if self.lm_head.dtype == x.dtype:
+            return F.linear(x, self.lm_head, self.lm_bias)
+        y = F.linear(x.to(self.lm_head.dtype), self.lm_head).float()
+        return y if self.lm_bias is None else y + self.lm_bias
+
     # -- summary --------------------------------------------------------------------------------
     def linears(self) -> list[FusedLinear]:
         return [f for l in self.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
@@ -301,7 +490,7 @@ class LeanLlama:
         th = sorted({f.module.batch_threshold for f in lin if f.module is not None})
         rng = sorted({r for f in lin if f.module is not None for r in f.module.sparse_ranges})
         dec = sum(f.decode_packed for f in lin)
-        return (f"lean {'sparse' if self.config.sparse else 'dense'}: {len(self.layers)} layers, "
+        return (f"lean {'sparse' if self.config.sparse else 'dense'} ({self.value_dtype}): {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
                 f"also sparse at {rng}), isa {self.isa}, "
                 f"C decode step {'on' if self._step is not None else 'off'}")
@@ -332,8 +521,8 @@ class LeanLlama:
             v[..., :self.length, :] = self.v[..., :self.length, :]
         self.k, self.v, self.cap, self.batch = k, v, cap, batch
         pos = torch.arange(cap).unsqueeze(0)
-        with torch.no_grad():
-            cos, sin = self._rotary(self.embed[:1].unsqueeze(0), pos)
+        with torch.no_grad():  # an fp32 probe: the rotary tables take x's dtype
+            cos, sin = self._rotary(torch.zeros(1, 1, self.hidden), pos)
         if cos.shape[-1] != self.head_dim:
             raise ConfigError(f"rotary size {cos.shape[-1]} != head_dim {self.head_dim}; use torch-sparse")
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
@@ -344,7 +533,7 @@ class LeanLlama:
         from ..kernels import decode as cdec
 
         self._step = None
-        if self.isa is None or not cdec.available() or self.batch != 1:
+        if self.isa is None or not cdec.available() or self.batch != 1 or not self.c_step_supported:
             return
         arr = (cdec.CLayer * len(self.layers))()
         for i, l in enumerate(self.layers):
@@ -377,7 +566,7 @@ class LeanLlama:
         self._grow(p0 + T, B)
         x = self._causal_layers(ids, p0, self.cos, self.sin, self.k, self.v)
         self.length = p0 + T
-        return F.linear(_rms(x, self.final_norm, self.eps), self.lm_head, self.lm_bias)
+        return self._lm_logits(_rms(x, self.final_norm, self.eps))
 
     def _causal_layers(self, ids: torch.Tensor, p0: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -387,7 +576,7 @@ class LeanLlama:
         hidden states [B, T, hidden] before the final norm."""
         B, T = ids.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed).float()  # a no-op for fp32 tables
         cos, sin = cos_table[p0:p0 + T], sin_table[p0:p0 + T]
         qpos = torch.arange(p0, p0 + T).unsqueeze(1)
         kpos = torch.arange(p0 + T).unsqueeze(0)
@@ -452,10 +641,10 @@ class LeanLlama:
     # -- slots: many sequences served at once (sparse_runtime.serve) ------------------------------
     # A separate, preallocated cache ``[layers, n_slots, kv_heads, capacity, head_dim]``: slot s holds
     # one sequence of ``slot_len[s]`` tokens. The single-sequence cache above is untouched, so
-    # prefill/decode/generate behave exactly as before. One decode step of B slots is ONE batched
-    # forward (each fused linear sees B rows: the SparseLinear batch > 1 dispatch), attention per
-    # sequence over its own length; a step of one slot runs the C step on that slot's cache, the
-    # same arithmetic as ``generate``.
+    # prefill/decode/generate behave exactly as before. One decode step of B slots is ONE C call
+    # (``sr_decode_step_batch``: every weight read once for the B rows, attention per sequence over its
+    # own length), or without the C library one batched torch forward; a step of one slot runs the
+    # batch-1 C step on that slot's cache, the same arithmetic as ``generate``.
     def init_slots(self, n_slots: int, capacity: int) -> None:
         """Allocate the serving cache (zeros) and the rotary table for ``capacity`` positions."""
         if n_slots < 1 or capacity < 2:
@@ -469,6 +658,8 @@ class LeanLlama:
         self.slot_cos, self.slot_sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         self._slot_c: dict[int, tuple] = {}
         self._slot_scratch: Optional[torch.Tensor] = None
+        self._slot_batch: Optional[tuple] = None
+        self.slot_batch_c = True  # B > 1 steps in C (sr_decode_step_batch); False: the torch path
         self._lm_chunked: dict[int, bool] = {}
         if self.config.calibrate:
             self._lm_chunked = choose_lm_head_form(self.lm_head, self.lm_bias, int(n_slots), self.threads)
@@ -512,6 +703,29 @@ class LeanLlama:
             self._slot_c[slot] = (arr, model, cdec.DecodeStep(model))
         return self._slot_c[slot][2]
 
+    def _slot_batch_step(self):
+        """The batched C step over the serving cache (built once), or None (no C library, bf16
+        values, or ``slot_batch_c`` off). Each fused linear is described in the form it holds."""
+        from ..kernels import decode as cdec
+
+        if (self.isa is None or not self.slot_batch_c or not getattr(self, "c_step_supported", True)
+                or not cdec.batch_available()):
+            return None
+        forms = tuple(f.module is not None for f in self.linears())  # rebuilt if a form was switched since
+        if self._slot_batch is None or self._slot_batch[0] != forms:
+            arr = (cdec.CLayer * len(self.layers))()
+            for i, l in enumerate(self.layers):  # cache pointers unused: the call passes the whole slot cache
+                arr[i] = cdec.CLayer(l.in_norm.data_ptr(), l.post_norm.data_ptr(), l.qkv.desc(self.isa),
+                                     l.o.desc(self.isa), l.gate_up.desc(self.isa), l.down.desc(self.isa), None,
+                                     None, l.window)
+            lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+            model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
+                                self.vocab, self.slot_cap, self.eps, 0, self.embed.data_ptr(),
+                                self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
+            step = cdec.DecodeStepBatch(model, self.slot_k, self.slot_v, self.slot_cos, self.slot_sin)
+            self._slot_batch = (forms, arr, model, step)
+        return self._slot_batch[3]
+
     def _check_room(self, slot: int, tokens: int) -> int:
         p0 = self.slot_len[slot]
         if p0 + tokens > self.slot_cap:
@@ -535,8 +749,10 @@ class LeanLlama:
     def decode_slots(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One new token for each of ``slots`` (sequences of different lengths); logits ``[B, V]``.
 
-        B = 1 runs the C step on that slot's cache. B > 1 runs ONE batched forward: every fused linear
-        takes B rows (so ``SparseLinear`` dispatches by its measured batch-B choice), the new K/V go to
+        B = 1 runs the C step on that slot's cache. B > 1 (distinct slots) runs the batched C step
+        (``sr_decode_step_batch``: the whole step in one call, each linear's weights read once for the B
+        rows) when the library has it and ``slot_batch_c`` is set. Otherwise ONE batched torch forward:
+        every fused linear takes B rows (so ``SparseLinear`` dispatches by its measured batch-B choice), the new K/V go to
         each slot's own position, and attention runs as one batched product over the slot range
         ``min(slots)..max(slots)`` with a per-row length mask: q of a kv-head group is ``[G, D]`` against
         that head's ``[L, D]`` cache, so the cache is read in place (no gather, no GQA repeat)."""
@@ -552,6 +768,15 @@ class LeanLlama:
                 self.slot_len[slots[0]] = p + 1
                 self.c_steps += 1
                 return self._slot_logits.clone().view(1, -1)
+        elif len(set(slots)) == B:
+            bstep = self._slot_batch_step()
+            if bstep is not None:
+                out = torch.empty(B, self.vocab)
+                bstep([int(t) for t in tokens], [int(s_) for s_ in slots], pos, out, self.threads)
+                for s_, p in zip(slots, pos):
+                    self.slot_len[s_] = p + 1
+                self.c_steps += 1
+                return out
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
         lo, hi = min(slots), max(slots) + 1

@@ -42,6 +42,7 @@ def load_torch_model(source: str, dtype: str = "float32", device: str = "cpu"):
 @ENGINES.register("torch-cpu")
 class TorchCPUEngine(Engine):
     name = "torch-cpu"
+    dtypes = ("float32", "bfloat16")
     description = "PyTorch eager, CPU, dense kernels (float32)"
     install_hint = "pip install torch==2.13.0 (the CPU wheel)"
     exploits_sparsity = "no"
@@ -119,7 +120,7 @@ class TorchSparseEngine(TorchCPUEngine):
             raise EngineUnavailableError("torch-sparse needs the project's sparse kernels "
                                          "(sparse_runtime.kernels.sparsify_linears); reinstall with "
                                          f"`{cls.install_hint}`")
-        lib = getattr(k, "_lib", None)
+        lib = getattr(k, "native", None)
         if lib is not None and hasattr(lib, "available") and not lib.available():
             raise EngineUnavailableError(f"the sparse kernels are not built ({lib.unavailable_reason()}); "
                                          f"run `{cls.install_hint}`")
@@ -134,7 +135,7 @@ class TorchSparseEngine(TorchCPUEngine):
     def _counter() -> dict[str, int]:
         k = sparse_kernels_module()
         try:
-            return dict(k._lib.counters())
+            return dict(k.native.counters())
         except Exception:  # pragma: no cover
             return {}
 

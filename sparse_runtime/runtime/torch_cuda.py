@@ -57,6 +57,7 @@ def to_semi_structured(model, family, backend: str = "auto") -> list[str]:
 @ENGINES.register("torch-cuda-24")
 class TorchCuda24Engine(Engine):
     name = "torch-cuda-24"
+    dtypes = ("float16", "bfloat16")
     description = "PyTorch CUDA, 2:4 linears as SparseSemiStructuredTensor (CUTLASS/cuSPARSELt), fp16"
     install_hint = "a CUDA build of torch on a machine with an Ampere-or-newer NVIDIA GPU"
     exploits_sparsity = "2:4 only"

@@ -109,14 +109,58 @@ class ReportStage(Stage):
                                          if m.get(k) not in (None, ""))
             if "zeroshot" in m:
                 row["zero-shot mean acc"] = m["zeroshot"].get("mean_acc")
+            detail = _detail(rec.get("stage"), m)
+            if detail:
+                row["detail"] = detail
             rows.append(row)
+        report = ctx.workdir / "report.md"
         lines = header_lines(cfg.title or f"Run report: {ctx.workdir.name}", ctx.protocol, ctx.model)
-        text = "\n".join(lines) + "\n" + markdown_table(rows)
+        summary = _summary(ctx.results)
+        text = "\n".join(lines) + "\n" + (summary + "\n" if summary else "") + markdown_table(rows)
         text += _zeroshot_side_by_side(ctx.results)
         (out_dir / "report.md").write_text(text)
-        (ctx.workdir / "report.md").write_text(text)
+        report.write_text(text)
         print(text)
-        return StageResult(metrics={"report": str(ctx.workdir / "report.md")})
+        print(f"report written to {report}")
+        return StageResult(metrics={"report": str(report)})
+
+
+def _detail(stage: object, m: dict) -> str:
+    """One readable cell for the steps whose result is not a perplexity: the export and the bench."""
+    if stage == "export" and m.get("format"):
+        size = f", {m['total_bytes'] / 2**20:.1f} MiB" if m.get("total_bytes") else ""
+        ok = {True: "verified on load", False: "VERIFICATION FAILED"}.get(m.get("verified"), "not verified")
+        return f"{m['format']} -> {m.get('out')}{size}, {ok}"
+    if stage == "bench":
+        cells = [f"{p['engine']} {p['scenario']}: {p['speedup']:.2f}x ({p['verdict']})" for p in m.get("pairs", [])]
+        cells += [f"{e}: skipped ({why})" for e, why in (m.get("skipped") or {}).items()]
+        return "; ".join(cells)
+    return ""
+
+
+def _summary(results: list[dict]) -> str:
+    """The point of the run in two lines: the quality change (first against last perplexity) and
+    the latency change (each dense/sparse pair the bench step measured), side by side."""
+    ppl = [(i, (rec.get("metrics") or {})["perplexity"]) for i, rec in enumerate(results)
+           if "perplexity" in (rec.get("metrics") or {})]
+    pairs = [p for rec in results if rec.get("stage") == "bench" for p in (rec.get("metrics") or {}).get("pairs", [])]
+    pruned_at = [i for i, rec in enumerate(results) if (rec.get("metrics") or {}).get("sparsity_measured")]
+    out = []
+    if len(ppl) >= 2:
+        (i, a), (j, b) = ppl[0], ppl[-1]
+        # "dense"/"sparse" only when a pruning step lies between the two evaluations
+        between = any(i < k < j for k in pruned_at) and not any(k < i for k in pruned_at)
+        la, lb = ("dense", "sparse") if between else (f"step {i}", f"step {j}")
+        out.append(f"- quality: WikiText-2 perplexity ({b['protocol']}: {b['windows']} windows of {b['seqlen']} "
+                   f"tokens) {a['ppl']:.2f} {la} -> {b['ppl']:.2f} {lb} ({(b['ppl'] / a['ppl'] - 1) * 100:+.1f} %)")
+    for p in pairs:
+        out.append(f"- speed: {p['engine']} {p['scenario']}: {p['dense']:.4g} -> {p['sparse']:.4g} {p['unit']} "
+                   f"(median), {p['speedup']:.2f}x dense ({p['verdict']})")
+    for rec in results:
+        if rec.get("stage") == "bench":
+            for e, why in ((rec.get("metrics") or {}).get("skipped") or {}).items():
+                out.append(f"- speed: {e} not measured: {why}")
+    return ("## Summary\n\n" + "\n".join(out) + "\n") if out else ""
 
 
 def _zeroshot_side_by_side(results: list[dict]) -> str:

@@ -24,7 +24,7 @@ class BenchConfig:
             raise ConfigError("bench.repeats must be >= 5 (docs/protocols.md)")
         if self.decode_steps < 1 or (self.threads is not None and self.threads < 1):
             raise ConfigError("bench.decode_steps and bench.threads must be >= 1")
-        from ..bench.latency import parse_scenario
+        from ..measure.latency import parse_scenario
 
         for sc in self.scenarios:
             parse_scenario(sc, self.decode_steps)  # impossible scenarios fail before any work
@@ -38,7 +38,7 @@ class BenchStage(Stage):
     Config = BenchConfig
 
     def run(self, ctx: StageContext, cfg: BenchConfig, out_dir: Path) -> StageResult:
-        from ..bench.latency import LatencyConfig, run_latency, save_latency
+        from ..measure.latency import LatencyConfig, run_latency, save_latency
         from ..manifest import MANIFEST_NAME, read_manifest
 
         dense = cfg.dense
@@ -55,5 +55,10 @@ class BenchStage(Stage):
         res = run_latency(dense, [("sparse", str(ctx.model))], lc)
         save_latency(res, name="latency", model=str(ctx.model), out_dir=out_dir)
         speed = {f"{r['engine']} {r['scenario']}": r["speedup"] for r in res.rows if "speedup" in r}
-        return StageResult(metrics={"latency": str(out_dir / "latency.md"), "speedups": speed,
+        # the report's summary line: each pair's medians side by side (the raw times stay in latency.json)
+        dense_med = {(r["engine"], r["scenario"]): r["median"] for r in res.rows if "speedup" not in r}
+        pairs = [{"engine": r["engine"], "scenario": r["scenario"], "unit": r["unit"],
+                  "dense": dense_med.get((r["engine"], r["scenario"])), "sparse": r["median"],
+                  "speedup": r["speedup"], "verdict": r.get("verdict", "")} for r in res.rows if "speedup" in r]
+        return StageResult(metrics={"latency": str(out_dir / "latency.md"), "speedups": speed, "pairs": pairs,
                                     "skipped": res.skipped})

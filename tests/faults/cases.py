@@ -116,8 +116,8 @@ def recipe(text):
 PRUNE = ["prune", "tiny-llama", "--sparsity", "0.5", "--protocol", "test", "--data-dir", "{DATA}"]
 FT = ["--data", "c4", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--data-dir", "{DATA}"]
 LORS = ["finetune", "{P}", "--method", "lors", "--rank", "2", "--init-samples", "2", *FT]
-SEFT = ["seft", "{P}", *FT]
-LOSA = ["losa", "tiny-llama", "--sparsity", "0.5", "--rounds", "2", "--rank", "4", "--protocol", "test", *FT]
+SEFT = ["finetune", "{P}", "--method", "seft", *FT]
+LOSA = ["finetune", "tiny-llama", "--method", "losa", "--sparsity", "0.5", "--rounds", "2", "--rank", "4", "--protocol", "test", *FT]
 REPAIR = ["repair", "{P}", "--protocol", "test", "--data-dir", "{DATA}"]
 EXPORT = ["export", "{P}", "--format", "onnx"]
 MERGE = ["merge", "{A}"]
@@ -297,12 +297,12 @@ CASES: list[Case] = [
          r"input|choose another --out", setup=copy("P", "ck")),
     Case("finetune-out-inside-input", ["finetune", "{T}/ck", *FT, "--out", "{T}/ck/ad"],
          r"input|choose another --out", setup=copy("P", "ck")),
-    Case("seft-out-is-input", ["seft", "{T}/ck", *FT, "--out", "{T}/ck", "--overwrite"],
+    Case("seft-out-is-input", ["finetune", "{T}/ck", "--method", "seft", *FT, "--out", "{T}/ck", "--overwrite"],
          r"input|choose another --out", setup=copy("P", "ck")),
-    Case("seft-overwrite-typo-keeps-old", ["seft", "{T}/nope", *FT, "--out", "{T}/o", "--overwrite"],
+    Case("seft-overwrite-typo-keeps-old", ["finetune", "{T}/nope", "--method", "seft", *FT, "--out", "{T}/o", "--overwrite"],
          r"does not exist", setup=mkdir("o")),
     Case("seft-update-every-zero", [*SEFT, "--update-every", "0", "--out", "{T}/o"], r"update"),
-    Case("seft-model-missing", ["seft", "{T}/nope", *FT, "--out", "{T}/o"], r"does not exist"),
+    Case("seft-model-missing", ["finetune", "{T}/nope", "--method", "seft", *FT, "--out", "{T}/o"], r"does not exist"),
     Case("seft-device-cuda", [*SEFT, "--device", "cuda", "--out", "{T}/o"], r"no CUDA device"),
     # ---- losa ------------------------------------------------------------------------------------
     Case("losa-sparsity-above-1", [*LOSA, "--sparsity", "1.5", "--out", "{T}/o"], r"\[0, 1\)|sparsity"),
@@ -311,7 +311,7 @@ CASES: list[Case] = [
     Case("losa-out-exists", [*LOSA, "--out", "{T}/o"], r"already exists.*--overwrite", setup=mkdir("o")),
     Case("losa-c4-corrupt-line", [*LOSA, "--data-dir", "{T}/data", "--out", "{T}/o"], r"c4_sample\.jsonl line 11",
          setup=data_dir(c4_lines=["{"])),
-    Case("losa-model-missing", ["losa", "{T}/nope", "--sparsity", "0.5", "--out", "{T}/o"], r"does not exist"),
+    Case("losa-model-missing", ["finetune", "{T}/nope", "--method", "losa", "--sparsity", "0.5", "--out", "{T}/o"], r"does not exist"),
     # ---- merge -----------------------------------------------------------------------------------
     Case("merge-not-an-adapter", ["merge", "{P}", "--out", "{T}/o"], r"not a sparse-runtime adapter"),
     Case("merge-adapter-config-corrupt", ["merge", "{T}/ad", "--out", "{T}/o"], r"not valid JSON",

@@ -1,8 +1,8 @@
-"""Small pruning helpers for the exporters' tests and benchmark.
+"""A second, plain pruner for the exporters' tests and the export benchmarks (not shipped).
 
-The project's pruning methods live in ``sparse_runtime.pruning`` (another module); the exporters
-must not depend on them, so the tests and the export benchmark make their pruned models here with
-the two simplest published criteria:
+The exporters' tests must not depend on the project's pruning code (``sparse_runtime.pruning``):
+a bug there would then hide in both the model under test and the reference. So they make their
+pruned models here, independently, with the two simplest published criteria:
 
 - magnitude: score ``|W_ij|``;
 - Wanda (Sun et al. 2023, Eq. 1): score ``|W_ij| * ||X_j||_2`` over calibration activations, with

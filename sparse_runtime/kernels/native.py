@@ -1,9 +1,13 @@
-"""Loading the compiled kernels (ctypes over the extension's C entry points) and choosing a path.
+"""The compiled kernels' public Python face: loading the library (ctypes over the C entry points
+declared in ``csrc/sparse_runtime.h``), CPU features, choosing a path, call counters.
 
 The extension is an ordinary setuptools extension module built at install time; it exports plain C
 functions, which ctypes calls with the GIL released. If it is missing (build failed, or an
 unsupported platform) everything here still imports: :func:`available` says False and
-:func:`unavailable_reason` says why.
+:func:`unavailable_reason` says why. The same holds for a library built from other sources than
+this package (an old build after a ``git pull``): at load, the sizes and field offsets of the C
+structs are compared with their ctypes mirrors (:func:`check_structs`), and a mismatch makes the
+library unavailable with one line naming the fix, instead of a decode step reading garbage.
 
 Path choice, once per process (or per call with ``isa=``): ``SPARSE_RUNTIME_KERNEL_ISA`` =
 ``avx512`` | ``avx2`` | ``portable`` forces one (an error if the CPU lacks it); otherwise the best
@@ -17,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..errors import ConfigError
 
@@ -40,16 +44,43 @@ ENV_GEMV_FORM = {"avx512": ENV_GEMV, "avx2": "SPARSE_RUNTIME_AVX2_GEMV"}
 COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
 FEAT_VBMI2 = 1 << 3
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
+ABI_MISMATCH = "the compiled kernels do not match this Python package: rebuild with pip install -e ."
 
-_lib: Optional[ctypes.CDLL] = None
+_cdll: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
 _path: Optional[str] = None  # the file loaded (also the ONNX Runtime custom-op library)
 
 
+class AbiMismatch(ConfigError):
+    """The loaded library's structs differ from their ctypes mirrors (a stale build)."""
+
+
+def check_structs(lb: ctypes.CDLL, mirrors: Mapping[str, type[ctypes.Structure]]) -> None:
+    """Compare each ctypes mirror with the C struct of that name (``sr_struct_size``: sizeof;
+    ``sr_field_offset``: each field's offset, looked up by the mirror's field name); raise
+    :class:`AbiMismatch` with one line naming the fix when any differs. Why: ctypes cannot read the
+    C header, so a struct changed on one side only would otherwise be read as garbage, silently."""
+    if not hasattr(lb, "sr_struct_size") or not hasattr(lb, "sr_field_offset"):
+        raise AbiMismatch(f"{ABI_MISMATCH} (the library predates the struct check)")
+    lb.sr_struct_size.argtypes = [ctypes.c_char_p]
+    lb.sr_struct_size.restype = ctypes.c_size_t
+    lb.sr_field_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lb.sr_field_offset.restype = ctypes.c_int64
+    for name, cls in mirrors.items():
+        size, mine = int(lb.sr_struct_size(name.encode())), ctypes.sizeof(cls)
+        if size != mine:
+            raise AbiMismatch(f"{ABI_MISMATCH} ({name} is {size} bytes in the library, {mine} in Python)")
+        for field in (f[0] for f in cls._fields_):
+            theirs, ours = int(lb.sr_field_offset(name.encode(), field.encode())), getattr(cls, field).offset
+            if theirs != ours:
+                where = "has no such field" if theirs < 0 else f"puts it at byte {theirs}"
+                raise AbiMismatch(f"{ABI_MISMATCH} ({name}.{field} is at byte {ours} in Python; the library {where})")
+
+
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _reason, _path
-    if _lib is not None or _reason is not None:
-        return _lib
+    global _cdll, _reason, _path
+    if _cdll is not None or _reason is not None:
+        return _cdll
     try:
         override = os.environ.get(ENV_LIB)  # developers: test a freshly built .so without reinstalling
         spec = importlib.util.find_spec("sparse_runtime.kernels._sparse_kernels") if not override else None
@@ -81,10 +112,15 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_set_gemv_form.argtypes = [c_int, c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
-        _lib, _path = lib, override or spec.origin
+        from .decode import STRUCTS  # the ctypes mirrors (decode imports this module: import here)
+
+        check_structs(lib, STRUCTS)
+        _cdll, _path = lib, override or spec.origin
+    except AbiMismatch as e:
+        _reason = str(e)
     except (OSError, ImportError, AttributeError) as e:
         _reason = f"sparse kernels unavailable: {e}"
-    return _lib
+    return _cdll
 
 
 def available() -> bool:
@@ -183,9 +219,9 @@ def set_gemv_variant(name: str, isa: str = "avx512") -> None:
 
 def obs_columns(W1, Err1, Hinv1, scale, i0: int, i1: int, threads: int) -> bool:
     """SparseGPT's sequential OBS updates for columns [i0, i1) of one block, in the compiled kernel
-    (``sr_obs_columns``; see sparse_runtime/pruning/sparsegpt.py). Tensors: contiguous fp32 CPU,
-    ``W1``/``Err1``/``scale`` [count, rows], ``Hinv1`` [count, count]; ``W1`` and ``Err1`` are
-    written in place. Returns False (nothing done) when the kernels are unavailable."""
+    (``sr_obs_columns`` in ``csrc/sparsegpt_solver.cpp``; see sparse_runtime/pruning/sparsegpt.py).
+    Tensors: contiguous fp32 CPU, ``W1``/``Err1``/``scale`` [count, rows], ``Hinv1`` [count, count];
+    ``W1`` and ``Err1`` are written in place. Returns False (nothing done) when the kernels are unavailable."""
     lb = _load()
     if lb is None:
         return False

@@ -1,0 +1,119 @@
+// The C interface of sparse-runtime's compiled kernels: every struct and exported function the
+// Python side calls through ctypes (sparse_runtime/kernels/native.py binds the kernel entry points,
+// sparse_runtime/kernels/decode.py the decode-step structs and functions).
+//
+// Why a header: the Python side mirrors these structs field for field in ctypes, and ctypes cannot
+// read a C header. A struct that changes here without its ctypes mirror would make the decode step
+// read garbage, silently. So the library reports the size and field offsets of each struct
+// (sr_struct_size, sr_field_offset) and the Python side compares them with its mirrors when it
+// binds the library, refusing a mismatch with one line ("rebuild with pip install -e .").
+// The ONNX Runtime custom-op entry point (RegisterCustomOps) is ORT's, declared in ort_abi.h.
+#ifndef SPARSE_RUNTIME_H
+#define SPARSE_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// Instruction-set paths (the `isa` argument; bit i of sr_cpu_features() says the CPU runs path i).
+enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
+// Call-counter slots per ISA (sr_get_counters).
+enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_NLAYOUT = 4 };
+enum { SR_FEAT_VBMI2 = 1 << 3 };  // feature bit: AVX512-VBMI2 (16-bit expand), needed by the bf16 AVX-512 path
+// Return codes of the int-returning entry points.
+enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
+// SRLinear.kind
+enum { SR_LIN_DENSE = 0, SR_LIN_BITMASK = 1, SR_LIN_CSR16 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// The lean decode step's model description (lean_decode.inc; mirrored by CLinear, CLayer and
+// CModel in sparse_runtime/kernels/decode.py).
+// ---------------------------------------------------------------------------------------------
+// One linear layer of the step: dense or a packed sparse layout, optional bias.
+typedef struct {
+    int32_t kind;  // 0 dense (weight), 1 bitmask (index = uint32 mask), 2 csr16 (index = uint16)
+    int32_t isa;   // SR_PORTABLE / SR_AVX2 / SR_AVX512
+    int64_t N, K;  // out, in features
+    const void* index;
+    const float* values;  // packed nonzeros (sparse) or the dense [N, K] row-major weight
+    const int64_t* row_ptr;
+    const float* bias;  // NULL: none
+} SRLinear;
+
+typedef struct {
+    const float* in_norm;
+    const float* post_norm;
+    SRLinear qkv;      // q, k, v rows concatenated (one product instead of three)
+    SRLinear o;
+    SRLinear gate_up;  // gate rows then up rows
+    SRLinear down;
+    float* k_cache;    // [n_kv_heads, cap, head_dim]
+    float* v_cache;
+    int64_t window;    // sliding window (0: full causal)
+} SRLayer;
+
+typedef struct {
+    int64_t n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, cap;
+    float eps;
+    int32_t pad_;
+    const float* embed;       // [vocab, hidden]
+    const float* final_norm;  // [hidden]
+    SRLinear lm_head;
+    const SRLayer* layers;
+    float* scratch;  // sr_decode_scratch_floats() floats
+} SRModel;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- the ABI check (sparse_kernels.cpp) ----
+// sizeof the named struct ("SRLinear", "SRLayer", "SRModel"); 0 for an unknown name.
+size_t sr_struct_size(const char* name);
+// offsetof(struct_name, field), by name (so a renamed or reordered field is caught even where the
+// offsets in order would agree); -1 for an unknown struct or field.
+int64_t sr_field_offset(const char* struct_name, const char* field);
+
+// ---- CPU features and tuning (sparse_kernels.cpp) ----
+int sr_cpu_features(void);  // bit SR_*: path supported; SR_FEAT_VBMI2
+int sr_has_openmp(void);
+void sr_get_counters(int64_t* out);  // out[SR_NISA * SR_NLAYOUT], isa-major
+void sr_reset_counters(void);
+void sr_set_xt_min_batch(int64_t b);
+void sr_set_blk_min_batch(int64_t b);
+void sr_set_gemv_variant(int v);
+void sr_set_gemv_form(int isa, int v);
+
+// ---- sparse linears y[B, N] = x[B, K] W^T + bias (sparse_kernels.cpp; layouts: docs/kernels.md) ----
+int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                      const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads);
+int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                    const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads);
+int sr_bitmask_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,
+                           const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int n_threads);
+int sr_csr16_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
+                         const uint16_t* vals, const int64_t* rp, const float* bias, float* y, int n_threads);
+void sr_bitmask_densify(int64_t K, int64_t N, const uint32_t* mask, const float* vals, const int64_t* rp,
+                        float* out, int n_threads);
+void sr_csr16_densify(int64_t K, int64_t N, const uint16_t* idx, const float* vals, const int64_t* rp, float* out,
+                      int n_threads);
+
+// ---- SparseGPT's column solver (sparsegpt_solver.cpp) ----
+int sr_obs_columns(int isa, float* W1, float* Err1, const float* Hinv1, const float* scale, int64_t rows,
+                   int64_t count, int64_t i0, int64_t i1, int n_threads);
+
+// ---- the lean decode steps (lean_decode.inc) ----
+int64_t sr_decode_scratch_floats(const SRModel* m);
+void sr_decode_profile(int on);
+void sr_decode_profile_get(double* out);
+int sr_linear_desc_run(const SRLinear* L, const float* x, float* y, int n_threads);
+int sr_decode_step(const SRModel* m, int64_t token, int64_t pos, const float* cos_, const float* sin_,
+                   float* logits, int n_threads);
+int sr_decode_step_batch(const SRModel* m, int64_t B, const int64_t* tokens, const int64_t* slots,
+                         const int64_t* pos, float* k_base, float* v_base, int64_t n_slots, const float* cos_table,
+                         const float* sin_table, float* logits, int n_threads);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif  // SPARSE_RUNTIME_H

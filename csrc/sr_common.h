@@ -1,0 +1,48 @@
+// Internal to the compiled kernels (not part of the C interface, see sparse_runtime.h): the x86
+// switch and the row-parallel helper shared by sparse_kernels.cpp and sparsegpt_solver.cpp.
+#ifndef SR_COMMON_H
+#define SR_COMMON_H
+
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SR_X86 1
+#include <immintrin.h>
+#else
+#define SR_X86 0
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// threading: split output rows into contiguous blocks (one stream per thread suits prefetchers)
+// ---------------------------------------------------------------------------------------------
+// How many row blocks: up to n_threads, each of at least min_rows_per_thread rows (at least one).
+static inline int row_parts(int64_t n_rows, int n_threads, int64_t min_rows_per_thread) {
+    const int64_t max_t = n_rows / (min_rows_per_thread > 0 ? min_rows_per_thread : 1);
+    return max_t < n_threads ? (int)(max_t > 1 ? max_t : 1) : n_threads;
+}
+
+template <class F>
+static void parallel_rows(int64_t n_rows, int n_threads, int64_t min_rows_per_thread, F f) {
+#ifdef _OPENMP
+    const int nt = row_parts(n_rows, n_threads, min_rows_per_thread);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            int64_t r0 = n_rows * t / T, r1 = n_rows * (t + 1) / T;
+            f(r0, r1);
+        }
+        return;
+    }
+#else
+    (void)n_threads;
+    (void)min_rows_per_thread;
+#endif
+    f((int64_t)0, n_rows);
+}
+
+#endif  // SR_COMMON_H

@@ -1,0 +1,298 @@
+"""DSnoT over a whole model: the options glue, the refiner fused into pruning's pass, and the
+standalone repair of a pruned checkpoint (the ``repair`` verb).
+
+:mod:`sparse_runtime.repair.dsnot` holds the method itself (one layer's prune-and-grow, its
+configuration and input moments); this module runs it inside the sequential driver
+(:func:`sparse_runtime.calibration.sequential_pass`), once fused with a pruner
+(:class:`DSnoTRefiner`, what ``prune --refine dsnot`` uses) and once on a checkpoint that is
+already pruned (:func:`repair_dsnot_checkpoint`, written through the shared
+:func:`sparse_runtime.checkpoint_step.checkpoint_step`). Everything here is re-exported by
+:mod:`sparse_runtime.repair.dsnot`, which imports this module last so that importing it registers
+the ``dsnot`` refiner.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..sparsity import NMPattern
+from .dsnot import DSNOT_NEEDS, DSnoTConfig, InputMoments, dsnot_needs, refine_linear
+
+# Official command-line names accepted as aliases (the released code's argparse flags).
+_ALIASES = {"max_cycle_time": "max_cycles", "update_threshold": "threshold", "pow_of_var_regrowing": "var_power"}
+
+
+def make_config(options: Optional[dict[str, Any]] = None, cfg: Optional[DSnoTConfig] = None) -> DSnoTConfig:
+    """A validated :class:`DSnoTConfig` from keyword options.
+
+    Accepts the field names, the official flags ``max_cycle_time``, ``update_threshold``,
+    ``pow_of_var_regrowing`` and ``without_same_sign``, and ``preset="official"`` (the released
+    code's behaviour, see :meth:`DSnoTConfig.official`) which the other options then override.
+    """
+    opts = dict(options or {})
+    preset = opts.pop("preset", None)
+    if preset not in (None, "paper", "default", "official"):
+        raise ConfigError(f"dsnot preset {preset!r} is unknown; choose 'default' or 'official'")
+    base = cfg or (DSnoTConfig.official() if preset == "official" else DSnoTConfig())
+    kw: dict[str, Any] = {}
+    for k, v in opts.items():
+        if k == "without_same_sign":
+            kw["same_sign"] = None if v is None else not bool(v)
+            continue
+        key = _ALIASES.get(k, k)
+        if key not in DSnoTConfig.__dataclass_fields__:
+            raise ConfigError(f"unknown dsnot option {k!r}; known: {sorted(DSnoTConfig.__dataclass_fields__)} "
+                              f"(or the official {sorted(_ALIASES) + ['without_same_sign']}, preset)")
+        kw[key] = v
+    if isinstance(kw.get("max_cycles"), float) and float(kw["max_cycles"]).is_integer():
+        kw["max_cycles"] = int(kw["max_cycles"])
+    if "threshold" in kw:
+        try:
+            kw["threshold"] = float(kw["threshold"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"dsnot threshold must be a number, got {kw['threshold']!r}") from None
+    return replace(base, **kw).validate()
+
+
+@dataclass
+class LayerRecord:
+    """What DSnoT did to one linear (for reports and the manifest's history)."""
+
+    rows: int
+    rows_changed: int
+    swaps: int
+    mean_abs_error_before: float
+    mean_abs_error_after: float
+    seconds: float
+
+
+class DSnoTRefiner:
+    """The :class:`~sparse_runtime.pruning.base.MaskRefiner` the prune API runs inside its pass
+    (fused mode: statistics of the dense block, the mask just made, one pass in all).
+
+    Constructed with DSnoT options as keywords (see :func:`make_config`). Layers outside
+    ``cfg.layers`` come back unchanged. ``records`` and ``seconds`` describe the work done.
+    """
+
+    needs = DSNOT_NEEDS
+
+    def __init__(self, cfg: Optional[DSnoTConfig] = None, **options: Any) -> None:
+        self.cfg = make_config(options, cfg)
+        self.needs = dsnot_needs(self.cfg)
+        self.records: dict[str, LayerRecord] = {}
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def refine(self, task, dense_weight: torch.Tensor, pruned_weight: torch.Tensor, keep: torch.Tensor,
+               pattern: Optional[NMPattern], sparsity: float) -> torch.Tensor:
+        if not self.cfg.applies_to(task.short):
+            return pruned_weight
+        t0 = time.perf_counter()
+        new, res = refine_linear(dense_weight, pruned_weight, InputMoments.from_stats(task.stats), self.cfg,
+                                 pattern, keep)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        s = res.summary()
+        self.records[task.name] = LayerRecord(s["rows"], s["rows_changed"], s["swaps"], s["mean_abs_error_before"],
+                                              s["mean_abs_error_after"], dt)
+        return new
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the refined layers: swaps, rows changed, mean |e_r| before/after, seconds."""
+        recs = list(self.records.values())
+        rows = sum(r.rows for r in recs)
+        return {
+            "layers": len(recs),
+            "swaps": sum(r.swaps for r in recs),
+            "rows_changed": sum(r.rows_changed for r in recs),
+            "rows": rows,
+            "mean_abs_error_before": sum(r.mean_abs_error_before * r.rows for r in recs) / max(1, rows),
+            "mean_abs_error_after": sum(r.mean_abs_error_after * r.rows for r in recs) / max(1, rows),
+            "seconds": self.seconds,
+        }
+
+
+try:  # the prune API resolves "dsnot" by importing this module
+    from ..pruning.base import REFINERS
+
+    REFINERS.register("dsnot")(DSnoTRefiner)
+except ImportError:  # pragma: no cover - a build without the pruning package
+    REFINERS = None
+
+
+
+# -- standalone repair of a pruned checkpoint --------------------------------------------------------
+@dataclass
+class RepairReport:
+    """What :func:`repair_dsnot_checkpoint` did: where, how long, and how much changed."""
+
+    checkpoint: str
+    dense_source: str
+    config: dict[str, Any]
+    calibration: dict[str, Any]
+    summary: dict[str, Any]
+    timing: dict[str, float]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SparseRuntimeInvariantError(RuntimeError):
+    """An internal invariant broke (a bug, not a user error)."""
+
+
+def _load_dense_weights(spec: str, family, names: list[str], dtype: str) -> dict[str, torch.Tensor]:
+    """Only the block linears of the dense model (the rest is not needed and is dropped at once)."""
+    from ..errors import ManifestError
+    from ..models import load_model
+
+    dense = load_model(spec, dtype)
+    if dense.manifest is not None and dense.manifest.total_measured > 0:
+        raise ManifestError(f"the dense source {spec!r} is itself sparse ({dense.manifest.total_measured:.1%} zeros); "
+                            "DSnoT regrows weights from the dense model: pass dense=<the unpruned model>")
+    weights = {n: lin.weight.detach().clone() for n, lin in dense.family.iter_linears(dense.model)}
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ManifestError(f"the dense source {spec!r} lacks layers of the pruned model ({', '.join(missing[:3])}); "
+                            "it is another model: pass dense=<the model this checkpoint was pruned from>")
+    del dense
+    return weights
+
+
+@dataclass
+class _Loaded:
+    """The pruned model and the dense weights DSnoT regrows from (what the step's ``load`` returns)."""
+
+    lm: Any
+    dense_spec: str
+    dense_w: dict[str, torch.Tensor]
+    dense_load_s: float
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+
+@torch.no_grad()
+def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, dense: Optional[str] = None,
+                            overwrite: bool = False, data_dir=None, *, protocol: str = "quick",
+                            nsamples: Optional[int] = None, seqlen: Optional[int] = None, seed: Optional[int] = None,
+                            dtype: str = "float32", device: Optional[str] = None,
+                            calib_ids: Optional[torch.Tensor] = None) -> RepairReport:
+    """Run DSnoT on an already pruned checkpoint and write the repaired one to ``out``.
+
+    The dense weights come from ``dense`` or, by default, the manifest's ``dense_source``. The
+    sequential pass puts each block's dense weights back before its statistics pass (so the
+    statistics are those of the dense layer, as when DSnoT is fused with pruning), refines every
+    selected linear's mask from the checkpoint's, writes the result, and feeds the repaired block's
+    outputs to the next block. Per-row counts, per-layer targets and N:M patterns are unchanged; the
+    manifest carries the previous history forward and records this step.
+    """
+    from ..checkpoint_step import PhaseTimer, checkpoint_step
+    from ..manifest import build_manifest
+    from ..protocols import get_protocol
+
+    cfg = (cfg or DSnoTConfig()).validate()
+    proto = get_protocol(protocol)
+    calib = {"protocol": proto.name, "nsamples": nsamples or proto.calib_samples,
+             "seqlen": seqlen or proto.calib_seqlen, "seed": proto.calib_seed if seed is None else seed}
+    refiner = DSnoTRefiner(cfg)
+    timer = PhaseTimer()
+
+    def load() -> _Loaded:
+        return _load_pruned_and_dense(pruned_dir, dense, dtype, device)
+
+    def work(ld: _Loaded):
+        ids = calib_ids
+        if ids is None:
+            from ..data.text import c4_windows
+
+            ids = c4_windows(ld.tokenizer, calib["nsamples"], calib["seqlen"], calib["seed"], data_dir)
+        return _repair_pass(ld, refiner, ids, device)
+
+    def manifest(ld: _Loaded, timing):
+        step = {"stage": "repair", "method": "dsnot", "input": str(pruned_dir), "dense": ld.dense_spec,
+                "config": cfg.as_dict(), "calibration": calib, "summary": refiner.summary(),
+                "timing": {"dsnot_s": refiner.seconds, "calibration_forward_s": timing.forward_s,
+                           "pass_s": timing.total_s}}
+        man = build_manifest(ld.model, ld.lm.family, previous=ld.lm.manifest, step=step)
+        if device:
+            ld.model.to("cpu")
+        return man
+
+    done = checkpoint_step(out, overwrite=overwrite, inputs=(pruned_dir, dense), load=load, work=work,
+                           manifest=manifest, timer=timer)
+    timing, ld = done.result, done.loaded
+    t = {"total_s": done.timing["total_s"], "dsnot_s": refiner.seconds, "pass_s": timing.total_s,
+         "calibration_forward_s": timing.forward_s, "dense_load_s": ld.dense_load_s}
+    return RepairReport(str(done.out), ld.dense_spec, cfg.as_dict(), calib, refiner.summary(), t,
+                        {n: asdict(r) for n, r in refiner.records.items()})
+
+
+def _load_pruned_and_dense(pruned_dir, dense: Optional[str], dtype: str, device: Optional[str]) -> _Loaded:
+    """The pruned checkpoint (it must carry a manifest) and the dense weights of its linears, checked
+    to be the same model's."""
+    from ..errors import ManifestError
+    from ..models import load_model
+
+    lm = load_model(pruned_dir, dtype)
+    prev = lm.manifest
+    if prev is None:
+        raise ManifestError(f"{pruned_dir} has no sparsity manifest: DSnoT repairs a sparse-runtime pruned checkpoint "
+                            "(run `sparse-runtime prune` first, or fuse: `prune --refine dsnot`)")
+    dense_spec = dense or prev.dense_source
+    if not dense_spec:
+        raise ConfigError(f"{pruned_dir}'s manifest does not say where its dense weights are (dense_source); "
+                          "pass dense=<model spec> (CLI: --dense)")
+    if device:
+        lm.model.to(device)
+    names = [n for n, _ in lm.family.iter_linears(lm.model)]
+    t0 = time.perf_counter()
+    dense_w = _load_dense_weights(str(dense_spec), lm.family, names, dtype)
+    for n, lin in lm.family.iter_linears(lm.model):
+        if tuple(dense_w[n].shape) != tuple(lin.weight.shape):
+            raise ManifestError(f"{n}: dense weight {tuple(dense_w[n].shape)} vs pruned {tuple(lin.weight.shape)}; "
+                                f"{dense_spec!r} is not the model {pruned_dir} was pruned from")
+    return _Loaded(lm, str(dense_spec), dense_w, time.perf_counter() - t0)
+
+
+def _repair_pass(ld: _Loaded, refiner: DSnoTRefiner, calib_ids: torch.Tensor, device: Optional[str]):
+    """One sequential pass: each block gets its dense weights back for its statistics, then every
+    selected linear's mask is refined from the checkpoint's. Returns the driver's timing."""
+    from ..calibration import sequential_pass
+    from ..sparsity import parse_structure
+
+    family, model, dense_w = ld.lm.family, ld.model, ld.dense_w
+    patterns = {n: parse_structure(rec.structure) for n, rec in ld.lm.manifest.layers.items()}
+    pruned_w: dict[str, torch.Tensor] = {}
+    nnz_before = {n: (lin.weight != 0).sum(1) for n, lin in family.iter_linears(model)}
+
+    def on_block_start(bi: int, block) -> None:
+        # put the dense weights into the block so its statistics pass sees the dense layer's inputs
+        for short, lin in family.block_linears(block).items():
+            name = f"{family.blocks_path}.{bi}.{short}"
+            pruned_w[name] = lin.weight.data.clone()
+            lin.weight.data.copy_(dense_w[name].to(lin.weight.device, lin.weight.dtype))
+
+    def on_layer(task) -> None:
+        pruned = pruned_w.pop(task.name)
+        dense_t = task.linear.weight.data.clone()
+        keep = pruned != 0
+        new = refiner.refine(task, dense_t, pruned, keep, patterns.get(task.name), 0.0)
+        task.linear.weight.data.copy_(new.to(task.linear.weight.dtype))
+
+    timing = sequential_pass(model, family, calib_ids, on_layer, needs=refiner.needs, device=device,
+                             on_block_start=on_block_start, desc="dsnot repair")
+    for n, lin in family.iter_linears(model):
+        if not torch.equal((lin.weight != 0).sum(1).cpu(), nnz_before[n].cpu()):
+            raise SparseRuntimeInvariantError(f"dsnot changed the per-row nonzero count of {n}; this is a bug")
+    return timing
