@@ -32,8 +32,8 @@ PAPERS = "ATP 2.63x, LoSA 2.60x (LLaMA-2-7B, 70 %, CPU, DeepSparse)"
 CONFIGS = {
     "dense-bf16-lean": ("lean-cpu", "dense", "bfloat16", "18GiB"),
     "dense-bf16-torch": ("torch-cpu", "dense", "bfloat16", "18GiB"),
-    "sparse-bf16": ("sparse-cpu", "sparse", "bfloat16", "6GiB"),
-    "sparse-fp32": ("sparse-cpu", "sparse", "float32", "12GiB"),
+    "sparse-bf16": ("sparse-cpu", "sparse", "bfloat16", "8GiB"),
+    "sparse-fp32": ("sparse-cpu", "sparse", "float32", "14GiB"),
 }
 
 

@@ -12,7 +12,7 @@ from sparse_runtime.prune import PruneConfig, heldout_ids, prune_model
 
 
 def test_registry():
-    assert ALLOCATIONS.names() == ["atp", "owl", "uniform"]
+    assert ALLOCATIONS.names() == ["atp", "owl", "rmi", "uniform"]
 
 
 @pytest.mark.parametrize("S, L", [(0.5, 2), (0.7, 30), (0.6, 32), (0.8, 7)])
@@ -105,6 +105,34 @@ def test_allocation_with_every_method_averages_exactly(allocation, extra, method
         assert abs(r.measured[name] - t) < 0.02, name
 
 
+def test_rmi_is_an_allocation_for_one_shot_pruning_too():
+    """LoSA's RMI + LP through the registry: the reference is the same formulas on the DENSE model's
+    block outputs (Gram matrices of the first ``samples`` windows), the LP's box and exact mean."""
+    from sparse_runtime.allocation.rmi import GramCollector, cka_matrix, lp_allocate, rmi_importance
+    from sparse_runtime.calibration import sequential_pass
+    from sparse_runtime.data.text import c4_windows
+    from sparse_runtime.models.family import family_of
+
+    model = sr.tiny_model("llama", 0)
+    cfg = PruneConfig(method="wanda", sparsity=0.6, allocation="rmi", protocol="test",
+                      allocation_options={"delta": 0.05, "samples": 4})
+    c = cfg.calibration()
+    ids = c4_windows(sr.models.ByteTokenizer(), c["nsamples"], c["seqlen"], c["seed"], None)
+    col = GramCollector("outputs")
+    sequential_pass(model, family_of(model), ids[:4], None, needs=(), on_block_end=col)
+    imp, _ = rmi_importance(cka_matrix([col.grams[b] for b in sorted(col.grams)]))
+    r = prune_model(model, sr.models.ByteTokenizer(), cfg, calib_ids=ids)
+    rates = list(r.block_rates.values())
+    assert rates == pytest.approx(lp_allocate(imp, 0.6, 0.05), abs=1e-12)
+    assert r.allocation_info["delta"] == 0.05 and r.allocation_info["importance"] == pytest.approx(imp)
+    assert _weighted_target(r, model) == pytest.approx(0.6, abs=1e-12)
+    assert all(0.55 - 1e-12 <= x <= 0.65 + 1e-12 for x in rates)
+    with pytest.raises(ConfigError, match="samples"):
+        prune_model(sr.tiny_model("llama", 0), sr.models.ByteTokenizer(),
+                    PruneConfig(method="wanda", sparsity=0.6, allocation="rmi", protocol="test",
+                                allocation_options={"samples": 1}))
+
+
 def test_owl_unequal_blocks_average_exactly_weighted():
     model = sr.tiny_model("llama", 0)
     cfg = PruneConfig(method="wanda", sparsity=0.5, allocation="owl", owl_lambda=0.1, protocol="test",
@@ -147,3 +175,58 @@ def test_heldout_wikitext_valid_is_not_the_test_split(data_dir):
     ids, seqlen = heldout_ids(tok, PruneConfig(sparsity=0.5, allocation="atp", protocol="test", atp_heldout_windows=3))
     valid_start = (data_dir / "wikitext-2/tokens_pytorch_examples/valid.txt").read_text()[:96]
     assert tok.decode(ids) == valid_start and ids.numel() == 3 * seqlen
+
+
+def _official_owl_reference(model, ids, m: float, sparsity: float, lam: float):
+    """A plain transcription of luuyin/OWL ``prune_wanda_outlier``'s pass 1 (docs/methods.md#owl):
+    Wanda's running ``scaler_row`` per linear on the DENSE model (one window at a time; with nothing
+    pruned, the sequential propagation is the plain forward), the block's |W| sqrt(scaler_row)
+    concatenated, ``check_outlier_mean`` at M, then the numpy normalisation of the official code."""
+    import numpy as np
+    from torch import nn
+
+    rows: dict[str, list] = {}
+
+    def hook(name):
+        def add_batch(_, inp, out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).t().float()
+            state = rows.setdefault(name, [torch.zeros(x.shape[0]), 0])
+            state[0] *= state[1] / (state[1] + 1)
+            state[1] += 1
+            state[0] += torch.norm(x, p=2, dim=1) ** 2 / state[1]
+        return add_batch
+
+    layers = model.model.layers
+    handles = [lin.register_forward_hook(hook(f"{i}.{n}")) for i, layer in enumerate(layers)
+               for n, lin in layer.named_modules() if isinstance(lin, nn.Linear)]
+    with torch.no_grad():
+        for j in range(ids.shape[0]):
+            model(ids[j:j + 1], use_cache=False)
+    for h in handles:
+        h.remove()
+    lod = []
+    for i, layer in enumerate(layers):
+        metric = torch.cat([torch.flatten(lin.weight.data.abs() * torch.sqrt(rows[f"{i}.{n}"][0].reshape(1, -1)))
+                            for n, lin in layer.named_modules() if isinstance(lin, nn.Linear)])
+        lod.append(float((metric > torch.mean(metric) * m).sum().item()) / metric.numel() * 100)
+    a = np.array(lod)
+    a = (a - a.min()) * (1 / (a.max() - a.min()) * lam * 2)
+    a = a - np.mean(a) + (1 - sparsity)
+    return lod, [float(1 - x) for x in a]
+
+
+def test_owl_matches_the_official_code_on_a_tiny_model():
+    """Our LOD per block and per-block sparsities equal the official code's (pass 1 on the dense
+    model, per-block concatenation, mean-based threshold, [-lambda, lambda] around 1 - S)."""
+    from sparse_runtime.data.text import c4_windows
+
+    model = sr.tiny_model("llama", 0, num_hidden_layers=4)
+    cfg = PruneConfig(method="wanda", sparsity=0.7, allocation="owl", protocol="test",
+                      allocation_options={"m": 3.0, "lam": 0.08})
+    c = cfg.calibration()
+    ids = c4_windows(sr.models.ByteTokenizer(), c["nsamples"], c["seqlen"], c["seed"], None)
+    lod_ref, rates_ref = _official_owl_reference(model, ids, 3.0, 0.7, 0.08)
+    assert len(set(lod_ref)) == len(lod_ref)  # a spread to allocate from, not a degenerate case
+    r = prune_model(model, sr.models.ByteTokenizer(), cfg, calib_ids=ids)
+    assert r.allocation_info["lod"] == pytest.approx(lod_ref, abs=1e-9)
+    assert list(r.block_rates.values()) == pytest.approx(rates_ref, abs=1e-12)

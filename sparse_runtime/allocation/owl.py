@@ -16,6 +16,11 @@ paper's plain mean when blocks are the same size. The LOD always uses the Wanda 
 method prunes in pass 2 (as the official code does). If every block has the same LOD the
 allocation is uniform. Not implemented: OWL's per-layer-N N:M variant (an error, never ignored).
 
+Checked against the official ``prune_wanda_outlier`` (tests/test_allocation.py re-computes it the
+official way on a tiny model): same score, dense pass 1, per-block concatenation, strict ``>``,
+[0, 2 lambda] spread. Its ``main.py`` argparse default is ``Hyper_m=3``; its README runs (and our
+default) use 5, so match M when comparing against the official code (docs/methods.md#owl).
+
 Options (:class:`OWLOptions`, ``allocation_options: {m: 5, lam: 0.08}``; the older flat
 ``owl_m``/``owl_lambda`` are aliases).
 """

@@ -400,8 +400,8 @@ class StreamedModel:
         self._verified.add(i)
 
     def release_block(self, i: int) -> None:
-        block = self.blocks[i]
-        if next(block.parameters()).device.type != "meta":
+        block = self.blocks[i]  # a caller may already have released some of its modules
+        if any(p.device.type != "meta" for p in block.parameters()):
             block.to("meta")
             self.live_blocks -= 1
 

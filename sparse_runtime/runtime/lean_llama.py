@@ -424,6 +424,7 @@ class LeanLlama:
         self.lm_head = self.embed if tied else head.to(dtype, copy=True).contiguous()  # tied: the same tensor
         self.final_norm = _own(inner.norm.weight)
         self.lm_bias = None if model.lm_head.bias is None else _own(model.lm_head.bias)
+        del emb, head  # views of the source's tensors: held past here they would double the table's memory
         if streamed is not None:
             streamed.release_head()
             streamed.release_embed()
@@ -431,21 +432,27 @@ class LeanLlama:
         window = FAMILIES[cfg.model_type]
         self.layers: list[LeanLayer] = []
         sc = self.scratch
+        def fused(lins: list[nn.Linear]) -> FusedLinear:
+            # the source linears go as soon as their fused form exists: a block's peak is its
+            # unfused rest plus one fused group, not the whole block twice
+            f = FusedLinear(lins, lean, self.isa, sc)
+            if streamed is not None:
+                for lin in lins:
+                    lin.to("meta")
+            elif release_source:
+                _release_linears(*lins)
+            return f
+
         for i, blk in enumerate(inner.layers):
             if streamed is not None:
                 streamed.load_block(i)  # fills this skeleton block in place (the compute dtype)
             a, m = blk.self_attn, blk.mlp
             self.layers.append(LeanLayer(
                 _own(blk.input_layernorm.weight), _own(blk.post_attention_layernorm.weight),
-                FusedLinear([a.q_proj, a.k_proj, a.v_proj], lean, self.isa, sc),
-                FusedLinear([a.o_proj], lean, self.isa, sc),
-                FusedLinear([m.gate_proj, m.up_proj], lean, self.isa, sc),
-                FusedLinear([m.down_proj], lean, self.isa, sc),
-                window(cfg, i)))
+                fused([a.q_proj, a.k_proj, a.v_proj]), fused([a.o_proj]), fused([m.gate_proj, m.up_proj]),
+                fused([m.down_proj]), window(cfg, i)))
             if streamed is not None:
                 streamed.release_block(i)
-            elif release_source:
-                _release_linears(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         if release_source:
             gc.collect()
         q_rows = self.layers[0].qkv.shape[0]
