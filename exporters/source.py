@@ -19,12 +19,11 @@ import torch
 
 from sparse_runtime.manifest import MANIFEST_NAME, Manifest, build_manifest
 from sparse_runtime.models import LoadedModel, load_model
+from sparse_runtime.models.streaming import SIDE_FILES
 from sparse_runtime.sparsity import detect_nm
 
 # Files copied verbatim from a source HF directory into exports that keep the HF layout.
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                 "chat_template.jinja")
+HF_SIDE_FILES = ("config.json", *SIDE_FILES)  # config, generation config and tokenizer files
 
 
 @dataclass

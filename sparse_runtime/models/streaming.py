@@ -464,34 +464,25 @@ def available_memory() -> tuple[int, str]:
 
 
 def _cgroup_room() -> Optional[tuple[int, str]]:
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
+    """Room left under this process's memory cgroup limit (the controller found as the capped
+    benchmark runner finds it, :mod:`sparse_runtime.measure.cgroup`), or None without a limit."""
+    from ..measure.cgroup import detect_memory_cgroup
+
+    cg, _ = detect_memory_cgroup()
+    if cg is None:
         return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, ctrl, rel = parts
-        if ctrl == "":  # v2
-            base = Path("/sys/fs/cgroup") / rel.lstrip("/")
-            lim, cur = base / "memory.max", base / "memory.current"
-        elif "memory" in ctrl.split(","):
-            base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
-            lim, cur = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
-        else:
-            continue
-        try:
-            text = lim.read_text().strip()
-            if text == "max" or int(text) >= (1 << 60):
-                continue
-            limit = int(text)
-            used = int(cur.read_text().strip()) if cur.exists() else 0
-            used -= _reclaimable_cache(base)
-            return max(0, limit - max(0, used)), f"cgroup limit {limit / 2**30:.1f} GiB"
-        except (OSError, ValueError):
-            continue
-    return None
+    f = cg.files()
+    try:
+        text = (cg.parent / f["limit"]).read_text().strip()
+        if text == "max" or int(text) >= (1 << 60):
+            return None
+        limit = int(text)
+        usage = cg.parent / f["usage"]
+        used = int(usage.read_text().strip()) if usage.exists() else 0
+    except (OSError, ValueError):
+        return None
+    used -= _reclaimable_cache(cg.parent)
+    return max(0, limit - max(0, used)), f"cgroup limit {limit / 2**30:.1f} GiB"
 
 
 def _reclaimable_cache(base: Path) -> int:
