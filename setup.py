@@ -19,11 +19,11 @@ _openmp = [] if os.environ.get("SPARSE_RUNTIME_NO_OPENMP") or sys.platform == "d
 ext = Extension(
     "sparse_runtime.kernels._sparse_kernels",
     # the inference kernels (with the lean decode step and the ONNX Runtime op they include) and
-    # SparseGPT's column solver, one shared object
-    sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp"],
+    # SparseGPT's column solver, and the bf16 rebuild of packed weights for prefill, one shared object
+    sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp", "csrc/densify.cpp"],
     # the C interface (sparse_runtime.h), the shared internals, the included parts, ORT's ABI
-    depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/lean_decode.inc", "csrc/ort_op.inc",
-             "csrc/ort_abi.h"],
+    depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/lean_decode.inc", "csrc/quant_kernels.inc",
+             "csrc/ort_op.inc", "csrc/ort_abi.h"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti",
                         "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-uninitialized", *_openmp],

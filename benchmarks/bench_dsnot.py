@@ -2,7 +2,9 @@
 
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_dsnot.py [--pairs a,b,...] [--merge]
 
-Pairs (``--pairs``, default all): Wanda 60 %, 70 %, 2:4; magnitude 60 %; SparseGPT 70 %; ATP+Wanda 70 %.
+Pairs (``--pairs``, default all): Wanda 50 %, 60 %, 70 %, 2:4; magnitude 60 %; SparseGPT 70 %; ATP+Wanda 70 %.
+The table is written after every pair; ``--merge`` keeps the rows of pairs this invocation does not
+run, so a long run can be done (or resumed after an interruption) a few pairs at a time.
 Each pair prunes the dense model twice on the SAME calibration windows: once plainly, once with DSnoT
 fused into the same sequential pass (``prune_model(..., refiner=DSnoTRefiner(...))``), so the only
 difference is DSnoT. ATP's beta is searched once (held-out WikiText-2 validation) for the plain run
@@ -44,7 +46,7 @@ PAIRS: dict[str, dict] = {
 }
 COLUMNS = ["config", "ppl before", "ppl after", "gain", "prune s", "dsnot s", "1 calib fwd s", "same-pass fwd s",
            "dsnot/fwd",
-           "swaps", "rows changed", "mean |e| before", "mean |e| after", "measured before", "measured after", "detail"]
+           "swaps", "rows changed", "blocks reverted", "mean |e| before", "mean |e| after", "measured before", "measured after", "detail"]
 
 
 def _measured(lm) -> float:
@@ -112,6 +114,9 @@ def main() -> None:
                "same-pass fwd s": round(same, 1), "dsnot/fwd": round(s["seconds"] / min(plain, same), 3),
                "swaps": s["swaps"],
                "rows changed": f"{s['rows_changed']}/{s['rows']}",
+               "blocks reverted": (f"{len(s['blocks_reverted'])}/{s['blocks_guarded']}"
+                                   + (f" ({', '.join(map(str, s['blocks_reverted']))})" if s["blocks_reverted"] else "")
+                                   if s["guard"] != "none" else "no guard"),
                "mean |e| before": float(f"{s['mean_abs_error_before']:.4g}"),
                "mean |e| after": float(f"{s['mean_abs_error_after']:.4g}"),
                "measured before": round(m0, 4), "measured after": round(_measured(lm), 4),
@@ -138,6 +143,10 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
              "mean |e| = mean over refined rows of the expected output error |e_r| = |sum_pruned W_rj E[x_j]| (per token), "
              "before and after DSnoT; rows changed = rows with at least one accepted swap",
              "N:M = N zeros of every M inputs of a row (2:4 keeps 2 of 4)",
+             "blocks reverted = blocks where the block guard kept the pruner's masks because DSnoT did not lower the "
+             "block's output error against the dense block (of the blocks DSnoT changed; block indices in brackets; "
+             "docs/dsnot.md#the-block-guard); swaps and rows changed count only the swaps kept; dsnot s includes the guard; "
+             "a row with this column empty was kept by --merge from a run before the guard existed (unguarded DSnoT)",
              f"DSnoT never worse: {'yes' if not worse else 'NO: ' + ', '.join(worse)}; "
              f"DSnoT below one calibration forward: {'yes' if not slow else 'NO: ' + ', '.join(slow)}",
              f"this invocation: {', '.join(names)}; wall {time.perf_counter() - t_run:.0f} s"]

@@ -290,6 +290,7 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
     from sparse_runtime.merge import merge_adapter_dir
     from sparse_runtime.training import TrainConfig, finetune
     from sparse_runtime.training.checkpoint import latest_checkpoint, read_state
+    from sparse_runtime.training.engine import _stale_runs
 
     work, budget = Work(args.model, args.protocol), budget_of(args)
     base_dir = work.base_dir(cfg.base)
@@ -313,12 +314,14 @@ def worker_finetune(cfg: Config, args) -> dict[str, Any]:
         attach_saved_adapter(lm.model, lm.family, adapter, lm.manifest)
         _on_device(lm, args)
     else:
-        resume = latest_checkpoint(adapter) is not None and not args.retrain
-        if resume:
-            print(f"[{cfg.name}] resuming from {latest_checkpoint(adapter)}", flush=True)
+        # resume=True also continues a killed run, whose checkpoints lie in its hidden run directory beside
+        # ``adapter`` (training writes there until it completes)
+        resume = not args.retrain and (latest_checkpoint(adapter) is not None or bool(_stale_runs(adapter)))
         with tf32_training(args.tf32):  # evaluation below stays full fp32
             res, lm = finetune(str(base_dir), adapter, tc, dict(cfg.options), data_dir=args.data_dir, resume=resume,
-                               overwrite=not resume, device=None if args.device == "cpu" else args.device)
+                               overwrite=True, device=None if args.device == "cpu" else args.device)
+        if res.resumed_from:
+            print(f"[{cfg.name}] resumed from {res.resumed_from}", flush=True)
         train = res.as_dict()
         train["reused"] = False
     train_wall = time.perf_counter() - t0

@@ -34,6 +34,10 @@ CONFIGS = {
     "dense-bf16-torch": ("torch-cpu", "dense", "bfloat16", "18GiB"),
     "sparse-bf16": ("sparse-cpu", "sparse", "bfloat16", "8GiB"),
     "sparse-fp32": ("sparse-cpu", "sparse", "float32", "14GiB"),
+    # int8 values (per-channel symmetric codes, fp32 scales; lm_head int8 too), quantized at load by
+    # round-to-nearest (docs/quantization.md): the sparse row capped at the 6 GiB target
+    "dense-int8-lean": ("lean-cpu", "dense", "int8", "12GiB"),
+    "sparse-int8": ("sparse-cpu", "sparse", "int8", "6GiB"),
 }
 
 
@@ -129,8 +133,12 @@ def main(argv=None) -> int:
         if which == "sparse" and d and r.get("decode b1 @ ctx 128"):
             row["decode speedup"] = round(d["decode b1 @ ctx 128"]["median"] / r["decode b1 @ ctx 128"]["median"], 2)
             row["prefill speedup"] = round(d["prefill b1 x 128"]["median"] / r["prefill b1 x 128"]["median"], 2)
-            vb = 2 if dtype == "bfloat16" else 4
+            vb = {"bfloat16": 2, "int8": 1}.get(dtype, 4)
             row["bandwidth bound"] = round(bound(a.sparse, vb, vocab_hidden) * (2 / vb), 2)  # vs dense bf16 bytes
+        q = results.get("dense-int8-lean", {})
+        if which == "sparse" and dtype == "int8" and q.get("decode b1 @ ctx 128") and r.get("decode b1 @ ctx 128"):
+            row["vs dense int8 (decode)"] = round(q["decode b1 @ ctx 128"]["median"] / r["decode b1 @ ctx 128"]["median"], 2)
+            row["bound vs dense int8"] = round(bound(a.sparse, 1, vocab_hidden), 2)
         rows.append(row)
     print(json.dumps(rows, indent=1))
     if a.save:

@@ -12,7 +12,7 @@
 //            values float  [nnz], row_ptr int64 [N + 1] as above
 //
 // Paths: bitmask x {avx512 (expand-load), avx2 (left-pack of x), portable}; csr16 x {avx2 (gathers),
-// portable}.
+// portable}. int8/int4 codes with fp32 scales (dense and bitmask layouts): quant_kernels.inc.
 // All entry points are plain C (loaded with ctypes), declared in sparse_runtime.h; the Python module
 // init below exists only so that setuptools builds and installs this file as an ordinary extension
 // module. SparseGPT's column solver (also in this shared object) is in sparsegpt_solver.cpp.
@@ -772,7 +772,8 @@ int64_t sr_field_offset(const char* struct_name, const char* field) {
 #define F(T, f) {#T, #f, offsetof(T, f)}
     static const Field fields[] = {
         F(SRLinear, kind), F(SRLinear, isa), F(SRLinear, N), F(SRLinear, K), F(SRLinear, index),
-        F(SRLinear, values), F(SRLinear, row_ptr), F(SRLinear, bias),
+        F(SRLinear, values), F(SRLinear, row_ptr), F(SRLinear, bias), F(SRLinear, vtype), F(SRLinear, pad_),
+        F(SRLinear, group), F(SRLinear, scales), F(SRLinear, zeros),
         F(SRLayer, in_norm), F(SRLayer, post_norm), F(SRLayer, qkv), F(SRLayer, o), F(SRLayer, gate_up),
         F(SRLayer, down), F(SRLayer, k_cache), F(SRLayer, v_cache), F(SRLayer, window),
         F(SRModel, n_layers), F(SRModel, hidden), F(SRModel, inter), F(SRModel, n_heads), F(SRModel, n_kv_heads),
@@ -1054,6 +1055,9 @@ void sr_csr16_densify(int64_t K, int64_t N, const uint16_t* idx, const float* va
 }
 
 }  // extern "C"
+
+// Quantized values (int8/int4 codes + scales) for the dense and bitmask layouts.
+#include "quant_kernels.inc"
 
 // The lean batch-1 decode step (a whole token in one parallel region; reuses the row kernels above).
 #include "lean_decode.inc"

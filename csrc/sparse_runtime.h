@@ -17,26 +17,37 @@
 // Instruction-set paths (the `isa` argument; bit i of sr_cpu_features() says the CPU runs path i).
 enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
 // Call-counter slots per ISA (sr_get_counters).
-enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_NLAYOUT = 4 };
-enum { SR_FEAT_VBMI2 = 1 << 3 };  // feature bit: AVX512-VBMI2 (16-bit expand), needed by the bf16 AVX-512 path
+enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_BITMASK_INT8 = 4, SR_BITMASK_INT4 = 5,
+       SR_DENSE_INT8 = 6, SR_DENSE_INT4 = 7, SR_NLAYOUT = 8 };
+// feature bit: AVX512-VBMI2 (16/8-bit expand), needed by the bf16 and the quantized AVX-512 paths
+enum { SR_FEAT_VBMI2 = 1 << 3 };
 // Return codes of the int-returning entry points.
 enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
 // SRLinear.kind
 enum { SR_LIN_DENSE = 0, SR_LIN_BITMASK = 1, SR_LIN_CSR16 = 2 };
+// SRLinear.vtype: fp32 values, or int8 / int4 codes with float32 scales (quant_kernels.inc)
+enum { SR_VT_F32 = 0, SR_VT_INT8 = 1, SR_VT_INT4 = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // The lean decode step's model description (lean_decode.inc; mirrored by CLinear, CLayer and
 // CModel in sparse_runtime/kernels/decode.py).
 // ---------------------------------------------------------------------------------------------
-// One linear layer of the step: dense or a packed sparse layout, optional bias.
+// One linear layer of the step: dense or a packed sparse layout, optional bias; fp32 values or
+// quantized codes (vtype; the code layouts and the dequantization are in quant_kernels.inc).
 typedef struct {
     int32_t kind;  // 0 dense (weight), 1 bitmask (index = uint32 mask), 2 csr16 (index = uint16)
     int32_t isa;   // SR_PORTABLE / SR_AVX2 / SR_AVX512
     int64_t N, K;  // out, in features
     const void* index;
-    const float* values;  // packed nonzeros (sparse) or the dense [N, K] row-major weight
-    const int64_t* row_ptr;
+    const float* values;  // packed nonzeros (sparse) or the dense [N, K] row-major weight; the codes
+                          // (bytes) when vtype != SR_VT_F32
+    const int64_t* row_ptr;  // quantized bitmask: byte offset of each row's codes
     const float* bias;  // NULL: none
+    int32_t vtype;      // SR_VT_F32 / SR_VT_INT8 / SR_VT_INT4 (int4: dense or bitmask only)
+    int32_t pad_;
+    int64_t group;        // quantized: columns per scale (32/64/128, dividing K); 0 = one scale per row
+    const float* scales;  // quantized: [N, G] (G = K / group, or 1)
+    const float* zeros;   // quantized asymmetric: [N, G] zero points (integers as float); NULL: symmetric
 } SRLinear;
 
 typedef struct {
@@ -55,7 +66,7 @@ typedef struct {
     int64_t n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, cap;
     float eps;
     int32_t pad_;
-    const float* embed;       // [vocab, hidden]
+    const float* embed;       // [vocab, hidden]; NULL: rows dequantized from the (tied, quantized) lm_head
     const float* final_norm;  // [hidden]
     SRLinear lm_head;
     const SRLayer* layers;
@@ -106,12 +117,39 @@ int64_t sr_decode_scratch_floats(const SRModel* m);
 void sr_decode_profile(int on);
 void sr_decode_profile_get(double* out);
 int sr_linear_desc_run(const SRLinear* L, const float* x, float* y, int n_threads);
+// y [B, N] = x [B, K] W^T + b for any descriptor at any batch (fp32 or quantized; the standalone
+// entry of the quantized kernels), and the listed rows (all when rows is NULL, n = N) of a quantized
+// descriptor dequantized into out [n, K] (prefill's dense form, the tied embedding's rows).
+int sr_linear_desc_run_batch(const SRLinear* L, const float* x, int64_t B, float* y, int n_threads);
+int sr_linear_desc_densify_rows(const SRLinear* L, const int64_t* rows, int64_t n, float* out, int n_threads);
 int sr_decode_step(const SRModel* m, int64_t token, int64_t pos, const float* cos_, const float* sin_,
                    float* logits, int n_threads);
 int sr_decode_step_batch(const SRModel* m, int64_t B, const int64_t* tokens, const int64_t* slots,
                          const int64_t* pos, float* k_base, float* v_base, int64_t n_slots, const float* cos_table,
                          const float* sin_table, float* logits, int n_threads);
 
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// densify to bf16 (densify.cpp): a packed weight rebuilt into a dense bf16 [N, K] row-major matrix,
+// the weight of prefill's bf16 GEMM (sparse_runtime/kernels/prefill.py). fp32 values are rounded to
+// nearest even exactly as torch's .to(torch.bfloat16); bf16 values are copied bit for bit.
+// ---------------------------------------------------------------------------------------------
+enum { SR_VAL_F32 = 0, SR_VAL_BF16 = 1 };  // val_dtype: the packed values' storage
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+// 1 when path isa runs this layout (SR_BITMASK / SR_CSR16) and value dtype on this CPU (AVX-512
+// bitmask with bf16 values needs VBMI2), else 0.
+int sr_densify_bf16_supported(int isa, int layout, int val_dtype);
+// out[N, K] (uint16 bf16 bits) from the whole packed arrays; SR_OK, SR_EUNSUPPORTED or SR_EARG.
+int sr_bitmask_densify_bf16(int isa, int64_t K, int64_t N, const uint32_t* mask, const void* vals, int val_dtype,
+                            const int64_t* rp, uint16_t* out, int n_threads);
+int sr_csr16_densify_bf16(int isa, int64_t K, int64_t N, const uint16_t* idx, const void* vals, int val_dtype,
+                          const int64_t* rp, uint16_t* out, int n_threads);
 #ifdef __cplusplus
 }  // extern "C"
 #endif

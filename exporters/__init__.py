@@ -7,6 +7,9 @@ Formats (one module each, registered in :data:`EXPORTERS`):
 - ``onnx`` (:mod:`exporters.onnx_ort`): decoder with KV cache for ONNX Runtime (optimum's
   text-generation-with-past graph); float32 or float16; optional ORT graph optimisation; optional
   ONNX sparse initializers (smaller file only: ORT densifies them on load); external data > 2 GB.
+- ``onnx-int8`` / ``onnx-int4`` (:mod:`exporters.onnx_quant`): the ``onnx`` graph quantized by ONNX
+  Runtime's own tools (dynamic int8 / MatMulNBits int4 blocks), lm_head included: the dense quantized
+  baselines of the ``ort-int8`` / ``ort-int4`` engines.
 - ``deepsparse`` (:mod:`exporters.onnx_deepsparse`): static-shape prefill + fixed-cache decode
   graphs, opset 18 / IR 8, with DeepSparse's share of optimised ops when its engine is installed.
 - ``semi-structured`` (:mod:`exporters.semi_structured`): 2:4 values + 2-bit position metadata,
@@ -70,7 +73,7 @@ class Exporter:
 
 
 EXPORTERS: Registry[type[Exporter]] = Registry("export format")
-_MODULES = ("onnx_ort", "onnx_deepsparse", "semi_structured", "bitmask")
+_MODULES = ("onnx_ort", "onnx_deepsparse", "semi_structured", "bitmask", "onnx_quant")
 
 
 def _discover() -> None:

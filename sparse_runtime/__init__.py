@@ -19,7 +19,7 @@ from .eval.perplexity import PerplexityResult, wikitext2_perplexity
 from .eval.zeroshot import TASK_SETS, ZEROSHOT_TASKS, ZeroShotResult, evaluate_zeroshot
 from .prune import PruneConfig, PruneResult, prune_checkpoint, prune_model
 from . import verbs as _verbs
-from .verbs import bench, export, finetune
+from .verbs import bench, export, finetune, quantize
 
 # ``prune``, ``repair`` and ``merge`` are modules too: they are made callable rather than hidden (verbs.py)
 prune = _verbs.make_module_verb(f"{__name__}.prune", _verbs.prune)
@@ -33,5 +33,5 @@ __all__ = [
     "tiny_model", "PROTOCOLS", "Protocol", "get_protocol", "NMPattern", "nm_compliant", "parse_structure",
     "sparsity_of", "PerplexityResult", "wikitext2_perplexity", "TASK_SETS", "ZEROSHOT_TASKS", "ZeroShotResult",
     "evaluate_zeroshot", "PruneConfig", "PruneResult", "prune_checkpoint", "prune_model",
-    "prune", "repair", "finetune", "merge", "export", "bench",
+    "prune", "repair", "finetune", "merge", "export", "bench", "quantize",
 ]

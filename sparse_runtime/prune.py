@@ -160,6 +160,9 @@ class PruneConfig:
             raise ConfigError(f"unknown refiner {self.refine!r}; choose one of: {', '.join(sorted(_REFINER_MODULES))}")
         if not isinstance(self.refine_options, dict):
             raise ConfigError("refine_options must be a mapping of option names to values")
+        if self.refine is not None and getattr(getattr(pruner, "options", None), "quant", None):
+            raise ConfigError("a refiner after the joint quantization would move values off the grid: drop --refine, "
+                              "or prune and repair first, then `sparse-runtime quantize`")
 
 
 _PRUNE_DEFAULTS = {f.name: f.default for f in fields(PruneConfig)}
@@ -410,6 +413,9 @@ class _Pruning:
             self.prune_linear(task, targets[task.name])
 
         desc = desc or f"prune {self.cfg.method}"
+        guard = getattr(self.refiner, "on_block_end", None)  # a refiner's block check (DSnoT's guard)
+        if guard is not None:
+            after, on_block_end = on_block_end, (lambda *a: (guard(*a), after and after(*a)))
         if self.uses_data:
             return self._driver(on_layer, self.needs, lambda n: n in targets, desc, on_block_end)
         t0 = time.perf_counter()  # plain magnitude: no calibration data needed
@@ -565,12 +571,14 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
          "allocation_s": alloc_s - (timing.total_s if reused else 0.0),
          "prune_pass_s": timing.total_s, "calibration_forward_s": timing.forward_s,
          "stats_mask_s": timing.layer_s, "embed_s": timing.embed_s}
-    return PruneResult(method=cfg.method, structure=structure_name(cfg.pattern), allocation=cfg.allocation,
-                       sparsity_target=target_w, sparsity_measured=nz / nn_, targets=targets, structures=structures,
-                       measured=measured, block_rates=dict(zip(layout.blocks, alloc.rates)),
-                       allocation_info=alloc.info, timing=t, peak_rss_mb=peak.read_mb(), calibration=calib,
-                       refiner=refiner_name,
-                       options={"method": _options_dict(pruner), "allocation": _options_dict(allocator)})
+    result = PruneResult(method=cfg.method, structure=structure_name(cfg.pattern), allocation=cfg.allocation,
+                         sparsity_target=target_w, sparsity_measured=nz / nn_, targets=targets, structures=structures,
+                         measured=measured, block_rates=dict(zip(layout.blocks, alloc.rates)),
+                         allocation_info=alloc.info, timing=t, peak_rss_mb=peak.read_mb(), calibration=calib,
+                         refiner=refiner_name,
+                         options={"method": _options_dict(pruner), "allocation": _options_dict(allocator)})
+    result._quantized = getattr(pruner, "quantized", None)  # SparseGPT's joint quant option (docs/quantization.md#joint)
+    return result
 
 
 def _dense_source(lm, model_spec) -> str:
@@ -600,6 +608,9 @@ def prune_checkpoint(model_spec, cfg: PruneConfig, out, overwrite: bool = False,
     out = refuse_output(out, overwrite, (model_spec,))  # before loading anything, streamed or not
     path = stream_path(model_spec, dtype, stream)
     if path is not None:
+        if getattr(getattr(make_pruner(cfg), "options", None), "quant", None):
+            raise ConfigError(f"the joint quantization (quant option) runs in memory and {model_spec} would be "
+                              "streamed: prune without it (streamed), then `sparse-runtime quantize` on a larger machine")
         return _prune_streamed(model_spec, path, cfg, out, overwrite, data_dir, dtype, refiner, plot)
 
     def load():
@@ -614,17 +625,28 @@ def prune_checkpoint(model_spec, cfg: PruneConfig, out, overwrite: bool = False,
         prev = lm.manifest
         targets = _all_targets(result, lm.family, lm.model, prev)
         step = _step_record(model_spec, cfg, result)
-        storage = _storage_dtype(lm)
+        from .quant.apply import joint_quantization
+
+        result._joint = joint_quantization(lm.model, lm.family, getattr(result, "_quantized", None))
+        storage = None if result._joint else _storage_dtype(lm)  # quantized values stay float32 (on the grid)
         if storage is not None and storage != next(lm.model.parameters()).dtype:
             lm.model.to(storage)  # bf16 in, bf16 out: the compute dtype is not the stored one
         step["storage_dtype"] = str(next(lm.model.parameters()).dtype).replace("torch.", "")
         result.checkpoint = str(out)
         return build_manifest(lm.model, lm.family, targets=targets, structures=result.structures,
                               base_model=(prev.base_model if prev and prev.base_model else str(model_spec)),
-                              dense_source=_dense_source(lm, model_spec), previous=prev, step=step)
+                              dense_source=_dense_source(lm, model_spec), previous=prev, step=step,
+                              extra={"quantization": result._joint.record()} if result._joint else None)
+
+    def write_extra(tmp, result) -> None:
+        _write_report(result, cfg, out, tmp, plot)
+        if getattr(result, "_joint", None):
+            from .quant.apply import write_side_file
+
+            write_side_file(tmp, result._joint)
 
     return checkpoint_step(out, overwrite=overwrite, inputs=(model_spec,), load=load, work=work, manifest=manifest,
-                           write_extra=lambda tmp, result: _write_report(result, cfg, out, tmp, plot)).result
+                           write_extra=write_extra).result
 
 
 def _all_targets(result: PruneResult, family, model, prev) -> dict[str, float]:

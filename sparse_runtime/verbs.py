@@ -1,5 +1,5 @@
-"""The six verbs of the package, one function each: ``sr.prune``, ``sr.repair``, ``sr.finetune``,
-``sr.merge``, ``sr.export``, ``sr.bench``.
+"""The verbs of the package, one function each: ``sr.prune``, ``sr.repair``, ``sr.finetune``,
+``sr.merge``, ``sr.export``, ``sr.bench``, ``sr.quantize``.
 
 Every verb has the same shape, ``verb(source, config, out, **options) -> result``: the model or
 checkpoint it reads, the options of its method in the config object that method already has
@@ -111,6 +111,22 @@ def bench(dense, config=None, out: Optional[os.PathLike] = None, *, sparse: Iter
     return result
 
 
+def quantize(checkpoint, config=None, out: Optional[os.PathLike] = None, *, overwrite: bool = False,
+             **options: Any):
+    """Quantize the kept weights of ``checkpoint`` (``config``: a
+    :class:`~sparse_runtime.quant.apply.QuantizeConfig`, a scheme name such as ``"int4-g128"``, or a
+    mapping of its fields) into ``out``; returns the :class:`~sparse_runtime.quant.apply.QuantizeResult`.
+    Options: those of :func:`~sparse_runtime.quant.apply.quantize_checkpoint` (``data_dir``, ...)."""
+    from .options import options_from_dict
+    from .quant.apply import QuantizeConfig, quantize_checkpoint
+
+    if config is None or isinstance(config, str):
+        config = QuantizeConfig() if config is None else QuantizeConfig(scheme=config)
+    elif isinstance(config, Mapping):
+        config = options_from_dict(QuantizeConfig, dict(config), "quantize option")
+    return quantize_checkpoint(checkpoint, config, _need_out(out, "quantize"), overwrite=overwrite, **options)
+
+
 def _need_out(out: Optional[os.PathLike], verb: str) -> os.PathLike:
     if out is None or not str(out).strip():
         raise ConfigError(f"{verb} writes a new directory: pass out=<path>")
@@ -133,4 +149,5 @@ def make_module_verb(module_name: str, verb) -> types.ModuleType:
     return mod
 
 
-VERBS = {"prune": prune, "repair": repair, "finetune": finetune, "merge": merge, "export": export, "bench": bench}
+VERBS = {"prune": prune, "repair": repair, "finetune": finetune, "merge": merge, "export": export, "bench": bench,
+         "quantize": quantize}

@@ -402,3 +402,106 @@ def test_gram_objective_needs_the_second_moment_and_is_gathered_when_fused():
     ref = DSnoTRefiner(objective="gram", threshold=0.0)
     prune_model(lm.model, lm.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), refiner=ref)
     assert ref.summary()["swaps"] > 0
+
+
+# -- the block guard (docs/dsnot.md#the-block-guard) ---------------------------------------------
+class _Block(torch.nn.Module):
+    """A one-linear 'block' for the guard: its output is the linear's (no residual)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        self.lin.weight.data.copy_(w)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _guarded_block(pattern, guard_on_stats_inputs: bool, **options):
+    """DSnoT on a block whose statistics come from inputs with a large mean (what DSnoT optimises),
+    then the guard on the stats' own inputs or on zero-mean inputs of the same spread. There the
+    mean error DSnoT cancels is absent and only the variance its swaps add remains: DSnoT makes the
+    block worse, as inputs unlike the statistics do inside a real block."""
+    from sparse_runtime.calibration import BlockInputs, InputStatistics, LayerTask
+    from sparse_runtime.pruning.wanda import wanda_mask
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 16, 64
+    w = torch.randn(rows, cols, generator=g)
+    spread = torch.rand(cols, generator=g) + 0.2
+    z = torch.randn(2, 64, cols, generator=g) * spread
+    x_stats = z + 2.0 * torch.randn(cols, generator=g)
+    stats = InputStatistics(cols, frozenset({"norm", "mean", "var", "hessian"}))
+    stats.add_batch(x_stats)
+    block = _Block(w)
+    keep = wanda_mask(w, stats.norm, 0.5, pattern)
+    pruned = w * keep
+    ref = DSnoTRefiner(threshold=0.0, **options)
+    new = ref.refine(LayerTask(0, "b.0.lin", "lin", block.lin, stats), w.clone(), pruned.clone(), keep, pattern, 0.5)
+    assert not torch.equal(new, pruned), "the construction needs DSnoT to change the mask"
+    block.lin.weight.data.copy_(new)
+    hidden = [x_stats if guard_on_stats_inputs else z]
+    outs = [block(h) for h in hidden]
+    ref.on_block_end(0, block, BlockInputs(hidden, {}), outs)
+    return ref, block, keep, pruned, new, hidden, outs
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_guard_keeps_the_pruner_mask_where_dsnot_worsens_the_block(pattern):
+    ref, block, keep, pruned, new, hidden, outs = _guarded_block(pattern, guard_on_stats_inputs=False)
+    log = ref.guard_log[0]
+    assert not log["kept"] and log["error_dsnot"] > log["error_pruner"]
+    assert torch.equal(block.lin.weight.data, pruned)  # the pruner's weights are back
+    assert torch.equal((block.lin.weight != 0).sum(1), keep.sum(1))  # per-row sparsity exact
+    if pattern is not None:
+        assert nm_compliant(block.lin.weight.data, pattern)
+    assert torch.allclose(outs[0], block(hidden[0]))  # the next block sees the kept block
+    s = ref.summary()
+    assert s["blocks_reverted"] == [0] and s["swaps"] == 0 and s["swaps_reverted"] > 0 and s["rows_changed"] == 0
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_guard_keeps_dsnot_where_it_lowers_the_block_error(pattern):
+    # objective=gram lowers the layer's exact error on the statistics' inputs, so on them it must stay
+    ref, block, keep, pruned, new, hidden, outs = _guarded_block(pattern, guard_on_stats_inputs=True, objective="gram")
+    assert ref.guard_log[0]["kept"] and ref.guard_log[0]["error_dsnot"] < ref.guard_log[0]["error_pruner"]
+    assert torch.equal(block.lin.weight.data, new)
+    assert torch.equal((block.lin.weight != 0).sum(1), keep.sum(1))
+    assert ref.summary()["blocks_reverted"] == [] and ref.summary()["swaps"] > 0
+
+
+def test_guard_off_is_the_unguarded_behaviour():
+    ref, block, keep, pruned, new, hidden, outs = _guarded_block(None, guard_on_stats_inputs=False, guard="none")
+    assert ref.guard_log == [] and torch.equal(block.lin.weight.data, new)
+
+
+def test_guard_options_parse():
+    assert DSnoTConfig().guard == "block" and DSnoTConfig().guard_samples == 8
+    assert make_config({"guard": "none"}).guard == "none"
+    assert make_config({"guard": False}).guard == "none"  # YAML `guard: off`
+    assert make_config({"guard_samples": 4.0}).guard_samples == 4
+    assert make_config({"preset": "official"}).guard == "none"
+    assert make_config({"preset": "official", "guard": "block"}).guard == "block"
+    with pytest.raises(ConfigError, match="guard"):
+        make_config({"guard": "layer"})
+    with pytest.raises(ConfigError, match="guard_samples"):
+        make_config({"guard_samples": 0})
+
+
+def test_guard_runs_in_the_fused_pass_and_keeps_counts():
+    from sparse_runtime.prune import PruneConfig, prune_model
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = _tiny()
+    prune_model(base.model, base.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), calib_ids=ids)
+    lm = _tiny()
+    ref = DSnoTRefiner(threshold=0.0, guard_samples=2)
+    prune_model(lm.model, lm.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), calib_ids=ids,
+                refiner=ref)
+    s = ref.summary()
+    assert s["blocks_guarded"] == len(lm.family.blocks(lm.model)) and s["guard_seconds"] > 0
+    for (n, a), (_, b) in zip(base.family.iter_linears(base.model), lm.family.iter_linears(lm.model)):
+        assert torch.equal((a.weight != 0).sum(1), (b.weight != 0).sum(1)), n
+        rec = ref.records[n]
+        assert rec.reverted == (int(n.split(".")[2]) in s["blocks_reverted"] and rec.swaps_reverted > 0), n
+        assert not rec.reverted or rec.swaps == 0

@@ -25,8 +25,8 @@ def ckpts(tmp_path_factory):
     return out
 
 
-def test_registry_lists_the_four_formats():
-    assert formats() == ["bitmask", "deepsparse", "onnx", "semi-structured"]
+def test_registry_lists_the_formats():
+    assert formats() == ["bitmask", "deepsparse", "onnx", "onnx-int4", "onnx-int8", "semi-structured"]
     with pytest.raises(ConfigError, match="choose one of"):
         export("tiny-llama", "tflite", "/nonexistent/x")
 

@@ -37,7 +37,7 @@ class _Grown(ctypes.Structure):  # CModel with one field too many: a different s
 class _Swapped(ctypes.Structure):  # CLinear with N and K swapped for pointers: same size, other offsets
     _fields_ = [("kind", ctypes.c_int32), ("isa", ctypes.c_int32), ("index", ctypes.c_void_p),
                 ("values", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("row_ptr", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("row_ptr", ctypes.c_void_p), ("bias", ctypes.c_void_p), *decode.CLinear._fields_[8:]]
 
 
 _GROWN = f"SRModel is {ctypes.sizeof(decode.CModel)} bytes in the library, {ctypes.sizeof(_Grown)} in Python"

@@ -34,7 +34,7 @@ def test_options_are_built_validated_and_named_in_errors():
     assert make_pruner(cfg).options == SparseGPTOptions(percdamp=0.02)
     assert make_allocator(cfg).options == ATPOptions(beta=0.01, candidates=2)
     bad = [
-        (dict(method="sparsegpt", method_options={"blocksiz": 8}), r"unknown option\(s\) \['blocksiz'\]; known: \['blocksize', 'percdamp'\]"),
+        (dict(method="sparsegpt", method_options={"blocksiz": 8}), r"unknown option\(s\) \['blocksiz'\]; known: \['blocksize', 'percdamp', 'quant'\]"),
         (dict(method="sparsegpt", method_options={"blocksize": "big"}), "blocksize: expected int, got 'big'"),
         (dict(method="sparsegpt", structure="2:4", sparsity=None, method_options={"blocksize": 6}), "multiple of M=4"),
         (dict(method="sparsegpt", percdamp=0.1, method_options={"percdamp": 0.2}), "given twice"),
@@ -76,7 +76,7 @@ def test_cli_allocation_and_method_options(tmp_path, capsys):
                  "--allocation", "owl", "--allocation-option", "lam=0.1", "--allocation-option", "m=3",
                  "--sparsity", "0.5", "--out", str(out), "--protocol", "test"]) == 0
     step = sr.read_manifest(out).history[-1]
-    assert step["options"] == {"method": {"percdamp": 0.05, "blocksize": 128}, "allocation": {"m": 3.0, "lam": 0.1}}
+    assert step["options"] == {"method": {"percdamp": 0.05, "blocksize": 128, "quant": None}, "allocation": {"m": 3.0, "lam": 0.1}}
     assert step["allocation_info"]["owl_lambda"] == 0.1
     assert main(["prune", "tiny-llama", "--allocation", "owl", "--allocation-option", "lambda=0.1",
                  "--sparsity", "0.5", "--out", str(tmp_path / "bad"), "--protocol", "test"]) == 2

@@ -1,17 +1,36 @@
 """The ``--dtype`` option of the engine commands (``generate``, ``bench``): the compute dtype an
-engine loads the model in, checked against what each engine runs before anything is loaded."""
+engine loads the model in, or the quantized values it runs (``int8``, ``int4``, or a full scheme
+name such as ``int4-g64-asym``: int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu), checked
+against what each engine runs before anything is loaded."""
 from __future__ import annotations
 
 from typing import Optional
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "int8", "int4")
+
+
+def parse_dtype(text: str) -> str:
+    """A compute dtype, or a quantization scheme name (``int8``, ``int4-g128``, ``int4-g64-asym``)."""
+    import argparse
+
+    if text in COMPUTE_DTYPES[:2]:
+        return text
+    from ..errors import ConfigError
+    from ..quant.scheme import QuantScheme
+
+    try:
+        return QuantScheme.parse(text).name
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: use float32, bfloat16, or quantized values ({e})")
 
 
 def add_dtype_argument(p) -> None:
-    p.add_argument("--dtype", default=None, choices=COMPUTE_DTYPES,
+    p.add_argument("--dtype", default=None, type=parse_dtype, metavar="{float32,bfloat16,int8,int4[-gG][-asym]}",
                    help="compute dtype the engine loads the model in (default: the engine's own, float32 on CPU "
                         "engines); bfloat16 halves weight memory: sparse-cpu keeps bf16 packed values with fp32 "
-                        "accumulation, lean-cpu / torch-cpu are the dense bf16 baselines")
+                        "accumulation, lean-cpu / torch-cpu are the dense bf16 baselines; int8 / int4[-g32|64|128]"
+                        "[-asym] (sparse-cpu, lean-cpu): int8/int4 codes with fp32 scales (a quantized checkpoint's "
+                        "own scheme and scales, else round-to-nearest at load)")
 
 
 def engine_dtype_options(engine: str, dtype: Optional[str]) -> dict:
@@ -24,10 +43,10 @@ def engine_dtype_options(engine: str, dtype: Optional[str]) -> dict:
 
     cls = get_engine(engine)
     dtypes = tuple(getattr(cls, "dtypes", ("float32",)))
-    if dtype not in dtypes:
+    if dtype.split("-")[0] not in dtypes:
         from ..runtime import engine_names
 
-        able = [n for n in engine_names() if dtype in getattr(get_engine(n), "dtypes", ("float32",))]
+        able = [n for n in engine_names() if dtype.split("-")[0] in getattr(get_engine(n), "dtypes", ("float32",))]
         raise ConfigError(f"engine {engine} runs {' or '.join(dtypes)}, not {dtype}: use --dtype {dtypes[0]}, or an "
                           f"engine that runs {dtype} ({', '.join(able)})")
     return {"dtype": dtype}

@@ -15,7 +15,7 @@ FLAG_OPTIONS = ("dtype", "optimize", "sparse_initializers", "external_data", "op
 
 def add_arguments(p):
     p.add_argument("model", help="sparse-runtime checkpoint directory, HF directory, 'smollm2-135m' or tiny-*")
-    p.add_argument("--format", required=True, help="onnx | deepsparse | semi-structured | bitmask")
+    p.add_argument("--format", required=True, help="onnx | onnx-int8 | onnx-int4 | deepsparse | semi-structured | bitmask")
     add_out_args(p)
     p.add_argument("--dtype", default=None, help="STORED dtype of the exported weights: float32 | float16 | bfloat16 "
                                                  "(format default if omitted; --load-dtype is the compute dtype)")
@@ -71,6 +71,10 @@ def run(args) -> int:
     print(f"exported {args.model} as {res.format} to {res.out}: {res.total_bytes / 2**20:.1f} MiB in "
           f"{len(res.files)} files, {res.export_seconds:.1f} s (+{res.verify_seconds:.1f} s verify)")
     for c in v.get("logits", []):
+        if "relative_l2" in c:  # quantized formats gate the relative L2 error (exporters/onnx_quant.py)
+            print(f"  {c['name']}: relative L2 error {c['relative_l2']:.3g} (tolerance {c['tolerance']:.3g}), max "
+                  f"|logit diff| {c['max_abs_diff']:.3g}, argmax agreement {c['argmax_agreement']:.3f}")
+            continue
         print(f"  {c['name']}: max |logit diff| {c['max_abs_diff']:.3g} (tolerance {c['tolerance']:.3g}), "
               f"argmax agreement {c['argmax_agreement']:.3f}")
     if "masks" in v:
@@ -103,5 +107,6 @@ def how_to_read(fmt: str, out) -> list[str]:
     return []
 
 
-COMMAND = Command("export", "export a model as onnx | deepsparse | semi-structured | bitmask (verified on load)",
+COMMAND = Command("export", "export a model as onnx | onnx-int8 | onnx-int4 | deepsparse | semi-structured | bitmask "
+                  "(verified on load)",
                   add_arguments, run)

@@ -111,6 +111,17 @@ def add_arguments(p):
     t.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints (default 0: none)")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in --out (latest checkpoint) or from CHECKPOINT")
+    k = p.add_argument_group("distillation from the dense model (every method; docs/finetuning.md#distillation)")
+    k.add_argument("--distill", choices=["none", "logits", "blocks", "both"], default=None,
+                   help="add a distillation term: loss = (1-w) CE + w KD; logits: T^2 KL(teacher || model); blocks: "
+                        "per-block output MSE normalised by the teacher's mean square (SquareHead); both: their sum "
+                        "(default none)")
+    k.add_argument("--distill-teacher", default=None, metavar="PATH",
+                   help="the dense teacher (default: the dense model the checkpoint's manifest records; losa: the "
+                        "dense input model)")
+    k.add_argument("--distill-weight", type=float, default=None, help="w in [0, 1] (default 0.5)")
+    k.add_argument("--distill-temperature", type=float, default=None,
+                   help="softmax temperature T of the logit term, scaled by T^2 (default 1)")
     m = p.add_argument_group("merge (adapter methods)")
     m.add_argument("--merge-to", default=None, help="also merge the trained adapter into this checkpoint directory")
     m.add_argument("--reprune", default=None, choices=["wanda", "magnitude", "mask"],
@@ -151,7 +162,11 @@ def run(args) -> int:
                       seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
                       loss_chunk_tokens=args.loss_chunk, eval_every=args.eval_every or 0,
                       eval_examples=args.eval_examples or 0, eval_ppl=bool(args.eval_ppl), ppl_protocol=args.protocol,
-                      save_every=args.save_every or 0)
+                      save_every=args.save_every or 0, distill=args.distill or "none",
+                      distill_teacher=args.distill_teacher,
+                      distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
+                      distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature)
+    cfg.validate()  # a bad distillation option is one line before the model is loaded
     if args.method == "seft":
         opts = seft_options.adapter_options(args)
     else:

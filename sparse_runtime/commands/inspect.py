@@ -64,11 +64,25 @@ def run(args) -> int:
     print(f"model: {source} ({family.name}); block linears: {len(rep.layers)}; "
           f"total sparsity: {rep.total:.4f}; N:M compliant everywhere: {', '.join(rep.nm_all) or 'no'}; "
           f"sparsity manifest: {manifest}")
+    if d is not None and (q := _quantization(d)):
+        print(q)
     if args.json_out:
         from ..manifest import write_file_atomic
         write_file_atomic(args.json_out, json.dumps({"model": source, "total": rep.total, "nm_all": rep.nm_all,
                                                      "layers": rep.rows()}, indent=1))
     return 0
+
+
+def _quantization(d) -> str:
+    """One line naming a quantized checkpoint's scheme and method (docs/quantization.md), or ''."""
+    from ..quant.io import read_quantization
+
+    info = read_quantization(d)
+    if info is None:
+        return ""
+    r = info.record.get("rounded_to_zero") or {}
+    return (f"quantization: {info.scheme.name} by {info.method or '?'}, {len(info.layers)} weights"
+            + (f", {r['total']} kept values round to 0" if "total" in r else ""))
 
 
 def write_manifest(args):

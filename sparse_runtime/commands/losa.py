@@ -73,7 +73,9 @@ def config_from_args(args):
         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, data_seed=args.data_seed, lr=args.lr,
         lr_schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-        loss_chunk_tokens=args.loss_chunk, device=args.device)
+        loss_chunk_tokens=args.loss_chunk, device=args.device, distill=args.distill,
+        distill_teacher=args.distill_teacher, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature)
     kw = {k: v for k, v in kw.items() if v is not None}  # left out: LoSAConfig's default
     if args.max_grad_norm is not None:
         kw["max_grad_norm"] = args.max_grad_norm or None  # 0: no clipping

@@ -26,9 +26,13 @@ _KINDS = {"bitmask": KIND_BITMASK, "csr16": KIND_CSR16}
 _i32, _i64, _p, _f = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
+VT_F32, VT_INT8, VT_INT4 = 0, 1, 2  # SRLinear.vtype
+
+
 class CLinear(ctypes.Structure):
     _fields_ = [("kind", _i32), ("isa", _i32), ("N", _i64), ("K", _i64), ("index", _p), ("values", _p),
-                ("row_ptr", _p), ("bias", _p)]
+                ("row_ptr", _p), ("bias", _p), ("vtype", _i32), ("pad_", _i32), ("group", _i64), ("scales", _p),
+                ("zeros", _p)]
 
 
 class CLayer(ctypes.Structure):
@@ -51,10 +55,21 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optional[PackedWeight] = None,
-                bias: Optional[torch.Tensor] = None) -> CLinear:
-    """A C descriptor for ``y = W x + b``: ``dense`` (a contiguous fp32 [N, K] weight) or ``packed``
-    (fp32 values; the layout must have a kernel on ``isa``). The caller keeps the tensors alive."""
+                bias: Optional[torch.Tensor] = None, quant=None) -> CLinear:
+    """A C descriptor for ``y = W x + b``: ``dense`` (a contiguous fp32 [N, K] weight), ``packed``
+    (fp32 values; the layout must have a kernel on ``isa``) or ``quant`` (a
+    :class:`~sparse_runtime.kernels.layout.QuantPacked`: int8/int4 codes, dense or bitmask; ``isa``
+    is the path requested, the C side runs the best quantized path it has there, see
+    ``native.quant_isa``). The caller keeps the tensors alive."""
     isa_id = native.ISAS.index(isa)
+    if quant is not None:
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            raise ConfigError(f"the lean decode step takes a contiguous float32 bias; got {bias.dtype}")
+        q = quant
+        kind, qisa = KIND_BITMASK if q.layout == "bitmask" else KIND_DENSE, native.quant_isa(isa, q.layout)
+        return CLinear(kind, native.ISAS.index(qisa), q.out_features, q.in_features, _ptr(q.index),
+                       q.codes.data_ptr(), _ptr(q.row_ptr), _ptr(bias),
+                       VT_INT8 if q.bits == 8 else VT_INT4, 0, q.group, q.scales.data_ptr(), _ptr(q.zeros))
     for name, t in (("dense weight", dense), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             raise ConfigError(f"the lean decode step takes contiguous float32 tensors; got a {t.dtype} {name}")
@@ -85,6 +100,11 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile.restype = None
         lb.sr_decode_profile_get.argtypes = [_p]
         lb.sr_decode_profile_get.restype = None
+        if hasattr(lb, "sr_linear_desc_run_batch"):
+            lb.sr_linear_desc_run_batch.argtypes = [ctypes.POINTER(CLinear), _p, _i64, _p, ctypes.c_int]
+            lb.sr_linear_desc_run_batch.restype = ctypes.c_int
+            lb.sr_linear_desc_densify_rows.argtypes = [ctypes.POINTER(CLinear), _p, _i64, _p, ctypes.c_int]
+            lb.sr_linear_desc_densify_rows.restype = ctypes.c_int
         if hasattr(lb, "sr_decode_step_batch"):
             lb.sr_decode_step_batch.argtypes = [ctypes.POINTER(CModel), _i64, _p, _p, _p, _p, _p, _i64, _p, _p, _p,
                                                 ctypes.c_int]
@@ -112,6 +132,27 @@ def run_linear(desc: CLinear, x: torch.Tensor, y: torch.Tensor, threads: int) ->
     rc = _bind().sr_linear_desc_run(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads)
     if rc != 0:
         raise ConfigError(f"sr_linear_desc_run failed: {native.ERRORS.get(rc, rc)}")
+
+
+def run_linear_batch(desc: CLinear, x: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+    """``y [B, N] = x [B, K] W^T + b`` for one descriptor at any batch (contiguous fp32): the
+    standalone entry of the quantized kernels (batch 1 as in the step; B > 1 decodes each weight
+    row once for all B rows)."""
+    rc = _bind().sr_linear_desc_run_batch(ctypes.byref(desc), x.data_ptr(), int(x.shape[0]), y.data_ptr(), threads)
+    if rc != 0:
+        raise ConfigError(f"sr_linear_desc_run_batch failed: {native.ERRORS.get(rc, rc)} (a quantized group must be "
+                          f"32, 64 or 128 columns and divide the input width)")
+
+
+def densify_rows(desc: CLinear, out: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                 threads: int = 1) -> torch.Tensor:
+    """The listed rows (int64; all when None) of a quantized descriptor dequantized into ``out``
+    ``[n, K]`` fp32 (exactly ``scale * (code - zero)``, zeros where pruned)."""
+    n = desc.N if rows is None else int(rows.numel())
+    rc = _bind().sr_linear_desc_densify_rows(ctypes.byref(desc), _ptr(rows), n, out.data_ptr(), threads)
+    if rc != 0:
+        raise ConfigError(f"sr_linear_desc_densify_rows failed: {native.ERRORS.get(rc, rc)}")
+    return out
 
 
 def profile_start() -> None:

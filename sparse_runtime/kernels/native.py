@@ -41,7 +41,13 @@ GEMV_VARIANTS = {"memory": 0, "register": 1}  # the C kernel's sr_set_gemv_varia
 GEMV_FORMS = {"avx512": GEMV_VARIANTS, "avx2": {"gather": 0, "insert": 1}}
 GEMV_FORM_LAYOUT = {"avx512": "bitmask", "avx2": "csr16"}  # the layout whose batch-1 kernel has the forms
 ENV_GEMV_FORM = {"avx512": ENV_GEMV, "avx2": "SPARSE_RUNTIME_AVX2_GEMV"}
-COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16")  # the C counter layout
+COUNTER_SLOTS = ("bitmask", "csr16", "bitmask-bf16", "csr16-bf16", "bitmask-int8", "bitmask-int4", "dense-int8",
+                 "dense-int4")  # the C counter layout (SR_NLAYOUT slots per ISA)
+# Quantized values (int8/int4 codes + scales): which (layout, ISA) pairs have a kernel. AVX-512 needs
+# VBMI2 (vpexpandb); AVX2 runs the dense layout only (no byte expand); portable runs both.
+QUANT_LAYOUTS = ("dense", "bitmask")
+QUANT_IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("dense", "avx512"), ("dense", "avx2"),
+                     ("dense", "portable")}
 FEAT_VBMI2 = 1 << 3
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
 ABI_MISMATCH = "the compiled kernels do not match this Python package: rebuild with pip install -e ."
@@ -112,6 +118,13 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_set_gemv_form.argtypes = [c_int, c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
+        # densify to bf16 (csrc/densify.cpp; prefill's bf16 GEMM, kernels/prefill.py)
+        if hasattr(lib, "sr_bitmask_densify_bf16"):
+            lib.sr_densify_bf16_supported.argtypes = [c_int, c_int, c_int]
+            lib.sr_densify_bf16_supported.restype = c_int
+            for name in ("sr_bitmask_densify_bf16", "sr_csr16_densify_bf16"):
+                getattr(lib, name).argtypes = [c_int, i64, i64, p, p, c_int, p, p, c_int]
+                getattr(lib, name).restype = c_int
         from .decode import STRUCTS  # the ctypes mirrors (decode imports this module: import here)
 
         check_structs(lib, STRUCTS)
@@ -190,6 +203,16 @@ def supports_bf16(isa: str, layout: Optional[str] = None) -> bool:
     return isa != "avx512" or bool(lb.sr_cpu_features() & FEAT_VBMI2)
 
 
+def quant_isa(isa: str, layout: str) -> str:
+    """The path that runs quantized values of ``layout`` when ``isa`` is asked for (what the C side
+    does too): AVX-512 without VBMI2 runs dense codes on AVX2, bitmask codes portably; AVX2 runs
+    bitmask codes portably (it has no byte expand)."""
+    lb = _load()
+    if isa == "avx512" and not (lb is not None and lb.sr_cpu_features() & FEAT_VBMI2):
+        isa = "avx2" if layout == "dense" and "avx2" in supported_isas() else "portable"
+    return isa if (layout, isa) in QUANT_IMPLEMENTED else "portable"
+
+
 def counters() -> dict[str, int]:
     """Calls of each compiled path since load (or reset): evidence that the sparse path ran."""
     lb = _load()
@@ -197,8 +220,12 @@ def counters() -> dict[str, int]:
         return {}
     buf = (ctypes.c_int64 * (len(ISAS) * len(COUNTER_SLOTS)))()
     lb.sr_get_counters(buf)
+    def implemented(slot: str, isa: str) -> bool:
+        layout, _, vt = slot.partition("-")
+        return (layout, isa) in (QUANT_IMPLEMENTED if vt.startswith("int") else IMPLEMENTED)
+
     return {f"{slot}/{isa}": int(buf[i * len(COUNTER_SLOTS) + j]) for i, isa in enumerate(ISAS)
-            for j, slot in enumerate(COUNTER_SLOTS) if (slot.split("-")[0], isa) in IMPLEMENTED}
+            for j, slot in enumerate(COUNTER_SLOTS) if implemented(slot, isa)}
 
 
 def reset_counters() -> None:

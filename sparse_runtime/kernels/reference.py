@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from .layout import PackedWeight, mask_of
+from .layout import PackedWeight, QuantPacked, mask_of
 
 
 def reference_linear(x: np.ndarray, packed: PackedWeight, bias: Optional[np.ndarray] = None) -> np.ndarray:
@@ -31,3 +31,63 @@ def reference_linear(x: np.ndarray, packed: PackedWeight, bias: Optional[np.ndar
     if bias is not None:
         y += np.asarray(bias, dtype=np.float64)
     return y.astype(np.float32).reshape(*lead, packed.out_features)
+
+
+def quant_decode_row(p: QuantPacked, r: int) -> np.ndarray:
+    """Row ``r`` of a quantized layout dequantized (float32 ``[K]``, ``scale * (u - zq)`` computed in
+    float32 as the contract's ``dequantize`` does), read from the packed bytes word by word."""
+    K = p.in_features
+    codes = p.codes.numpy()
+    G = 1 if p.group == 0 else K // p.group
+    gs = K if p.group == 0 else p.group
+    col_group = np.arange(K) // max(gs, 1)
+    zrow = np.zeros(G, np.float32) if p.zeros is None else p.zeros.numpy()[r]
+    zq = (zrow + (8 if p.bits == 4 and p.symmetric else 0)).astype(np.float32)
+    sc = p.scales.numpy()[r].astype(np.float32)
+    signed = p.bits == 8 and p.symmetric
+    out = np.zeros(K, np.float32)
+    if p.layout == "dense":
+        if p.bits == 8:
+            u = codes[r * K:(r + 1) * K]
+        else:
+            kc = (K + 31) // 32
+            b = codes[r * kc * 16:(r + 1) * kc * 16].reshape(kc, 16)
+            u = np.concatenate([b & 15, b >> 4], axis=1).reshape(-1)[:K]  # chunk c: cols 32c..32c+15, then +16..+31
+        uf = (u.view(np.int8) if signed else u).astype(np.float32)
+        return (sc[col_group] * (uf - zq[col_group])).astype(np.float32)
+    kw = (K + 31) // 32
+    words = p.index.numpy().view(np.uint32)[r]
+    pos = int(p.row_ptr.numpy()[r])
+    for w in range(kw):
+        cols = [32 * w + j for j in range(32) if (int(words[w]) >> j) & 1]
+        c = len(cols)
+        if p.bits == 8:
+            u = codes[pos:pos + c]
+            pos += c
+        else:
+            nb = (c + 1) // 2
+            byt = codes[pos:pos + nb]
+            u = np.array([(byt[i // 2] >> (4 * (i & 1))) & 15 for i in range(c)], dtype=np.uint8)
+            pos += nb
+        if c:
+            cc = np.array(cols)
+            uf = (u.view(np.int8) if signed else u).astype(np.float32)
+            out[cc] = sc[col_group[cc]] * (uf - zq[col_group[cc]])
+    assert pos == int(p.row_ptr.numpy()[r + 1]), f"row {r}: decoded {pos} bytes, row_ptr says {p.row_ptr[r + 1]}"
+    return out
+
+
+def quant_decode(p: QuantPacked) -> np.ndarray:
+    """The whole quantized weight, float32 ``[N, K]`` (row by row from the layout)."""
+    return np.stack([quant_decode_row(p, r) for r in range(p.out_features)]) if p.out_features else \
+        np.zeros((0, p.in_features), np.float32)
+
+
+def reference_qlinear(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x`` [..., K] float32 -> [..., N] float32 through the quantized layout (float64 sums)."""
+    x = np.asarray(x, dtype=np.float32)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, p.in_features).astype(np.float64) @ quant_decode(p).astype(np.float64).T
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64)
+    return y.astype(np.float32).reshape(*lead, p.out_features)

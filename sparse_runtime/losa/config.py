@@ -76,6 +76,11 @@ class LoSAConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 0  # >0: LM-head cross-entropy in checkpointed chunks (same loss, less memory)
+    # distillation from the dense model (docs/finetuning.md#distillation); teacher default: the dense input
+    distill: str = "none"
+    distill_teacher: Optional[str] = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def validate(self) -> None:
         from ..sparsity import check_sparsity, parse_structure
@@ -187,7 +192,9 @@ class LoSAConfig:
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm, seed=self.seed, precision=self.precision,
                            gradient_checkpointing=self.gradient_checkpointing,
-                           loss_chunk_tokens=self.loss_chunk_tokens, log_every=1)
+                           loss_chunk_tokens=self.loss_chunk_tokens, log_every=1, distill=self.distill,
+                           distill_teacher=self.distill_teacher, distill_weight=self.distill_weight,
+                           distill_temperature=self.distill_temperature)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

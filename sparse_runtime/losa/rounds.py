@@ -347,6 +347,19 @@ class _Job:
 
 
 # ---------------------------------------------------------------------------------------------
+def _distill_teacher(lm, cfg: LoSAConfig):
+    """The dense teacher of ``cfg.distill``: ``distill_teacher``, else the model LoSA starts from (the
+    dense model; with ``from_pruned``, the dense model its manifest records)."""
+    if cfg.distill == "none":
+        return None
+    from ..training.distill import load_teacher, teacher_spec
+
+    spec = cfg.distill_teacher or (teacher_spec(None, lm.manifest, str(lm.source)) if cfg.from_pruned
+                                   else str(lm.source))
+    cfg.distill_teacher = spec  # recorded in each round's training configuration
+    return load_teacher(spec, lm.model, device=next(lm.model.parameters()).device, mode=cfg.distill)
+
+
 def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Path] = None,
                    calib_ids: Optional[torch.Tensor] = None) -> LoSAResult:
     """Run LoSA on a loaded model in place (the adapters end merged: plain sparse linears)."""
@@ -373,6 +386,7 @@ def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Pat
         job.dense_reference(ids)
         torch.manual_seed(cfg.seed)
         job.adapters = attach_adapters(lm.model, spec, acfg, lm.family, layer_filter=lambda n: n in job.selected)
+        teacher = _distill_teacher(lm, cfg)  # loaded once for every round (docs/finetuning.md#distillation)
         records: list[RoundRecord] = []
         for t in range(1, cfg.rounds + 1):
             rt: dict[str, float] = {}
@@ -412,7 +426,8 @@ def run_losa_model(lm, cfg: LoSAConfig, *, data_dir=None, work_dir: Optional[Pat
                 rdir = work / f"round_{t}"
                 rdir.mkdir(parents=True, exist_ok=True)
                 trainer = Trainer(lm.model, lm.tokenizer, lm.family, "losa", acfg, rcfg, rdir,
-                                  adapters=job.adapters, data_dir=data_dir, base_model=str(lm.source))
+                                  adapters=job.adapters, data_dir=data_dir, base_model=str(lm.source),
+                                  teacher=teacher)
                 trainer.train_set = slices[t - 1]
                 trainer.order = DataOrder(len(trainer.train_set), trainer.cfg.data_seed + t)
                 trainer.total_steps = steps[t - 1]

@@ -21,6 +21,11 @@ Deviations from the official ``fasterprune`` (all documented in docs/pruning.md)
   we prune exactly k = floor(numel * s) (``topk``), so the layer's sparsity is the target's;
 - if H + lambda I is not positive definite (the official code then crashes), the dampening is
   multiplied by 10 up to five times; a warning says so.
+
+Joint sparsification and quantization (paper Sec. 3.5, Algorithm 1 with the quantize step): option
+``quant`` (a scheme name, ``int4-g128``, ...) runs the same mask selection inside GPTQ's column loop,
+so each column's pruning and rounding error both go to the later columns
+(:func:`sparse_runtime.quant.gptq.obs_quantize`, in PyTorch; docs/quantization.md#joint).
 """
 from __future__ import annotations
 
@@ -87,14 +92,24 @@ def _native_obs():
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     pattern: Optional[NMPattern] = None, *, percdamp: float = 0.01, blocksize: int = 128,
-                    name: str = "layer", impl: str = "auto") -> PruneOutput:
+                    name: str = "layer", impl: str = "auto", quant=None) -> PruneOutput:
     """SparseGPT on a plain tensor: returns the reconstructed sparse weight and its keep-mask.
 
     ``impl``: the per-column OBS loop runs in the compiled kernel (``native``: one call per block,
     or per N:M group, threads over output rows) or in PyTorch (``python``: one rank-1 update per
     column, about 150 k small ops on SmolLM2, where per-op overhead dominates). ``auto`` = native
     on CPU when the kernels are built. Same arithmetic; results agree to float rounding.
+
+    ``quant`` (a :class:`~sparse_runtime.quant.scheme.QuantScheme`): prune and quantize jointly
+    (:func:`sparse_runtime.quant.gptq.obs_quantize`, PyTorch loop); the weight returned is then on
+    the grid, with exact zeros where pruned (a kept weight that rounds to 0 is a kept 0 here).
     """
+    if quant is not None:
+        from ..quant.gptq import obs_quantize
+
+        qw = obs_quantize(weight, hessian, quant, sparsity=sparsity, pattern=pattern, percdamp=percdamp,
+                          blocksize=blocksize, name=name)
+        return PruneOutput(qw.dequantize().to(weight.device, weight.dtype), qw.mask.to(weight.device))
     if impl not in ("auto", "native", "python"):
         raise ValueError(f"impl must be auto, native or python, not {impl!r}")
     native = _native_obs() if impl != "python" and weight.device.type == "cpu" else None
@@ -156,11 +171,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 class SparseGPTOptions:
     """``percdamp``: dampening lambda as a fraction of mean(diag H) (paper/code 0.01);
     ``blocksize``: columns per lazy-update block B (paper/code 128). ``PruneConfig.percdamp`` and
-    ``.blocksize`` are their older aliases."""
+    ``.blocksize`` are their older aliases. ``quant``: a quantization scheme (``int8``,
+    ``int4-g128``, ``int4-g128-asym``, ...) to prune and quantize jointly in the same pass (paper
+    Sec. 3.5); none (default) = plain SparseGPT."""
 
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"percdamp": "percdamp", "blocksize": "blocksize"}
     percdamp: float = 0.01
     blocksize: int = 128
+    quant: Optional[str] = None
 
     def validate(self) -> None:
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
@@ -168,6 +186,11 @@ class SparseGPTOptions:
         if not 0 <= float(self.percdamp) < 10:
             raise ConfigError(f"percdamp (SparseGPT dampening, a fraction of mean(diag H)) must be in [0, 10), "
                               f"got {self.percdamp}")
+        if self.quant is not None:
+            from ..quant.gptq import check_blocksize
+            from ..quant.scheme import QuantScheme
+
+            check_blocksize(QuantScheme.parse(self.quant), self.blocksize)
 
 
 @PRUNERS.register("sparsegpt")
@@ -176,6 +199,9 @@ class SparseGPTPruner:
     Options: ClassVar[type] = SparseGPTOptions
     options: SparseGPTOptions = field(default_factory=SparseGPTOptions)
     needs: frozenset = frozenset({"hessian"})
+    # joint mode, per pruned layer: {"scheme", "scales", "zeros", "kept", "rounded_to_zero"} (the grid only,
+    # not the codes: a checkpoint's side file; sparse_runtime.quant.apply.joint_quantization)
+    quantized: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg) -> "SparseGPTPruner":
@@ -190,6 +216,20 @@ class SparseGPTPruner:
     def prune(self, task: LayerTask, sparsity: float, pattern: Optional[NMPattern]) -> PruneOutput:
         if task.stats.hessian is None:
             raise RuntimeError(f"SparseGPT needs the 'hessian' statistic for {task.name}; none was gathered")
+        if self.options.quant is not None:
+            from ..quant.gptq import obs_quantize
+            from ..quant.scheme import QuantScheme
+            from .base import fix_kept_zeros_
+
+            qw = obs_quantize(task.linear.weight.data, task.stats.hessian, QuantScheme.parse(self.options.quant),
+                              sparsity=sparsity, pattern=pattern, percdamp=float(self.options.percdamp),
+                              blocksize=int(self.options.blocksize), name=task.name)
+            self.quantized[task.name] = {"scheme": qw.scheme, "scales": qw.scales, "zeros": qw.zeros,
+                                         "kept": int(qw.mask.sum()), "rounded_to_zero": qw.rounded_to_zero}
+            w = qw.dequantize()
+            fix_kept_zeros_(w, qw.mask)  # a kept weight that rounds to 0 stays in the mask (counted in qw)
+            dev = task.linear.weight.device
+            return PruneOutput(w.to(dev, task.linear.weight.dtype), qw.mask.to(dev))
         return sparsegpt_prune(task.linear.weight.data, task.stats.hessian, sparsity, pattern,
                                percdamp=float(self.options.percdamp), blocksize=int(self.options.blocksize),
                                name=task.name)

@@ -48,8 +48,11 @@ def make_config(options: Optional[dict[str, Any]] = None, cfg: Optional[DSnoTCon
             raise ConfigError(f"unknown dsnot option {k!r}; known: {sorted(DSnoTConfig.__dataclass_fields__)} "
                               f"(or the official {sorted(_ALIASES) + ['without_same_sign']}, preset)")
         kw[key] = v
-    if isinstance(kw.get("max_cycles"), float) and float(kw["max_cycles"]).is_integer():
-        kw["max_cycles"] = int(kw["max_cycles"])
+    for key in ("max_cycles", "guard_samples"):
+        if isinstance(kw.get(key), float) and float(kw[key]).is_integer():
+            kw[key] = int(kw[key])
+    if kw.get("guard") is False or kw.get("guard") is None and "guard" in kw:
+        kw["guard"] = "none"  # YAML reads `guard: off` / `guard: null` as False / None
     if "threshold" in kw:
         try:
             kw["threshold"] = float(kw["threshold"])
@@ -68,6 +71,8 @@ class LayerRecord:
     mean_abs_error_before: float
     mean_abs_error_after: float
     seconds: float
+    reverted: bool = False  # the block guard put the pruner's mask back (swaps then counts none)
+    swaps_reverted: int = 0
 
 
 class DSnoTRefiner:
@@ -75,7 +80,13 @@ class DSnoTRefiner:
     (fused mode: statistics of the dense block, the mask just made, one pass in all).
 
     Constructed with DSnoT options as keywords (see :func:`make_config`). Layers outside
-    ``cfg.layers`` come back unchanged. ``records`` and ``seconds`` describe the work done.
+    ``cfg.layers`` come back unchanged. ``records`` and ``seconds`` describe the work done
+    (``seconds`` includes the block guard's forwards).
+
+    The block guard (``cfg.guard == "block"``) runs in :meth:`on_block_end`, which the driver calls
+    after the pruned block's forward: it keeps DSnoT's masks only where they lowered the block's
+    output error against the dense block, else it writes the pruner's weights back and replaces the
+    block's outputs, so the next block sees the block that was kept.
     """
 
     needs = DSNOT_NEEDS
@@ -85,10 +96,19 @@ class DSnoTRefiner:
         self.needs = dsnot_needs(self.cfg)
         self.records: dict[str, LayerRecord] = {}
         self.seconds = 0.0
+        self.guard_seconds = 0.0
+        self.guard_log: list[dict[str, Any]] = []  # per guarded block: errors and the decision
+        # block index -> {name: (linear, dense weight, pruner's weight)} until the guard has run
+        self._pending: dict[int, dict[str, tuple[Any, torch.Tensor, torch.Tensor]]] = {}
 
     @torch.no_grad()
     def refine(self, task, dense_weight: torch.Tensor, pruned_weight: torch.Tensor, keep: torch.Tensor,
                pattern: Optional[NMPattern], sparsity: float) -> torch.Tensor:
+        if self.cfg.guard != "none":  # the guard needs the block's dense and pruner's weights
+            if task.block_index not in self._pending:
+                self._pending.clear()  # a driver that never calls on_block_end holds one block at most
+            self._pending.setdefault(task.block_index, {})[task.name] = (task.linear, dense_weight.detach(),
+                                                                          pruned_weight.detach().clone())
         if not self.cfg.applies_to(task.short):
             return pruned_weight
         t0 = time.perf_counter()
@@ -101,8 +121,68 @@ class DSnoTRefiner:
                                               s["mean_abs_error_after"], dt)
         return new
 
+    @torch.no_grad()
+    def on_block_end(self, bi: int, block, inputs, outputs: Optional[list[torch.Tensor]]) -> None:
+        """The block guard (docs/dsnot.md#the-block-guard): after the driver ran the pruned block,
+        compare its output error against the dense block with the pruner's masks' error, on the
+        first ``guard_samples`` calibration windows (same inputs for all three). Where DSnoT did not
+        lower it, write the pruner's weights back and replace ``outputs`` in place (the driver
+        hands that list to the next block)."""
+        pending = self._pending.pop(bi, {})
+        if self.cfg.guard == "none" or not pending or inputs is None or outputs is None:
+            return
+        changed = [n for n, (lin, _, pw) in pending.items()
+                   if not torch.equal(lin.weight.data, pw.to(lin.weight.device, lin.weight.dtype))]
+        if not changed:
+            return
+        from ..calibration import _block_forward
+
+        t0 = time.perf_counter()
+        batches, seen = [], 0
+        for i, h in enumerate(inputs.hidden):  # whole mini-batches (the kwargs are shaped for them)
+            if seen >= self.cfg.guard_samples:
+                break
+            batches.append(i)
+            seen += h.shape[0]
+
+        def load(which: int) -> None:  # 1 = dense, 2 = the pruner's
+            for lin, *w in pending.values():
+                lin.weight.data.copy_(w[which - 1].to(lin.weight.device, lin.weight.dtype))
+
+        refined = {n: lin.weight.data.clone() for n, (lin, _, _) in pending.items()}
+        load(1)
+        dense = [_block_forward(block, inputs.hidden[i], inputs.kwargs) for i in batches]
+        load(2)
+        plain = [_block_forward(block, inputs.hidden[i], inputs.kwargs) for i in batches]
+
+        def sq_err(outs: list[torch.Tensor]) -> float:
+            return sum(float((o.double() - d.double()).pow(2).sum()) for o, d in zip(outs, dense))
+
+        err_dsnot, err_plain = sq_err([outputs[i] for i in batches]), sq_err(plain)
+        keep_dsnot = err_dsnot < err_plain
+        if keep_dsnot:
+            for n, (lin, _, _) in pending.items():
+                lin.weight.data.copy_(refined[n])
+        else:  # the pruner's weights stay; the next block must see this block's outputs
+            for j, i in enumerate(batches):
+                outputs[i] = plain[j]
+            for i in range(len(outputs)):
+                if i not in batches:
+                    outputs[i] = _block_forward(block, inputs.hidden[i], inputs.kwargs)
+            for n in changed:
+                rec = self.records.get(n)
+                if rec is not None:
+                    rec.swaps_reverted, rec.swaps, rec.rows_changed = rec.swaps, 0, 0
+                    rec.mean_abs_error_after, rec.reverted = rec.mean_abs_error_before, True
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.guard_seconds += dt
+        self.guard_log.append({"block": bi, "error_dsnot": err_dsnot, "error_pruner": err_plain,
+                               "kept": bool(keep_dsnot), "windows": seen})
+
     def summary(self) -> dict[str, Any]:
-        """Totals over the refined layers: swaps, rows changed, mean |e_r| before/after, seconds."""
+        """Totals over the refined layers: swaps (kept after the guard), rows changed, mean |e_r|
+        before/after, seconds (guard included), and the guard's blocks kept and reverted."""
         recs = list(self.records.values())
         rows = sum(r.rows for r in recs)
         return {
@@ -113,6 +193,11 @@ class DSnoTRefiner:
             "mean_abs_error_before": sum(r.mean_abs_error_before * r.rows for r in recs) / max(1, rows),
             "mean_abs_error_after": sum(r.mean_abs_error_after * r.rows for r in recs) / max(1, rows),
             "seconds": self.seconds,
+            "guard": self.cfg.guard,
+            "blocks_guarded": len(self.guard_log),
+            "blocks_reverted": [g["block"] for g in self.guard_log if not g["kept"]],
+            "swaps_reverted": sum(r.swaps_reverted for r in recs),
+            "guard_seconds": self.guard_seconds,
         }
 
 
@@ -291,7 +376,7 @@ def _repair_pass(ld: _Loaded, refiner: DSnoTRefiner, calib_ids: torch.Tensor, de
         task.linear.weight.data.copy_(new.to(task.linear.weight.dtype))
 
     timing = sequential_pass(model, family, calib_ids, on_layer, needs=refiner.needs, device=device,
-                             on_block_start=on_block_start, desc="dsnot repair")
+                             on_block_start=on_block_start, on_block_end=refiner.on_block_end, desc="dsnot repair")
     for n, lin in family.iter_linears(model):
         if not torch.equal((lin.weight != 0).sum(1).cpu(), nnz_before[n].cpu()):
             raise SparseRuntimeInvariantError(f"dsnot changed the per-row nonzero count of {n}; this is a bug")

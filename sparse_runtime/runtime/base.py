@@ -157,12 +157,19 @@ class Engine:
     supports_slots: bool = False
 
     # -- generation ---------------------------------------------------------------------------
+    def prefill_next(self, ids: np.ndarray) -> np.ndarray:
+        """Start a sequence with ``ids`` [B, T] and return the logits generation needs: the last
+        position's, ``[B, 1, V]``. The prefill scenario times this (time to the first token).
+        Engines whose graph computes every position's logits (the ONNX exports) compute them all
+        and keep the last; engines that can skip the others (the lean path) override this."""
+        return self.prefill(ids)[:, -1:]
+
     def generate(self, prompt_ids, max_new_tokens: int = 32, eos_token_id: Optional[int] = None) -> Iterator[int]:
         """Greedy decoding, one token id at a time (batch 1), so callers can stream text."""
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] == 0:  # every engine's prefill fails on it, each with its own traceback
             raise SparseRuntimeError("the prompt is empty (0 tokens): give --prompt some text")
-        logits = self.prefill(ids)
+        logits = self.prefill_next(ids)
         n = ids.shape[1]
         for _ in range(max_new_tokens):
             tok = int(np.argmax(logits[0, -1]))
@@ -181,7 +188,7 @@ class Engine:
         if scenario.kind == "prefill":
             def run_prefill() -> float:
                 t = time.perf_counter()
-                self.prefill(ids)
+                self.prefill_next(ids)
                 return time.perf_counter() - t
             return run_prefill
         if scenario.kind != "decode":

@@ -8,7 +8,12 @@ models the lean path does not implement with the reason (use ``torch-sparse`` th
 
 ``dtype``: ``float32`` (default, exact, the C decode step) or ``bfloat16`` (the model loaded in bf16,
 weights / packed values kept in bf16, fp32 activations; decode on the torch path, since the C step
-reads fp32 only: ``lean-cpu`` bf16 is the dense bf16 baseline beside ``sparse-cpu`` bf16). The HF
+reads fp32 only: ``lean-cpu`` bf16 is the dense bf16 baseline beside ``sparse-cpu`` bf16), or
+quantized values ``int8`` / ``int4`` / a scheme name (``int4-g64-asym``; the model loaded in fp32,
+every linear and the lm_head held as int8/int4 codes + fp32 scales, decode in C: ``lean-cpu`` int8
+is the dense int8 baseline). A quantized checkpoint (``sparse_runtime.quant.io.read_quantization``)
+is run with its own scheme and scales (its codes recovered exactly); otherwise the weights are
+quantized at load by round-to-nearest. The HF
 model is consumed while the engine is built (its linears freed block by block), so the engine holds
 one form of each weight and a sparse model takes less memory than its dense original. A Hugging
 Face directory too large to load whole (``stream``: auto/on/off, ``models.streaming.stream_path``) is
@@ -38,6 +43,20 @@ def trim_heap() -> None:
         pass
 
 
+def _quantization(path) -> Any:
+    """The quantized checkpoint's record at ``path`` (scheme and scales), or None: an ordinary
+    checkpoint, a model spec, or no reader installed (then round-to-nearest at load)."""
+    from pathlib import Path
+
+    if path is None or not Path(str(path)).is_dir():
+        return None
+    try:
+        from ..quant.io import read_quantization
+    except ImportError:
+        return None
+    return read_quantization(str(path))
+
+
 @ENGINES.register("sparse-cpu")
 class SparseCPUEngine(Engine):
     name = "sparse-cpu"
@@ -46,7 +65,7 @@ class SparseCPUEngine(Engine):
     install_hint = "pip install -e . (builds sparse_runtime's C kernels; see docs/kernels.md)"
     exploits_sparsity = "unstructured and N:M (project kernels)"
     sparse = True
-    dtypes = ("float32", "bfloat16")
+    dtypes = ("float32", "bfloat16", "int8", "int4")
 
     @classmethod
     def check_available(cls) -> None:
@@ -68,29 +87,38 @@ class SparseCPUEngine(Engine):
         from .lean_llama import LeanConfig, LeanLlama
         from .torch_cpu import load_torch_model
 
-        if dtype not in self.dtypes:
+        if dtype.split("-")[0] not in self.dtypes:
             from ..errors import ConfigError
 
             raise ConfigError(f"{self.name} runs {' or '.join(self.dtypes)}, not {dtype!r}; choose --dtype float32 "
-                              f"(exact) or bfloat16")
+                              f"(exact), bfloat16, int8 or int4[-g64][-asym]")
         self.dtype = dtype
+        quant = {}
+        if dtype.startswith("int"):  # quantized values: the model is read in fp32, quantized at load
+            from ..quant.scheme import QuantScheme
+
+            sch = QuantScheme.parse(dtype)
+            quant = dict(value_dtype=f"int{sch.bits}", group=sch.group, symmetric=sch.symmetric)
+            dtype = "float32"
         torch.set_num_threads(self.threads)
         from pathlib import Path
 
         from ..models.streaming import StreamedModel, stream_path
 
         path = None if (Path(model) / "export_manifest.json").is_file() else stream_path(model, dtype, stream)
-        lean = LeanConfig(sparse=self.sparse, value_dtype=dtype, **opts)
+        lean = LeanConfig(sparse=self.sparse, **{"value_dtype": dtype, **quant, **opts})
         self.streamed = path is not None
         if self.streamed:  # the dense model is never whole in memory: peak = engine + one block
             from .base import load_tokenizer
 
             self.tokenizer, self.path = load_tokenizer(path), path
-            self.lean = LeanLlama(None, lean, threads=self.threads, streamed=StreamedModel(path, dtype))
+            self.lean = LeanLlama(None, lean, threads=self.threads, streamed=StreamedModel(path, dtype),
+                                  quantization=_quantization(path) if quant else None)
         else:
             hf, self.tokenizer, self.path = load_torch_model(model, dtype)
             hf.eval()
-            self.lean = LeanLlama(hf, lean, threads=self.threads, release_source=True)
+            self.lean = LeanLlama(hf, lean, threads=self.threads, release_source=True,
+                                  quantization=_quantization(self.path) if quant else None)
             del hf  # the lean model keeps only what it reads (fused weights, norms, embedding/lm_head)
         gc.collect()  # the HF model's reference cycles: free what is left of it now, not later
         trim_heap()
@@ -106,6 +134,10 @@ class SparseCPUEngine(Engine):
         torch.set_num_threads(self.threads)
         return self.lean.prefill(torch.as_tensor(ids, dtype=torch.long)).numpy()
 
+    def prefill_next(self, ids: np.ndarray) -> np.ndarray:
+        torch.set_num_threads(self.threads)
+        return self.lean.prefill(torch.as_tensor(ids, dtype=torch.long), last_only=True).numpy()
+
     def decode(self, ids: np.ndarray) -> np.ndarray:
         if self.lean.length == 0:
             raise RuntimeError("decode before prefill")
@@ -116,11 +148,11 @@ class SparseCPUEngine(Engine):
     supports_slots = True
 
     def init_slots(self, n_slots: int, capacity: int) -> None:
-        if self.dtype != "float32":
+        if self.dtype == "bfloat16":
             from ..errors import ConfigError
 
-            raise ConfigError(f"{self.name} serves float32 models only (the batched slots and the C step read fp32); "
-                              f"load it with dtype float32")
+            raise ConfigError(f"{self.name} serves float32 or int8/int4 values only (the batched slots and the C step "
+                              f"do not read bf16); load it with dtype float32")
         self.lean.init_slots(n_slots, capacity)
 
     def prefill_slot(self, slot: int, ids) -> torch.Tensor:

@@ -31,6 +31,18 @@ lm_head) stored in bf16; sparse products accumulate in fp32 on fp32 activations,
 bf16 GEMM (what a dense bf16 model does). The C decode step reads fp32 only, so bf16 models decode
 on the torch path (one batched forward per token). fp32 stays the default and is exact.
 
+``value_dtype='int8'`` / ``'int4'`` (with ``group`` and ``symmetric``, the scheme of
+:mod:`sparse_runtime.quant.scheme`): every fused linear holds int8/int4 codes and float32 scales
+(:class:`~sparse_runtime.kernels.quant.QuantLinear`): bitmask codes where it has at least
+``min_sparsity`` zeros (sparse variant), dense codes otherwise; the lm_head too (dense codes, unless
+``lm_head_fp32``), and a tied embedding then reads its rows dequantized from those codes, so each
+weight has ONE form (no fp32 copy beside the codes). The mask is the fp32 weight's (``W != 0``),
+never the codes'. The codes come from the quantized checkpoint's own scales (``quantization``,
+a ``sparse_runtime.quant.io`` record: ``codes_from``, exact) or, for an ordinary checkpoint, from
+round-to-nearest at load. Decode runs in C (both steps); prefill dequantizes each weight into the
+shared scratch and runs the fp32 GEMM (products of up to ``C_MAX_TOKENS`` tokens run the C kernel).
+The logits are those of the fp32 model whose weights are the dequantized values, up to fp32 rounding.
+
 Refused with a clear error (use ``torch-cpu``/``torch-sparse`` for these): other families, Qwen3's
 q/k norms, non-SiLU MLPs, rope types whose frequencies depend on the sequence length
 (``dynamic``, ``longrope``), partial rotary, weights neither fp32 nor (with bf16 values) bf16, and
@@ -91,13 +103,39 @@ class LeanConfig:
     batch_threshold: int = 1
     initial_cache: int = 256
     value_dtype: str = "float32"
+    group: int = 0  # int8/int4: columns per scale (32/64/128, dividing every input width); 0 per row
+    symmetric: bool = True  # int8/int4: symmetric codes, else GPTQ-style zero points
+    lm_head_fp32: bool = False  # int8/int4: keep the lm_head (and a tied embedding) in fp32
+    # "bfloat16": products of at least PREFILL_BF16_MIN tokens (prefill) run AMX/bf16 GEMMs on bf16-rounded
+    # operands with fp32 accumulation (opt-in: it changes the numerics; docs/kernels.md#prefill-in-bf16-amx)
+    prefill_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.value_dtype not in VALUE_DTYPES:
-            raise ConfigError(f"value_dtype {self.value_dtype!r}: the lean path stores float32 or bfloat16 weights")
+        if self.value_dtype not in VALUE_DTYPES and self.value_dtype not in QUANT_DTYPES:
+            raise ConfigError(f"value_dtype {self.value_dtype!r}: the lean path stores float32, bfloat16, int8 or "
+                              f"int4 weights")
+        if self.quantized:
+            self.scheme  # validates group (one line naming the fix)
+        if self.prefill_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"prefill_dtype {self.prefill_dtype!r}: choose float32 (exact) or bfloat16 (AMX GEMMs)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.value_dtype in QUANT_DTYPES
+
+    @property
+    def scheme(self):
+        """The :class:`~sparse_runtime.quant.scheme.QuantScheme` of int8/int4 values (None otherwise)."""
+        if not self.quantized:
+            return None
+        from ..quant.scheme import QuantScheme
+
+        return QuantScheme(QUANT_DTYPES[self.value_dtype], int(self.group), bool(self.symmetric))
 
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANT_DTYPES = {"int8": 8, "int4": 4}  # value_dtype -> bits (codes + fp32 scales; fp32 activations)
+PREFILL_BF16_MIN = 16  # prefill_dtype bf16: fewer tokens keep the fp32 path (the decode kernels' regime)
 DECODE_FORM_BUDGET = 256 << 20  # bytes of dense weights rebuilt at once to time the C step's forms
 DENSE_DECODE_MARGIN = 0.9  # a group is held dense only where dense took at most this share of packed's time
 
@@ -142,8 +180,9 @@ class FusedLinear:
       ``decode_packed`` converts between the forms, exactly: fp32 packing and rebuilding are lossless).
     """
 
-    def __init__(self, linears: list[nn.Linear], lean: LeanConfig, isa: Optional[str], scratch=None):
-        dtype = VALUE_DTYPES[lean.value_dtype]
+    def __init__(self, linears: list[nn.Linear], lean: LeanConfig, isa: Optional[str], scratch=None,
+                 names: Optional[list[str]] = None, quantization=None):
+        dtype = VALUE_DTYPES.get(lean.value_dtype, torch.float32)
         w = torch.cat([l.weight.detach() for l in linears], 0).to(dtype).contiguous()
         biases = [l.bias for l in linears]
         self.bias = None  # fp32 (the kernels and the C step add it in fp32)
@@ -155,14 +194,26 @@ class FusedLinear:
         self.lean, self.isa, self.scratch = lean, isa, scratch
         self.can_pack = bool(lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity)
         self.module = None
+        self.qlin = None  # int8/int4: the codes (QuantLinear), the only form held
+        self.prefill_forms: dict[str, int] = {}  # prefill_dtype bf16: calls per chosen form (evidence)
         self.weight: Optional[torch.Tensor] = w
+        if lean.quantized and isa is not None:
+            grid = quant_grid(lean, names or [], quantization)
+            if grid is not None:
+                scheme, scales = grid
+                layout = "bitmask" if self.can_pack else "dense"
+                self.qlin = quantized_linear(w, scheme, layout, isa, self.bias, scratch, scales)
+                self.weight = None
+                self.can_pack = False
+                return
         if self.can_pack:
             self._to_packed()
 
     def _to_packed(self) -> None:
         from ..kernels import SparseLinear, apply_dispatch, pack, select_layout
 
-        p = pack(self.weight, select_layout(self.isa, self.lean.layout), self.lean.value_dtype)
+        vd = self.lean.value_dtype if self.lean.value_dtype in VALUE_DTYPES else "float32"  # unquantized member
+        p = pack(self.weight, select_layout(self.isa, self.lean.layout), vd)
         self.weight = None  # the packed form only, from here on
         self.module = SparseLinear(p, self.bias, isa=self.isa, batch_threshold=self.lean.batch_threshold,
                                    scratch=self.scratch)
@@ -179,17 +230,40 @@ class FusedLinear:
     @property
     def decode_packed(self) -> bool:
         """Whether the weight is held (and the C decode step reads it) packed. Setting False
-        rebuilds the dense weight and drops the packed one; True packs a packable one again."""
+        rebuilds the dense weight and drops the packed one; True packs a packable one again.
+        Quantized weights keep their one form (bitmask codes count as packed)."""
+        if self.qlin is not None:
+            return self.qlin.packed.layout == "bitmask"
         return self.module is not None
 
     @decode_packed.setter
     def decode_packed(self, packed: bool) -> None:
+        if self.qlin is not None:  # codes: bitmask -> dense only (the measured choice), exact
+            if not packed and self.qlin.packed.layout == "bitmask":
+                self.qlin = self.dense_codes()
+            return
         if packed and self.module is None and self.can_pack:
             self._to_packed()
         elif not packed and self.module is not None:
             self._to_dense()
 
+    def dense_codes(self):
+        """The held bitmask codes as dense codes (a new QuantLinear; the same values: the codes are
+        recovered from the dequantized weight with the same scales, exactly)."""
+        from ..kernels.quant import QuantLinear, quantize_packed
+        from ..quant.scheme import QuantScheme
+
+        q = self.qlin
+        p = q.packed
+        dense = quantize_packed(q.dequantize(), QuantScheme(p.bits, p.group, p.symmetric), "dense",
+                                scales=p.scales, zeros=p.zeros)
+        return QuantLinear(dense, self.bias, isa=q.isa, scratch=self.scratch)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean.prefill_dtype == "bfloat16" and x.numel() // self.shape[1] >= PREFILL_BF16_MIN:
+            return self._bf16_prefill(x)
+        if self.qlin is not None:
+            return self.qlin(x)
         if self.module is not None:
             return self.module(x)
         w = self.weight
@@ -198,16 +272,65 @@ class FusedLinear:
         y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bf16 weights: a bf16 GEMM, like a dense bf16 model
         return y if self.bias is None else y + self.bias
 
+    def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """A prefill product with bf16 GEMMs (``prefill_dtype='bfloat16'``): a packed weight takes the
+        measured fastest of its sparse kernel, fp32 rebuild + GEMM and bf16 rebuild + AMX GEMM
+        (``kernels.prefill.choose_prefill_form``); dense weights and int8/int4 codes (rebuilt in fp32
+        by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
+        from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
+
+        if self.module is None:
+            if self.qlin is None:
+                return dense_bf16_linear(x, self.weight, self.bias)
+            with bf16_fpmath():
+                return self.qlin(x)
+        m = self.module
+        x2 = x.reshape(-1, self.shape[1]).contiguous()
+        form = choose_prefill_form(m.packed, x2.shape[0], torch.get_num_threads(), bias=self.bias,
+                                   scratch=self.scratch, isa=self.isa)
+        self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
+        return prefill_call(form, m.packed, self.bias, x2, self.scratch, isa=self.isa).reshape(*x.shape[:-1], -1)
+
     def desc(self, isa: str, packed: Optional[bool] = None):
         """The C step's descriptor of the form held (``packed`` must name that form if given)."""
         from ..kernels.decode import linear_desc
 
+        if self.qlin is not None:
+            return self.qlin.desc
         if (self.decode_packed if packed is None else packed) and self.module is not None:
             return linear_desc(isa, packed=self.module.packed, bias=self.bias)
         if self.weight is None:
             raise ConfigError("this fused linear holds only its packed form (set decode_packed = False to rebuild "
                               "the dense one)")
         return linear_desc(isa, dense=self.weight, bias=self.bias)
+
+
+def quant_grid(lean: LeanConfig, names: list[str], quantization=None):
+    """``(scheme, scales)`` for a weight made of the params ``names`` (rows concatenated):
+    ``scales`` None = round to nearest at load with the config's scheme; from a quantized checkpoint
+    (``quantization``, ``sparse_runtime.quant.io.QuantizationInfo``) its scheme and every member's
+    ``(scales, zeros)`` concatenated by rows. None: the checkpoint did not quantize this weight, so
+    it stays fp32 (what the checkpoint holds)."""
+    if quantization is None:
+        return lean.scheme, None
+    got = [quantization.scales_for(n) for n in names]
+    if not names or any(g is None for g in got):
+        return None
+    zeros = None if got[0][1] is None else torch.cat([g[1].float() for g in got], 0)
+    return quantization.scheme, (torch.cat([g[0].float() for g in got], 0), zeros)
+
+
+def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scratch, scales=None):
+    """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
+    round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact)."""
+    from ..kernels import native
+    from ..kernels.quant import QuantLinear, quantize_packed
+
+    if layout == "bitmask" and native.quant_isa(isa, "bitmask") == "portable" and isa != "portable":
+        layout = "dense"  # no vectorised bitmask-code kernel on this path: dense codes stream faster
+    sc, zr = scales if scales is not None else (None, None)
+    packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
+    return QuantLinear(packed, bias, isa=isa, scratch=scratch)
 
 
 @torch.inference_mode()
@@ -224,7 +347,10 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
     is kept unless dense was clearly faster (median at most ``DENSE_DECODE_MARGIN`` of packed's:
     dense is then held instead, ~3x the bytes at 70 %, so a tie or the noise of a loaded machine
     must not buy it; measured under load, the plain "not slower" rule flipped whole groups to dense).
-    Cached per (isa, layout, shape, density to 0.05, threads)."""
+    Quantized bitmask codes are measured the same way against dense codes of the same scheme (the
+    bitmask-code kernels do more vector work per weight than the dense ones, so where a matrix is not
+    memory-bound, or at 50 %, dense codes can win). Cached per (isa, layout, shape, density to 0.05,
+    threads) (+ the scheme for codes)."""
     from ..kernels import decode as cdec
     from ..kernels.module import densify_into
 
@@ -233,14 +359,22 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
         if f.module is not None:
             key = (isa, f.module.layout, *f.shape, round(f.module.packed.density * 20) / 20, threads)
             groups.setdefault(key, []).append(f)
+        elif f.qlin is not None and f.qlin.packed.layout == "bitmask":
+            p = f.qlin.packed
+            key = (isa, "q-bitmask", p.bits, p.group, p.symmetric, *f.shape, round(p.density * 20) / 20, threads)
+            groups.setdefault(key, []).append(f)
     for key, members in groups.items():
         if key not in _DECODE_FORM:
             n, k = members[0].shape
             timed = members[:max(1, DECODE_FORM_BUDGET // max(4 * n * k, 1))]
-            dense = [densify_into(f.module.packed, torch.empty(n, k)) for f in timed]
             x, y = torch.randn(k), torch.empty(n)
-            forms = {True: [f.desc(isa, True) for f in timed],
-                     False: [cdec.linear_desc(isa, dense=d, bias=f.bias) for d, f in zip(dense, timed)]}
+            if members[0].qlin is not None:
+                dense = [f.dense_codes() for f in timed]
+                forms = {True: [f.desc(isa) for f in timed], False: [q.desc for q in dense]}
+            else:
+                dense = [densify_into(f.module.packed, torch.empty(n, k)) for f in timed]
+                forms = {True: [f.desc(isa, True) for f in timed],
+                         False: [cdec.linear_desc(isa, dense=d, bias=f.bias) for d, f in zip(dense, timed)]}
             times: dict[bool, list[float]] = {True: [], False: []}
             for _ in range(repeats + 1):  # the first round warms up
                 for form, descs in forms.items():
@@ -386,11 +520,15 @@ class LeanLlama:
     the compute dtype: how a model larger than memory in its dense form is loaded."""
 
     def __init__(self, model: Optional[nn.Module], config: Optional[LeanConfig] = None,
-                 threads: Optional[int] = None, release_source: bool = False, streamed=None):
+                 threads: Optional[int] = None, release_source: bool = False, streamed=None, quantization=None):
         self.config = lean = config or LeanConfig()
         if streamed is not None:
             model = streamed.model
-        check_supported(model, lean.value_dtype, skeleton=streamed is not None)
+        check_supported(model, "float32" if lean.quantized else lean.value_dtype, skeleton=streamed is not None)
+        if lean.quantized and quantization is not None and quantization.scheme.bits != QUANT_DTYPES[lean.value_dtype]:
+            raise ConfigError(f"this checkpoint is quantized {quantization.scheme.name}; run it with value dtype "
+                              f"int{quantization.scheme.bits} (its own codes and scales) or float32")
+        quantization = quantization if lean.quantized else None
         cfg = model.config
         self.threads = int(threads or torch.get_num_threads())
         from ..kernels import native
@@ -400,7 +538,7 @@ class LeanLlama:
         if lean.sparse and self.isa is None:
             raise ConfigError(native.unavailable_reason() or "sparse kernels unavailable")
         self.value_dtype = lean.value_dtype
-        dtype = VALUE_DTYPES[lean.value_dtype]
+        dtype = VALUE_DTYPES.get(lean.value_dtype, torch.float32)
         if lean.sparse and dtype == torch.bfloat16:
             self.isa = _bf16_isa(self.isa, lean)
         self.scratch = DenseScratch()  # one rebuilt weight at a time, for every packed fused linear
@@ -419,23 +557,35 @@ class LeanLlama:
             streamed.load_embed()
             streamed.load_head()
         emb, head = inner.embed_tokens.weight.detach(), model.lm_head.weight.detach()
-        self.embed = emb.to(dtype, copy=True).contiguous()
         tied = head.data_ptr() == emb.data_ptr() and head.shape == emb.shape
-        self.lm_head = self.embed if tied else head.to(dtype, copy=True).contiguous()  # tied: the same tensor
         self.final_norm = _own(inner.norm.weight)
         self.lm_bias = None if model.lm_head.bias is None else _own(model.lm_head.bias)
+        self.lm_q = None  # int8/int4 lm_head: its codes (QuantLinear); a tied embedding reads its rows
+        grid = None
+        if lean.quantized and not lean.lm_head_fp32 and self.isa is not None:
+            grid = quant_grid(lean, ["lm_head.weight"], quantization)
+            if grid is None and tied and quantization is not None:
+                grid = quant_grid(lean, ["model.embed_tokens.weight"], quantization)
+        if grid is not None:
+            self.lm_q = quantized_linear(head.float(), grid[0], "dense", self.isa, self.lm_bias, self.scratch, grid[1])
+            self.lm_head = None
+            self.embed = None if tied else emb.to(dtype, copy=True).contiguous()
+        else:
+            self.embed = emb.to(dtype, copy=True).contiguous()
+            self.lm_head = self.embed if tied else head.to(dtype, copy=True).contiguous()  # tied: the same tensor
         del emb, head  # views of the source's tensors: held past here they would double the table's memory
         if streamed is not None:
             streamed.release_head()
             streamed.release_embed()
         self._rotary = inner.rotary_emb
         window = FAMILIES[cfg.model_type]
+        names = {id(mod): n for n, mod in model.named_modules()}
         self.layers: list[LeanLayer] = []
         sc = self.scratch
         def fused(lins: list[nn.Linear]) -> FusedLinear:
             # the source linears go as soon as their fused form exists: a block's peak is its
             # unfused rest plus one fused group, not the whole block twice
-            f = FusedLinear(lins, lean, self.isa, sc)
+            f = FusedLinear(lins, lean, self.isa, sc, [f"{names.get(id(l), '?')}.weight" for l in lins], quantization)
             if streamed is not None:
                 for lin in lins:
                     lin.to("meta")
@@ -473,8 +623,8 @@ class LeanLlama:
 
     @property
     def c_step_supported(self) -> bool:
-        """The C decode step reads fp32 weights only; bf16 models decode on the torch path."""
-        return self.value_dtype == "float32"
+        """The C decode step reads fp32 weights and int8/int4 codes; bf16 models decode on the torch path."""
+        return self.value_dtype == "float32" or self.value_dtype in QUANT_DTYPES
 
     def held_bytes(self) -> int:
         """Bytes of every tensor this model holds (weights, KV cache, scratch; see held_tensor_bytes)."""
@@ -482,10 +632,29 @@ class LeanLlama:
 
     def _lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The vocabulary projection of fp32 hidden states (bf16 table: a bf16 GEMM, fp32 logits)."""
+        if self.lm_q is not None:
+            return self.lm_q(x)
         if self.lm_head.dtype == x.dtype:
             return F.linear(x, self.lm_head, self.lm_bias)
         y = F.linear(x.to(self.lm_head.dtype), self.lm_head).float()
         return y if self.lm_bias is None else y + self.lm_bias
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``ids`` (fp32): the table, or rows dequantized from the quantized tied lm_head."""
+        if self.embed is None:
+            return self.lm_q.rows(ids)
+        return F.embedding(ids, self.embed).float()  # a no-op for fp32 tables
+
+    def _lm_desc(self):
+        """The C descriptor of the lm_head (dense fp32 table or its codes)."""
+        from ..kernels import decode as cdec
+
+        if self.lm_q is not None:
+            return self.lm_q.desc
+        return cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+
+    def _embed_ptr(self) -> Optional[int]:
+        return None if self.embed is None else self.embed.data_ptr()
 
     # -- summary --------------------------------------------------------------------------------
     def linears(self) -> list[FusedLinear]:
@@ -493,14 +662,24 @@ class LeanLlama:
 
     def summary(self) -> str:
         lin = self.linears()
-        sp = sum(f.module is not None for f in lin)
+        sp = sum(f.module is not None or (f.qlin is not None and f.decode_packed) for f in lin)
         th = sorted({f.module.batch_threshold for f in lin if f.module is not None})
         rng = sorted({r for f in lin if f.module is not None for r in f.module.sparse_ranges})
         dec = sum(f.decode_packed for f in lin)
-        return (f"lean {'sparse' if self.config.sparse else 'dense'} ({self.value_dtype}): {len(self.layers)} layers, "
+        vals = self.value_dtype
+        if self.config.quantized:
+            q = next((f.qlin for f in lin if f.qlin is not None), self.lm_q)
+            vals = (f"{self._scheme_name(q)} codes, lm_head {'codes' if self.lm_q else 'fp32'}"
+                    if q is not None else f"{vals} requested, no weight quantized")
+        return (f"lean {'sparse' if self.config.sparse else 'dense'} ({vals}): {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
                 f"also sparse at {rng}), isa {self.isa}, "
                 f"C decode step {'on' if self._step is not None else 'off'}")
+
+    @staticmethod
+    def _scheme_name(q) -> str:
+        p = q.packed
+        return f"int{p.bits}" + (f"-g{p.group}" if p.group else "") + ("" if p.symmetric else "-asym")
 
     def call_counts(self) -> dict[str, int]:
         """This model's own evidence (the C library's counters are process-wide), in the keys of
@@ -548,9 +727,9 @@ class LeanLlama:
                                  l.gate_up.desc(self.isa), l.down.desc(self.isa), self.k[i, 0].data_ptr(),
                                  self.v[i, 0].data_ptr(), l.window)
         self._c_layers = arr
-        lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+        lm = self._lm_desc()
         model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                            self.vocab, self.cap, self.eps, 0, self.embed.data_ptr(), self.final_norm.data_ptr(), lm,
+                            self.vocab, self.cap, self.eps, 0, self._embed_ptr(), self.final_norm.data_ptr(), lm,
                             ctypes.addressof(arr), None)
         self._scratch = torch.zeros(cdec.scratch_floats(model))
         model.scratch = self._scratch.data_ptr()
@@ -560,7 +739,7 @@ class LeanLlama:
 
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``ids`` ``[B, T]`` appended at the current position (the torch
         path: prefill, and decode with batch > 1)."""
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -573,6 +752,8 @@ class LeanLlama:
         self._grow(p0 + T, B)
         x = self._causal_layers(ids, p0, self.cos, self.sin, self.k, self.v)
         self.length = p0 + T
+        if last_only:  # what generation needs: the vocabulary projection of the last position only
+            x = x[:, -1:]
         return self._lm_logits(_rms(x, self.final_norm, self.eps))
 
     def _causal_layers(self, ids: torch.Tensor, p0: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -583,7 +764,7 @@ class LeanLlama:
         hidden states [B, T, hidden] before the final norm."""
         B, T = ids.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed).float()  # a no-op for fp32 tables
+        x = self._embed(ids)
         cos, sin = cos_table[p0:p0 + T], sin_table[p0:p0 + T]
         qpos = torch.arange(p0, p0 + T).unsqueeze(1)
         kpos = torch.arange(p0 + T).unsqueeze(0)
@@ -609,9 +790,12 @@ class LeanLlama:
     def reset(self) -> None:
         self.length = 0
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Start a new sequence with ``ids`` [B, T]: logits ``[B, T, V]``, or ``[B, 1, V]`` of the last
+        position with ``last_only`` (generation's need: on SmolLM2 the lm_head over 128 positions is
+        about a fifth of a 128-token prefill's arithmetic)."""
         self.reset()
-        return self.forward(ids)
+        return self.forward(ids, last_only=last_only)
 
     def decode_token(self, token: int) -> torch.Tensor:
         """One batch-1 step in C: logits ``[V]`` (a buffer reused by the next step: copy to keep)."""
@@ -637,7 +821,7 @@ class LeanLlama:
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, eos_token_id: Optional[int] = None) -> Iterator[int]:
         """Greedy tokens, batch 1."""
-        logits = self.prefill(torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1))[0, -1]
+        logits = self.prefill(torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1), last_only=True)[0, -1]
         for _ in range(max_new_tokens):
             tok = int(torch.argmax(logits))
             yield tok
@@ -661,19 +845,21 @@ class LeanLlama:
         self.slot_len = [0] * int(n_slots)
         self.slot_cap = int(capacity)
         with torch.no_grad():
-            cos, sin = self._rotary(self.embed[:1].unsqueeze(0), torch.arange(self.slot_cap).unsqueeze(0))
+            cos, sin = self._rotary(torch.zeros(1, 1, self.hidden), torch.arange(self.slot_cap).unsqueeze(0))
         self.slot_cos, self.slot_sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         self._slot_c: dict[int, tuple] = {}
         self._slot_scratch: Optional[torch.Tensor] = None
         self._slot_batch: Optional[tuple] = None
         self.slot_batch_c = True  # B > 1 steps in C (sr_decode_step_batch); False: the torch path
         self._lm_chunked: dict[int, bool] = {}
-        if self.config.calibrate:
+        if self.config.calibrate and self.lm_head is not None:
             self._lm_chunked = choose_lm_head_form(self.lm_head, self.lm_bias, int(n_slots), self.threads)
 
     def _slot_lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of the batched step: F.linear, or in row blocks where that was measured
-        faster for this batch (see :func:`choose_lm_head_form`)."""
+        faster for this batch (see :func:`choose_lm_head_form`); int8/int4: the codes' product."""
+        if self.lm_head is None or self.lm_head.dtype != x.dtype:
+            return self._lm_logits(x)
         tried = [b for b in self._lm_chunked if b <= x.shape[0]]
         if tried and self._lm_chunked[max(tried)]:
             return lm_head_blocked(x, self.lm_head, self.lm_bias)
@@ -699,9 +885,9 @@ class LeanLlama:
                 arr[i] = cdec.CLayer(l.in_norm.data_ptr(), l.post_norm.data_ptr(), l.qkv.desc(self.isa),
                                      l.o.desc(self.isa), l.gate_up.desc(self.isa), l.down.desc(self.isa),
                                      self.slot_k[i, slot].data_ptr(), self.slot_v[i, slot].data_ptr(), l.window)
-            lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+            lm = self._lm_desc()
             model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                                self.vocab, self.slot_cap, self.eps, 0, self.embed.data_ptr(),
+                                self.vocab, self.slot_cap, self.eps, 0, self._embed_ptr(),
                                 self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
             if self._slot_scratch is None:  # one scratch for every slot: steps run one at a time
                 self._slot_scratch = torch.zeros(cdec.scratch_floats(model))
@@ -725,9 +911,9 @@ class LeanLlama:
                 arr[i] = cdec.CLayer(l.in_norm.data_ptr(), l.post_norm.data_ptr(), l.qkv.desc(self.isa),
                                      l.o.desc(self.isa), l.gate_up.desc(self.isa), l.down.desc(self.isa), None,
                                      None, l.window)
-            lm = cdec.linear_desc(self.isa, dense=self.lm_head, bias=self.lm_bias)
+            lm = self._lm_desc()
             model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                                self.vocab, self.slot_cap, self.eps, 0, self.embed.data_ptr(),
+                                self.vocab, self.slot_cap, self.eps, 0, self._embed_ptr(),
                                 self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
             step = cdec.DecodeStepBatch(model, self.slot_k, self.slot_v, self.slot_cos, self.slot_sin)
             self._slot_batch = (forms, arr, model, step)
@@ -750,7 +936,7 @@ class LeanLlama:
         x = self._causal_layers(ids, p0, self.slot_cos, self.slot_sin, self.slot_k[:, slot:slot + 1],
                                 self.slot_v[:, slot:slot + 1])
         self.slot_len[slot] = p0 + T
-        return F.linear(_rms(x[0, -1:], self.final_norm, self.eps), self.lm_head, self.lm_bias)[0]
+        return self._lm_logits(_rms(x[0, -1:], self.final_norm, self.eps))[0]
 
     @torch.inference_mode()
     def decode_slots(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
@@ -793,7 +979,7 @@ class LeanLlama:
         rows = slot_t - lo
         dense_rows = R == B and bool((rows == torch.arange(B)).all())
         L = max(pos) + 1
-        x = F.embedding(torch.as_tensor(tokens, dtype=torch.long), self.embed)  # [B, hidden]
+        x = self._embed(torch.as_tensor(tokens, dtype=torch.long))  # [B, hidden]
         cos, sin = self.slot_cos[pos_t].unsqueeze(1), self.slot_sin[pos_t].unsqueeze(1)  # [B, 1, D]
         lens = torch.ones(R, dtype=torch.long)  # rows of idle slots in the range attend to position 0 only
         lens[rows] = pos_t + 1

@@ -24,6 +24,7 @@ class OrtCPUEngine(Engine):
     description = "ONNX Runtime CPUExecutionProvider, optimum decoder with KV cache (float32)"
     install_hint = "pip install onnxruntime optimum-onnx (pip install 'sparse-runtime[onnx]')"
     exploits_sparsity = "no"
+    export_format = "onnx"  # the exporters' format this engine runs (subclasses: the quantized ones)
 
     @classmethod
     def check_available(cls) -> None:
@@ -38,7 +39,7 @@ class OrtCPUEngine(Engine):
 
         from .exports import ensure_export
 
-        self.export_dir = ensure_export(model, "onnx", **export_options)
+        self.export_dir = ensure_export(model, self.export_format, **export_options)
         self.graph_optimization = graph_optimization
         self.session = self._session()
         self._run = run_with_past

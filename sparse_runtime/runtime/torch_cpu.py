@@ -62,11 +62,11 @@ class TorchCPUEngine(Engine):
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def _run(self, ids: np.ndarray, cache) -> np.ndarray:
+    def _run(self, ids: np.ndarray, cache, **kw) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
             out = self._forward(input_ids=torch.as_tensor(ids, dtype=torch.long), past_key_values=cache,
-                                use_cache=True)
+                                use_cache=True, **kw)
         self._cache = out.past_key_values
         return out.logits.float().numpy()
 
@@ -74,6 +74,12 @@ class TorchCPUEngine(Engine):
         from transformers import DynamicCache
 
         return self._run(ids, DynamicCache())
+
+    def prefill_next(self, ids: np.ndarray) -> np.ndarray:
+        """The last position's logits only (``logits_to_keep=1``, as transformers' ``generate`` does)."""
+        from transformers import DynamicCache
+
+        return self._run(ids, DynamicCache(), logits_to_keep=1)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         if self._cache is None:

@@ -7,6 +7,8 @@
   steps: 200
   rank: 8
   merge: true             # fold the adapter in and hand the merged checkpoint to the next stage
+  distill: both           # optional: distillation from the dense model (none | logits | blocks | both)
+  distill_weight: 0.5     # loss = (1-w) CE + w KD; distill_teacher / distill_temperature too
 ```
 Without ``merge`` the adapter directory is recorded in the metrics and a later ``merge`` stage
 folds it in.
@@ -41,6 +43,11 @@ class FinetuneStageConfig:
     eval_examples: int = 0
     eval_ppl: bool = False
     save_every: int = 0
+    loss_chunk_tokens: int = 0
+    distill: str = "none"  # docs/finetuning.md#distillation
+    distill_teacher: Optional[str] = None  # default: the dense model the checkpoint's manifest records
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     adapter: dict[str, Any] = field(default_factory=dict)  # further adapter options (grad_mode, init_samples...)
     merge: bool = False
     reprune: str = "wanda"
@@ -58,7 +65,8 @@ class FinetuneStageConfig:
 
         keys = ("method", "data", "data_path", "steps", "batch_size", "micro_batch_size", "seq_len", "lr", "schedule",
                 "warmup_ratio", "seed", "gradient_checkpointing", "precision", "eval_examples", "eval_ppl",
-                "save_every")
+                "save_every", "loss_chunk_tokens", "distill", "distill_teacher", "distill_weight",
+                "distill_temperature")
         return TrainConfig(**{k: getattr(self, k) for k in keys})
 
 
@@ -77,7 +85,7 @@ class FinetuneStage(Stage):
         metrics = {"adapter": str(adapter_dir), "method": cfg.method, "steps": res.steps, "final_loss":
                    res.losses[-1] if res.losses else None, "tokens": res.tokens, "seconds": res.seconds,
                    "trainable_parameters": res.trainable_parameters, "peak_rss_mb": res.peak_rss_mb,
-                   "evals": res.evals}
+                   "evals": res.evals, "distill": cfg.distill}
         if not cfg.merge:
             return StageResult(metrics=metrics)
         from ..merge import merge_adapter_dir

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 DATA_SOURCES = ("alpaca", "c4", "text")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "auto")
+DISTILL_MODES = ("none", "logits", "blocks", "both")  # distillation from the dense model (training/distill.py)
 
 ENGINE_DEFAULTS = dict(lr=2e-4, schedule="linear", min_lr=0.0, warmup_ratio=0.0, weight_decay=0.0)
 
@@ -48,6 +49,11 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     log_every: int = 1
+    # distillation from the dense teacher (docs/finetuning.md#distillation): loss = (1-w) CE + w KD
+    distill: str = "none"  # none | logits (KL, Hinton) | blocks (per-block normalised MSE, SquareHead) | both
+    distill_teacher: Optional[str] = None  # default: the pruned checkpoint's manifest (dense_source, else base_model)
+    distill_weight: float = 0.5  # w in [0, 1]
+    distill_temperature: float = 1.0  # T of the softened logits; the KL term is scaled by T^2
 
     def validate(self) -> None:
         if self.data not in DATA_SOURCES:
@@ -78,6 +84,15 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be >= 0")
         if self.keep_checkpoints < 1 or self.log_every < 1:
             raise ConfigError("keep_checkpoints and log_every must be >= 1")
+        if self.distill not in DISTILL_MODES:
+            raise ConfigError(f"distill must be one of {DISTILL_MODES}, got {self.distill!r}")
+        if not 0.0 <= float(self.distill_weight) <= 1.0:
+            raise ConfigError(f"distill_weight must be in [0, 1] (loss = (1-w) CE + w KD), got {self.distill_weight}")
+        if not float(self.distill_temperature) > 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill == "none" and self.distill_teacher:
+            raise ConfigError("--distill-teacher is given but --distill is none: add --distill logits|blocks|both, "
+                              "or drop --distill-teacher")
 
     def resolved(self, method_defaults: dict[str, Any]) -> "TrainConfig":
         """A copy with every ``None`` optimisation field filled from the method, then the engine."""
@@ -109,3 +124,5 @@ class TrainConfig:
     # what must match for a checkpoint to be resumable by this run
     IDENTITY_FIELDS = ("method", "data", "data_path", "batch_size", "seq_len", "packing", "data_seed", "seed",
                        "lr", "schedule", "min_lr", "warmup_ratio", "warmup_steps", "weight_decay", "steps")
+    # part of the identity only when distillation is on (checkpoints written before it existed stay resumable)
+    DISTILL_IDENTITY_FIELDS = ("distill", "distill_teacher", "distill_weight", "distill_temperature")

@@ -9,6 +9,7 @@ method's :class:`~sparse_runtime.adapters.SparseAdapter`, and trains only the ad
   and processes; the loss is normalised by the target tokens of the whole step, so 1 process x 4
   micro-batches and 2 processes x 2 give the same update as one batch;
 - gradient checkpointing (HF, non-reentrant), bf16 autocast (``precision``), chunked LM-head loss;
+- distillation from the dense teacher (``distill``: logits, blocks or both; :mod:`.distill`);
 - data parallel through ``torchrun`` (``torch.distributed`` + DDP; gloo on CPU, nccl on GPU):
   each process takes its slice of each step's batch;
 - periodic evaluation: held-out loss and WikiText-2 perplexity (protocol ``quick``);
@@ -44,6 +45,7 @@ from ..progress import progress
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .data import DataOrder, build_datasets, collate, target_count
+from .distill import Distiller, load_teacher
 from .loss import CausalLMLoss
 from .optim import build_optimizer
 
@@ -147,7 +149,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer, family, method: str, adapter_cfg: AdapterConfig,
                  cfg: TrainConfig, out_dir: Path, *, adapters: dict, data_dir=None, base_model: str = "",
-                 fingerprint: str = "", dist: Optional[DistInfo] = None, final_dir: Optional[Path] = None) -> None:
+                 fingerprint: str = "", dist: Optional[DistInfo] = None, final_dir: Optional[Path] = None,
+                 teacher: Optional[nn.Module] = None) -> None:
         self.spec = FINETUNE_METHODS.get(method)
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.method, self.adapter_cfg = method, adapter_cfg
@@ -176,7 +179,16 @@ class Trainer:
         self.accum = per_rank // self.micro
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
-        self.loss_module = CausalLMLoss(model, self.cfg.loss_chunk_tokens)
+        self.distiller = None
+        if self.cfg.distill != "none":
+            if teacher is None:  # a caller without a manifest to read (LoSA): the config names the teacher
+                if not self.cfg.distill_teacher:
+                    raise ConfigError(f"--distill {self.cfg.distill} needs the dense teacher: give --distill-teacher "
+                                      "PATH")
+                teacher = load_teacher(self.cfg.distill_teacher, model, device=self.device, mode=self.cfg.distill)
+            self.distiller = Distiller(teacher, self.cfg.distill, self.cfg.distill_weight,
+                                       self.cfg.distill_temperature, student=model)
+        self.loss_module = CausalLMLoss(model, self.cfg.loss_chunk_tokens, self.distiller)
         self.step = 0
         self.losses: list[float] = []
         self.evals: list[dict[str, Any]] = []
@@ -185,6 +197,8 @@ class Trainer:
     # -- identity of a run (what a resume must match) ------------------------------------------
     def identity(self) -> dict[str, Any]:
         d = {k: getattr(self.cfg, k) for k in TrainConfig.IDENTITY_FIELDS}
+        if self.cfg.distill != "none":
+            d.update({k: getattr(self.cfg, k) for k in TrainConfig.DISTILL_IDENTITY_FIELDS})
         d.update(adapter=self.adapter_cfg.to_dict(), base_mask_fingerprint=self.fingerprint,
                  train_examples=len(self.train_set))
         return json.loads(json.dumps(d, default=str))
@@ -237,8 +251,8 @@ class Trainer:
             s = n = 0.0
             for i in range(0, len(self.held_set), self.micro):
                 b = self._to(collate(self.held_set[i:i + self.micro], self.pad_id))
-                with autocast_context(self.cfg.precision, self.device):
-                    ls, k = self.loss_module(b["input_ids"], b["labels"], b["attention_mask"])
+                with autocast_context(self.cfg.precision, self.device):  # held-out CE, never the distillation
+                    ls, k = self.loss_module(b["input_ids"], b["labels"], b["attention_mask"], distill=False)
                 s += float(ls)
                 n += float(k)
             out["eval_loss"] = s / max(1.0, n)
@@ -295,6 +309,7 @@ class Trainer:
             total = target_count(examples)
             micro = self.rank_micro_batches(examples)
             loss_acc = torch.zeros((), dtype=torch.float64)
+            parts = torch.zeros(3, dtype=torch.float64)  # distillation: CE, KL, block sums of the step
             for i, b in enumerate(micro):
                 b = self._to(b)
                 sync = (i == len(micro) - 1) or not self.dist.enabled
@@ -306,8 +321,12 @@ class Trainer:
                     # the gradient of (sum of losses / target tokens of the whole step)
                     (loss_sum * (self.dist.world / max(1, total))).backward()
                 loss_acc += loss_sum.detach().double().cpu()
+                if self.distiller is not None and self.loss_module.last_parts is not None:
+                    parts += self.loss_module.last_parts.double().cpu()
             if self.dist.enabled:
                 torch.distributed.all_reduce(loss_acc)
+                if self.distiller is not None:
+                    torch.distributed.all_reduce(parts)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -326,6 +345,9 @@ class Trainer:
                 cb.on_step_end(self, self.step)
             rec = {"step": self.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": self.tokens,
                    "step_s": dt, "tokens_per_s": step_tokens / dt if dt > 0 else None}
+            if self.distiller is not None:  # per target token, as the loss
+                rec.update(ce=float(parts[0]) / max(1, total), kd_logits=float(parts[1]) / max(1, total),
+                           kd_blocks=float(parts[2]) / max(1, total))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 ev = self.evaluate()
                 self.evals.append(ev)
@@ -340,6 +362,8 @@ class Trainer:
             self.evals.append(ev)
             self._log({"step": self.step, **ev, "final": True})
         self._save_checkpoint()
+        if self.distiller is not None:  # hooks off, teacher released before the caller merges or evaluates
+            self.distiller.close()
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_disable()
         self.model.eval()
@@ -445,8 +469,17 @@ def finetune(model_spec, out: os.PathLike, cfg: TrainConfig, adapter_options: Op
     lm, adapters, adapter_cfg, fp = prepare_model(model_spec, cfg.method, adapter_options, dtype=dtype,
                                                   device=device, seed=cfg.seed)
     base = str(lm.path) if getattr(lm, "path", None) else str(lm.source)
+    teacher = None
+    if cfg.distill != "none":  # the dense teacher: named, or the one the manifest records; loaded before any write
+        from dataclasses import replace
+
+        from .distill import teacher_spec
+
+        cfg = replace(cfg, distill_teacher=teacher_spec(cfg.distill_teacher, lm.manifest, base))
+        teacher = load_teacher(cfg.distill_teacher, lm.model, device=next(lm.model.parameters()).device,
+                               mode=cfg.distill)
     trainer = Trainer(lm.model, lm.tokenizer, lm.family, cfg.method, adapter_cfg, cfg, out, adapters=adapters,
-                      data_dir=data_dir, base_model=base, fingerprint=fp, dist=dist, final_dir=out)
+                      data_dir=data_dir, base_model=base, fingerprint=fp, dist=dist, final_dir=out, teacher=teacher)
     made = _missing_parents(out)
     work, source = _shared_run_dir(out, resume, overwrite, dist)
     trainer.out_dir = work

@@ -1,0 +1,447 @@
+"""Sparse x quantized decode and prefill latency against the dense quantized baselines (issue 21, item 5).
+
+    flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_quant_latency.py --prepare-only
+    flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_quant_latency.py --out benchmarks/results
+    python benchmarks/bench_quant_latency.py --quick --model tiny      # proves the script runs (seconds)
+
+One run per machine: every row below is loaded into this one process and timed in the SAME
+interleaved rounds (``sparse_runtime.measure.latency``'s timer protocol: each row's unit prepared,
+warmed up, then ``--repeats`` rounds in an order rotated each round), decode first, then prefill:
+
+- dense fp32 on our lean path (``lean-cpu``), and on ORT (``ort-cpu``) for reference;
+- dense quantized on ORT: ``ort-int8`` (dynamic int8, MatMulInteger), ``ort-int4`` with blocks of 32
+  (the engine's default) and of ``--int4-group``, and MatMulNBits with 8-bit blocks (a second ORT
+  int8 path, weight-only);
+- dense int8 / int4-g``--int4-group`` on our kernels (``lean-cpu`` with that value type);
+- ``sparse-cpu`` on Wanda 50 % / 70 % / 2:4 x {fp32, int8, int4-g``--int4-group``};
+- the int4 group defaults to 64, not the issue's 128: SmolLM2's width 576 is 4.5 x 128, and our
+  quantization refuses groups that do not divide a row (ORT pads the last block);
+- DeepSparse (fp32 values, dense and the three sparse checkpoints) where it runs.
+
+A row that cannot run here (an engine not installed, a value type our engines do not accept yet) is
+listed under "skipped" with its reason; nothing else changes. Columns: decode ms/token at context
+``--context`` (median, IQR, min-max), prefill 1 x ``--prefill`` ms, bytes per weight of the block
+linears and of the lm_head, MB read per token, and each row's speedup against our dense int8 row
+and against the fastest dense quantized ORT row, each beside its memory-bandwidth bound (bytes per
+token of the reference / bytes per token of the row; docs/protocols.md#the-memory-bandwidth-bound).
+
+Checkpoints: SmolLM2-135M pruned with Wanda exactly as ``bench_latency.py`` does (its
+``checkpoints`` helper; cached under ``$SPARSE_RUNTIME_CACHE/bench-latency``). ``--model tiny``
+uses a small random Llama (hidden 128) pruned by magnitude instead: for testing the script only.
+Nothing is written to benchmarks/results unless ``--out`` says so (default: a temporary directory).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SPARSE = ("wanda-50", "wanda-70", "wanda-2:4")
+# int4 group of our rows: 64, because SmolLM2's hidden width 576 = 4.5 x 128, so groups of 128 do not
+# divide the q/k/v/gate/up rows (the quantization contract refuses that; ORT's MatMulNBits pads the last
+# block instead). --int4-group 128 runs g128 on models whose widths allow it.
+INT4_GROUP = 64
+
+
+@dataclass
+class Row:
+    """One timed configuration: ``engine`` on checkpoint ``ckpt`` with engine ``options``."""
+
+    label: str
+    engine: str
+    ckpt: str                      # "dense" or one of SPARSE
+    values: str                    # fp32 | int8 | int4-g32 | int4-g128 | int8-g32 ...
+    options: dict[str, Any] = field(default_factory=dict)
+    group: str = ""                # "ours-dense-int8" / "ort-quant": the references of the ratio columns
+
+
+def lean_value_options(engine: str, values: str) -> tuple[Optional[dict[str, Any]], str]:
+    """The engine options that give the lean path ``values`` weights, or (None, why not).
+
+    The contract: an engine lists the value types its ``dtype`` option accepts in ``Engine.dtypes``
+    (``int8``, ``int4``), and the lean engines also take a full scheme name (``int4-g64``,
+    ``int4-g64-asym``: sparse_runtime.quant.scheme) as ``dtype``. The full name is passed, so the
+    row runs exactly the scheme it is labelled with (a group that does not divide a row is refused
+    by the engine and the row is skipped with that line). The ONE place to change if the quantized
+    values end up behind another option."""
+    if values == "fp32":
+        return {}, ""
+    from sparse_runtime.runtime import get_engine
+
+    accepted = tuple(getattr(get_engine(engine), "dtypes", ("float32",)))
+    if values.split("-")[0] in accepted:
+        return {"dtype": values}, ""
+    return None, (f"{engine} does not accept {values} values (its dtype option takes {', '.join(accepted)})")
+
+
+def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
+    """The rows, in load order. ``group``: the int4 group of our rows and of the matching ORT row."""
+    g4 = f"int4-g{group}"
+    rows = [Row("dense fp32, lean", "lean-cpu", "dense", "fp32"),
+            Row("dense fp32, ORT", "ort-cpu", "dense", "fp32"),
+            Row("dense int8, ORT dynamic", "ort-int8", "dense", "int8", group="ort-quant"),
+            Row("dense int4-g32, ORT MatMulNBits", "ort-int4", "dense", "int4-g32", {"block_size": 32},
+                group="ort-quant")]
+    if group != 32:
+        rows.append(Row(f"dense {g4}, ORT MatMulNBits", "ort-int4", "dense", g4, {"block_size": group},
+                        group="ort-quant"))
+    rows += [Row("dense int8-g32, ORT MatMulNBits", "ort-int4", "dense", "int8-g32", {"bits": 8, "block_size": 32},
+                 group="ort-quant"),
+             Row("dense int8, lean", "lean-cpu", "dense", "int8", group="ours-dense-int8"),
+             Row(f"dense {g4}, lean", "lean-cpu", "dense", g4)]
+    for ck in SPARSE:
+        for v in ("fp32", "int8", g4):
+            rows.append(Row(f"{ck} {v}, sparse-cpu", "sparse-cpu", ck, v))
+    # prefill in bf16 (AMX GEMMs, opt-in: docs/kernels.md#prefill-in-bf16-amx); decode is unchanged by it
+    bf16_prefill = {"prefill_dtype": "bfloat16"}
+    rows += [Row("dense fp32 + bf16 prefill, lean", "lean-cpu", "dense", "fp32", bf16_prefill)]
+    rows += [Row(f"{ck} {v} + bf16 prefill, sparse-cpu", "sparse-cpu", ck, v, bf16_prefill)
+             for ck in SPARSE if "70" in ck for v in ("fp32", "int8")]
+    if with_deepsparse:
+        rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
+    return rows
+
+
+# -- bytes per weight -------------------------------------------------------------------------------
+def layer_shapes(path: str) -> list[tuple[int, int, int]]:
+    """(out rows N, in columns K, nonzeros) of every block linear, from the manifest or the weights."""
+    from sparse_runtime.manifest import MANIFEST_NAME, read_manifest
+
+    if (Path(path) / MANIFEST_NAME).is_file():
+        return [(int(r.shape[0]), int(r.shape[1]), int(r.nnz)) for r in read_manifest(Path(path)).layers.values()]
+    from sparse_runtime.models import load_model
+
+    lm = load_model(path)
+    out = [(int(l.weight.shape[0]), int(l.weight.shape[1]), int((l.weight != 0).sum()))
+           for _, l in lm.family.iter_linears(lm.model)]
+    del lm
+    gc.collect()
+    return out
+
+
+def scheme_overhead(values: str, k: int) -> tuple[float, float]:
+    """(bytes per stored value, bytes of scales/zeros per weight) of a value type, per the
+    quantization contract: int8 = one fp32 scale per output row; int4-gG = one fp32 scale per G."""
+    if values == "fp32":
+        return 4.0, 0.0
+    if values == "int8":
+        return 1.0, 4.0 / k
+    bits, g = values.split("-g")
+    return int(bits[3:]) / 8, 4.0 / int(g)
+
+
+def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng) -> dict[str, Any]:
+    """Weight bytes a decode token reads: block linears + lm_head (embedding row and KV cache left out).
+    ORT's quantized rows: measured from the graph's initializers (export manifest). Our rows: from
+    the scheme (values + 1-bit bitmask for sparse layers; the lm_head dense in the same value type).
+    DeepSparse's internal format is not public: n/a."""
+    if row.engine == "deepsparse":
+        return {"bpw_blocks": None, "bpw_lm_head": None, "mb_per_token": None}
+    numel = sum(n * k for n, k, _ in shapes)
+    if row.engine.startswith("ort-int"):
+        bpw = eng.scheme().get("bytes_per_weight", {})
+        blocks, head = bpw.get("blocks"), bpw.get("lm_head")
+        total = blocks * numel + head * vocab_hidden
+    elif row.engine == "ort-cpu":
+        blocks = head = 4.0
+        total = 4.0 * (numel + vocab_hidden)
+    else:
+        total = 0.0
+        for n, k, nnz in shapes:
+            vb, sb = scheme_overhead(row.values, k)
+            dense_b = n * k * (vb + sb)
+            sparse_b = nnz * vb + n * k / 8 + n * k * sb
+            total += min(dense_b, sparse_b) if row.engine == "sparse-cpu" else dense_b
+        blocks = total / numel
+        vb, sb = scheme_overhead(row.values, hidden)
+        head = vb + sb
+        total += head * vocab_hidden
+    return {"bpw_blocks": blocks, "bpw_lm_head": head, "mb_per_token": total / 2 ** 20,
+            "logit_rel_l2": export_error(eng)}
+
+
+def export_error(eng) -> Optional[str]:
+    """ORT quantized rows: the relative L2 error of the logits against fp32 PyTorch and the top-1
+    agreement from the export's own verification (its fixed prompt); None for other rows."""
+    d = getattr(eng, "export_dir", None)
+    if d is None or not getattr(eng, "name", "").startswith("ort-int"):
+        return None
+    try:
+        checks = json.loads((Path(d) / "export_manifest.json").read_text())["verification"]["logits"]
+        return " / ".join(f"{c['relative_l2']:.3f} (top-1 {c['argmax_agreement']:.2f})" for c in checks)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def tiny_checkpoints(root: Path) -> tuple[Path, dict[str, Path]]:
+    """A small random Llama (hidden 128, so int4 groups of 128 divide every row) and magnitude-pruned
+    copies at 50 % / 70 % / 2:4: enough to run every row of the script in seconds."""
+    import sparse_runtime as sr
+    from sparse_runtime.models.tiny import tiny_model
+    from sparse_runtime.prune import PruneConfig, prune_checkpoint
+
+    dense = root / "tiny-dense"
+    if not (dense / "sparsity_manifest.json").is_file():
+        m = tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2)
+        fam = sr.load_model("tiny-llama")
+        sr.save_checkpoint(m, fam.tokenizer, dense, sr.build_manifest(m, fam.family, base_model="tiny-llama-128"),
+                           overwrite=True)
+    cfgs = {"wanda-50": dict(sparsity=0.5), "wanda-70": dict(sparsity=0.7), "wanda-2:4": dict(structure="2:4")}
+    out = {}
+    for label, kw in cfgs.items():
+        d = root / ("tiny-" + label.replace(":", ""))
+        if not (d / "sparsity_manifest.json").is_file():
+            prune_checkpoint(str(dense), PruneConfig(method="magnitude", **kw), d, overwrite=True)
+        out[label] = d
+    return dense, out
+
+
+def smollm2_checkpoints() -> tuple[Path, dict[str, Path]]:
+    from bench_latency import checkpoints  # the same Wanda checkpoints as the latency benchmark
+
+    from sparse_runtime.models.loading import cache_dir, ensure_smollm2
+
+    return ensure_smollm2(), checkpoints(cache_dir() / "bench-latency", SPARSE)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def runtime_group(row: Row) -> str:
+    """Rows that share a runtime are timed together (interleaved); runtimes one after the other."""
+    return "ort" if row.engine.startswith("ort-") else "deepsparse" if row.engine == "deepsparse" else "lean"
+
+
+def load_rows(rows: list[Row], paths: dict[str, Path], threads: int, ds_opts: dict, log) -> tuple[dict, dict]:
+    from sparse_runtime.runtime import get_engine
+
+    engines: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for row in rows:
+        cls = get_engine(row.engine)
+        ok, why = cls.available()
+        if not ok:
+            skipped[row.label] = why
+            continue
+        opts = dict(row.options)
+        if row.engine in ("lean-cpu", "sparse-cpu"):
+            extra, why = lean_value_options(row.engine, row.values)
+            if extra is None:
+                skipped[row.label] = why
+                continue
+            opts.update(extra)
+        if row.engine == "deepsparse":
+            opts.update(ds_opts)
+        t = time.perf_counter()
+        try:
+            engines[row.label] = cls(str(paths[row.ckpt]), threads=threads, **opts)
+        except Exception as e:  # one broken row must not lose the others
+            skipped[row.label] = f"failed to load: {type(e).__name__}: {str(e)[:300]}"
+            log(f"  {row.label}: {skipped[row.label]}")
+            continue
+        log(f"  {row.label}: loaded in {time.perf_counter() - t:.1f} s")
+    return engines, skipped
+
+
+def ratio(ref: Optional[float], got: Optional[float]) -> Optional[float]:
+    return ref / got if ref and got else None
+
+
+def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, prefill_sc) -> tuple[list[dict], dict]:
+    from sparse_runtime.measure.stats import summarize
+
+    stats: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.label not in evidence:
+            continue
+        s = {}
+        for key, sc in (("decode", decode_sc), ("prefill", prefill_sc)):
+            ts = times.get(key, {}).get(r.label)
+            if ts:
+                s[key] = summarize([sc.per_unit(t) for t in ts])
+        stats[r.label] = s
+    med = {k: v["decode"].median for k, v in stats.items() if "decode" in v}
+    ours = next((r.label for r in rows if r.group == "ours-dense-int8" and r.label in med), None)
+    ort_q = [r.label for r in rows if r.group == "ort-quant" and r.label in med]
+    fastest_ort = min(ort_q, key=med.get) if ort_q else None
+    out = []
+    for r in rows:
+        if r.label not in stats:
+            continue
+        s, b = stats[r.label], bytes_[r.label]
+        d, p = s.get("decode"), s.get("prefill")
+        prof = shapes_by_ckpt[r.ckpt]
+        row = {"row": r.label, "engine": r.engine, "checkpoint": r.ckpt, "sparsity": round(prof["sparsity"], 3),
+               "values": r.values,
+               "decode ms/token": d.median if d else None, "decode IQR": f"{d.q1:.4g}-{d.q3:.4g}" if d else None,
+               "decode min-max": f"{d.min:.4g}-{d.max:.4g}" if d else None,
+               "prefill ms": p.median if p else None, "prefill IQR": f"{p.q1:.4g}-{p.q3:.4g}" if p else None,
+               "B/w blocks": b["bpw_blocks"], "B/w lm_head": b["bpw_lm_head"], "MB/token": b["mb_per_token"],
+               "logit rel L2 prefill / decode": b.get("logit_rel_l2")}
+        for ref, col in ((ours, "vs our dense int8"), (fastest_ort, "vs fastest ORT quant")):
+            if ref is None or d is None:
+                row[col] = None
+                continue
+            x = ratio(med[ref], d.median)
+            bound = ratio(bytes_[ref]["mb_per_token"], b["mb_per_token"])
+            row[col] = f"{x:.2f}x (bound {bound:.2f}x)" if bound else f"{x:.2f}x (bound n/a)"
+        row["evidence"] = str(evidence[r.label].get("sparse_path", ""))[:90]
+        out.append(row)
+    return out, {"our_dense_int8": ours, "fastest_ort_quant": fastest_ort}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                    help="tiny: a small random Llama, to test the script (no meaningful figures)")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, context 32, prefill 1x32, 4 decode steps")
+    ap.add_argument("--prepare-only", action="store_true", help="prune and export, no timing")
+    ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
+    ap.add_argument("--name", default="quant_latency")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-deepsparse", action="store_true")
+    ap.add_argument("--int4-group", type=int, default=INT4_GROUP, choices=(32, 64, 128),
+                    help="int4 group of our rows and of the matching ORT row (default 64: 128 does not divide "
+                         "SmolLM2's width 576)")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: keep only rows whose label has one")
+    args = ap.parse_args()
+    os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
+    if args.quick:
+        args.repeats, args.context, args.prefill, args.decode_steps = 2, 32, 32, 4
+    if args.repeats < (2 if args.quick else 5):
+        ap.error("the latency protocol needs at least 5 repeats (--quick: 2, and then it is not a result)")
+
+    from sparse_runtime.measure.latency import LatencyConfig, _time_scenario
+    from sparse_runtime.report import save_results
+    from sparse_runtime.runtime.base import Scenario, default_threads, peak_rss_mb
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    threads = args.threads or default_threads()
+    if args.model == "tiny":
+        dense, ckpts = tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
+    else:
+        dense, ckpts = smollm2_checkpoints()
+    paths = {"dense": dense, **ckpts}
+    rows = planned_rows(not args.no_deepsparse, args.int4_group)
+    if args.rows:
+        keys = [k for k in args.rows.split(",") if k]
+        rows = [r for r in rows if any(k in r.label for k in keys)]
+    ds_opts = {"prefill_length": args.prefill, "cache_length": args.context + max(64, args.decode_steps + 1)}
+    if args.prepare_only:  # the ORT exports (cached; ~1 min each on SmolLM2), pruning done above
+        from sparse_runtime.runtime.exports import ensure_export
+
+        for r in rows:
+            if r.engine.startswith("ort-"):
+                fmt = {"ort-cpu": "onnx", "ort-int8": "onnx-int8", "ort-int4": "onnx-int4"}[r.engine]
+                ensure_export(str(paths[r.ckpt]), fmt, **r.options)
+                log(f"export ready: {r.label}")
+        return 0
+
+    cfg_json = json.loads((Path(dense) / "config.json").read_text())
+    hidden, vocab = int(cfg_json["hidden_size"]), int(cfg_json["vocab_size"])
+    shapes = {k: layer_shapes(str(p)) for k, p in paths.items()}
+    prof = {k: {"sparsity": 1 - sum(z for *_, z in v) / max(1, sum(n * kk for n, kk, _ in v))}
+            for k, v in shapes.items()}
+    cfg = LatencyConfig(repeats=args.repeats, warmup=1, decode_steps=args.decode_steps, threads=threads)
+    decode_sc = Scenario("decode", args.context, 1, args.decode_steps)
+    prefill_sc = Scenario("prefill", args.prefill, 1)
+    times: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
+    skipped: dict[str, str] = {}
+    bytes_: dict[str, dict] = {}
+    evidence: dict[str, dict] = {}
+    info: dict[str, dict] = {}
+    for group in dict.fromkeys(runtime_group(r) for r in rows):  # one runtime's rows in memory at a time
+        members = [r for r in rows if runtime_group(r) == group]
+        log(f"[{group}] loading {len(members)} rows ({threads} threads)")
+        engines, why = load_rows(members, paths, threads, ds_opts, log)
+        skipped.update(why)
+        try:
+            for r in members:
+                if r.label in engines:
+                    bytes_[r.label] = bytes_per_token(r, shapes[r.ckpt], vocab * hidden, hidden, engines[r.label])
+            for key, sc in (("decode", decode_sc), ("prefill", prefill_sc)):
+                if not engines:
+                    break
+                log(f"  {sc.label}: {len(engines)} rows, {args.repeats} interleaved rounds")
+                try:
+                    times[key].update(_time_scenario(engines, sc, cfg, log))
+                except Exception as e:  # keep what the other groups timed
+                    skipped[f"{group} {sc.label}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            for k, e in engines.items():
+                evidence[k], info[k] = e.evidence(), e.info()
+        finally:
+            for e in engines.values():
+                e.close()
+            engines.clear()
+            gc.collect()
+    out_rows, refs = table(rows, evidence, times, bytes_, prof, decode_sc, prefill_sc)
+
+    quick = "QUICK (not a result: 2 repeats, short context) " if args.quick else ""
+    notes = [
+        f"{quick}rows timed per runtime ({', '.join(dict.fromkeys(runtime_group(r) for r in rows))}: each "
+        "group's rows loaded together, interleaved, then unloaded, so no idle thread pool of one runtime (ORT's "
+        "spinning workers, OpenMP) competes with another's timed run; ratios across groups compare medians of "
+        f"the same run): decode {decode_sc.label} ({args.decode_steps} steps, ms/token), then prefill 1 x "
+        f"{args.prefill} (ms, full logits); warm-up 1, {args.repeats} interleaved rounds, median [IQR], min-max; "
+        f"{threads} threads for every engine",
+        f"ratio references: our dense int8 = {refs['our_dense_int8'] or 'not run'}; fastest dense quantized ORT "
+        f"(by decode median) = {refs['fastest_ort_quant'] or 'not run'}; ratio = median(reference) / median(row)",
+        "bound = MB/token of the reference / MB/token of the row (weights read per decode token: block linears + "
+        "lm_head; embedding row and KV cache left out). ORT rows: bytes of codes + scales + zero points from the "
+        "graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; int4-gG: 0.5 B + an fp32 scale per G; "
+        "sparse: stored values + a 1-bit bitmask, or dense where smaller); our quantized lm_head assumed in the "
+        "row's value type (the issue-21 contract); DeepSparse: n/a (its format is not public)",
+        "ORT quantized exports: onnx-int8 = quantize_dynamic (int8 weights per channel, activations per tensor at "
+        "run time), onnx-int4 = MatMulNBits (symmetric blocks, accuracy_level 4 = int8 compute); the lm_head is "
+        "quantized in every one (docs/runtime.md#ort-int8-and-ort-int4)",
+        "logit rel L2: ORT quantized rows only, ||logits - fp32 PyTorch|| / ||fp32||, prefill (batch 2 x 24) and one "
+        "cached decode step of the export's own verification prompt, top-1 agreement beside it (a speed baseline "
+        "that loses accuracy is marked by it, not hidden)",
+        "ONNX Runtime ran sessions loaded later faster than earlier identical ones on this machine "
+        "(load_order.md); the ORT rows load in the order listed",
+        f"peak RSS of the process: {peak_rss_mb():.0f} MB; wall time {time.perf_counter() - t0:.0f} s",
+    ]
+    if args.model == "tiny":
+        notes.insert(0, "TINY random model (hidden 128, magnitude-pruned): this run tests the script, its figures "
+                        "mean nothing")
+    if any(r.engine == "deepsparse" for r in rows):
+        from sparse_runtime.runtime.deepsparse_engine import LICENCE
+
+        notes.append(f"deepsparse licence: {LICENCE}")
+    for k, why in skipped.items():
+        notes.append(f"skipped {k}: {why}")
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
+    cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
+            "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "MB/token", "vs our dense int8",
+            "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
+    model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
+             else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")
+    protocol = (f"latency (docs/protocols.md), rows interleaved within each runtime group: decode:1@{args.context} "
+                f"x {args.decode_steps} steps, prefill:1x{args.prefill}; {args.repeats} rounds, {threads} threads")
+    extra = {"raw_seconds": times, "skipped": skipped, "engines": info, "bytes": bytes_, "references": refs,
+             "config": {"repeats": args.repeats, "context": args.context, "prefill": args.prefill,
+                        "decode_steps": args.decode_steps, "threads": threads, "quick": args.quick,
+                        "model": args.model, "rows": [r.__dict__ for r in rows]}}
+    md = save_results(args.name, "Dense and sparse x quantized latency, against ORT's dense quantized baselines",
+                      out_rows, protocol=protocol, model=model, notes=notes, columns=cols, out_dir=out_dir, extra=extra)
+    print(f"written: {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
