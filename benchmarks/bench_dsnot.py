@@ -116,7 +116,7 @@ def main() -> None:
                "rows changed": f"{s['rows_changed']}/{s['rows']}",
                "blocks reverted": (f"{len(s['blocks_reverted'])}/{s['blocks_guarded']}"
                                    + (f" ({', '.join(map(str, s['blocks_reverted']))})" if s["blocks_reverted"] else "")
-                                   if s["guard"] != "none" else "no guard"),
+                                   if s["guard"] != "none" else "off"),
                "mean |e| before": float(f"{s['mean_abs_error_before']:.4g}"),
                "mean |e| after": float(f"{s['mean_abs_error_after']:.4g}"),
                "measured before": round(m0, 4), "measured after": round(_measured(lm), 4),
@@ -146,7 +146,8 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
              "blocks reverted = blocks where the block guard kept the pruner's masks because DSnoT did not lower the "
              "block's output error against the dense block (of the blocks DSnoT changed; block indices in brackets; "
              "docs/dsnot.md#the-block-guard); swaps and rows changed count only the swaps kept; dsnot s includes the guard; "
-             "a row with this column empty was kept by --merge from a run before the guard existed (unguarded DSnoT)",
+             ""off = guard=none (the default); a row with this column empty was kept by --merge from a run before "
+             "the guard option existed (unguarded DSnoT)",
              f"DSnoT never worse: {'yes' if not worse else 'NO: ' + ', '.join(worse)}; "
              f"DSnoT below one calibration forward: {'yes' if not slow else 'NO: ' + ', '.join(slow)}",
              f"this invocation: {', '.join(names)}; wall {time.perf_counter() - t_run:.0f} s"]

@@ -832,16 +832,9 @@ def dry_run(args, work: Work, rows: list[dict[str, Any]], names: list[str]) -> N
           "is one invocation, e.g. --configs NAME; a loaded machine takes longer)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="configurations:\n" + "\n".join(f"  {n:28s} {c.about}" for n, c in CONFIGS.items()))
-    ap.add_argument("--configs", default=None, help="comma list of configuration names, patterns, 'missing' or 'all'")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--protocol", default="quick",
-                    help="calibration of the bases and perplexity (quick; 'test' for smoke runs)")
-    ap.add_argument("--name", default=None, help="result file name (default ft_quick for smollm2-135m/quick)")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments every resumable fine-tuning table shares (this one and bench_fused.py): budget
+    overrides, training knobs, device, parallel jobs, and the worker plumbing."""
     ap.add_argument("--steps", type=int, default=None, help="override the 200 steps (row flagged 'reduced')")
     ap.add_argument("--batch", type=int, default=None, help="override the 8 sequences per step (row flagged 'reduced')")
     ap.add_argument("--seq-len", type=int, default=None, help="override the 512-token windows (row flagged 'reduced')")
@@ -862,21 +855,38 @@ def main() -> None:
                     help="print the plan, the status and the estimated cost; run nothing")
     ap.add_argument("--force", action="store_true", help="rerun configurations that already have a row")
     ap.add_argument("--replace", action="store_true", help="start the table over (default: merge rows into it)")
-    ap.add_argument("--merge", action="store_true", help="accepted for symmetry with the other benchmarks (default)")
     ap.add_argument("--keep-merged", action="store_true", help="keep the merged checkpoints in the work dir")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--retrain", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args)
-        return
+
+
+def check_run_arguments(args) -> None:
     for k in ("steps", "batch", "seq_len"):
         v = getattr(args, k)
         if v is not None and v < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= 1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configurations:\n" + "\n".join(f"  {n:28s} {c.about}" for n, c in CONFIGS.items()))
+    ap.add_argument("--configs", default=None, help="comma list of configuration names, patterns, 'missing' or 'all'")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--protocol", default="quick",
+                    help="calibration of the bases and perplexity (quick; 'test' for smoke runs)")
+    ap.add_argument("--name", default=None, help="result file name (default ft_quick for smollm2-135m/quick)")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    add_run_arguments(ap)
+    ap.add_argument("--merge", action="store_true", help="accepted for symmetry with the other benchmarks (default)")
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    check_run_arguments(args)
     import torch
 
     torch.set_num_threads(args.threads)  # the header's "torch threads" = what the workers use

@@ -45,7 +45,8 @@ from typing import Any, Optional
 
 from _common import tf32_training  # the script's folder is on sys.path
 from _scheduler import WorkDir, load_table, model_slug, run_queue, select_names, slug, spawn_worker, write_json
-from bench_ft_quick import (FT_QUICK, PRIOR, RANK, Budget, _on_device, _peak_device_mb, _peak_mb, _ppl, budget_of,
+from bench_ft_quick import (FT_QUICK, PRIOR, RANK, Budget, _on_device, _peak_device_mb, _peak_mb, _ppl, add_run_arguments,
+                            budget_of, check_run_arguments,
                             eq_text, lr_text, machine_short, model_params, read_log, row_key, sparsity_check,
                             step_stats)
 
@@ -415,34 +416,12 @@ def main() -> None:
     ap.add_argument("--protocol", default="quick", help="calibration and perplexity (quick; 'test' for smoke runs)")
     ap.add_argument("--name", default=None, help="result file name (default fused_quick for smollm2-135m/quick)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--steps", type=int, default=None, help=f"override the {FT_QUICK['steps']} steps (REDUCED)")
-    ap.add_argument("--batch", type=int, default=None, help=f"override the {FT_QUICK['batch']} sequences (REDUCED)")
-    ap.add_argument("--seq-len", type=int, default=None, help=f"override the {FT_QUICK['seq_len']} tokens (REDUCED)")
-    ap.add_argument("--loss-chunk", type=int, default=1024, help="LM-head loss chunk (tokens; same for all rows)")
-    ap.add_argument("--save-every", type=int, default=20, help="steps between resumable training checkpoints")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the workers")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; the merge runs on the host CPU")
-    ap.add_argument("--tf32", action="store_true", help="on a GPU: TF32 matmuls while training; evaluation fp32")
-    ap.add_argument("--jobs", type=int, default=1, help="configurations at once (each its own process)")
-    ap.add_argument("--log-dir", default=None, help="one log file per worker here instead of the terminal")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--dry-run", action="store_true", help="print the plan, the status and the estimated cost")
-    ap.add_argument("--force", action="store_true", help="rerun configurations that already have a row")
-    ap.add_argument("--replace", action="store_true", help="start the table over (default: merge rows into it)")
-    ap.add_argument("--keep-merged", action="store_true", help="keep the merged checkpoints in the work dir")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--retrain", action="store_true", help=argparse.SUPPRESS)
+    add_run_arguments(ap)
     args = ap.parse_args()
     if args.worker:
         worker_main(args)
         return
-    for k in ("steps", "batch", "seq_len"):
-        v = getattr(args, k)
-        if v is not None and v < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1")
+    check_run_arguments(args)
     budget = budget_of(args)
     work = Work(args.model, args.protocol)
     rows = load_rows(args)

@@ -436,7 +436,7 @@ def _guarded_block(pattern, guard_on_stats_inputs: bool, **options):
     block = _Block(w)
     keep = wanda_mask(w, stats.norm, 0.5, pattern)
     pruned = w * keep
-    ref = DSnoTRefiner(threshold=0.0, **options)
+    ref = DSnoTRefiner(**{"threshold": 0.0, "guard": "block", **options})
     new = ref.refine(LayerTask(0, "b.0.lin", "lin", block.lin, stats), w.clone(), pruned.clone(), keep, pattern, 0.5)
     assert not torch.equal(new, pruned), "the construction needs DSnoT to change the mask"
     block.lin.weight.data.copy_(new)
@@ -476,7 +476,8 @@ def test_guard_off_is_the_unguarded_behaviour():
 
 
 def test_guard_options_parse():
-    assert DSnoTConfig().guard == "block" and DSnoTConfig().guard_samples == 8
+    assert DSnoTConfig().guard == "none" and DSnoTConfig().guard_samples == 8  # off: it did not help (docs)
+    assert make_config({"guard": "block"}).guard == "block"
     assert make_config({"guard": "none"}).guard == "none"
     assert make_config({"guard": False}).guard == "none"  # YAML `guard: off`
     assert make_config({"guard_samples": 4.0}).guard_samples == 4
@@ -495,7 +496,7 @@ def test_guard_runs_in_the_fused_pass_and_keeps_counts():
     base = _tiny()
     prune_model(base.model, base.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), calib_ids=ids)
     lm = _tiny()
-    ref = DSnoTRefiner(threshold=0.0, guard_samples=2)
+    ref = DSnoTRefiner(threshold=0.0, guard="block", guard_samples=2)
     prune_model(lm.model, lm.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), calib_ids=ids,
                 refiner=ref)
     s = ref.summary()

@@ -240,3 +240,40 @@ def test_measured_decode_form_keeps_logits():
                for f in lean.linears())
     assert "packed" in lean.summary()
     compare(model, lean, steps=3)
+
+
+@pytest.mark.skipif(not available(), reason="compiled kernels unavailable")
+def test_prefill_last_only_equals_last_row():
+    """``prefill(last_only=True)`` (what generation and the prefill timer use) is the last position
+    of the full prefill (to the GEMM's rounding: one row instead of twenty takes another BLAS
+    kernel); the cache is filled identically (the next step agrees bit for bit)."""
+    model = pruned(tiny_model("llama"))
+    lean = lean_of(model)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    full = lean.prefill(ids).clone()
+    nxt_full = lean.decode(torch.tensor([[7]])).clone()
+    last = lean.prefill(ids, last_only=True)
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[0, 0], full[0, -1], atol=ATOL, rtol=1e-5)
+    assert torch.equal(lean.decode(torch.tensor([[7]])), nxt_full)
+
+
+@pytest.mark.skipif(not available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("sparse", [True, False])
+def test_prefill_bf16_close_to_fp32(sparse):
+    """``prefill_dtype='bfloat16'``: prompts of >= PREFILL_BF16_MIN tokens run bf16 GEMMs (operands
+    rounded to bf16, fp32 accumulation): logits close to the fp32 prefill, decode unchanged after it."""
+    from sparse_runtime.runtime.lean_llama import PREFILL_BF16_MIN
+
+    model = pruned(tiny_model("llama")) if sparse else tiny_model("llama")
+    ids = torch.randint(0, 256, (1, PREFILL_BF16_MIN + 8), generator=torch.Generator().manual_seed(4))
+    ref = lean_of(model, sparse=sparse).prefill(ids)
+    bf = lean_of(model, sparse=sparse, prefill_dtype="bfloat16")
+    got = bf.prefill(ids)
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 0.02 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    if sparse:
+        assert sum(sum(f.prefill_forms.values()) for l in bf.layers for f in (l.qkv, l.o, l.gate_up, l.down)) > 0
+    with pytest.raises(ConfigError, match="prefill_dtype"):
+        LeanConfig(prefill_dtype="float16")

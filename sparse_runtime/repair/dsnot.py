@@ -48,9 +48,9 @@ restores the code's behaviour; see docs/dsnot.md):
 - after SparseGPT (kept weights already reconstructed), a regrown weight takes its ORIGINAL dense
   value, because SparseGPT's update overwrote nothing at pruned positions we could use
   (docs/methods.md#dsnot-defaults-and-surprises and #composition); kept weights keep their SparseGPT values;
-- a block guard (``guard="block"``, run by the refiner in dsnot_passes after each block): where DSnoT
-  did not lower the block's output error against the dense block, the pruner's masks are kept for
-  that block. Every layer's own error can fall while the block's rises (docs/dsnot.md#the-block-guard).
+- an optional block guard (``guard="block"``, off by default, run by the refiner in dsnot_passes
+  after each block): where DSnoT did not lower the block's output error against the dense block,
+  the pruner's masks are kept for that block (docs/dsnot.md#the-block-guard).
 
 Everything per cycle is a handful of [rows] tensor operations: all rows swap in parallel, with no
 Python loop over rows, and the rankings are top-k over at most ``max_cycles`` candidates.
@@ -111,13 +111,12 @@ class DSnoTConfig:
       on the calibration tokens, D_r G D_r^T with G = E[x x^T] (Eq. 5; no independence assumption;
       needs the inputs' second-moment matrix, SparseGPT's Hessian / 2, so the pass gathers it). A
       swap is then accepted only if the layer's calibration output error goes down.
-    - ``guard`` (our addition, not in the paper or the official code): ``"block"`` (default) checks
-      every block after DSnoT and keeps the pruner's masks for the whole block when DSnoT did not
-      lower the block's output error against the dense block (same inputs, the first
-      ``guard_samples`` calibration windows). DSnoT lowers each linear's own error on the dense
-      block's inputs; that does not always carry through the block (measured at Wanda 50 % on
-      SmolLM2-135M: one block, the one that creates the massive activations, got 6 % worse and
-      perplexity rose; docs/dsnot.md#the-block-guard). ``"none"``: the paper's unguarded behaviour.
+    - ``guard`` (our addition, not in the paper or the official code; OFF by default): ``"block"``
+      checks every block after DSnoT and keeps the pruner's masks for the whole block when DSnoT did
+      not lower the block's output error against the dense block (same inputs, the first
+      ``guard_samples`` calibration windows). ``"none"`` (default): the paper's behaviour. Measured
+      at Wanda 50 % on SmolLM2-135M it reverted two blocks and made perplexity WORSE than unguarded
+      DSnoT, so it is not the default (docs/dsnot.md#the-block-guard).
     - ``guard_samples``: how many calibration windows the block guard forwards (two extra block
       forwards over them per block, plus re-running the block where it reverts).
     """
@@ -131,7 +130,7 @@ class DSnoTConfig:
     same_sign: Optional[bool] = True
     require_decrease: bool = True
     objective: str = "mse"
-    guard: str = "block"
+    guard: str = "none"
     guard_samples: int = 8
 
     def validate(self) -> "DSnoTConfig":
