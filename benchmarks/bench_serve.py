@@ -72,6 +72,8 @@ class Server:
                str(args.max_model_len), "--served-model-name", "m", "--max-queue", "1024"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
         self.log = open(Path(args.work) / f"server-{label.replace(':', '')}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, SPARSE_RUNTIME_QUIET="1"))
@@ -185,12 +187,12 @@ def summarise(results: list[dict[str, Any]], wall: float, tokens: int) -> dict[s
 
 
 def generate_ms_per_token(model: str, engine: str, prompts: list[str], tokens: int, threads: Optional[int],
-                          n: int) -> dict[str, Any]:
+                          n: int, dtype: Optional[str] = None) -> dict[str, Any]:
     """``generate``'s own decode speed: ms per token after the first, median over ``n`` prompts."""
     from sparse_runtime.runtime import load_engine
     from sparse_runtime.serve.text import encode_text
 
-    eng = load_engine(engine, model, threads=threads)
+    eng = load_engine(engine, model, threads=threads, **({"dtype": dtype} if dtype else {}))
     try:
         per = []
         for p in prompts[:n + 1]:
@@ -270,7 +272,7 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
         if "c1" in levels and not args.no_generate:
             for label, path in models.items():  # after the load: one engine at a time in this process
                 gen[label] = generate_ms_per_token(path, args.engine, prompts, args.output_tokens, args.threads,
-                                                   args.generate_prompts)
+                                                   args.generate_prompts, args.dtype)
         for (level, label), runs in acc.items():
             itl = [x for r in runs for x in r["_itl"]]
             ttft = [x for r in runs for x in r["_ttft"]]
@@ -299,7 +301,9 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    notes = [f"engine {args.engine} for every model (same build); {args.slots} slots x {args.max_model_len} tokens; "
+    values = f" --dtype {args.dtype}" if args.dtype else ""
+    notes = [f"engine {args.engine}{values} for every model (same build); {args.slots} slots x {args.max_model_len} "
+             f"tokens; "
              f"threads {args.threads or 'default (min(2, cores))'}; one server process per model, interleaved rounds "
              f"({args.rounds} per level)",
              f"prompts: Alpaca template, shuffled with seed {args.seed}, at most {args.max_prompt_chars} characters; "
@@ -332,7 +336,8 @@ def engine_steps(args, models: dict[str, str]) -> int:
     from sparse_runtime.runtime.registry import load_engine
 
     batches = [int(b) for b in args.steps_batches.split(",") if b]
-    engines = {label: load_engine(args.engine, path, threads=args.threads) for label, path in models.items()}
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    engines = {label: load_engine(args.engine, path, threads=args.threads, **dtype) for label, path in models.items()}
     g = torch.Generator().manual_seed(args.seed)
     for e in engines.values():
         e.init_slots(max(batches), args.max_model_len)
@@ -473,6 +478,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny random models, few requests (< 1 minute)")
     ap.add_argument("--models", default="dense,wanda-70,wanda-2:4", help="labels (bench_latency.py's CONFIGS)")
     ap.add_argument("--engine", default="sparse-cpu")
+    ap.add_argument("--dtype", default=None, help="the servers' --dtype (e.g. int8: int8 codes and lm_head)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)

@@ -26,6 +26,9 @@ def add_arguments(p):
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
                    help="seconds in-flight requests get after SIGTERM (default %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
+    from ._dtype import add_dtype_argument
+
+    add_dtype_argument(p)
 
 
 def run(args) -> int:
@@ -40,6 +43,9 @@ def run(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("serve needs starlette and uvicorn: pip install 'sparse-runtime[serve]'") from None
+    from ._dtype import engine_dtype_options
+
+    dtype_opts = engine_dtype_options(args.engine, getattr(args, "dtype", None))  # refused before loading
     for name in ("slots", "max_model_len", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -64,7 +70,7 @@ def run(args) -> int:
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
 
     def load():  # off the main thread: its OpenMP pools must not outlive the load (in_worker_thread)
-        e = load_engine(args.engine, args.model, threads=args.threads)
+        e = load_engine(args.engine, args.model, threads=args.threads, **dtype_opts)
         return e, create_app(e, cfg, name)
 
     eng, app = in_worker_thread(load)
