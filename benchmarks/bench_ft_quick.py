@@ -652,20 +652,22 @@ def select(spec: Optional[str], done: set[str], budget: Budget) -> list[str]:
     return select_names(spec, list(CONFIGS), lambda c: row_key(c, budget, CONFIGS[c].kind) not in done)
 
 
-def results_path(args) -> Path:
-    return Path(args.out_dir) / f"{out_name(args)}.json"
+def results_path(args, stem: str = "ft_quick") -> Path:
+    return Path(args.out_dir) / f"{out_name(args, stem)}.json"
 
 
-def out_name(args) -> str:
+def out_name(args, stem: str = "ft_quick") -> str:
+    """The table's file name: ``stem`` for SmolLM2-135M at ``quick``, else with model and protocol
+    (bench_fused.py shares this with its own stem)."""
     if args.name:
         return args.name
     if args.model == "smollm2-135m" and args.protocol == "quick":
-        return "ft_quick"
-    return f"ft_quick_{model_slug(args.model)}_{slug(args.protocol)}"
+        return stem
+    return f"{stem}_{model_slug(args.model)}_{slug(args.protocol)}"
 
 
-def load_rows(args) -> list[dict[str, Any]]:
-    return load_table(results_path(args), {"model": args.model, "eval_protocol": args.protocol}, args.replace)
+def load_rows(args, stem: str = "ft_quick") -> list[dict[str, Any]]:
+    return load_table(results_path(args, stem), {"model": args.model, "eval_protocol": args.protocol}, args.replace)
 
 
 def order_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ resumable training checkpoints every ``--save-every`` steps; the table
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import os
 import sys
@@ -44,7 +45,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from _common import tf32_training  # the script's folder is on sys.path
-from _scheduler import WorkDir, load_table, model_slug, run_queue, select_names, slug, spawn_worker, write_json
+from _scheduler import WorkDir, model_slug, run_queue, select_names, slug, spawn_worker, write_json
+import bench_ft_quick
 from bench_ft_quick import (FT_QUICK, PRIOR, RANK, Budget, _on_device, _peak_device_mb, _peak_mb, _ppl, add_run_arguments,
                             budget_of, check_run_arguments,
                             eq_text, lr_text, machine_short, model_params, read_log, row_key, sparsity_check,
@@ -273,20 +275,10 @@ def ensure(args, work: Work, base: str) -> dict[str, Any]:
         return info
 
 
-def results_path(args) -> Path:
-    return Path(args.out_dir) / f"{out_name(args)}.json"
-
-
-def out_name(args) -> str:
-    if args.name:
-        return args.name
-    if args.model == "smollm2-135m" and args.protocol == "quick":
-        return "fused_quick"
-    return f"fused_quick_{model_slug(args.model)}_{slug(args.protocol)}"
-
-
-def load_rows(args) -> list[dict[str, Any]]:
-    return load_table(results_path(args), {"model": args.model, "eval_protocol": args.protocol}, args.replace)
+STEM = "fused_quick"  # the table's file name (bench_ft_quick's naming, this stem)
+results_path = partial(bench_ft_quick.results_path, stem=STEM)
+out_name = partial(bench_ft_quick.out_name, stem=STEM)
+load_rows = partial(bench_ft_quick.load_rows, stem=STEM)
 
 
 def select(spec: Optional[str], done: set[str], budget: Budget) -> list[str]:

@@ -75,7 +75,9 @@ class MaskRefiner(Protocol):
     ``refine`` returns the new weight tensor (same shape; zeros where pruned). It must keep each
     row's number of nonzeros (no more than ``pruned_weight`` had) and the N:M pattern, which
     :mod:`sparse_runtime.prune` checks after every call. ``needs`` are the extra input statistics
-    it reads from ``task.stats``; they are merged into the driver's.
+    it reads from ``task.stats``; they are merged into the driver's. Optionally it has
+    ``on_block_end(i, block, inputs, outputs)``, which the pass calls after each block is pruned and
+    before the caller's own hook (DSnoT's block guard, ``docs/dsnot.md#the-block-guard``).
     """
 
     needs: frozenset
