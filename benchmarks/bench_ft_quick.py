@@ -458,9 +458,10 @@ def worker_main(args) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the parent: plan, subprocesses, rows, table
-def spawn(args, extra: list[str]) -> tuple[int, float, float]:
-    """Run a worker; return (exit code, wall s, peak RSS MiB of that child alone, via wait4)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *extra, "--model", args.model,
+def worker_command(args, script: str, extra: list[str]) -> list[str]:
+    """The command line of one worker of ``script`` (this file or bench_fused.py): the parent's run
+    arguments (``add_run_arguments``) passed on, plus ``extra`` (what the worker does)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", *extra, "--model", args.model,
            "--protocol", args.protocol, "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
            "--save-every", str(args.save_every), "--device", args.device, *(["--tf32"] if args.tf32 else [])]
     for k in ("steps", "batch", "seq_len", "data_dir"):
@@ -469,6 +470,12 @@ def spawn(args, extra: list[str]) -> tuple[int, float, float]:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     if args.keep_merged:
         cmd.append("--keep-merged")
+    return cmd
+
+
+def spawn(args, extra: list[str]) -> tuple[int, float, float]:
+    """Run a worker; return (exit code, wall s, peak RSS MiB of that child alone, via wait4)."""
+    cmd = worker_command(args, __file__, extra)
     # concurrent configurations: one log per worker instead of interleaved bars
     log = Path(args.log_dir) / f"{slug(extra[0] + '-' + extra[2])}.log" if args.log_dir else None
     return spawn_worker(cmd, log)

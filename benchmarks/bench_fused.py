@@ -34,13 +34,12 @@ resumable training checkpoints every ``--save-every`` steps; the table
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -251,15 +250,7 @@ def worker_main(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # the parent
 def spawn(args, extra: list[str], tag: str) -> tuple[int, float, float]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *extra, "--model", args.model,
-           "--protocol", args.protocol, "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
-           "--save-every", str(args.save_every), "--device", args.device, *(["--tf32"] if args.tf32 else [])]
-    for k in ("steps", "batch", "seq_len", "data_dir"):
-        v = getattr(args, k)
-        if v is not None:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-    if args.keep_merged:
-        cmd.append("--keep-merged")
+    cmd = bench_ft_quick.worker_command(args, __file__, extra)
     return spawn_worker(cmd, Path(args.log_dir) / f"{slug(tag)}.log" if args.log_dir else None)
 
 

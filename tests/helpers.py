@@ -39,3 +39,20 @@ def save_tiny_pruned(path: Path, family: str = "llama", structure: str = "unstru
     if not manifest:
         (Path(path) / "sparsity_manifest.json").unlink()
     return Path(path)
+
+
+@torch.no_grad()
+def compare_with_hf(model, lean, prompt: int = 12, steps: int = 20, batch: int = 1, seed: int = 0,
+                    atol: float = 2e-5) -> None:
+    """Prefill then ``steps`` decode steps of a lean engine, each compared with ``model``'s (Hugging
+    Face's) cached forward on the same random tokens (the lean-path tests' oracle)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, prompt), generator=g)
+    ref = model(ids, use_cache=True)
+    torch.testing.assert_close(lean.prefill(ids), ref.logits, atol=atol, rtol=0)
+    cache = ref.past_key_values
+    for _ in range(steps):
+        tok = torch.randint(0, 256, (batch, 1), generator=g)
+        r = model(tok, past_key_values=cache, use_cache=True)
+        cache = r.past_key_values
+        torch.testing.assert_close(lean.decode(tok), r.logits, atol=atol, rtol=0)

@@ -11,6 +11,8 @@ from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, pack, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 
+from helpers import compare_with_hf
+
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
         raise RuntimeError(unavailable_reason())
@@ -38,19 +40,8 @@ def lean_of(model, threads=2, **cfg):
     return LeanLlama(model, LeanConfig(**cfg), threads=threads)
 
 
-@torch.no_grad()
 def compare(model, lean, prompt=12, steps=20, batch=1, seed=0):
-    """Prefill then ``steps`` decode steps, each compared with HF's cached forward."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (batch, prompt), generator=g)
-    ref = model(ids, use_cache=True)
-    torch.testing.assert_close(lean.prefill(ids), ref.logits, atol=ATOL, rtol=0)
-    cache = ref.past_key_values
-    for _ in range(steps):
-        tok = torch.randint(0, 256, (batch, 1), generator=g)
-        r = model(tok, past_key_values=cache, use_cache=True)
-        cache = r.past_key_values
-        torch.testing.assert_close(lean.decode(tok), r.logits, atol=ATOL, rtol=0)
+    compare_with_hf(model, lean, prompt, steps, batch, seed, atol=ATOL)
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])

@@ -14,6 +14,8 @@ from sparse_runtime.kernels import available, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
 
+from helpers import compare_with_hf
+
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
         raise RuntimeError(unavailable_reason())
@@ -161,18 +163,8 @@ def _lean(model, sch, sparse=True, **cfg):
                                        symmetric=sch.symmetric, **cfg), threads=2)
 
 
-@torch.no_grad()
 def _compare(ref, lean, batch=1, prompt=12, steps=6, seed=0, atol=ATOL):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (batch, prompt), generator=g)
-    r = ref(ids, use_cache=True)
-    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=atol, rtol=0)
-    cache = r.past_key_values
-    for _ in range(steps):
-        tok = torch.randint(0, 256, (batch, 1), generator=g)
-        r = ref(tok, past_key_values=cache, use_cache=True)
-        cache = r.past_key_values
-        torch.testing.assert_close(lean.decode(tok), r.logits, atol=atol, rtol=0)
+    compare_with_hf(ref, lean, prompt, steps, batch, seed, atol=atol)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
