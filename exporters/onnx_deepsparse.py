@@ -6,7 +6,9 @@ docs/stack.md#deepsparse). So this exporter writes two static graphs, the layout
 
 - ``prefill.onnx``: ``input_ids``, ``attention_mask``, ``position_ids`` ``[B, L]`` (a prompt shorter
   than L is left-padded and masked) -> ``logits [B, L, V]`` and ``present.{i}.key|value
-  [B, kv_heads, L, head_dim]``;
+  [B, kv_heads, L, head_dim]``; with ``prefill_logits="last"``, ``logits [B, 1, V]`` of the last
+  position only: what generation needs, and the work our own engines' prefill does
+  (``Engine.prefill_next``), so a prefill timing compares equal work (docs/protocols.md);
 - ``decode.onnx``: one token with a fixed-size cache: ``input_ids``, ``position_ids`` ``[B, 1]``,
   ``attention_mask [B, C]`` and ``past_key_values.{i}.key|value [B, kv_heads, C-1, head_dim]`` ->
   ``logits [B, 1, V]`` and ``present.* [B, kv_heads, C, head_dim]``. The caller keeps the last C-1
@@ -56,7 +58,9 @@ IR_VERSION = 8
 @dataclass
 class DeepSparseOptions(CommonOptions):
     """``prefill_length`` L and ``cache_length`` C (total context of the decode graph) are fixed at
-    export time; ``batch_size`` too. ``decode=False`` writes only the prefill graph."""
+    export time; ``batch_size`` too. ``decode=False`` writes only the prefill graph.
+    ``prefill_logits``: ``all`` (every position's logits: perplexity, parity) or ``last`` (the last
+    position's only: generation, and equal work in prefill timings)."""
 
     prefill_length: int = 64
     cache_length: int = 256
@@ -65,9 +69,12 @@ class DeepSparseOptions(CommonOptions):
     opset: int = 18
     exporter: str = "torchscript"
     check_engine: bool = True
+    prefill_logits: str = "all"
 
     def validate(self) -> None:
         super().validate()
+        if self.prefill_logits not in ("all", "last"):
+            raise ConfigError(f"prefill_logits must be 'all' or 'last', got {self.prefill_logits!r}")
         if self.dtype != "float32":
             raise ConfigError("DeepSparse runs float32 (or its own int8 quantisation); export dtype float32")
         if not 1 <= self.prefill_length < self.cache_length:
@@ -116,12 +123,14 @@ def rope_as_tables(model: nn.Module, max_positions: int):
 
 
 class StaticDecoder(nn.Module):
-    """Flat-tensor wrapper: (input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+    """Flat-tensor wrapper: (input_ids, attention_mask, position_ids, *past) -> (logits, *present).
+    ``last_only``: logits of the last position only (the model's ``logits_to_keep=1``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, last_only: bool = False) -> None:
         super().__init__()
         self.model = model
         self.n_layers = model.config.num_hidden_layers
+        self.keep = 1 if last_only else 0
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -137,7 +146,7 @@ class StaticDecoder(nn.Module):
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=self.keep)
         presents = []
         for layer in range(self.n_layers):
             lay = out.past_key_values.layers[layer]
@@ -203,7 +212,6 @@ class DeepSparseExporter(Exporter):
     def write(self, src: Source, out: Path, opts: DeepSparseOptions) -> dict[str, Any]:
         model = src.model
         cfg = model.config
-        wrapper = StaticDecoder(model).eval()
         b, L, C = opts.batch_size, opts.prefill_length, opts.cache_length
         heads, dim = kv_shape(cfg)
         n_layers = cfg.num_hidden_layers
@@ -211,8 +219,10 @@ class DeepSparseExporter(Exporter):
         files = [PREFILL_NAME]
         with rope_as_tables(model, C) as n_rope:
             ins, outs = io_names(n_layers, False)
-            _export(wrapper, (ids, torch.ones(b, L, dtype=torch.long), torch.arange(L).repeat(b, 1)),
+            _export(StaticDecoder(model, opts.prefill_logits == "last").eval(),
+                    (ids, torch.ones(b, L, dtype=torch.long), torch.arange(L).repeat(b, 1)),
                     out / PREFILL_NAME, ins, outs, opts)
+            wrapper = StaticDecoder(model).eval()
             if opts.decode:
                 past = tuple(torch.zeros(b, heads, C - 1, dim) for _ in range(2 * n_layers))
                 ins, outs = io_names(n_layers, True)
@@ -221,13 +231,15 @@ class DeepSparseExporter(Exporter):
                 files.append(DECODE_NAME)
         src.copy_side_files(out)
         layout = {"format": "sparse-runtime/deepsparse-static-kv", "version": 1, "batch_size": b,
-                  "prefill_length": L, "cache_length": C, "kv_heads": heads, "head_dim": dim, "layers": n_layers,
+                  "prefill_length": L, "cache_length": C, "prefill_logits": opts.prefill_logits, "kv_heads": heads,
+                  "head_dim": dim, "layers": n_layers,
                   "graphs": files, "opset": opts.opset, "ir_version": IR_VERSION,
                   "protocol": "prefill: left-pad prompt to L (mask 0 on pads, positions of real tokens from 0); "
                               "decode: past = last C-1 cache entries (left-padded with zeros, mask 0), "
                               "attention_mask [B, C] covers past + the new token; keep present[:, :, 1:] next step"}
         (out / LAYOUT_NAME).write_text(json.dumps(layout, indent=1))
-        return {"graphs": files, "batch_size": b, "prefill_length": L, "cache_length": C, "opset": opts.opset,
+        return {"graphs": files, "batch_size": b, "prefill_length": L, "cache_length": C,
+                "prefill_logits": opts.prefill_logits, "opset": opts.opset,
                 "ir_version": IR_VERSION, "exporter": opts.exporter, "static_shapes": True,
                 "rope": "precomputed cos/sin tables" if n_rope else "model's own"}
 
@@ -239,7 +251,7 @@ class DeepSparseExporter(Exporter):
         feeds = prefill_feeds(ids.numpy(), opts.prefill_length)
         sess = ort_session(out / PREFILL_NAME)
         outs = sess.run(None, feeds)
-        checks = [compare_logits("prefill", ref["prefill"], outs[0][:, -n:], "float32")]
+        checks = [compare_logits("prefill", *prefill_pair(ref["prefill"], outs[0], n), "float32")]
         dfeeds = None
         if opts.decode:
             dfeeds = decode_feeds(ref["next_token"].numpy(), outs[1:], n, opts.prefill_length, opts.cache_length)
@@ -264,6 +276,12 @@ class DeepSparseExporter(Exporter):
         return [LICENCE, f"static shapes: batch {opts.batch_size}, prefill {opts.prefill_length}, "
                          f"cache {opts.cache_length}; re-export for other sizes",
                 "DeepSparse speeds up unstructured sparsity only on AVX-512 CPUs (docs/stack.md); check its ISA"]
+
+
+def prefill_pair(ref, logits: np.ndarray, n: int) -> tuple:
+    """(reference, graph) logits of a prefill of ``n`` real tokens: the last ``n`` positions, or the
+    last one when the graph keeps only the last position (``prefill_logits="last"``)."""
+    return (ref, logits[:, -n:]) if logits.shape[1] > 1 else (ref[:, -1:], logits)
 
 
 def prefill_feeds(ids: np.ndarray, L: int) -> dict[str, np.ndarray]:
@@ -319,8 +337,8 @@ def deepsparse_check(out: Path, feeds, dfeeds, ref, n: int, opts) -> dict[str, A
             res["graphs"][name] = {"fraction_of_supported_ops": r["fraction_of_supported_ops"],
                                    "compile_seconds": r["compile_seconds"]}
             logits = np.load(r["outputs"][0])
-            got = logits[:, -n:] if key == "prefill" else logits
-            c = compare_logits(key, ref["prefill" if key == "prefill" else "decode"], got, "float32")
+            want, got = prefill_pair(ref["prefill"], logits, n) if key == "prefill" else (ref["decode"], logits)
+            c = compare_logits(key, want, got, "float32")
             res["logits"].append(c.__dict__)
         res["fraction_of_supported_ops"] = min((g["fraction_of_supported_ops"] for g in res["graphs"].values()),
                                                default=0.0)

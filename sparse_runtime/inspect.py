@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, SparseRuntimeError
 from .models.streaming import ITEMSIZE, CheckpointReader
 from .sparsity import NMPattern, detect_nm, parse_structure
 
@@ -106,6 +107,9 @@ class DirectoryInspection:
     source: str
     from_manifest: bool = False
     export_masks_verified: Optional[bool] = None  # a bitmask export whose export manifest's masks were checked
+    from_masks: bool = False  # figures read off the masks file, the weight files' fingerprints unchanged
+    masks_note: Optional[str] = None  # why the masks file was not used (a manifest was checked on the weights)
+    masks_file_matches: Optional[bool] = None  # full_scan: the masks file agrees with the weights (None: none)
     bitmask_layers: int = 0  # layers read from compressed bitmasks (1 bit per weight), not dense weights
 
 
@@ -116,9 +120,36 @@ def _popcount_table() -> np.ndarray:
 _POP8 = _popcount_table()
 
 
+def _group_ok(packed: np.ndarray, p: NMPattern) -> bool:
+    """For M dividing 8: whether every M-bit group of the packed bytes holds at most M - N ones.
+
+    SWAR on 64-bit words (8 bytes at a time, a handful of vector operations per word instead of a
+    table lookup per byte): bit counts of 2-bit, then 4-bit, then 8-bit fields, up to M; adding
+    ``2**(M-1) - kept - 1`` to every M-bit count sets the field's top bit exactly when the count
+    exceeds ``kept``, and no field overflows into the next (count + constant < 2**M). Groups never
+    straddle bytes, so the byte order of the words does not matter; the tail is zero-padded (zero
+    bits break no pattern)."""
+    if packed.size % 8:
+        packed = np.concatenate([packed, np.zeros(8 - packed.size % 8, dtype=np.uint8)])
+    x = packed.view(np.uint64)
+    c = np.right_shift(x, np.uint64(1))  # in place from here: two word arrays, no more
+    c &= np.uint64(0x5555555555555555)
+    np.subtract(x, c, out=c)  # 2-bit counts
+    t = np.empty_like(c)
+    for shift, keep in ((2, 0x3333333333333333), (4, 0x0F0F0F0F0F0F0F0F))[: {2: 0, 4: 1, 8: 2}[p.m]]:
+        np.right_shift(c, np.uint64(shift), out=t)  # 4-bit, then 8-bit counts
+        t &= np.uint64(keep)
+        c &= np.uint64(keep)
+        c += t
+    fields = {2: 0x5555555555555555, 4: 0x1111111111111111, 8: 0x0101010101010101}[p.m]  # 1 per field
+    c += np.uint64(fields * ((1 << (p.m - 1)) - p.kept - 1))
+    c &= np.uint64(fields << (p.m - 1) & 0xFFFFFFFFFFFFFFFF)
+    return not bool(c.any())
+
+
 def _byte_ok_table(p: NMPattern) -> np.ndarray:
     """For M dividing 8: which packed bytes (8 keep bits, first weight high) keep every M-group of
-    their bits within M - N nonzeros."""
+    their bits within M - N nonzeros (the plain reference :func:`_group_ok` is tested against)."""
     ok = np.ones(256, dtype=bool)
     for b in range(256):
         bits = [(b >> (7 - i)) & 1 for i in range(8)]
@@ -126,50 +157,121 @@ def _byte_ok_table(p: NMPattern) -> np.ndarray:
     return ok
 
 
+class _MaskScan:
+    """The running state of one weight's scan: nonzeros, the digest and the N:M patterns still
+    kept, fed the keep-mask packed 8 to a byte (first weight in the high bit, row-major, the flat
+    mask's bytes: what ``numpy.packbits`` and :func:`sparse_runtime.sparsity.mask_digest` make).
+
+    Everything is read off the packed bytes: nonzeros by a popcount, N:M for M dividing 8 by
+    :func:`_group_ok` (M a multiple of 8: from byte counts); every M-group falls inside whole bytes
+    because rows start at multiples of M (``cols % M == 0``, else the pattern fails at once). Any
+    other M is checked on the unpacked bits (:meth:`take_bits`)."""
+
+    def __init__(self, shape: tuple[int, int], patterns: Sequence[str], digest: bool) -> None:
+        rows, cols = shape
+        self.pats = [NMPattern.parse(p) for p in patterns]
+        self.ok = {str(p): cols % p.m == 0 for p in self.pats}
+        self.small_m = {str(p) for p in self.pats if 8 % p.m == 0}  # checked by _group_ok
+        self.odd = [p for p in self.pats if 8 % p.m and p.m % 8]  # M neither dividing 8 nor a multiple of 8
+        self.h = hashlib.sha256(str((int(rows), int(cols))).encode()) if digest else None
+        self.nnz = 0
+        self.total_bits = int(rows) * int(cols)
+        self.bits_seen = 0
+        self.bit_carry = np.zeros(0, dtype=bool)
+
+    def take(self, packed: np.ndarray) -> None:
+        self.nnz += _count_ones(packed)
+        if self.h is not None:
+            self.h.update(packed.data if packed.flags.c_contiguous else packed.tobytes())
+        for p in self.pats:
+            key = str(p)
+            if not self.ok[key]:
+                continue
+            if key in self.small_m:  # a small head first: an unstructured mask fails there, cheaply
+                self.ok[key] = _group_ok(packed[:4096], p) and (packed.size <= 4096 or _group_ok(packed[4096:], p))
+            elif p.m % 8 == 0:
+                self.ok[key] = bool((_popcount(packed).reshape(-1, p.m // 8).sum(-1, dtype=np.int32) <= p.kept).all())
+
+    def take_bits(self, keep: np.ndarray) -> None:
+        """The odd-M patterns on a flat boolean mask of whole M-groups (whole rows do)."""
+        for p in self.odd:
+            if self.ok[str(p)]:
+                self.ok[str(p)] = bool((keep.reshape(-1, p.m).sum(-1, dtype=np.int32) <= p.kept).all())
+
+    def take_packed(self, packed: np.ndarray) -> None:
+        """A piece of the packed mask cut anywhere between bytes (a masks file's chunk)."""
+        self.take(packed)
+        if any(self.ok[str(p)] for p in self.odd):
+            bits = np.unpackbits(packed).view(bool)[: self.total_bits - self.bits_seen]
+            flat = np.concatenate([self.bit_carry, bits]) if self.bit_carry.size else bits
+            whole = flat.size - flat.size % math.lcm(*(p.m for p in self.odd))
+            self.take_bits(flat[:whole])
+            self.bit_carry = flat[whole:].copy()
+        self.bits_seen = min(self.total_bits, self.bits_seen + 8 * packed.size)
+
+    def result(self) -> tuple[int, Optional[str], list[str]]:
+        return self.nnz, (self.h.hexdigest() if self.h is not None else None), [str(p) for p in self.pats
+                                                                                 if self.ok[str(p)]]
+
+
+def _popcount(packed: np.ndarray) -> np.ndarray:
+    """Ones per byte (``bitwise_count``: NumPy 2; else a table)."""
+    return np.bitwise_count(packed) if hasattr(np, "bitwise_count") else _POP8[packed]
+
+
+def _count_ones(packed: np.ndarray) -> int:
+    """Ones in the packed bytes, 8 bytes at a time where NumPy can (3x the byte-wise count)."""
+    if hasattr(np, "bitwise_count") and packed.size % 8 == 0 and packed.flags.c_contiguous:
+        return int(np.bitwise_count(packed.view(np.uint64)).sum(dtype=np.int64))
+    return int(_popcount(packed).sum(dtype=np.int64))
+
+
 def scan_rows(chunks: Iterable[np.ndarray], shape: tuple[int, int], patterns: Sequence[str],
-              digest: bool) -> tuple[int, Optional[str], list[str]]:
+              digest: bool, on_packed: Optional[Callable[[np.ndarray], None]] = None
+              ) -> tuple[int, Optional[str], list[str]]:
     """Count nonzeros, digest the keep-mask and check N:M over chunks of whole rows of one weight.
 
     ``chunks`` yields flat boolean keep-masks (True = nonzero) of consecutive whole rows, row-major.
     Everything is read off the mask packed 8 to a byte (``numpy.packbits``, first weight in the high
-    bit): nonzeros by a popcount table, N:M for M dividing 8 (or a multiple of 8) by byte tables,
-    which is why a scan costs little more than reading the weight. The digest equals
-    :func:`sparse_runtime.sparsity.mask_digest` of the whole mask (SHA-256 of the shape text and the
-    packed mask, zero-padded); bits that do not fill a byte carry over to the next chunk, and every
-    M-group still falls inside whole bytes because rows start at multiples of M."""
-    rows, cols = shape
-    pats = [NMPattern.parse(p) for p in patterns]
-    ok = {str(p): cols % p.m == 0 for p in pats}
-    tables = {str(p): _byte_ok_table(p) for p in pats if 8 % p.m == 0}
-    h = hashlib.sha256(str((int(rows), int(cols))).encode()) if digest else None
+    bit, :class:`_MaskScan`), which is why a scan costs little more than reading the weight. The
+    digest equals :func:`sparse_runtime.sparsity.mask_digest` of the whole mask (SHA-256 of the shape
+    text and the packed mask, zero-padded); bits that do not fill a byte carry over to the next
+    chunk. ``on_packed`` receives the packed bytes in order (``inspect --write-manifest`` writes
+    them to the masks file)."""
+    scan = _MaskScan(shape, patterns, digest)
     carry = np.zeros(0, dtype=bool)
-    nnz = 0
 
     def take(packed: np.ndarray) -> None:
-        nonlocal nnz
-        nnz += int(_POP8[packed].sum(dtype=np.int64))
-        if h is not None:
-            h.update(packed.tobytes())
-        for p in pats:
-            key = str(p)
-            if not ok[key]:
-                continue
-            if key in tables:
-                ok[key] = bool(tables[key][packed].all())
-            elif p.m % 8 == 0:
-                ok[key] = bool((_POP8[packed].reshape(-1, p.m // 8).sum(-1, dtype=np.int32) <= p.kept).all())
+        scan.take(packed)
+        if on_packed is not None:
+            on_packed(packed)
 
     for keep in chunks:
-        for p in pats:  # M neither dividing 8 nor a multiple of it: count on the mask itself
-            if ok[str(p)] and 8 % p.m and p.m % 8:
-                ok[str(p)] = bool((keep.reshape(-1, p.m).sum(-1, dtype=np.int32) <= p.kept).all())
+        scan.take_bits(keep)
         flat = np.concatenate([carry, keep]) if carry.size else keep
         cut = flat.size - flat.size % 8
         take(np.packbits(flat[:cut]))
         carry = flat[cut:].copy()
     if carry.size:
         take(np.packbits(carry))
-    return nnz, (h.hexdigest() if h is not None else None), [str(p) for p in pats if ok[str(p)]]
+    return scan.result()
+
+
+def scan_packed(chunks: Iterable[np.ndarray], shape: tuple[int, int], patterns: Sequence[str],
+                digest: bool) -> tuple[int, Optional[str], list[str]]:
+    """:func:`scan_rows` on a mask already packed (a masks file's bytes, in pieces cut anywhere):
+    the same nonzeros, digest and N:M answers, reading 1 bit per weight."""
+    scan = _MaskScan(shape, patterns, digest)
+    unit = math.lcm(1, *(p.m // 8 for p in scan.pats if p.m % 8 == 0))  # whole byte-groups per piece
+    carry = np.zeros(0, dtype=np.uint8)
+    for packed in chunks:
+        flat = np.concatenate([carry, packed]) if carry.size else packed
+        cut = flat.size - flat.size % unit
+        scan.take_packed(flat[:cut])
+        carry = flat[cut:].copy()
+    if carry.size:
+        scan.take_packed(carry)
+    return scan.result()
 
 
 _SIGN_FREE = {"F32": (np.float32, None), "F64": (np.float64, None),
@@ -317,7 +419,7 @@ def implied_patterns(structure: Optional[str], candidates: Sequence[str]) -> lis
 
 def inspect_directory(spec, patterns: tuple[str, ...] = ("2:4", "4:8"), *, trust_manifest: bool = False,
                       verify: bool = True, digests: bool = False, chunk_elems: int = SCAN_CHUNK_ELEMS,
-                      tensor_read=None) -> DirectoryInspection:
+                      tensor_read=None, full_scan: bool = False, mask_sink=None) -> DirectoryInspection:
     """Inspect a Hugging Face directory without loading the model (see the section comment).
 
     With a sparsity manifest, every layer's nonzero count, mask digest and recorded N:M pattern are
@@ -325,10 +427,18 @@ def inspect_directory(spec, patterns: tuple[str, ...] = ("2:4", "4:8"), *, trust
     does on load (``verify=False``: read, not checked, for ``--write-manifest``). ``trust_manifest``
     skips the scan and reports the manifest's figures (shapes still checked against the headers).
     ``digests`` computes mask digests even without a manifest. ``tensor_read(name)`` is called once
-    per weight read (a test hook that proves one tensor at a time)."""
+    per weight read (a test hook that proves one tensor at a time).
+
+    A checkpoint with a manifest and a masks file (``sparse_runtime/masks_file.py``) whose weight
+    files are unchanged since it was written is checked from the masks alone (``from_masks``; 1
+    bit per weight read); anything else (no masks file, a changed fingerprint, a masks file that is
+    corrupt or disagrees with the manifest) scans the weights, ``masks_note`` saying why.
+    ``full_scan`` (``--verify``) always scans the weights and then checks the masks file, if any,
+    against them: a masks file that disagrees is an error. ``mask_sink`` (a
+    :class:`~sparse_runtime.masks_file.MasksWriter`) receives every scanned mask, packed."""
     from transformers import AutoConfig
 
-    from .errors import ManifestError, SparseRuntimeError
+    from .errors import ManifestError
     from .manifest import MANIFEST_NAME, check_manifest_layers, read_manifest
     from .models.family import family_for_model_type
     from .models.loading import _check_hf_dir
@@ -386,6 +496,14 @@ def inspect_directory(spec, patterns: tuple[str, ...] = ("2:4", "4:8"), *, trust
         return DirectoryInspection(SparsityReport(layers), None, manifest, family, str(spec), from_manifest=True)
     from .progress import progress
 
+    note = None
+    shapes = {n: tuple(plan[n + ".weight"]) for n in linears}
+    if manifest is not None and verify and not packed and not full_scan:
+        fast, note = _scan_masks_file(p, shards, shapes, patterns, manifest)
+        if fast is not None:
+            layers = [LayerSparsity(s.name, s.shape, s.sparsity, [c for c in patterns if c in s.nm])
+                      for s in fast.values()]
+            return DirectoryInspection(SparsityReport(layers), fast, manifest, family, str(spec), from_masks=True)
     export = _bitmask_export_record(p) if packed else None
     scans: dict[str, LayerScan] = {}
     for n in progress(linears, desc="inspect", unit="layer"):
@@ -398,8 +516,14 @@ def inspect_directory(spec, patterns: tuple[str, ...] = ("2:4", "4:8"), *, trust
             tensor_read(n)
         chunks = (shards.keep_chunks(packed[n] + ".bitmask", chunk_elems, bitmask_of=shape) if n in packed
                   else shards.keep_chunks(n + ".weight", chunk_elems))
+        sink = mask_sink if mask_sink is not None and not packed else None
+        if sink is not None:
+            sink.begin(n, shape)
         nnz, dig, ok = scan_rows(chunks, shape, list(dict.fromkeys(pats)),
-                                 digest=digests or manifest is not None or export is not None)
+                                 digest=digests or full_scan or manifest is not None or export is not None,
+                                 on_packed=sink.write if sink is not None else None)
+        if sink is not None:
+            sink.end()
         if n in packed and shards.numel(packed[n] + ".compressed") != nnz:
             raise ModelLoadError(f"corrupt bitmask export {p}: {n} has {nnz} ones in its bitmask but "
                                  f"{shards.numel(packed[n] + '.compressed')} stored values: export again")
@@ -415,9 +539,76 @@ def inspect_directory(spec, patterns: tuple[str, ...] = ("2:4", "4:8"), *, trust
             raise ManifestError(f"the export manifest of {p} records other masks than its bitmasks hold (tampered or "
                                 "corrupt export): export again")
         export_ok = True
+    masks_ok = None
+    if full_scan and not packed:
+        masks_ok = _check_masks_file(p, shards, shapes, scans)
     layers = [LayerSparsity(s.name, s.shape, s.sparsity, [c for c in patterns if c in s.nm]) for s in scans.values()]
     return DirectoryInspection(SparsityReport(layers), scans, manifest, family, str(spec),
-                               export_masks_verified=export_ok, bitmask_layers=len(packed))
+                               export_masks_verified=export_ok, bitmask_layers=len(packed), masks_note=note,
+                               masks_file_matches=masks_ok)
+
+
+def _scan_masks(masks, shapes: dict[str, tuple[int, int]], patterns: Sequence[str], manifest) -> dict[str, LayerScan]:
+    """Every layer's :class:`LayerScan` read off the masks file (the scan's patterns: the candidates
+    and the manifest's recorded N:M)."""
+    from .progress import progress
+
+    out = {}
+    for n in progress(list(shapes), desc="inspect (masks)", unit="layer"):
+        pats = list(patterns)
+        rec = manifest.layers.get(n) if manifest is not None else None
+        if rec is not None and isinstance(_safe_structure(rec.structure), NMPattern):
+            pats.append(str(parse_structure(rec.structure)))
+        nnz, dig, ok = scan_packed(masks.chunks(n), shapes[n], list(dict.fromkeys(pats)), digest=True)
+        out[n] = LayerScan(n, shapes[n], nnz, dig, ok)
+    return out
+
+
+def _scan_masks_file(p: Path, shards: "_Shards", shapes: dict[str, tuple[int, int]], patterns: Sequence[str],
+                     manifest) -> tuple[Optional[dict[str, LayerScan]], Optional[str]]:
+    """The scans read off the masks file when it can stand for the weights (present, readable, the
+    weight files' fingerprints unchanged, every layer agreeing with the manifest), else (None, why)."""
+    from .errors import ManifestError
+    from .masks_file import MasksFile, MasksFileError, fingerprint, stale_reason, weight_files
+
+    try:
+        masks = MasksFile.open(p, shapes)
+    except MasksFileError as e:
+        return None, str(e)
+    why = stale_reason(masks.weight_files, fingerprint(p, weight_files(p, shards)))
+    if why is not None:
+        return None, why
+    try:
+        scans = _scan_masks(masks, shapes, patterns, manifest)
+    except SparseRuntimeError as e:  # truncated under us
+        return None, f"the masks file is unusable ({e})"
+    try:
+        compare_with_manifest(scans, manifest)
+    except ManifestError:
+        return None, "the masks file disagrees with the manifest"
+    return scans, None
+
+
+def _check_masks_file(p: Path, shards: "_Shards", shapes: dict[str, tuple[int, int]],
+                      scans: dict[str, LayerScan]) -> Optional[bool]:
+    """``--verify``: the masks file, if any, against the scanned weights (nonzeros and digests);
+    None without one, True when it agrees, an error naming the layers when not."""
+    from .errors import ManifestError
+    from .masks_file import MASKS_NAME, MasksFile, MasksFileError
+
+    if not (p / MASKS_NAME).exists():
+        return None
+    fix = f"rebuild it from the weights with `sparse-runtime inspect {p} --write-manifest`"
+    try:
+        masks = MasksFile.open(p, shapes)
+    except MasksFileError as e:
+        raise ManifestError(f"--verify: {p / MASKS_NAME}: {str(e)[0].lower() + str(e)[1:]}; {fix}") from None
+    got = _scan_masks(masks, shapes, (), None)
+    bad = [n for n, s in scans.items() if (got[n].nnz, got[n].digest) != (s.nnz, s.digest)]
+    if bad:
+        raise ManifestError(f"--verify: {p / MASKS_NAME} disagrees with the weights in {len(bad)} layer(s) "
+                            f"({', '.join(bad[:3])}{'...' if len(bad) > 3 else ''}); {fix}")
+    return True
 
 
 def _bitmask_base(shards: "_Shards", layer: str) -> Optional[str]:

@@ -441,7 +441,8 @@ class atomic_directory:
 def save_checkpoint(model, tokenizer, out: os.PathLike, manifest: Manifest, *, overwrite: bool = False,
                     extra_files: Optional[dict[str, str]] = None,
                     on_write: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write model (safetensors), tokenizer and manifest atomically to ``out``.
+    """Write model (safetensors), tokenizer, manifest and masks file (``sparse_runtime/masks_file.py``,
+    what lets ``inspect`` skip reading the weights) atomically to ``out``.
 
     ``on_write(tmp)`` writes the caller's own files (report, plot) into the temporary directory
     before the rename, so a ``kill -9`` can never leave a checkpoint without them."""
@@ -456,4 +457,7 @@ def save_checkpoint(model, tokenizer, out: os.PathLike, manifest: Manifest, *, o
             (tmp / name).write_text(text)
         if on_write is not None:
             on_write(tmp)
+        from .masks_file import write_masks_of_model
+
+        write_masks_of_model(tmp, model)  # last: it fingerprints the weight files written above
     return out

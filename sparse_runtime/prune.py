@@ -702,6 +702,7 @@ def _prune_streamed(model_spec, path: Path, cfg: PruneConfig, out: Path, overwri
 
     from .faults import fault_point
     from .manifest import MANIFEST_NAME, atomic_directory, build_manifest
+    from .masks_file import MasksWriter
     from .models.loading import _load_tokenizer
     from .models.streaming import SIDE_FILES, ShardWriter, StreamedModel, check_fits, dtype_name, estimate_stream_peak
 
@@ -728,20 +729,28 @@ def _prune_streamed(model_spec, path: Path, cfg: PruneConfig, out: Path, overwri
     storage = sm.storage_dtype
     records: dict = {}
     result_box: dict = {}
+    linear_weights = {n + ".weight": n for n, _ in family.iter_linears(sm.model)}
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardWriter(tmp)
+        masks = MasksWriter(tmp)  # each mask appended as its block is written: never all in memory
 
         def sink(bi, block) -> None:
             for name, t in sm.block_state(bi, storage).items():
                 writer.add(name, t)
+                if name in linear_weights:
+                    masks.add(linear_weights[name], t)  # the stored values' mask, as inspect reads it
 
         result = prune_model(sm.model, tok, cfg, family=family, data_dir=data_dir, refiner=refiner,
                              streamed=sm, sink=sink, records=records)
         result_box["r"] = result
         for name in sm.reader.names():  # embeddings, norms, head: copied as stored
             if name not in writer.written and name not in writer._buf:
-                writer.add(name, sm.reader.get(name))
+                t = sm.reader.get(name)
+                writer.add(name, t)
+                if name in linear_weights:
+                    masks.add(linear_weights[name], t)
         writer.close()
+        masks.close()  # after the shards have their final names: it fingerprints them
         fault_point("write")
         config = json.loads((path / "config.json").read_text())
         config["torch_dtype"] = dtype_name(storage)

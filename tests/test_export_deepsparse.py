@@ -39,6 +39,20 @@ def test_static_graphs_match_pytorch(fam, tmp_path):
     assert layout["cache_length"] == 48 and layout["prefill_length"] == 32
 
 
+def test_last_position_prefill_graph(tmp_path):
+    """prefill_logits=last: the prefill graph returns [B, 1, V], equal to PyTorch's last position (the
+    graph DeepSparse's prefill timer runs, so it does the work our engines' prefill does)."""
+    res = export("tiny-llama", "deepsparse", tmp_path / "ds", prefill_length=16, cache_length=32,
+                 prefill_logits="last", check_engine=False)
+    assert all(c["max_abs_diff"] < 1e-4 for c in res.verification["logits"])
+    m = onnx.load(str(tmp_path / "ds" / "prefill.onnx"))
+    dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    assert dims[:2] == [1, 1]
+    assert json.loads((tmp_path / "ds" / "deepsparse_layout.json").read_text())["prefill_logits"] == "last"
+    with pytest.raises(ConfigError, match="prefill_logits"):
+        export("tiny-llama", "deepsparse", tmp_path / "x", prefill_logits="first")
+
+
 def test_report_says_not_checked_without_engine(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(deepsparse_env, "is_installed", lambda: False)
     res = export(ckpt, "deepsparse", tmp_path / "ds", prefill_length=16, cache_length=32, decode=False)

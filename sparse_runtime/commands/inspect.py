@@ -7,8 +7,12 @@ are: the repair that a manifest error recommends when the manifest, not the weig
 A Hugging Face directory is never loaded: config.json, the safetensors headers and each block
 linear's weight, read in row chunks one tensor at a time in its stored dtype
 (``sparse_runtime.inspect.inspect_directory``), so a 7B checkpoint needs the memory of one chunk.
-A manifest is still checked against every scanned tensor; ``--trust-manifest`` skips the scan and
-reports what the manifest records. Tiny test models and GGUF files are measured in memory.
+A manifest is still checked against every layer's mask: read off the checkpoint's masks file
+(``sparsity_masks.st``, 1 bit per weight: seconds at 7B) when the weight files'
+fingerprints show them unchanged since it was written, else off the weights, saying why;
+``--verify`` always scans the weights (and checks the masks file against them). ``--trust-manifest``
+reads neither and reports what the manifest records. Tiny test models and GGUF files are measured
+in memory.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ def add_arguments(p):
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
     p.add_argument("--summary", action="store_true", help="only the totals, not every layer")
     p.add_argument("--write-manifest", action="store_true",
-                   help="rewrite MODEL's sparsity_manifest.json from its weights (only if you trust the weights)")
+                   help="rewrite MODEL's sparsity_manifest.json and masks file (sparsity_masks.st) from its weights "
+                        "(only if you trust the weights)")
+    p.add_argument("--verify", action="store_true",
+                   help="scan every weight even when the masks file could stand for them, and check the masks "
+                        "file against the weights (a checkpoint's full check: as long as reading the model)")
     p.add_argument("--trust-manifest", action="store_true",
                    help="report a checkpoint's recorded sparsity without scanning its weights (seconds at 7B; "
                         "the manifest is not checked against the tensors)")
@@ -39,16 +47,19 @@ def run(args) -> int:
     if args.write_manifest and args.trust_manifest:
         raise ConfigError("--write-manifest rebuilds the manifest from the weights, --trust-manifest skips reading "
                           "them: pass one of the two")
+    if args.verify and args.trust_manifest:
+        raise ConfigError("--verify scans the weights, --trust-manifest skips reading them: pass one of the two")
     d = None if args.trust_remote_code else _dir_of(args.model)
     if args.write_manifest:
         found = write_manifest(args)
         compare_with_manifest(found.scans, found.manifest)  # what was written describes the weights scanned
         source, family, rep, manifest = found.source, found.family, found.report, "verified"
     elif d is not None:
-        found = inspect_directory(args.model, trust_manifest=args.trust_manifest)
+        found = inspect_directory(args.model, trust_manifest=args.trust_manifest, full_scan=args.verify)
         source, family, rep = found.source, found.family, found.report
         manifest = ("none (plain model)" if found.manifest is None else
-                    "trusted, weights not scanned (--trust-manifest)" if found.from_manifest else "verified")
+                    "trusted, weights not scanned (--trust-manifest)" if found.from_manifest else
+                    _verified_how(found, args.verify))
         if found.bitmask_layers:
             manifest += (f"; bitmask export ({found.bitmask_layers} compressed layers"
                          + (", masks match its export manifest)" if found.export_masks_verified else ")"))
@@ -73,6 +84,18 @@ def run(args) -> int:
     return 0
 
 
+def _verified_how(found, verify: bool) -> str:
+    """Where a verified manifest's figures came from: the masks file, or the weights and why."""
+    if found.from_masks:
+        return "verified against the masks file (shards unchanged since written; --verify scans the weights)"
+    if verify:
+        return ("verified (weights scanned, --verify; "
+                + ("the masks file matches them)" if found.masks_file_matches else "no masks file)"))
+    if found.masks_note and not found.bitmask_layers:
+        return f"verified (weights scanned: {found.masks_note})"
+    return "verified"
+
+
 def _quantization(d) -> str:
     """One line naming a quantized checkpoint's scheme and method (docs/quantization.md), or ''."""
     from ..quant.io import read_quantization
@@ -90,7 +113,10 @@ def write_manifest(args):
 
     The weights are scanned one tensor at a time (``inspect_directory``), never loaded; the records
     are those :func:`sparse_runtime.manifest.build_manifest` makes from a loaded model (same nonzero
-    counts, digests, structures, history). Returns the scan with the new manifest in it."""
+    counts, digests, structures, history). The masks file is rewritten from the same scan (with
+    fresh fingerprints), before the manifest: each file is replaced atomically, and should the
+    manifest's write fail, the masks file disagrees with the old manifest, which only sends the next
+    ``inspect`` back to the weights. Returns the scan with the new manifest in it."""
     import datetime as _dt
     from pathlib import Path
 
@@ -104,7 +130,18 @@ def write_manifest(args):
     if d is None or not d.is_dir():
         raise ConfigError(f"--write-manifest needs a checkpoint directory, got {args.model!r}")
     _probe_writable(d, args.model, "--write-manifest")  # a read-only directory fails here, before reading
-    found = inspect_directory(d, verify=False, digests=True)
+    from ..masks_file import MasksWriter
+
+    masks = MasksWriter(d)  # the masks file is rebuilt from the same scan, one mask at a time
+    try:
+        found = inspect_directory(d, verify=False, digests=True, mask_sink=masks)
+        if found.bitmask_layers:
+            masks.abort()  # an export: its masks are its bitmasks
+        else:
+            masks.close()
+    except BaseException:
+        masks.abort()
+        raise
     prev = found.manifest  # None when absent or unreadable: start afresh
     if prev is not None and not set(prev.layers) <= set(found.scans):
         prev = None  # another model's manifest: nothing of it applies

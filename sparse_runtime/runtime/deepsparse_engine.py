@@ -117,12 +117,13 @@ class DeepSparseEngine(Engine):
 
         p = Path(model)
         self.checkpoint: Optional[str] = model
-        self._exports: dict[tuple[int, int, bool], Path] = {}
+        self._exports: dict[tuple[int, int, bool, str], Path] = {}
         self._cache_len: dict[Path, int] = {}
         if p.is_dir() and export_format(p) == "deepsparse":
             lay = json.loads((p / "deepsparse_layout.json").read_text())
             prefill_length, cache_length, batch_size = lay["prefill_length"], lay["cache_length"], lay["batch_size"]
-            self._exports[(batch_size, prefill_length, "decode.onnx" in lay["graphs"])] = p
+            self._exports[(batch_size, prefill_length, "decode.onnx" in lay["graphs"],
+                           lay.get("prefill_logits", "all"))] = p
             self._cache_len[p] = int(cache_length)
             src = json.loads((p / "export_manifest.json").read_text()).get("source", {})
             self.checkpoint = src.get("path") or src.get("spec")
@@ -147,9 +148,12 @@ class DeepSparseEngine(Engine):
         return self.C
 
     # -- exports and compiled graphs ------------------------------------------------------------
-    def _export(self, batch: int, length: int, decode: bool, cache: Optional[int] = None) -> Path:
-        for (b, l, d), path in self._exports.items():
-            if b == batch and l == length and (d or not decode):
+    def _export(self, batch: int, length: int, decode: bool, cache: Optional[int] = None,
+                logits: str = "all") -> Path:
+        """An export with these static shapes; ``logits="last"``: its prefill graph keeps only the last
+        position's logits (the prefill timer's graph: the work our own engines' prefill does)."""
+        for (b, l, d, lg), path in self._exports.items():
+            if b == batch and l == length and (d or not decode) and lg == logits:
                 return path
         if not self.checkpoint:
             raise SparseRuntimeError("this DeepSparse export has other static shapes and its source checkpoint "
@@ -158,8 +162,8 @@ class DeepSparseEngine(Engine):
 
         path = ensure_export(self.checkpoint, "deepsparse", prefill_length=int(length),
                              cache_length=int(cache or length + 64), batch_size=int(batch), decode=bool(decode),
-                             check_engine=False)
-        self._exports[(batch, length, decode)] = path
+                             check_engine=False, **({"prefill_logits": logits} if logits != "all" else {}))
+        self._exports[(batch, length, decode, logits)] = path
         self._cache_len[path] = int(cache or length + 64)
         return path
 
@@ -206,7 +210,8 @@ class DeepSparseEngine(Engine):
     def timer(self, scenario: Scenario, seed: int = 0) -> Callable[[], float]:
         ids = benchmark_ids(self.vocab_size, scenario.batch, scenario.tokens, seed)
         if scenario.kind == "prefill":
-            path = self._export(scenario.batch, scenario.tokens, False)
+            # last-position logits, as Engine.prefill_next and every engine's prefill timer (docs/protocols.md)
+            path = self._export(scenario.batch, scenario.tokens, False, logits="last")
             pk = self._compile(path, "prefill.onnx", scenario.batch)
             f = self._save(f"p{scenario.batch}x{scenario.tokens}", ids)
 
