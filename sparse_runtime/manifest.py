@@ -132,6 +132,21 @@ def layer_record(weight: torch.Tensor, structure: Optional[str] = None, target: 
     )
 
 
+# ``extra`` records that describe the VALUES of the weights (the quantization grid and its side file,
+# docs/quantization.md#format). A new manifest is built because the weights were written again
+# (pruned, repaired, merged, quantized): such a record is dropped unless the step restates it, else a
+# repaired copy of a quantized checkpoint would claim a grid its values no longer lie on (and
+# ``quantize`` would refuse it as "already quantized").
+VALUE_RECORDS = ("quantization",)
+
+
+def carried_extra(previous: Optional["Manifest"]) -> dict[str, Any]:
+    """``previous.extra`` less the records of the previous weights' values (:data:`VALUE_RECORDS`)."""
+    if previous is None:
+        return {}
+    return {k: v for k, v in previous.extra.items() if k not in VALUE_RECORDS}
+
+
 def build_manifest(model, family=None, *, targets: Optional[dict[str, float]] = None,
                    structures: Optional[dict[str, str]] = None, base_model: str = "",
                    dense_source: Optional[str] = None, previous: Optional[Manifest] = None,
@@ -163,7 +178,7 @@ def build_manifest(model, family=None, *, targets: Optional[dict[str, float]] = 
         base_model=base_model or (previous.base_model if previous else ""),
         dense_source=dense_source if dense_source is not None else (previous.dense_source if previous else None),
         history=list(previous.history) if previous else [],
-        extra=dict(previous.extra) if previous else {},
+        extra=carried_extra(previous),
         versions=package_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -292,3 +292,19 @@ def test_joint_quant_refuses_a_streamed_prune(tmp_path):
     with pytest.raises(ConfigError, match="runs in memory"):
         sr.prune_checkpoint(src, cfg, tmp_path / "never", stream="on")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_later_step_drops_the_stale_quantization_record(tmp_path):
+    """A manifest built for new weights (prune, repair, merge on a quantized checkpoint) does not carry
+    the old values' quantization record forward: those values are no longer on its grid, and
+    ``quantize`` must accept the result. Other extra records are carried."""
+    from sparse_runtime.manifest import build_manifest
+    from sparse_runtime.models import tiny_model
+
+    model = tiny_model("llama")
+    prev = build_manifest(model, extra={"quantization": {"scheme": "int8"}, "note": {"kept": True}})
+    assert prev.extra["quantization"]["scheme"] == "int8"
+    later = build_manifest(model, previous=prev, step={"stage": "repair"})
+    assert "quantization" not in later.extra and later.extra["note"] == {"kept": True}
+    restated = build_manifest(model, previous=prev, extra={"quantization": {"scheme": "int4-g32"}})
+    assert restated.extra["quantization"]["scheme"] == "int4-g32"
