@@ -174,7 +174,8 @@ class DeepSparseEngine(Engine):
                                    num_cores=self.threads)
             shape = json.loads((path / "deepsparse_layout.json").read_text())
             self.compiled[key] = self.seen[key] = {"graph": graph, "batch": batch,
-                                  "shape": f"b{shape['batch_size']} L{shape['prefill_length']} C{shape['cache_length']}",
+                                  "shape": f"b{shape['batch_size']} L{shape['prefill_length']} C{shape['cache_length']}"
+                                           + (" last-logits" if shape.get("prefill_logits") == "last" else ""),
                                   **{k: res[k] for k in ("fraction_of_supported_ops", "compile_seconds", "rss_delta_mb")}}
         return key
 
