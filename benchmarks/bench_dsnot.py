@@ -46,7 +46,7 @@ PAIRS: dict[str, dict] = {
 }
 COLUMNS = ["config", "ppl before", "ppl after", "gain", "prune s", "dsnot s", "1 calib fwd s", "same-pass fwd s",
            "dsnot/fwd",
-           "swaps", "rows changed", "blocks reverted", "mean |e| before", "mean |e| after", "measured before", "measured after", "detail"]
+           "swaps", "rows changed", "blocks reverted", "held-out check", "mean |e| before", "mean |e| after", "measured before", "measured after", "detail"]
 
 
 def _measured(lm) -> float:
@@ -117,6 +117,7 @@ def main() -> None:
                "blocks reverted": (f"{len(s['blocks_reverted'])}/{s['blocks_guarded']}"
                                    + (f" ({', '.join(map(str, s['blocks_reverted']))})" if s["blocks_reverted"] else "")
                                    if s["guard"] != "none" else "off"),
+               "held-out check": _heldout_cell(s),
                "mean |e| before": float(f"{s['mean_abs_error_before']:.4g}"),
                "mean |e| after": float(f"{s['mean_abs_error_after']:.4g}"),
                "measured before": round(m0, 4), "measured after": round(_measured(lm), 4),
@@ -124,6 +125,17 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: {row} (pair wall {time.perf_counter() - t0:.0f} s)", flush=True)
         _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run)
+
+
+def _heldout_cell(s: dict) -> str:
+    """accept=heldout's decision: which model it kept and the two held-out perplexities."""
+    h = s.get("heldout")
+    if s.get("accept", "always") != "heldout" or not h:
+        return "off"
+    if h.get("ppl_dsnot") is None:
+        return "no swaps"
+    verdict = "kept DSnoT" if h["kept"] else "kept pruner"
+    return f"{verdict} ({h['set']} {h['windows']}x{h['seqlen']}: dsnot {h['ppl_dsnot']:.3f}, pruner {h['ppl_pruner']:.3f})"
 
 
 def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
@@ -146,8 +158,11 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
              "blocks reverted = blocks where the block guard kept the pruner's masks because DSnoT did not lower the "
              "block's output error against the dense block (of the blocks DSnoT changed; block indices in brackets; "
              "docs/dsnot.md#the-block-guard); swaps and rows changed count only the swaps kept; dsnot s includes the guard; "
-             ""off = guard=none (the default); a row with this column empty was kept by --merge from a run before "
+             "off = guard=none (the default); a row with this column empty was kept by --merge from a run before "
              "the guard option existed (unguarded DSnoT)",
+             "held-out check = accept=heldout's decision (docs/dsnot.md#held-out-acceptance): the whole model's "
+             "perplexity on held-out windows (never WikiText-2 test) with DSnoT's weights and with the pruner's; "
+             "DSnoT is kept only if lower (its time is in dsnot s); off = accept=always",
              f"DSnoT never worse: {'yes' if not worse else 'NO: ' + ', '.join(worse)}; "
              f"DSnoT below one calibration forward: {'yes' if not slow else 'NO: ' + ', '.join(slow)}",
              f"this invocation: {', '.join(names)}; wall {time.perf_counter() - t_run:.0f} s"]

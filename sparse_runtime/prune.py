@@ -474,6 +474,9 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     selected, layout = check_model(model, family, cfg)
     refiner_obj = resolve_refiner(refiner if refiner is not None else cfg.refine, cfg.refine_options)
     refiner_name = (refiner if isinstance(refiner, str) else type(refiner).__name__) if refiner is not None else cfg.refine
+    check_run = getattr(refiner_obj, "check_run", None)  # a refiner's own refusals, before any work
+    if check_run is not None:
+        check_run(streamed=streamed is not None, allocation=cfg.allocation)
     pruner = make_pruner(cfg)
     allocator = make_allocator(cfg)
     S = cfg.target
@@ -554,6 +557,12 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     if not reused:
         timing = job.run(targets)
     job.sink = None
+    finish = getattr(refiner_obj, "on_pass_end", None)  # a refiner's model-level check (DSnoT accept=heldout)
+    if finish is not None and streamed is None:
+        from .protocols import get_protocol
+
+        finish(model, tokenizer, seqlen=get_protocol(cfg.protocol or "quick").eval_seqlen,
+               seed=calib["seed"] + 1000, data_dir=data_dir)
 
     structures = {n: structure_name(cfg.pattern) for n in selected}
     measured, nz, nn_ = {}, 0, 0

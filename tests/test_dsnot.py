@@ -506,3 +506,103 @@ def test_guard_runs_in_the_fused_pass_and_keeps_counts():
         rec = ref.records[n]
         assert rec.reverted == (int(n.split(".")[2]) in s["blocks_reverted"] and rec.swaps_reverted > 0), n
         assert not rec.reverted or rec.swaps == 0
+
+
+# -- held-out acceptance (accept="heldout", docs/dsnot.md#held-out-acceptance) ----------------------
+def _forced_ppl(monkeypatch, dsnot_ppl: float, pruner_ppl: float):
+    """Make the held-out check see the given perplexities (first call: DSnoT's weights, second: the pruner's)."""
+    import sparse_runtime.eval.perplexity as perp
+
+    calls = []
+
+    def fake(model, ids, seqlen, max_windows=None, desc="", protocol="custom"):
+        calls.append(desc)
+        return perp.PerplexityResult(dsnot_ppl if len(calls) == 1 else pruner_ppl, seqlen, 1, seqlen, 0.0, protocol)
+
+    monkeypatch.setattr(perp, "perplexity_from_ids", fake)
+    return calls
+
+
+@pytest.mark.parametrize("dsnot_wins", [False, True])
+def test_heldout_acceptance_falls_back_to_exactly_the_pruner_model(monkeypatch, dsnot_wins):
+    from sparse_runtime.prune import PruneConfig, prune_model
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(method="wanda", sparsity=0.5, protocol="test")
+    base = _tiny()
+    prune_model(base.model, base.tokenizer, cfg, calib_ids=ids)
+    free = _tiny()  # DSnoT as the paper runs it: its outputs feed the next block
+    prune_model(free.model, free.tokenizer, cfg, calib_ids=ids, refiner=DSnoTRefiner(threshold=0.0))
+    calls = _forced_ppl(monkeypatch, 1.0 if dsnot_wins else 2.0, 1.5)
+    lm = _tiny()
+    ref = DSnoTRefiner(threshold=0.0, accept="heldout", heldout_windows=2)
+    prune_model(lm.model, lm.tokenizer, cfg, calib_ids=ids, refiner=ref)
+    s = ref.summary()
+    assert len(calls) == 2 and s["heldout"]["kept"] == dsnot_wins and s["heldout"]["swaps"] > 0
+    plain = dict(base.family.iter_linears(base.model))
+    first_block_differs = False
+    for n, b in lm.family.iter_linears(lm.model):
+        a = plain[n].weight
+        assert torch.equal((a != 0).sum(1), (b.weight != 0).sum(1)), n
+        if not dsnot_wins:  # reverted: bit-for-bit the plain pruner's model, every block
+            assert torch.equal(a, b.weight), n
+            assert ref.records[n].reverted and ref.records[n].swaps == 0
+        elif ".0." in n:  # block 0 sees the same inputs either way: DSnoT's masks as without the check
+            assert torch.equal(b.weight, dict(free.family.iter_linears(free.model))[n].weight), n
+            first_block_differs |= not torch.equal(a, b.weight)
+    assert first_block_differs or not dsnot_wins
+    assert s["swaps"] == (s["heldout"]["swaps"] if dsnot_wins else 0)
+
+
+def test_heldout_acceptance_keeps_the_better_model_on_real_heldout_windows():
+    from sparse_runtime.eval.perplexity import perplexity_from_ids
+    from sparse_runtime.prune import PruneConfig, prune_model
+    from sparse_runtime.repair.dsnot_heldout import heldout_ids
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    lm = _tiny()
+    ref = DSnoTRefiner(threshold=0.0, accept="heldout", heldout_windows=2)
+    prune_model(lm.model, lm.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test"), calib_ids=ids,
+                refiner=ref)
+    h = ref.summary()["heldout"]
+    assert h["set"] == "c4" and h["windows"] == 2 and h["seconds"] > 0
+    held = heldout_ids(lm.tokenizer, "c4", 2, h["seqlen"], 1000, None)
+    final = perplexity_from_ids(lm.model, held, h["seqlen"]).ppl
+    assert final == pytest.approx(min(h["ppl_dsnot"], h["ppl_pruner"]), rel=1e-6)
+
+
+def test_heldout_acceptance_options():
+    assert DSnoTConfig().accept == "always" and make_config({"preset": "official"}).accept == "always"
+    c = make_config({"accept": "heldout", "heldout": "wikitext2-valid", "heldout_windows": 8.0})
+    assert (c.accept, c.heldout, c.heldout_windows) == ("heldout", "wikitext2-valid", 8)
+    with pytest.raises(ConfigError, match="accept"):
+        make_config({"accept": "sometimes"})
+    with pytest.raises(ConfigError, match="never a test set"):
+        make_config({"accept": "heldout", "heldout": "wikitext2-test"})
+    with pytest.raises(ConfigError, match="heldout_windows"):
+        make_config({"heldout_windows": 0})
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        make_config({"accept": "heldout", "guard": "block"})
+
+
+@pytest.mark.parametrize("dsnot_wins", [False, True])
+def test_heldout_acceptance_in_standalone_repair(pruned_ckpt, tmp_path, monkeypatch, dsnot_wins):
+    calls = _forced_ppl(monkeypatch, 1.0 if dsnot_wins else 2.0, 1.5)
+    out = tmp_path / "repaired"
+    rep = repair_dsnot_checkpoint(pruned_ckpt, out, DSnoTConfig(threshold=0.0, accept="heldout", heldout_windows=2),
+                                  protocol="test")
+    assert len(calls) == 2 and rep.summary["heldout"]["kept"] == dsnot_wins
+    lm, src = sr.load_model(out), sr.load_model(pruned_ckpt)
+    same = [torch.equal(a.weight, b.weight) for (_, a), (_, b) in zip(src.family.iter_linears(src.model),
+                                                                        lm.family.iter_linears(lm.model))]
+    assert all(same) != dsnot_wins  # reverted: exactly the input checkpoint; kept: DSnoT's masks
+    assert rep.summary["swaps"] == (rep.summary["heldout"]["swaps"] if dsnot_wins else 0)
+
+
+def test_heldout_acceptance_refuses_atp_early():
+    from sparse_runtime.prune import PruneConfig, prune_model
+
+    lm = _tiny()
+    with pytest.raises(ConfigError, match="accept=always"):
+        prune_model(lm.model, lm.tokenizer, PruneConfig(method="wanda", sparsity=0.5, protocol="test", allocation="atp"),
+                    refiner=DSnoTRefiner(accept="heldout"))

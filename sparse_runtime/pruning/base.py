@@ -77,7 +77,10 @@ class MaskRefiner(Protocol):
     :mod:`sparse_runtime.prune` checks after every call. ``needs`` are the extra input statistics
     it reads from ``task.stats``; they are merged into the driver's. Optionally it has
     ``on_block_end(i, block, inputs, outputs)``, which the pass calls after each block is pruned and
-    before the caller's own hook (DSnoT's block guard, ``docs/dsnot.md#the-block-guard``).
+    before the caller's own hook (DSnoT's block guard, ``docs/dsnot.md#the-block-guard``);
+    ``check_run(streamed=, allocation=)``, called before any work to refuse a pass it cannot serve;
+    and ``on_pass_end(model, tokenizer, seqlen=, seed=, data_dir=)``, called after the last block of
+    an in-memory pass (DSnoT's held-out acceptance, ``docs/dsnot.md#held-out-acceptance``).
     """
 
     needs: frozenset

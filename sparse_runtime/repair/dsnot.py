@@ -50,7 +50,11 @@ restores the code's behaviour; see docs/dsnot.md):
   (docs/methods.md#dsnot-defaults-and-surprises and #composition); kept weights keep their SparseGPT values;
 - an optional block guard (``guard="block"``, off by default, run by the refiner in dsnot_passes
   after each block): where DSnoT did not lower the block's output error against the dense block,
-  the pruner's masks are kept for that block (docs/dsnot.md#the-block-guard).
+  the pruner's masks are kept for that block (docs/dsnot.md#the-block-guard);
+- an optional model-level held-out acceptance (``accept="heldout"``, module
+  :mod:`sparse_runtime.repair.dsnot_heldout`): the pass feeds the pruner's block outputs forward,
+  and at the end DSnoT's masks are kept only if they lower the model's perplexity on held-out
+  windows, else the pruner's model comes back bit for bit (docs/dsnot.md#held-out-acceptance).
 
 Everything per cycle is a handful of [rows] tensor operations: all rows swap in parallel, with no
 Python loop over rows, and the rankings are top-k over at most ``max_cycles`` candidates.
@@ -74,6 +78,8 @@ THRESHOLD_UNITS = ("initial", "output_rms", "per_token", "token_sum")
 LAYER_SETS = ("all", "attention", "mlp")
 OBJECTIVES = ("mse", "mean", "gram")
 GUARDS = ("block", "none")
+ACCEPTS = ("always", "heldout")
+HELDOUT_SETS = ("c4", "wikitext2-valid")
 
 
 @dataclass
@@ -119,6 +125,17 @@ class DSnoTConfig:
       DSnoT, so it is not the default (docs/dsnot.md#the-block-guard).
     - ``guard_samples``: how many calibration windows the block guard forwards (two extra block
       forwards over them per block, plus re-running the block where it reverts).
+    - ``accept`` (our addition, not in the paper or the official code): ``"always"`` keeps DSnoT's
+      masks (the paper); ``"heldout"`` keeps them only if they lower the whole model's loss on
+      held-out windows (``heldout``, ``heldout_windows``), else every linear gets the pruner's weights
+      back. To make that fallback exactly the pruner's model, the pass then feeds each block's
+      *pruner* outputs to the next block (DSnoT's weights are written after the block's forward), so
+      the pruner's masks, and DSnoT's statistics, come from the pruner's own trajectory. Why: at
+      Wanda 50 % on SmolLM2-135M the fused DSnoT model was worse than plain Wanda, and reverting all
+      of DSnoT's swaps did not bring the plain model back (docs/dsnot.md#why-dsnot-was-worse-at-50-percent).
+    - ``heldout``: ``"c4"`` (fresh C4 windows, calibration seed + 1000, the calibration's own
+      distribution) or ``"wikitext2-valid"``; never a test split. ``heldout_windows``: how many
+      windows of the protocol's evaluation length.
     """
 
     max_cycles: int = 50
@@ -132,6 +149,9 @@ class DSnoTConfig:
     objective: str = "mse"
     guard: str = "none"
     guard_samples: int = 8
+    accept: str = "always"
+    heldout: str = "c4"
+    heldout_windows: int = 16
 
     def validate(self) -> "DSnoTConfig":
         if not isinstance(self.max_cycles, int) or isinstance(self.max_cycles, bool) or self.max_cycles < 0:
@@ -156,6 +176,17 @@ class DSnoTConfig:
         if (not isinstance(self.guard_samples, int) or isinstance(self.guard_samples, bool)
                 or self.guard_samples < 1):
             raise ConfigError(f"dsnot guard_samples must be an integer >= 1, got {self.guard_samples!r}")
+        if self.accept not in ACCEPTS:
+            raise ConfigError(f"dsnot accept {self.accept!r} is unknown; choose one of {', '.join(ACCEPTS)}")
+        if self.heldout not in HELDOUT_SETS:
+            raise ConfigError(f"dsnot heldout {self.heldout!r} is unknown; choose one of {', '.join(HELDOUT_SETS)} "
+                              "(never a test set)")
+        if (not isinstance(self.heldout_windows, int) or isinstance(self.heldout_windows, bool)
+                or self.heldout_windows < 1):
+            raise ConfigError(f"dsnot heldout_windows must be an integer >= 1, got {self.heldout_windows!r}")
+        if self.accept == "heldout" and self.guard != "none":
+            raise ConfigError("dsnot accept=heldout and guard=block cannot be combined: choose one check "
+                              "(accept=heldout is the model-level one, docs/dsnot.md#held-out-acceptance)")
         if self.layers not in LAYER_SETS:
             raise ConfigError(f"dsnot layers {self.layers!r} is unknown; choose one of {', '.join(LAYER_SETS)}")
         return self
@@ -164,9 +195,9 @@ class DSnoTConfig:
     def official(cls, **overrides) -> "DSnoTConfig":
         """The released code's behaviour (zyxxmu/DSnoT @ 4c029df): token-sum threshold, no variance
         floor, attention only, same-sign off for unstructured / on for N:M, overshoot allowed, no
-        block guard."""
+        block guard, no held-out acceptance."""
         base = cls(threshold_unit="token_sum", var_floor=0.0, layers="attention", same_sign=None,
-                   require_decrease=False, objective="mean", guard="none")
+                   require_decrease=False, objective="mean", guard="none", accept="always")
         return replace(base, **overrides).validate()
 
     def applies_to(self, short_name: str) -> bool:

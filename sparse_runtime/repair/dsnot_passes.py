@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..sparsity import NMPattern
 from .dsnot import DSNOT_NEEDS, DSnoTConfig, InputMoments, dsnot_needs, refine_linear
+from .dsnot_heldout import SwapLedger, accept_on_heldout, heldout_ids
 
 # Official command-line names accepted as aliases (the released code's argparse flags).
 _ALIASES = {"max_cycle_time": "max_cycles", "update_threshold": "threshold", "pow_of_var_regrowing": "var_power"}
@@ -48,7 +49,7 @@ def make_config(options: Optional[dict[str, Any]] = None, cfg: Optional[DSnoTCon
             raise ConfigError(f"unknown dsnot option {k!r}; known: {sorted(DSnoTConfig.__dataclass_fields__)} "
                               f"(or the official {sorted(_ALIASES) + ['without_same_sign']}, preset)")
         kw[key] = v
-    for key in ("max_cycles", "guard_samples"):
+    for key in ("max_cycles", "guard_samples", "heldout_windows"):
         if isinstance(kw.get(key), float) and float(kw[key]).is_integer():
             kw[key] = int(kw[key])
     if kw.get("guard") is False or kw.get("guard") is None and "guard" in kw:
@@ -100,6 +101,10 @@ class DSnoTRefiner:
         self.guard_log: list[dict[str, Any]] = []  # per guarded block: errors and the decision
         # block index -> {name: (linear, dense weight, pruner's weight)} until the guard has run
         self._pending: dict[int, dict[str, tuple[Any, torch.Tensor, torch.Tensor]]] = {}
+        # accept="heldout": DSnoT's weights wait until the block's (pruner) forward is done
+        self.ledger = SwapLedger()
+        self._deferred: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+        self.heldout_log: Optional[dict[str, Any]] = None
 
     @torch.no_grad()
     def refine(self, task, dense_weight: torch.Tensor, pruned_weight: torch.Tensor, keep: torch.Tensor,
@@ -119,6 +124,12 @@ class DSnoTRefiner:
         s = res.summary()
         self.records[task.name] = LayerRecord(s["rows"], s["rows_changed"], s["swaps"], s["mean_abs_error_before"],
                                               s["mean_abs_error_after"], dt)
+        if self.cfg.accept == "heldout":
+            # the block runs with the pruner's weights, so the next block's inputs (and so its masks
+            # and statistics) are the pruner's own; DSnoT's are written in on_block_end
+            self.ledger.record(task.name, task.linear, pruned_weight.detach(), new)
+            self._deferred.setdefault(task.block_index, []).append((task.linear, new))
+            return pruned_weight
         return new
 
     @torch.no_grad()
@@ -128,6 +139,8 @@ class DSnoTRefiner:
         first ``guard_samples`` calibration windows (same inputs for all three). Where DSnoT did not
         lower it, write the pruner's weights back and replace ``outputs`` in place (the driver
         hands that list to the next block)."""
+        for lin, new in self._deferred.pop(bi, []):  # accept="heldout": after the pruner's forward
+            lin.weight.data.copy_(new.to(lin.weight.device, lin.weight.dtype))
         pending = self._pending.pop(bi, {})
         if self.cfg.guard == "none" or not pending or inputs is None or outputs is None:
             return
@@ -180,6 +193,39 @@ class DSnoTRefiner:
         self.guard_log.append({"block": bi, "error_dsnot": err_dsnot, "error_pruner": err_plain,
                                "kept": bool(keep_dsnot), "windows": seen})
 
+    def check_run(self, *, streamed: bool, allocation: Optional[str]) -> None:
+        """Refuse, before any work, a pass this configuration cannot serve (the prune API calls it)."""
+        if self.cfg.accept != "heldout":
+            return
+        if streamed:
+            raise ConfigError("dsnot accept=heldout needs the whole model in memory for its held-out check: "
+                              "use --stream off, or drop accept=heldout")
+        if allocation == "atp":
+            raise ConfigError("dsnot accept=heldout cannot follow ATP's beta search (it reuses a trial's weights): "
+                              "use accept=always with --allocation atp")
+
+    @torch.no_grad()
+    def on_pass_end(self, model, tokenizer, *, seqlen: int, seed: int, data_dir=None) -> None:
+        """The held-out acceptance (``accept="heldout"``, docs/dsnot.md#held-out-acceptance): keep
+        DSnoT's weights only if they lower the model's held-out perplexity, else put the pruner's
+        back everywhere. ``seed`` draws the C4 held-out windows (calibration seed + 1000)."""
+        for bi in list(self._deferred):  # a driver that did not call on_block_end for some block
+            self.on_block_end(bi, None, None, None)
+        if self.cfg.accept != "heldout":
+            return
+        t0 = time.perf_counter()
+        ids = heldout_ids(tokenizer, self.cfg.heldout, self.cfg.heldout_windows, seqlen, seed, data_dir)
+        decision = accept_on_heldout(model, self.ledger, ids, seqlen)
+        if not decision["kept"]:
+            for rec in self.records.values():
+                rec.swaps_reverted, rec.swaps, rec.rows_changed = rec.swaps, 0, 0
+                rec.mean_abs_error_after, rec.reverted = rec.mean_abs_error_before, True
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.heldout_log = {"set": self.cfg.heldout, "windows": self.cfg.heldout_windows, "seqlen": seqlen,
+                            "seconds": dt, **decision}
+        self.ledger = SwapLedger()
+
     def summary(self) -> dict[str, Any]:
         """Totals over the refined layers: swaps (kept after the guard), rows changed, mean |e_r|
         before/after, seconds (guard included), and the guard's blocks kept and reverted."""
@@ -198,6 +244,8 @@ class DSnoTRefiner:
             "blocks_reverted": [g["block"] for g in self.guard_log if not g["kept"]],
             "swaps_reverted": sum(r.swaps_reverted for r in recs),
             "guard_seconds": self.guard_seconds,
+            "accept": self.cfg.accept,
+            "heldout": self.heldout_log,
         }
 
 
@@ -302,7 +350,10 @@ def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, 
             from ..data.text import c4_windows
 
             ids = c4_windows(ld.tokenizer, calib["nsamples"], calib["seqlen"], calib["seed"], data_dir)
-        return _repair_pass(ld, refiner, ids, device)
+        timing = _repair_pass(ld, refiner, ids, device)
+        refiner.on_pass_end(ld.model, ld.tokenizer, seqlen=proto.eval_seqlen, seed=calib["seed"] + 1000,
+                            data_dir=data_dir)
+        return timing
 
     def manifest(ld: _Loaded, timing):
         step = {"stage": "repair", "method": "dsnot", "input": str(pruned_dir), "dense": ld.dense_spec,
