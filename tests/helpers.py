@@ -56,3 +56,21 @@ def compare_with_hf(model, lean, prompt: int = 12, steps: int = 20, batch: int =
         r = model(tok, past_key_values=cache, use_cache=True)
         cache = r.past_key_values
         torch.testing.assert_close(lean.decode(tok), r.logits, atol=atol, rtol=0)
+
+
+def mixed_pruned(family: str = "llama", dtype: torch.dtype = torch.float32):
+    """A tiny model with every inspect case at once: half the layers 2:4, the others unstructured at
+    70 %, one (the 4th) left dense; returns (loaded model, its manifest)."""
+    lm = sr.load_model(f"tiny-{family}")
+    structures = {}
+    with torch.no_grad():
+        for i, (n, lin) in enumerate(lm.family.iter_linears(lm.model)):
+            if i == 3:
+                continue
+            if i % 2:
+                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), NMPattern(2, 4)))
+                structures[n] = "2:4"
+            else:
+                lin.weight.mul_(topk_prune_mask(lin.weight.abs(), 0.7, per_row=True))
+    lm.model.to(dtype)
+    return lm, sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")

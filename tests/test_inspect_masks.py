@@ -15,26 +15,11 @@ import sparse_runtime as sr
 from sparse_runtime.cli import main
 from sparse_runtime.inspect import inspect_directory, scan_packed, scan_rows
 from sparse_runtime.masks_file import MASKS_NAME, MasksWriter, pack_keep
-from sparse_runtime.sparsity import NMPattern, mask_digest, nm_prune_mask, topk_prune_mask
+from sparse_runtime.sparsity import NMPattern, mask_digest, nm_prune_mask
+
+from helpers import mixed_pruned
 
 FAST = "verified against the masks file (shards unchanged since written; --verify scans the weights)"
-
-
-def _mixed(family="llama", dtype=torch.float32):
-    """Half the layers 2:4, the others unstructured at 70 %, one left dense, and the manifest."""
-    lm = sr.load_model(f"tiny-{family}")
-    structures = {}
-    with torch.no_grad():
-        for i, (n, lin) in enumerate(lm.family.iter_linears(lm.model)):
-            if i == 3:
-                continue
-            if i % 2:
-                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), NMPattern(2, 4)))
-                structures[n] = "2:4"
-            else:
-                lin.weight.mul_(topk_prune_mask(lin.weight.abs(), 0.7, per_row=True))
-    lm.model.to(dtype)
-    return lm, sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")
 
 
 def _facts(found):
@@ -62,7 +47,7 @@ def test_scan_packed_equals_scan_rows():
 
 @pytest.mark.parametrize("family,dtype,shard", [("llama", torch.float32, None), ("qwen2", torch.bfloat16, "20KB")])
 def test_fast_path_reports_what_the_scan_reports(tmp_path, family, dtype, shard, capsys):
-    lm, man = _mixed(family, dtype)
+    lm, man = mixed_pruned(family, dtype)
     if shard:  # a sharded checkpoint (an index) written by save_pretrained, then the masks file
         with sr.manifest.atomic_directory(tmp_path / "ck") as tmp:
             lm.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard)
@@ -100,7 +85,7 @@ def test_fast_path_reports_what_the_scan_reports(tmp_path, family, dtype, shard,
 def test_changed_or_missing_masks_fall_back_to_the_weights(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    lm, man = _mixed()
+    lm, man = mixed_pruned()
     ck = tmp_path / "ck"
     sr.save_checkpoint(lm.model, lm.tokenizer, ck, man)
     f = ck / "model.safetensors"
@@ -146,7 +131,7 @@ def test_changed_or_missing_masks_fall_back_to_the_weights(tmp_path, capsys):
 def test_verify_catches_a_masks_file_that_disagrees_with_the_weights(tmp_path, capsys):
     """The manifest agrees with the weights, the masks file does not (its fingerprints are fresh):
     the fast path refuses it (it disagrees with the manifest), ``--verify`` fails loudly."""
-    lm, man = _mixed()
+    lm, man = mixed_pruned()
     ck = tmp_path / "ck"
     sr.save_checkpoint(lm.model, lm.tokenizer, ck, man)
     w = MasksWriter(ck)

@@ -13,25 +13,9 @@ import torch
 import sparse_runtime as sr
 from sparse_runtime.cli import main
 from sparse_runtime.inspect import inspect_directory, inspect_sparsity, scan_rows
-from sparse_runtime.sparsity import NMPattern, mask_digest, nm_compliant, nm_prune_mask, topk_prune_mask
+from sparse_runtime.sparsity import NMPattern, mask_digest, nm_compliant
 
-from helpers import tiny_pruned
-
-
-def _mixed(family="llama"):
-    """Half the layers 2:4, the others unstructured at 70 %, one left dense: every case at once."""
-    lm = sr.load_model(f"tiny-{family}")
-    structures = {}
-    with torch.no_grad():
-        for i, (n, lin) in enumerate(lm.family.iter_linears(lm.model)):
-            if i == 3:
-                continue
-            if i % 2:
-                lin.weight.mul_(nm_prune_mask(lin.weight.abs(), NMPattern(2, 4)))
-                structures[n] = "2:4"
-            else:
-                lin.weight.mul_(topk_prune_mask(lin.weight.abs(), 0.7, per_row=True))
-    return lm, sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")
+from helpers import mixed_pruned, tiny_pruned
 
 
 def test_scan_equals_the_reference_on_odd_shapes():
@@ -53,7 +37,7 @@ def test_scan_equals_the_reference_on_odd_shapes():
 @pytest.mark.parametrize("family,dtype,shard", [("llama", "float32", None), ("qwen2", "bfloat16", "20KB"),
                                                 ("mistral", "float16", None)])
 def test_directory_equals_in_memory(tmp_path, family, dtype, shard):
-    lm, man = _mixed(family)
+    lm, man = mixed_pruned(family)
     lm.model.to(getattr(torch, dtype))
     want = inspect_sparsity(lm.model, lm.family)
     kw = {"max_shard_size": shard} if shard else {}
@@ -82,7 +66,7 @@ def test_cli_directory_output_equals_the_in_memory_report(tmp_path, capsys):
 def test_a_wrong_manifest_never_passes(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    lm, man = _mixed()
+    lm, man = mixed_pruned()
     sr.save_checkpoint(lm.model, lm.tokenizer, tmp_path / "ck", man)
     f = tmp_path / "ck" / "model.safetensors"
     sd = load_file(str(f))
@@ -114,7 +98,7 @@ def test_trust_manifest_reports_the_implied_patterns(tmp_path):
 
 
 def test_write_manifest_equals_build_manifest(tmp_path, capsys):
-    lm, man = _mixed()
+    lm, man = mixed_pruned()
     sr.save_checkpoint(lm.model, lm.tokenizer, tmp_path / "ck", man)
     p = tmp_path / "ck" / "sparsity_manifest.json"
     p.unlink()
@@ -166,7 +150,7 @@ def test_bitmask_export_is_read_from_its_masks(tmp_path, capsys):
     manifest's mask digest are checked, so a changed mask never passes."""
     from safetensors.torch import load_file, save_file
 
-    lm, man = _mixed()
+    lm, man = mixed_pruned()
     sr.save_checkpoint(lm.model, lm.tokenizer, tmp_path / "ck", man)
     assert main(["export", str(tmp_path / "ck"), "--format", "bitmask", "--out", str(tmp_path / "ex")]) == 0
     capsys.readouterr()
