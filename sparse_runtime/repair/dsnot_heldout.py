@@ -10,9 +10,10 @@ the refiner, under this option, feeds the pruner's block outputs forward (see
 :class:`sparse_runtime.repair.dsnot_passes.DSnoTRefiner`), so nothing the pruner did depends on
 DSnoT.
 
-The ledger keeps, per linear, only the positions DSnoT changed and both values there (a few
-hundred kilobytes on SmolLM2-135M), so switching the whole model between the two costs nothing
-next to the two held-out evaluations.
+The ledger keeps, per linear, only the positions DSnoT changed and both values there (two int64
+indices and two values per position: about 17 MB for the 350,000 swaps of Wanda 50 % on
+SmolLM2-135M, against 540 MB of weights), so switching the whole model between the two costs
+nothing next to the two held-out evaluations.
 """
 from __future__ import annotations
 
