@@ -74,3 +74,14 @@ def mixed_pruned(family: str = "llama", dtype: torch.dtype = torch.float32):
                 lin.weight.mul_(topk_prune_mask(lin.weight.abs(), 0.7, per_row=True))
     lm.model.to(dtype)
     return lm, sr.build_manifest(lm.model, lm.family, structures=structures, base_model=f"tiny-{family}")
+
+
+def random_pruned(model, sparsity: float = 0.7, seed: int = 0):
+    """``model`` with every 2-D weight but the embedding and lm_head zeroed at random (``sparsity``
+    of them, seeded): the engines' tests need sparse weights, not good masks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in n and "lm_head" not in n:
+                p.mul_((torch.rand(p.shape, generator=g) >= sparsity).float())
+    return model

@@ -25,7 +25,7 @@ from sparse_runtime.kernels.native import DEFAULT_LAYOUT, supports_bf16  # noqa:
 from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama, held_tensor_bytes  # noqa: E402
 
 
-from test_lean_decode import pruned  # noqa: E402  (one random pruner for the engine tests)
+from helpers import random_pruned as pruned  # noqa: E402  (one random pruner for the engine tests)
 
 
 def lean_of(model, **cfg):

@@ -11,7 +11,7 @@ from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, pack, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 
-from helpers import compare_with_hf
+from helpers import compare_with_hf, random_pruned as pruned
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -23,15 +23,6 @@ from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama  # noqa: E40
 ATOL = 2e-5
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in supported_isas(), reason=f"CPU lacks {i}"))
         for i in ("avx512", "avx2", "portable")]
-
-
-def pruned(model, sparsity=0.7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in n and "lm_head" not in n:
-                p.mul_((torch.rand(p.shape, generator=g) >= sparsity).float())
-    return model
 
 
 def lean_of(model, threads=2, **cfg):

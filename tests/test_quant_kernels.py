@@ -14,7 +14,7 @@ from sparse_runtime.kernels import available, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
 
-from helpers import compare_with_hf
+from helpers import compare_with_hf, random_pruned as _pruned
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -138,15 +138,6 @@ def test_struct_check_passes():
 
 
 # ---- the lean engine -----------------------------------------------------------------------------
-def _pruned(model, sparsity=0.7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in n and "lm_head" not in n:
-                p.mul_((torch.rand(p.shape, generator=g) >= sparsity).float())
-    return model
-
-
 def _dequantized(model, scheme, lm_head=True):
     """The HF model whose linears (and lm_head, tied table included) hold the dequantized values."""
     ref = copy.deepcopy(model)
