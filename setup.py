@@ -19,8 +19,10 @@ _openmp = [] if os.environ.get("SPARSE_RUNTIME_NO_OPENMP") or sys.platform == "d
 ext = Extension(
     "sparse_runtime.kernels._sparse_kernels",
     # the inference kernels (with the lean decode step and the ONNX Runtime op they include) and
-    # SparseGPT's column solver, and the bf16 rebuild of packed weights for prefill, one shared object
-    sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp", "csrc/densify.cpp"],
+    # SparseGPT's column solver, the bf16 rebuild of packed weights for prefill, the AMX prefill
+    # product and prefill's C glue, one shared object
+    sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp", "csrc/densify.cpp", "csrc/amx_prefill.cpp",
+             "csrc/prefill_glue.cpp"],
     # the C interface (sparse_runtime.h), the shared internals, the included parts, ORT's ABI
     depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/lean_decode.inc", "csrc/quant_kernels.inc",
              "csrc/ort_op.inc", "csrc/ort_abi.h"],

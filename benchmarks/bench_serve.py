@@ -74,6 +74,8 @@ class Server:
             cmd += ["--threads", str(args.threads)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
+        if args.prefill_dtype:
+            cmd += ["--prefill-dtype", args.prefill_dtype]
         self.log = open(Path(args.work) / f"server-{label.replace(':', '')}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, SPARSE_RUNTIME_QUIET="1"))
@@ -187,12 +189,13 @@ def summarise(results: list[dict[str, Any]], wall: float, tokens: int) -> dict[s
 
 
 def generate_ms_per_token(model: str, engine: str, prompts: list[str], tokens: int, threads: Optional[int],
-                          n: int, dtype: Optional[str] = None) -> dict[str, Any]:
+                          n: int, dtype: Optional[str] = None, prefill_dtype: Optional[str] = None) -> dict[str, Any]:
     """``generate``'s own decode speed: ms per token after the first, median over ``n`` prompts."""
     from sparse_runtime.runtime import load_engine
     from sparse_runtime.serve.text import encode_text
 
-    eng = load_engine(engine, model, threads=threads, **({"dtype": dtype} if dtype else {}))
+    opts = {k: v for k, v in (("dtype", dtype), ("prefill_dtype", prefill_dtype)) if v}
+    eng = load_engine(engine, model, threads=threads, **opts)
     try:
         per = []
         for p in prompts[:n + 1]:
@@ -272,7 +275,7 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
         if "c1" in levels and not args.no_generate:
             for label, path in models.items():  # after the load: one engine at a time in this process
                 gen[label] = generate_ms_per_token(path, args.engine, prompts, args.output_tokens, args.threads,
-                                                   args.generate_prompts, args.dtype)
+                                                   args.generate_prompts, args.dtype, args.prefill_dtype)
         for (level, label), runs in acc.items():
             itl = [x for r in runs for x in r["_itl"]]
             ttft = [x for r in runs for x in r["_ttft"]]
@@ -301,7 +304,8 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    values = f" --dtype {args.dtype}" if args.dtype else ""
+    values = (f" --dtype {args.dtype}" if args.dtype else "") + (
+        f" --prefill-dtype {args.prefill_dtype}" if args.prefill_dtype else "")
     notes = [f"engine {args.engine}{values} for every model (same build); {args.slots} slots x {args.max_model_len} "
              f"tokens; "
              f"threads {args.threads or 'default (min(2, cores))'}; one server process per model, interleaved rounds "
@@ -336,7 +340,7 @@ def engine_steps(args, models: dict[str, str]) -> int:
     from sparse_runtime.runtime.registry import load_engine
 
     batches = [int(b) for b in args.steps_batches.split(",") if b]
-    dtype = {"dtype": args.dtype} if args.dtype else {}
+    dtype = {k: v for k, v in (("dtype", args.dtype), ("prefill_dtype", args.prefill_dtype)) if v}
     engines = {label: load_engine(args.engine, path, threads=args.threads, **dtype) for label, path in models.items()}
     g = torch.Generator().manual_seed(args.seed)
     for e in engines.values():
@@ -479,6 +483,8 @@ def main() -> int:
     ap.add_argument("--models", default="dense,wanda-70,wanda-2:4", help="labels (bench_latency.py's CONFIGS)")
     ap.add_argument("--engine", default="sparse-cpu")
     ap.add_argument("--dtype", default=None, help="the servers' --dtype (e.g. int8: int8 codes and lm_head)")
+    ap.add_argument("--prefill-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="the servers' --prefill-dtype (bfloat16: prompts on AMX tiles where the CPU has them)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)

@@ -137,7 +137,7 @@ int sr_decode_step_batch(const SRModel* m, int64_t B, const int64_t* tokens, con
 // the weight of prefill's bf16 GEMM (sparse_runtime/kernels/prefill.py). fp32 values are rounded to
 // nearest even exactly as torch's .to(torch.bfloat16); bf16 values are copied bit for bit.
 // ---------------------------------------------------------------------------------------------
-enum { SR_VAL_F32 = 0, SR_VAL_BF16 = 1 };  // val_dtype: the packed values' storage
+enum { SR_VAL_F32 = 0, SR_VAL_BF16 = 1, SR_VAL_I8 = 2 };  // val_dtype: the packed values' storage (int8 codes: AMX prefill only)
 
 #ifdef __cplusplus
 extern "C" {
@@ -150,6 +150,26 @@ int sr_bitmask_densify_bf16(int isa, int64_t K, int64_t N, const uint32_t* mask,
                             const int64_t* rp, uint16_t* out, int n_threads);
 int sr_csr16_densify_bf16(int isa, int64_t K, int64_t N, const uint16_t* idx, const void* vals, int val_dtype,
                           const int64_t* rp, uint16_t* out, int n_threads);
+// ---- prefill on AMX tiles (amx_prefill.cpp): y[M, N] = x[M, K] W^T + bias with the bitmask W
+// rebuilt 32 rows at a time into bf16 tiles (x and W rounded to bf16, fp32 accumulation and output).
+// 1 when the CPU has AMX-TILE + AMX-BF16 (+ AVX512-VBMI2) and Linux granted the tile state.
+int sr_amx_supported(void);
+// vtype SR_VAL_F32 / SR_VAL_BF16 (rp: value offsets) or SR_VAL_I8 (rp: byte offsets of the codes;
+// scales [N, G], group columns per scale, 0 = one per row; zeros NULL: signed codes, else unsigned
+// codes and their zero points). in_kind: the product's input from x (prefill's glue, fused into the
+// bf16 conversion): SR_IN_PLAIN x [M, K]; SR_IN_RMSNORM in_w[k] * x[m, k] / sqrt(mean_k x^2 + eps);
+// SR_IN_SILU_MUL x [M, 2K] = gate | up, input SiLU(gate) * up. accumulate: y += (y holds the
+// residual) instead of y =. SR_OK, SR_EUNSUPPORTED (no AMX), SR_ENOMEM or SR_EARG.
+enum { SR_IN_PLAIN = 0, SR_IN_RMSNORM = 1, SR_IN_SILU_MUL = 2 };
+int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const uint32_t* mask, const void* vals,
+                          int vtype, const int64_t* rp, int64_t group, const float* scales, const float* zeros,
+                          const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
+                          int n_threads);
+// ---- prefill's elementwise glue (prefill_glue.cpp) ----
+// The rotary embedding in place on the first `heads` heads (of D) of each row of x [B * T, row_stride],
+// cos/sin [T, D] (HF's rotate_half form); SR_OK or SR_EARG.
+int sr_rope_rows(float* x, int64_t B, int64_t T, int64_t row_stride, int64_t heads, int64_t D, const float* cos_,
+                 const float* sin_);
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -209,6 +209,15 @@ def test_dtype_flags(tmp_path, capsys):
     assert "runs float32" in capsys.readouterr().err
     assert main(["bench", "tiny-llama", "tiny-llama", "--engines", "lean-cpu", "--dtype", "bfloat16",
                  "--scenarios", "decode:1@8", "--decode-steps", "2", "--threads", "1"]) == 0
+    # --prefill-dtype: the lean engines' prompt products in bf16; refused by the others, with the fix
+    assert engine_dtype_options("sparse-cpu", "int8", "bfloat16") == {"prefill_dtype": "bfloat16", "dtype": "int8"}
+    with pytest.raises(ConfigError, match="ort-cpu has no --prefill-dtype.*sparse-cpu"):
+        engine_dtype_options("ort-cpu", None, "bfloat16")
+    assert main(["generate", "tiny-llama", "--engine", "sparse-cpu", "--prefill-dtype", "bfloat16", "--prompt",
+                 "Hello there, " * 4, "--max-new-tokens", "3", "--threads", "1"]) == 0
+    assert main(["generate", "tiny-llama", "--engine", "torch-cpu", "--prefill-dtype", "bfloat16", "--prompt",
+                 "Hi"]) == 2
+    assert "has no --prefill-dtype" in capsys.readouterr().err
     from helpers import save_tiny_pruned
 
     ck = save_tiny_pruned(tmp_path / "ck", sparsity=0.7)

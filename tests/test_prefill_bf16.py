@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, native, pack, supported_isas, unavailable_reason, unpack
 from sparse_runtime.kernels.module import DenseScratch
-from sparse_runtime.kernels.prefill import (PREFILL_FORMS, bf16_fpmath, bf16_prefill_linear, choose_prefill_form,
-                                            dense_bf16_linear, densify_bf16_into, densify_isa, fpmath_available,
-                                            prefill_call, prefill_form_timings, token_bucket)
+from sparse_runtime.kernels.prefill import (PREFILL_FORMS, amx_available, bf16_fpmath, bf16_prefill_linear,
+                                            choose_prefill_form, dense_bf16_linear, densify_bf16_into, densify_isa,
+                                            fpmath_available, prefill_call, prefill_form_timings, token_bucket)
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -125,16 +125,19 @@ def test_choose_prefill_form_measures_and_caches():
     form = choose_prefill_form(p, 100, 1, scratch=scratch, repeats=2)
     assert form in PREFILL_FORMS
     med = prefill_form_timings(p, 128, 1)  # same bucket
-    assert set(med) == set(PREFILL_FORMS) and all(t > 0 for t in med.values())
+    runnable = [f for f in PREFILL_FORMS if f != "amx" or amx_available()]  # AMX: Sapphire Rapids and later
+    assert set(med) == set(runnable) and all(t > 0 for t in med.values())
     assert choose_prefill_form(p, 128, 1) == form  # cached: no new measurement
     assert choose_prefill_form(p, 100, 1, forms=("float32",)) == "float32"
     with pytest.raises(ConfigError, match="unknown prefill form"):
         choose_prefill_form(p, 100, 1, forms=("int8",))
     assert [token_bucket(t) for t in (1, 2, 3, 64, 65, 128, 129)] == [1, 2, 4, 64, 128, 128, 256]
     x = torch.randn(5, 96)
-    ys = {f: prefill_call(f, p, None, x, scratch) for f in PREFILL_FORMS}
+    ys = {f: prefill_call(f, p, None, x, scratch) for f in runnable}
     torch.testing.assert_close(ys["sparse"], ys["float32"], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(ys["bfloat16"], ys["float32"], atol=0.1, rtol=2e-2)
+    if "amx" in ys:  # the same bf16 operands, fp32 output (no output rounding)
+        torch.testing.assert_close(ys["amx"], ys["float32"], atol=0.1, rtol=2e-2)
 
 
 def test_dense_bf16_linear():
@@ -155,3 +158,30 @@ def test_dense_bf16_linear():
             assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
         assert torch.backends.mkldnn.matmul.fp32_precision == before
         assert torch.equal(F.linear(x, w, b), exact)  # fp32 again outside
+
+
+def test_rope_rows_equals_torch_rotation():
+    """The C rotary embedding (prefill's glue) against the lean path's torch ops, on the q and k heads
+    leading each row of a fused qkv product (v untouched), batch 2, odd head count."""
+    from sparse_runtime.kernels.prefill import rope_rows_
+    from sparse_runtime.runtime.lean_llama import _rotate
+
+    g = torch.Generator().manual_seed(9)
+    B, T, H, KV, D = 2, 7, 3, 1, 8
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, generator=g)
+    ang = torch.randn(T, D // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    want_q = _rotate(q.reshape(B, T, H, D).transpose(1, 2), cos, sin)
+    want_k = _rotate(k.reshape(B, T, KV, D).transpose(1, 2), cos, sin)
+    v0 = v.clone()
+    out = rope_rows_(qkv, cos, sin, H + KV, D)
+    assert out.data_ptr() == qkv.data_ptr()
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    torch.testing.assert_close(q.reshape(B, T, H, D).transpose(1, 2), want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k.reshape(B, T, KV, D).transpose(1, 2), want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v, v0)
+    with pytest.raises(ConfigError, match="contiguous float32"):
+        rope_rows_(qkv.double(), cos, sin, H + KV, D)
+    with pytest.raises(ConfigError, match="cos/sin"):
+        rope_rows_(qkv, cos[:3], sin[:3], H + KV, D)

@@ -1,7 +1,9 @@
-"""The ``--dtype`` option of the engine commands (``generate``, ``bench``): the compute dtype an
-engine loads the model in, or the quantized values it runs (``int8``, ``int4``, or a full scheme
-name such as ``int4-g64-asym``: int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu), checked
-against what each engine runs before anything is loaded."""
+"""The ``--dtype`` and ``--prefill-dtype`` options of the engine commands (``generate``, ``bench``,
+``serve``): the compute dtype an engine loads the model in, or the quantized values it runs
+(``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``: int8/int4 codes with fp32
+scales, on sparse-cpu / lean-cpu); and the dtype of the lean engines' prompt products (``bfloat16``:
+bf16 operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md). Both
+are checked against what each engine runs before anything is loaded."""
 from __future__ import annotations
 
 from typing import Optional
@@ -33,20 +35,37 @@ def add_dtype_argument(p) -> None:
                         "own scheme and scales, else round-to-nearest at load)")
 
 
-def engine_dtype_options(engine: str, dtype: Optional[str]) -> dict:
-    """``{"dtype": dtype}`` for ``engine``'s options ({} when not given); one line naming the fix
-    when the engine cannot run it."""
-    if dtype is None:
-        return {}
+PREFILL_DTYPES = ("float32", "bfloat16")
+
+
+def add_prefill_dtype_argument(p) -> None:
+    p.add_argument("--prefill-dtype", default=None, choices=PREFILL_DTYPES,
+                   help="sparse-cpu / lean-cpu: the dtype of prompt products of 16+ tokens (default float32, exact); "
+                        "bfloat16 rounds their operands to bf16 (fp32 accumulation and output) and, on CPUs with "
+                        "AMX, runs packed sparse and int8 weights on AMX tiles with the norms, SiLU and residual "
+                        "adds fused in: several times faster prompts, logits moved by bf16 rounding; decode unchanged")
+
+
+def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optional[str] = None) -> dict:
+    """``{"dtype": dtype, "prefill_dtype": prefill_dtype}`` for ``engine``'s options (each only when
+    given); one line naming the fix when the engine cannot run it."""
     from ..errors import ConfigError
-    from ..runtime import get_engine
+    from ..runtime import engine_names, get_engine
+
+    out = {}
+    if prefill_dtype is not None:
+        able = [n for n in engine_names() if getattr(get_engine(n), "prefill_dtypes", ())]
+        if prefill_dtype not in getattr(get_engine(engine), "prefill_dtypes", ()):
+            raise ConfigError(f"engine {engine} has no --prefill-dtype {prefill_dtype}: leave it out, or use an "
+                              f"engine that has it ({', '.join(able)})")
+        out["prefill_dtype"] = prefill_dtype
+    if dtype is None:
+        return out
 
     cls = get_engine(engine)
     dtypes = tuple(getattr(cls, "dtypes", ("float32",)))
     if dtype.split("-")[0] not in dtypes:
-        from ..runtime import engine_names
-
         able = [n for n in engine_names() if dtype.split("-")[0] in getattr(get_engine(n), "dtypes", ("float32",))]
         raise ConfigError(f"engine {engine} runs {' or '.join(dtypes)}, not {dtype}: use --dtype {dtypes[0]}, or an "
                           f"engine that runs {dtype} ({', '.join(able)})")
-    return {"dtype": dtype}
+    return {**out, "dtype": dtype}

@@ -125,6 +125,15 @@ def _load() -> Optional[ctypes.CDLL]:
             for name in ("sr_bitmask_densify_bf16", "sr_csr16_densify_bf16"):
                 getattr(lib, name).argtypes = [c_int, i64, i64, p, p, c_int, p, p, c_int]
                 getattr(lib, name).restype = c_int
+        # prefill on AMX tiles (csrc/amx_prefill.cpp; kernels/prefill.py)
+        if hasattr(lib, "sr_amx_bitmask_linear"):
+            lib.sr_amx_supported.restype = c_int
+            lib.sr_amx_bitmask_linear.argtypes = [i64, i64, i64, p, p, p, c_int, p, i64, p, p, p, p, c_int, p,
+                                                  ctypes.c_float, c_int, c_int]
+            lib.sr_amx_bitmask_linear.restype = c_int
+        if hasattr(lib, "sr_rope_rows"):  # prefill's C glue (csrc/prefill_glue.cpp)
+            lib.sr_rope_rows.argtypes = [p, i64, i64, i64, i64, i64, p, p]
+            lib.sr_rope_rows.restype = c_int
         from .decode import STRUCTS  # the ctypes mirrors (decode imports this module: import here)
 
         check_structs(lib, STRUCTS)

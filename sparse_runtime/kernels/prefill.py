@@ -13,13 +13,20 @@ result equals ``F.linear(x.bfloat16(), W.bfloat16()).float() + bias`` exactly an
 fp32 product by bf16 rounding, so this path is OPT-IN (the lean engines' ``prefill_dtype``); fp32
 stays the default and exact.
 
+On CPUs with AMX the ``amx`` form fuses the two (``sr_amx_bitmask_linear``, csrc/amx_prefill.cpp):
+each thread rebuilds 32 weight rows at a time into a cache-resident bf16 block that feeds the AMX
+tiles straight away, so only the packed bytes cross the memory bus and no dense weight is written
+anywhere; the output stays fp32 (no bf16 rounding of y). It also runs int8 bitmask codes
+(:func:`amx_quant_linear`), dequantized in registers. ``SPARSE_RUNTIME_AMX=0`` turns it off.
+
 Which form a product takes is measured (:func:`choose_prefill_form`): the sparse kernel, the fp32
-rebuild + fp32 GEMM and the bf16 rebuild + bf16 GEMM, timed alternately at the token bucket, per
-(ISA, layout, value dtype, shape, density, threads, bucket), cached for the process like
-``module.measure_dispatch``.
+rebuild + fp32 GEMM, the bf16 rebuild + bf16 GEMM and the AMX form, timed alternately at the token
+bucket, per (ISA, layout, value dtype, shape, density, threads, bucket), cached for the process
+like ``module.measure_dispatch``.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -32,8 +39,10 @@ from ..errors import ConfigError
 from . import native
 from .layout import PackedWeight
 
-PREFILL_FORMS = ("sparse", "float32", "bfloat16")
+PREFILL_FORMS = ("sparse", "float32", "bfloat16", "amx")
 VAL_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1}  # SR_VAL_F32 / SR_VAL_BF16
+VAL_INT8 = 2  # SR_VAL_I8: int8 codes (the AMX form only)
+ENV_AMX = "SPARSE_RUNTIME_AMX"  # "0": never the AMX form (to compare, or to rule it out)
 _FORM_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
@@ -94,6 +103,112 @@ def bf16_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     if bias is None:
         return y.float()
     return torch.add(y, bias.float())  # bf16 + fp32 promotes to fp32: the widening and the add in one pass
+
+
+def amx_available() -> bool:
+    """Whether the AMX form runs here: the compiled kernels have it, the CPU has AMX-TILE, AMX-BF16,
+    AVX512-VBMI2 and AVX512-BF16, Linux granted the tile state, and ``SPARSE_RUNTIME_AMX`` is not 0."""
+    lb = native._load()
+    return (os.environ.get(ENV_AMX, "1") != "0" and lb is not None and hasattr(lb, "sr_amx_bitmask_linear")
+            and bool(lb.sr_amx_supported()))
+
+
+IN_PLAIN, IN_RMSNORM, IN_SILU_MUL = 0, 1, 2  # the C enum SR_IN_*
+
+
+def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
+             bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
+             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    width = 2 * k if silu_mul else k
+    if x.shape[-1] != width:
+        raise ConfigError(f"prefill linear expects {width} input features, got shape {tuple(x.shape)}")
+    if not amx_available():
+        raise ConfigError("the AMX prefill form needs a CPU with AMX-BF16 (Sapphire Rapids or later) and Linux "
+                          ">= 5.16; use another form")
+    if norm is not None and silu_mul:
+        raise ConfigError("one input transform at a time: norm or silu_mul")
+    x2 = x.reshape(-1, width).float().contiguous()
+    m = x2.shape[0]
+    if residual is not None:
+        if residual.dtype != torch.float32 or not residual.is_contiguous() or residual.numel() != m * n:
+            raise ConfigError(f"residual must be a contiguous float32 tensor of {m} x {n} values, got "
+                              f"{residual.dtype} {tuple(residual.shape)}")
+        y = residual
+    else:
+        y = torch.empty(m, n, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    w = None if norm is None else norm.float().contiguous()
+    kind = IN_RMSNORM if norm is not None else IN_SILU_MUL if silu_mul else IN_PLAIN
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    rc = native.lib().sr_amx_bitmask_linear(m, k, n, x2.data_ptr(), ptr(index), ptr(values), vtype, ptr(row_ptr),
+                                            group, ptr(scales), ptr(zeros), ptr(b), y.data_ptr(), kind, ptr(w),
+                                            float(eps), int(residual is not None),
+                                            int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise ConfigError(f"AMX prefill product failed: {native.ERRORS.get(rc, rc)}")
+    return y.view(*residual.shape) if residual is not None else y.reshape(*x.shape[:-1], n)
+
+
+def amx_runs(packed: PackedWeight) -> bool:
+    """Whether the AMX form runs ``packed`` (bitmask layout, fp32 or bf16 values) here."""
+    return packed.layout == "bitmask" and packed.values.dtype in VAL_DTYPE_IDS and amx_available()
+
+
+def amx_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: torch.Tensor,
+                       threads: Optional[int] = None, **glue) -> torch.Tensor:
+    """``y = x W^T + bias`` (fp32) on AMX tiles, the packed weight rebuilt block by block in cache
+    (never whole). Equals the fp32 product of ``x.bfloat16()`` and ``W.bfloat16()`` up to fp32
+    summation order (denormal bf16 operands count as zero, as AMX treats them).
+
+    ``glue`` fuses prefill's neighbouring ops into the bf16 conversion of x and the write of y (no
+    intermediate tensors): ``norm=w, eps=e`` takes the RMSNorm of x as the input (HF Llama's
+    ``w * (x * rsqrt(mean(x^2) + e))``, in fp32 before the rounding); ``silu_mul=True`` takes x as a
+    gate|up product ``[..., 2K]`` and uses ``silu(gate) * up``; ``residual=r`` adds the product to
+    ``r`` in place (a contiguous fp32 tensor of the output's size) and returns it."""
+    if not amx_runs(packed):
+        raise ConfigError(f"the AMX prefill form runs bitmask weights with float32/bfloat16 values on AMX CPUs, "
+                          f"not {packed.layout} with {packed.values.dtype} here; use another form")
+    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
+                    VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, **glue)
+
+
+def amx_quant_runs(packed) -> bool:
+    """Whether the AMX form runs these quantized codes (int8, bitmask layout) here."""
+    return packed.layout == "bitmask" and packed.bits == 8 and amx_available()
+
+
+def amx_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, threads: Optional[int] = None,
+                     **glue) -> torch.Tensor:
+    """:func:`amx_prefill_linear` for int8 bitmask codes (``kernels.layout.QuantPacked``): each weight
+    is ``scale * (code - zero)`` in fp32, rounded to bf16 in registers (no dequantized copy)."""
+    if not amx_quant_runs(packed):
+        raise ConfigError(f"the AMX prefill form runs int8 bitmask codes on AMX CPUs, not {packed.layout} "
+                          f"int{packed.bits} here; use the dequantizing form")
+    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
+                    packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, **glue)
+
+
+def rope_rows_available() -> bool:
+    lb = native._load()
+    return lb is not None and hasattr(lb, "sr_rope_rows")
+
+
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """The rotary embedding (HF's rotate_half form) in place on the first ``heads`` heads of each row
+    of ``x`` ``[B, T, width]`` (contiguous fp32; the fused qkv product, whose q and k heads lead each
+    row), ``cos``/``sin`` ``[T, head_dim]``: one C call (csrc/prefill_glue.cpp) instead of ~15 torch
+    ops per layer. Returns ``x``."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 3 or x.shape[-1] < heads * head_dim:
+        raise ConfigError(f"rope_rows_ needs a contiguous float32 [B, T, >= {heads * head_dim}] tensor, got "
+                          f"{x.dtype} {tuple(x.shape)}")
+    B, T, width = x.shape
+    c, s = cos.float().contiguous(), sin.float().contiguous()
+    if tuple(c.shape) != (T, head_dim) or tuple(s.shape) != (T, head_dim):
+        raise ConfigError(f"cos/sin must be [{T}, {head_dim}], got {tuple(c.shape)} and {tuple(s.shape)}")
+    rc = native.lib().sr_rope_rows(x.data_ptr(), B, T, width, heads, head_dim, c.data_ptr(), s.data_ptr())
+    if rc != 0:
+        raise ConfigError(f"rotary embedding failed: {native.ERRORS.get(rc, rc)}")
+    return x
 
 
 def fpmath_available() -> bool:
@@ -161,11 +276,11 @@ def choose_prefill_form(packed: PackedWeight, tokens: int, threads: int, forms: 
                         repeats: int = 5) -> str:
     """The fastest of ``forms`` for ``packed`` at ``tokens`` rows on ``threads`` threads, measured:
     ``sparse`` (the packed kernel), ``float32`` (fp32 rebuild + fp32 GEMM, what the dispatch's dense
-    path does), ``bfloat16`` (:func:`bf16_prefill_linear`). All timed alternately, one call each per
+    path does), ``bfloat16`` (:func:`bf16_prefill_linear`), ``amx`` (:func:`amx_prefill_linear`). All timed alternately, one call each per
     round, ``repeats`` rounds, medians compared, at the token bucket (:func:`token_bucket`), on fp32
     activations. Cached per (ISA, layout, value dtype, shape, density to 0.05, threads, bucket,
     forms); :func:`prefill_form_timings` gives the medians behind a choice. Pass only the forms the
-    caller allows (``bfloat16`` changes the numerics: opt-in)."""
+    caller allows (``bfloat16`` and ``amx`` change the numerics: opt-in)."""
     isa = native.select_isa(isa)
     forms = _runnable_forms(packed, isa, forms)
     if len(forms) == 1:
@@ -192,7 +307,7 @@ def _runnable_forms(packed: PackedWeight, isa: str, forms: Iterable[str]) -> tup
     if bad or not forms:
         raise ConfigError(f"unknown prefill form(s) {bad or list(forms)}; choose from {', '.join(PREFILL_FORMS)}")
     ok = tuple(f for f in forms if (f != "sparse" or _sparse_runs(packed, isa))
-               and (f != "bfloat16" or densify_bf16_available()))
+               and (f != "bfloat16" or densify_bf16_available()) and (f != "amx" or amx_runs(packed)))
     if not ok:
         raise ConfigError(f"none of the prefill forms {list(forms)} runs {packed.layout} with "
                           f"{packed.values.dtype} values on {isa}; allow 'float32'")
@@ -218,6 +333,8 @@ def prefill_call(form: str, packed: PackedWeight, bias: Optional[torch.Tensor], 
     if form == "float32":
         w = densify_into(packed, scratch.get(packed.out_features, packed.in_features, torch.float32), threads)
         return F.linear(x.float(), w, None if bias is None else bias.float())
+    if form == "amx":
+        return amx_prefill_linear(packed, bias, x, threads)
     return bf16_prefill_linear(packed, bias, x, scratch, threads, isa)
 
 

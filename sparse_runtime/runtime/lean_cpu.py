@@ -66,6 +66,7 @@ class SparseCPUEngine(Engine):
     exploits_sparsity = "unstructured and N:M (project kernels)"
     sparse = True
     dtypes = ("float32", "bfloat16", "int8", "int4")
+    prefill_dtypes = ("float32", "bfloat16")  # LeanConfig.prefill_dtype (the --prefill-dtype option)
 
     @classmethod
     def check_available(cls) -> None:

@@ -274,14 +274,19 @@ class FusedLinear:
 
     def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
         """A prefill product with bf16 GEMMs (``prefill_dtype='bfloat16'``): a packed weight takes the
-        measured fastest of its sparse kernel, fp32 rebuild + GEMM and bf16 rebuild + AMX GEMM
-        (``kernels.prefill.choose_prefill_form``); dense weights and int8/int4 codes (rebuilt in fp32
-        by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
-        from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
+        measured fastest of its sparse kernel, fp32 rebuild + GEMM, bf16 rebuild + AMX GEMM and the
+        fused AMX form (``kernels.prefill.choose_prefill_form``); int8 bitmask codes run the fused AMX
+        form where the CPU has AMX (it reads only the codes); dense weights and other codes (rebuilt
+        in fp32 by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
+        from ..kernels.prefill import (amx_quant_linear, amx_quant_runs, bf16_fpmath, choose_prefill_form,
+                                       dense_bf16_linear, prefill_call)
 
         if self.module is None:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
+            if amx_quant_runs(self.qlin.packed):  # int8 bitmask codes on AMX: no dequantized copy at all
+                self.prefill_forms["amx"] = self.prefill_forms.get("amx", 0) + 1
+                return amx_quant_linear(self.qlin.packed, self.bias, x)
             with bf16_fpmath():
                 return self.qlin(x)
         m = self.module
@@ -290,6 +295,30 @@ class FusedLinear:
                                    scratch=self.scratch, isa=self.isa)
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         return prefill_call(form, m.packed, self.bias, x2, self.scratch, isa=self.isa).reshape(*x.shape[:-1], -1)
+
+    def amx_glue(self, tokens: int) -> bool:
+        """Whether a prefill product of ``tokens`` rows runs the fused AMX form (``prefill_dtype``
+        bf16; int8 bitmask codes where the CPU has AMX; packed weights where the measured choice
+        picked it), so the caller can hand it the neighbouring glue (:func:`_glued`)."""
+        from ..kernels.prefill import amx_quant_runs, choose_prefill_form
+
+        if self.lean.prefill_dtype != "bfloat16" or tokens < PREFILL_BF16_MIN:
+            return False
+        if self.qlin is not None:
+            return amx_quant_runs(self.qlin.packed)
+        return self.module is not None and choose_prefill_form(
+            self.module.packed, tokens, torch.get_num_threads(), bias=self.bias, scratch=self.scratch,
+            isa=self.isa) == "amx"
+
+    def prefill_amx(self, x: torch.Tensor, **glue) -> torch.Tensor:
+        """The fused AMX prefill product (see :meth:`amx_glue`), with ``glue`` as in
+        ``kernels.prefill.amx_prefill_linear``."""
+        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear
+
+        self.prefill_forms["amx"] = self.prefill_forms.get("amx", 0) + 1
+        if self.qlin is not None:
+            return amx_quant_linear(self.qlin.packed, self.bias, x, **glue)
+        return amx_prefill_linear(self.module.packed, self.bias, x, **glue)
 
     def desc(self, isa: str, packed: Optional[bool] = None):
         """The C step's descriptor of the form held (``packed`` must name that form if given)."""
@@ -502,6 +531,38 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def _glued(lin: FusedLinear, x: torch.Tensor, glue: bool, *, norm: Optional[torch.Tensor] = None, eps: float = 0.0,
+           silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + lin(f(x))`` with ``f`` the RMSNorm (``norm``, ``eps``) or, with ``silu_mul``,
+    ``silu(gate) * up`` of a gate|up ``x``. When ``glue`` is on and ``lin`` runs the fused AMX
+    prefill form, ``f`` happens in the kernel's bf16 conversion of x and the residual add in its
+    write of y (in place: ``residual`` must be owned by the caller); otherwise the same ops in torch."""
+    if glue and lin.amx_glue(x.numel() // x.shape[-1]):
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        return lin.prefill_amx(x, norm=norm, eps=eps, silu_mul=silu_mul, residual=residual)
+    if norm is not None:
+        x = _rms(x, norm, eps)
+    if silu_mul:
+        g, u = x.chunk(2, -1)
+        x = F.silu(g) * u
+    y = lin(x)
+    return y if residual is None else residual + y
+
+
+def _attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
+                 head_dim: int) -> torch.Tensor:
+    """Prefill attention with ``prefill_dtype='bfloat16'``: q, k, v rounded to bf16 (torch's CPU flash
+    attention runs its bf16 products on AMX where present; fp32 accumulation and softmax inside),
+    the result widened to fp32; GQA without copying the kv heads (``enable_gqa``); and when the
+    block starts the sequence (``causal``: no earlier positions, no window narrower than the block)
+    the built-in causal mask, which skips the masked half of the products, instead of ``mask``."""
+    bf = torch.bfloat16
+    kw = {"is_causal": True} if causal else {"attn_mask": mask}
+    return F.scaled_dot_product_attention(q.to(bf), k.to(bf), v.to(bf), scale=head_dim ** -0.5, enable_gqa=True,
+                                          **kw).float()
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
@@ -538,6 +599,7 @@ class LeanLlama:
         if lean.sparse and self.isa is None:
             raise ConfigError(native.unavailable_reason() or "sparse kernels unavailable")
         self.value_dtype = lean.value_dtype
+        self.prefill_bf16 = lean.prefill_dtype == "bfloat16"  # attention in bf16 too (_attend_bf16)
         dtype = VALUE_DTYPES.get(lean.value_dtype, torch.float32)
         if lean.sparse and dtype == torch.bfloat16:
             self.isa = _bf16_isa(self.isa, lean)
@@ -770,21 +832,35 @@ class LeanLlama:
         kpos = torch.arange(p0 + T).unsqueeze(0)
         causal = kpos <= qpos
         masks: dict[int, torch.Tensor] = {}
+        # prefill_dtype bf16: attention in bf16, and each product that runs the fused AMX form takes
+        # its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
+        glue = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
+        if glue:
+            from ..kernels.prefill import rope_rows_, rope_rows_available
+        rope_c = glue and rope_rows_available()
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
-            h = _rms(x, l.in_norm, self.eps)
-            q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
-            q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
-            k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
+            qkv = _glued(l.qkv, x, glue, norm=l.in_norm, eps=self.eps)
+            if rope_c:  # q and k rotated in place, one C call
+                q, k, v = rope_rows_(qkv.contiguous(), cos, sin, H + KV, D).split([H * D, KV * D, KV * D], -1)
+                q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2)
+            else:
+                q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+                q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+                k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
             k_cache[i, :, :, p0:p0 + T] = k
             v_cache[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
-            kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-            vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
-            x = x + l.o(a.transpose(1, 2).reshape(B, T, H * D))
-            g, u = l.gate_up(_rms(x, l.post_norm, self.eps)).split([self.inter, self.inter], -1)
-            x = x + l.down(F.silu(g) * u)
+            if glue:
+                a = _attend_bf16(q, k_cache[i, :, :, :p0 + T], v_cache[i, :, :, :p0 + T], masks[l.window],
+                                 p0 == 0 and (l.window <= 0 or l.window >= T), D)
+            else:
+                kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+                vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+                a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
+            x = _glued(l.o, a.transpose(1, 2).reshape(B, T, H * D), glue, residual=x)
+            gu = _glued(l.gate_up, x, glue, norm=l.post_norm, eps=self.eps)
+            x = _glued(l.down, gu, glue, silu_mul=True, residual=x)
         return x
 
     def reset(self) -> None:
@@ -988,6 +1064,12 @@ class LeanLlama:
         cap = self.slot_cap  # cache row of (slot, kv head, position) in a layer's [slots * KV * cap, D] view
         rows_kv = ((slot_t.unsqueeze(1) * KV + torch.arange(KV).unsqueeze(0)) * cap + pos_t.unsqueeze(1)).reshape(-1)
         masks: dict[int, torch.Tensor] = {}
+        # prefill_dtype bf16: attention in bf16, and each product that runs the fused AMX form takes
+        # its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
+        glue = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
+        if glue:
+            from ..kernels.prefill import rope_rows_, rope_rows_available
+        rope_c = glue and rope_rows_available()
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 m = valid & (kpos > lens.unsqueeze(1) - 1 - l.window) if l.window > 0 else valid
