@@ -31,6 +31,7 @@ import torch
 import sparse_runtime as sr
 from sparse_runtime.calibration import sequential_pass
 from sparse_runtime.data.text import c4_windows
+from sparse_runtime.protocols import custom_protocol
 from sparse_runtime.prune import PruneConfig, prune_model
 from sparse_runtime.repair.dsnot import DSnoTRefiner, make_config
 from sparse_runtime.report import save_results
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--merge", action="store_true", help="keep other pairs' rows from an earlier run")
+    ap.add_argument("--calib-seed", type=int, default=None,
+                    help="draw the calibration windows with this seed instead of the protocol's (the spread across "
+                         "seeds tells a real DSnoT effect from calibration noise)")
     args = ap.parse_args()
     import yaml
 
@@ -79,6 +83,8 @@ def main() -> None:
     proto = sr.get_protocol(args.protocol)
     lm = sr.load_model(args.model)
     dense_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    if args.calib_seed is not None:
+        proto = custom_protocol(args.protocol, calib_seed=args.calib_seed)
     calib = c4_windows(lm.tokenizer, proto.calib_samples, proto.calib_seqlen, proto.calib_seed, args.data_dir)
     plain = sequential_pass(lm.model, lm.family, calib, None, desc="plain forward").forward_s
     dense_ppl = sr.wikitext2_perplexity(lm.model, lm.tokenizer, args.protocol, args.data_dir).ppl

@@ -16,7 +16,8 @@ memory-bandwidth bound beside each ratio accounts for. Latency and memory only: 
 Configurations (each in a fresh process, in its own memory cgroup when the machine allows it, as
 ``bench_latency_7b.py``): ``lean-cpu`` dense and ``sparse-cpu`` 70 % (ours, fp32), ``ort-cpu`` dense
 ONNX, ``ort-sparse`` (the same ONNX with pruned MatMuls as our SparseLinear custom op) on the 70 %
-model, ``deepsparse`` dense and 70 %. Per configuration, after one warm-up: ``--rounds`` rounds of
+model, ``deepsparse`` dense and 70 %, and ours again with ``--prefill-dtype bfloat16`` (``-bf16p``:
+prompt products in bf16, on AMX tiles where the CPU has them; decode unchanged). Per configuration, after one warm-up: ``--rounds`` rounds of
 prefill 1 x 128 and decode at context 128 (``--steps`` tokens per round, ms/token), 2 threads,
 medians with min-max. An engine that is not installed or fails gets a row that says why.
 
@@ -54,18 +55,24 @@ CONFIGS = {
     "ort-sparse-70": ("ort-sparse", "sparse"),
     "deepsparse-dense": ("deepsparse", "dense"),
     "deepsparse-70": ("deepsparse", "sparse"),
+    # ours with --prefill-dtype bfloat16 (AMX tiles where the CPU has them; decode unchanged)
+    "lean-dense-bf16p": ("lean-cpu", "dense"),
+    "sparse-cpu-70-bf16p": ("sparse-cpu", "sparse"),
 }
-PAIRS = {"sparse-cpu-70": "lean-dense", "ort-sparse-70": "ort-dense", "deepsparse-70": "deepsparse-dense"}
+BF16_PREFILL = ("lean-dense-bf16p", "sparse-cpu-70-bf16p")
+PAIRS = {"sparse-cpu-70": "lean-dense", "ort-sparse-70": "ort-dense", "deepsparse-70": "deepsparse-dense",
+         "sparse-cpu-70-bf16p": "lean-dense-bf16p"}
 OURS = "sparse-cpu-70"
 MARGIN = 2 * 10**9  # disk left free for the machine's other work
 DECODE, PREFILL = "decode b1 @ ctx 128", "prefill b1 x 128"
 
 
-def engine_options(engine: str) -> dict[str, Any]:
-    """Load options per engine: ours fp32 and streamed (as latency-7b); the ONNX engines run fp32
-    exports with their defaults (so the cached exports made by --prepare-only are the ones used)."""
+def engine_options(engine: str, prefill_dtype: Optional[str] = None) -> dict[str, Any]:
+    """Load options per engine: ours fp32 and streamed (as latency-7b), with ``prefill_dtype`` when
+    given (the ``-bf16p`` configurations); the ONNX engines run fp32 exports with their defaults (so
+    the cached exports made by --prepare-only are the ones used)."""
     if engine in ("sparse-cpu", "lean-cpu"):
-        return {"dtype": "float32", "stream": "on"}
+        return {"dtype": "float32", "stream": "on", **({"prefill_dtype": prefill_dtype} if prefill_dtype else {})}
     return {}
 
 
@@ -78,7 +85,7 @@ def worker(a) -> int:
     from sparse_runtime.runtime.registry import load_engine
 
     t0 = time.perf_counter()
-    eng = load_engine(a.engine, a.model, threads=a.threads, **engine_options(a.engine))
+    eng = load_engine(a.engine, a.model, threads=a.threads, **engine_options(a.engine, a.prefill_dtype))
     out: dict[str, Any] = {"engine": a.engine, "model": a.model, "load_s": time.perf_counter() - t0,
                            "threads": a.threads, "torch": torch.__version__}
     try:
@@ -233,6 +240,8 @@ def run_config(a, work: Path, label: str, model: Path) -> dict[str, Any]:
     res.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--model", str(model), "--threads",
            str(a.threads), "--rounds", str(a.rounds), "--steps", str(a.steps), "--result", str(res)]
+    if label in BF16_PREFILL:
+        cmd += ["--prefill-dtype", "bfloat16"]
     log = work / "logs" / f"slice-{label}.log"
     if cgroup_support()[0] is not None:
         r = run_capped(cmd, parse_bytes(a.cap), f"slice-{label}", env=_env(work), log_dir=work / "logs", cwd=ROOT)
@@ -315,7 +324,7 @@ def main(argv=None) -> int:
                     help="keep DeepSparse's exports (and make them in --prepare-only); default: removed after use")
     ap.add_argument("--smoke", action="store_true", help="tiny-llama, 1 round of 2 steps (checks the plumbing)")
     ap.add_argument("--save", default=None, help="result name under benchmarks/results/ (nothing saved without it)")
-    for hidden in ("--engine", "--model", "--result"):
+    for hidden in ("--engine", "--model", "--result", "--prefill-dtype"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepare-worker", action="store_true", help=argparse.SUPPRESS)

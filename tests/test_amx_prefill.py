@@ -140,6 +140,13 @@ def test_lean_engine_runs_the_fused_form(dtype, monkeypatch):
     scale = float(ref.abs().max())
     assert float((got - ref).abs().max()) <= 0.02 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # a prompt fed to a serving slot in two chunks (the second attends to the first through the mask,
+    # not the built-in causal one): the same last-token logits as the whole prompt at once
+    bf.init_slots(2, 64)
+    half = ids.shape[1] // 2 + 1
+    bf.prefill_slot(1, ids[0, :half])
+    chunked = bf.prefill_slot(1, ids[0, half:])
+    assert float((chunked - got[0, -1]).abs().max()) <= 0.02 * scale
     monkeypatch.setattr(P, "choose_prefill_form", real_choice)
     monkeypatch.setenv(ENV_AMX, "0")
     plain = LeanLlama(model, LeanConfig(prefill_dtype="bfloat16", **opts), threads=2).prefill(ids)

@@ -1064,12 +1064,6 @@ class LeanLlama:
         cap = self.slot_cap  # cache row of (slot, kv head, position) in a layer's [slots * KV * cap, D] view
         rows_kv = ((slot_t.unsqueeze(1) * KV + torch.arange(KV).unsqueeze(0)) * cap + pos_t.unsqueeze(1)).reshape(-1)
         masks: dict[int, torch.Tensor] = {}
-        # prefill_dtype bf16: attention in bf16, and each product that runs the fused AMX form takes
-        # its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
-        glue = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
-        if glue:
-            from ..kernels.prefill import rope_rows_, rope_rows_available
-        rope_c = glue and rope_rows_available()
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 m = valid & (kpos > lens.unsqueeze(1) - 1 - l.window) if l.window > 0 else valid
