@@ -17,7 +17,8 @@ Configurations (each in a fresh process, in its own memory cgroup when the machi
 ``bench_latency_7b.py``): ``lean-cpu`` dense and ``sparse-cpu`` 70 % (ours, fp32), ``ort-cpu`` dense
 ONNX, ``ort-sparse`` (the same ONNX with pruned MatMuls as our SparseLinear custom op) on the 70 %
 model, ``deepsparse`` dense and 70 %, and ours again with ``--prefill-dtype bfloat16`` (``-bf16p``:
-prompt products in bf16, on AMX tiles where the CPU has them; decode unchanged). Per configuration, after one warm-up: ``--rounds`` rounds of
+prompt products in bf16, on AMX tiles where the CPU has them; decode unchanged), the 70 % model also
+with int8 codes. Per configuration, after one warm-up: ``--rounds`` rounds of
 prefill 1 x 128 and decode at context 128 (``--steps`` tokens per round, ms/token), 2 threads,
 medians with min-max. An engine that is not installed or fails gets a row that says why.
 
@@ -55,24 +56,28 @@ CONFIGS = {
     "ort-sparse-70": ("ort-sparse", "sparse"),
     "deepsparse-dense": ("deepsparse", "dense"),
     "deepsparse-70": ("deepsparse", "sparse"),
-    # ours with --prefill-dtype bfloat16 (AMX tiles where the CPU has them; decode unchanged)
+    # ours with --prefill-dtype bfloat16 (AMX tiles where the CPU has them; decode unchanged), and the
+    # 70 % model with int8 codes on top
     "lean-dense-bf16p": ("lean-cpu", "dense"),
     "sparse-cpu-70-bf16p": ("sparse-cpu", "sparse"),
+    "sparse-cpu-70-int8-bf16p": ("sparse-cpu", "sparse"),
 }
-BF16_PREFILL = ("lean-dense-bf16p", "sparse-cpu-70-bf16p")
+EXTRA_OPTIONS = {"lean-dense-bf16p": {"prefill_dtype": "bfloat16"},
+                 "sparse-cpu-70-bf16p": {"prefill_dtype": "bfloat16"},
+                 "sparse-cpu-70-int8-bf16p": {"prefill_dtype": "bfloat16", "dtype": "int8"}}
 PAIRS = {"sparse-cpu-70": "lean-dense", "ort-sparse-70": "ort-dense", "deepsparse-70": "deepsparse-dense",
-         "sparse-cpu-70-bf16p": "lean-dense-bf16p"}
+         "sparse-cpu-70-bf16p": "lean-dense-bf16p", "sparse-cpu-70-int8-bf16p": "lean-dense-bf16p"}
 OURS = "sparse-cpu-70"
 MARGIN = 2 * 10**9  # disk left free for the machine's other work
 DECODE, PREFILL = "decode b1 @ ctx 128", "prefill b1 x 128"
 
 
-def engine_options(engine: str, prefill_dtype: Optional[str] = None) -> dict[str, Any]:
-    """Load options per engine: ours fp32 and streamed (as latency-7b), with ``prefill_dtype`` when
-    given (the ``-bf16p`` configurations); the ONNX engines run fp32 exports with their defaults (so
-    the cached exports made by --prepare-only are the ones used)."""
+def engine_options(engine: str, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Load options per engine: ours fp32 and streamed (as latency-7b), updated by a configuration's
+    ``EXTRA_OPTIONS``; the ONNX engines run fp32 exports with their defaults (so the cached exports
+    made by --prepare-only are the ones used)."""
     if engine in ("sparse-cpu", "lean-cpu"):
-        return {"dtype": "float32", "stream": "on", **({"prefill_dtype": prefill_dtype} if prefill_dtype else {})}
+        return {"dtype": "float32", "stream": "on", **(extra or {})}
     return {}
 
 
@@ -85,7 +90,8 @@ def worker(a) -> int:
     from sparse_runtime.runtime.registry import load_engine
 
     t0 = time.perf_counter()
-    eng = load_engine(a.engine, a.model, threads=a.threads, **engine_options(a.engine, a.prefill_dtype))
+    eng = load_engine(a.engine, a.model, threads=a.threads,
+                      **engine_options(a.engine, json.loads(a.options) if a.options else None))
     out: dict[str, Any] = {"engine": a.engine, "model": a.model, "load_s": time.perf_counter() - t0,
                            "threads": a.threads, "torch": torch.__version__}
     try:
@@ -240,8 +246,8 @@ def run_config(a, work: Path, label: str, model: Path) -> dict[str, Any]:
     res.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--model", str(model), "--threads",
            str(a.threads), "--rounds", str(a.rounds), "--steps", str(a.steps), "--result", str(res)]
-    if label in BF16_PREFILL:
-        cmd += ["--prefill-dtype", "bfloat16"]
+    if label in EXTRA_OPTIONS:
+        cmd += ["--options", json.dumps(EXTRA_OPTIONS[label])]
     log = work / "logs" / f"slice-{label}.log"
     if cgroup_support()[0] is not None:
         r = run_capped(cmd, parse_bytes(a.cap), f"slice-{label}", env=_env(work), log_dir=work / "logs", cwd=ROOT)
@@ -286,7 +292,7 @@ def table(a, results: dict[str, dict], sparse: Path, dense: Path, slice_text: st
         if d.get(DECODE) and r.get(DECODE):
             row["decode sparse/dense"] = round(d[DECODE]["median"] / r[DECODE]["median"], 2)
             row["prefill sparse/dense"] = round(d[PREFILL]["median"] / r[PREFILL]["median"], 2)
-        if which == "sparse":
+        if which == "sparse" and "int8" not in label:  # the bound is of fp32 values
             row["bandwidth bound"] = bw
         if label != OURS and ours.get(DECODE) and r.get(DECODE):
             row["sparse-cpu speedup (decode)"] = round(r[DECODE]["median"] / ours[DECODE]["median"], 2)
@@ -324,7 +330,7 @@ def main(argv=None) -> int:
                     help="keep DeepSparse's exports (and make them in --prepare-only); default: removed after use")
     ap.add_argument("--smoke", action="store_true", help="tiny-llama, 1 round of 2 steps (checks the plumbing)")
     ap.add_argument("--save", default=None, help="result name under benchmarks/results/ (nothing saved without it)")
-    for hidden in ("--engine", "--model", "--result", "--prefill-dtype"):
+    for hidden in ("--engine", "--model", "--result", "--options"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepare-worker", action="store_true", help=argparse.SUPPRESS)
