@@ -18,11 +18,12 @@
 // (tmm6-7); the accumulators are stored, transposed in registers (16x16) and written to y with
 // the bias added.
 //
-// Numerics: x and W are rounded to nearest even exactly as torch's `.to(torch.bfloat16)` (int8
+// Numerics: x and W are rounded to nearest even by vcvtne2ps2bf16 (as torch's `.to(torch.bfloat16)`,
+// except that fp32 denormal inputs become 0; TDPBF16PS treats denormal bf16 inputs as 0 anyway; int8
 // codes: scale * (code - zero) in fp32 first, then rounded), accumulation in fp32 by TDPBF16PS,
-// which treats denormal inputs as zero, flushes denormal results and rounds to nearest even; the
-// summation order is the kernel's, so results equal the fp32 product of the bf16-rounded operands
-// up to fp32 summation order (tested), NOT bit for bit oneDNN's bf16 GEMM (which rounds y to bf16).
+// which flushes denormal results and rounds to nearest even; the summation order is the kernel's,
+// so results equal the fp32 product of the bf16-rounded operands up to fp32 summation order
+// (tested), NOT bit for bit oneDNN's bf16 GEMM (which rounds y to bf16).
 //
 // Availability (sr_amx_supported): the CPU reports AMX-TILE and AMX-BF16, the OS enables the tile
 // state (XCR0 bits 17-18), and Linux grants this process the tile data (arch_prctl
@@ -81,7 +82,9 @@ struct alignas(64) TileConfig {
 const TileConfig kTileConfig = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
 // A grow-only 64-byte-aligned buffer per thread (the OpenMP pool's threads persist, so a prefill
-// does not pay page faults for its scratch on every call). Returns NULL when out of memory.
+// does not pay page faults for its scratch on every call), held for the thread's life: at most
+// K * 256 bytes (x) and K * 64 bytes (a weight block) for the widest input K seen (3.5 MB at
+// LLaMA-2-7B's 11008). Returns NULL when out of memory.
 template <int Tag>
 void* thread_buffer(size_t bytes) {
     static thread_local void* p = nullptr;
