@@ -136,7 +136,7 @@ def main() -> None:
 def _heldout_cell(s: dict) -> str:
     """accept=heldout's decision: which model it kept and the two held-out perplexities."""
     h = s.get("heldout")
-    if s.get("accept", "always") != "heldout" or not h:
+    if s.get("accept", "always") == "always" or not h:
         return "off"
     if h.get("ppl_dsnot") is None:
         return "no swaps"
@@ -166,9 +166,10 @@ def _save(args, out_name, proto, names, rows, dense_ppl, dcfg, t_run) -> None:
              "docs/dsnot.md#the-block-guard); swaps and rows changed count only the swaps kept; dsnot s includes the guard; "
              "off = guard=none (the default); a row with this column empty was kept by --merge from a run before "
              "the guard option existed (unguarded DSnoT)",
-             "held-out check = accept=heldout's decision (docs/dsnot.md#held-out-acceptance): the whole model's "
-             "perplexity on held-out windows (never WikiText-2 test) with DSnoT's weights and with the pruner's; "
-             "DSnoT is kept only if lower (its time is in dsnot s); off = accept=always",
+             "held-out check = accept=heldout's or accept=compare's decision (docs/dsnot.md#held-out-acceptance): "
+             "the whole model's perplexity on held-out windows (never WikiText-2 test) with DSnoT's weights and "
+             "with the pruner's (compare: the pruner's own pass, run first); DSnoT is kept only if lower (its time "
+             "is in dsnot s; compare's extra pass is in fused prune s); off = accept=always",
              f"DSnoT never worse: {'yes' if not worse else 'NO: ' + ', '.join(worse)}; "
              f"DSnoT below one calibration forward: {'yes' if not slow else 'NO: ' + ', '.join(slow)}",
              f"this invocation: {', '.join(names)}; wall {time.perf_counter() - t_run:.0f} s"]

@@ -233,6 +233,7 @@ class PruneResult:
     checkpoint: Optional[str] = None
     plot: Optional[str] = None
     options: dict[str, Any] = field(default_factory=dict)  # the resolved method / allocation options
+    refiner_check: Optional[dict[str, Any]] = None  # a refiner's model-level decision (DSnoT accept=heldout/compare)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -554,6 +555,17 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
                 sink(bi, block)
 
         job.sink = final_sink
+    baseline = None
+    if getattr(refiner_obj, "wants_baseline_pass", False) and streamed is None and not reused:
+        # the refiner compares its pass with the pruner's own (DSnoT accept=compare): that pass first,
+        # from the same dense weights, without the refiner; its weights are kept for the comparison
+        dense_w = job.snapshot()
+        job.refiner = None
+        job.run(targets, desc=f"{cfg.method} alone (for the refiner's comparison)")
+        baseline = (job.snapshot(), job.snapshot, job.restore)
+        job.restore(dense_w)
+        del dense_w
+        job.refiner = refiner_obj
     if not reused:
         timing = job.run(targets)
     job.sink = None
@@ -561,8 +573,9 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
     if finish is not None and streamed is None:
         from .protocols import get_protocol
 
+        extra = {"baseline": baseline} if baseline is not None else {}
         finish(model, tokenizer, seqlen=get_protocol(cfg.protocol or "quick").eval_seqlen,
-               seed=calib["seed"] + 1000, data_dir=data_dir)
+               seed=calib["seed"] + 1000, data_dir=data_dir, **extra)
 
     structures = {n: structure_name(cfg.pattern) for n in selected}
     measured, nz, nn_ = {}, 0, 0
@@ -585,7 +598,9 @@ def prune_model(model, tokenizer, cfg: PruneConfig, *, family=None, data_dir=Non
                          measured=measured, block_rates=dict(zip(layout.blocks, alloc.rates)),
                          allocation_info=alloc.info, timing=t, peak_rss_mb=peak.read_mb(), calibration=calib,
                          refiner=refiner_name,
-                         options={"method": _options_dict(pruner), "allocation": _options_dict(allocator)})
+                         options={"method": _options_dict(pruner), "allocation": _options_dict(allocator)},
+                         refiner_check=(refiner_obj.summary().get("heldout")
+                                        if hasattr(refiner_obj, "summary") else None))
     result._quantized = getattr(pruner, "quantized", None)  # SparseGPT's joint quant option (docs/quantization.md#joint)
     return result
 

@@ -554,6 +554,43 @@ def test_heldout_acceptance_falls_back_to_exactly_the_pruner_model(monkeypatch, 
     assert s["swaps"] == (s["heldout"]["swaps"] if dsnot_wins else 0)
 
 
+@pytest.mark.parametrize("dsnot_wins", [False, True])
+def test_compare_keeps_the_papers_pass_or_exactly_the_pruners(monkeypatch, dsnot_wins):
+    """accept=compare: the paper's fused pass unchanged when it wins on held-out windows; otherwise
+    the pruner's own pass, bit for bit (every block, not only the first)."""
+    from sparse_runtime.prune import PruneConfig, prune_model
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(method="wanda", sparsity=0.5, protocol="test")
+    base = _tiny()
+    prune_model(base.model, base.tokenizer, cfg, calib_ids=ids)
+    free = _tiny()  # the paper's pass
+    prune_model(free.model, free.tokenizer, cfg, calib_ids=ids, refiner=DSnoTRefiner(threshold=0.0))
+    calls = _forced_ppl(monkeypatch, 1.0 if dsnot_wins else 2.0, 1.5)
+    lm = _tiny()
+    ref = DSnoTRefiner(threshold=0.0, accept="compare", heldout_windows=2)
+    r = prune_model(lm.model, lm.tokenizer, cfg, calib_ids=ids, refiner=ref)
+    s = ref.summary()
+    assert len(calls) == 2 and s["heldout"]["kept"] == dsnot_wins and s["heldout"]["swaps"] > 0
+    assert r.refiner_check == s["heldout"]  # the decision travels with the result (a recipe's report shows it)
+    from sparse_runtime.stages.basic import _detail
+
+    cell = _detail("prune", {"method": "wanda", "refiner_check": r.refiner_check})
+    assert cell.startswith("held-out check kept " + ("DSnoT" if dsnot_wins else "wanda alone"))
+    want = dict((free if dsnot_wins else base).family.iter_linears((free if dsnot_wins else base).model))
+    for n, b in lm.family.iter_linears(lm.model):
+        assert torch.equal(b.weight, want[n].weight), n
+    assert s["swaps"] == (s["heldout"]["swaps"] if dsnot_wins else 0)
+
+
+def test_compare_is_refused_where_there_is_no_pruning_pass(pruned_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="accept=heldout"):
+        repair_dsnot_checkpoint(pruned_ckpt, tmp_path / "r", DSnoTConfig(accept="compare"), protocol="test")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        make_config({"accept": "compare", "guard": "block"})
+
+
 def test_heldout_acceptance_keeps_the_better_model_on_real_heldout_windows():
     from sparse_runtime.eval.perplexity import perplexity_from_ids
     from sparse_runtime.prune import PruneConfig, prune_model

@@ -79,8 +79,11 @@ class MaskRefiner(Protocol):
     ``on_block_end(i, block, inputs, outputs)``, which the pass calls after each block is pruned and
     before the caller's own hook (DSnoT's block guard, ``docs/dsnot.md#the-block-guard``);
     ``check_run(streamed=, allocation=)``, called before any work to refuse a pass it cannot serve;
-    and ``on_pass_end(model, tokenizer, seqlen=, seed=, data_dir=)``, called after the last block of
-    an in-memory pass (DSnoT's held-out acceptance, ``docs/dsnot.md#held-out-acceptance``).
+    ``on_pass_end(model, tokenizer, seqlen=, seed=, data_dir=)``, called after the last block of
+    an in-memory pass (DSnoT's held-out acceptance, ``docs/dsnot.md#held-out-acceptance``); and a
+    true ``wants_baseline_pass``, which makes the prune API run the pruner's own pass first (from the
+    same dense weights, without the refiner) and hand ``baseline=(weights, snapshot, restore)`` to
+    ``on_pass_end`` (DSnoT's ``accept=compare``, ``docs/dsnot.md#compare-against-the-pruners-own-pass``).
     """
 
     needs: frozenset

@@ -78,7 +78,7 @@ THRESHOLD_UNITS = ("initial", "output_rms", "per_token", "token_sum")
 LAYER_SETS = ("all", "attention", "mlp")
 OBJECTIVES = ("mse", "mean", "gram")
 GUARDS = ("block", "none")
-ACCEPTS = ("always", "heldout")
+ACCEPTS = ("always", "heldout", "compare")
 HELDOUT_SETS = ("c4", "wikitext2-valid")
 
 
@@ -133,6 +133,12 @@ class DSnoTConfig:
       the pruner's masks, and DSnoT's statistics, come from the pruner's own trajectory. Why: at
       Wanda 50 % on SmolLM2-135M the fused DSnoT model was worse than plain Wanda, and reverting all
       of DSnoT's swaps did not bring the plain model back (docs/dsnot.md#why-dsnot-was-worse-at-50-percent).
+      ``"compare"`` runs the paper's fused pass unchanged, then the pruner's own pass from the same
+      dense weights (a second, plain pass: twice the pruning time, two copies of the linears'
+      weights), and keeps whichever model has the lower held-out loss: never worse than the pruner
+      on the held-out windows, with the paper's downstream effect kept (at 60/70 %/2:4 most of
+      DSnoT's gain, docs/dsnot.md#compare-against-the-pruners-own-pass). Only in a pruning pass
+      (``prune --refine dsnot``), not in standalone ``repair``.
     - ``heldout``: ``"c4"`` (fresh C4 windows, calibration seed + 1000, the calibration's own
       distribution) or ``"wikitext2-valid"``; never a test split. ``heldout_windows``: how many
       windows of the protocol's evaluation length.
@@ -184,9 +190,9 @@ class DSnoTConfig:
         if (not isinstance(self.heldout_windows, int) or isinstance(self.heldout_windows, bool)
                 or self.heldout_windows < 1):
             raise ConfigError(f"dsnot heldout_windows must be an integer >= 1, got {self.heldout_windows!r}")
-        if self.accept == "heldout" and self.guard != "none":
-            raise ConfigError("dsnot accept=heldout and guard=block cannot be combined: choose one check "
-                              "(accept=heldout is the model-level one, docs/dsnot.md#held-out-acceptance)")
+        if self.accept != "always" and self.guard != "none":
+            raise ConfigError(f"dsnot accept={self.accept} and guard=block cannot be combined: choose one check "
+                              "(accept is the model-level one, docs/dsnot.md#held-out-acceptance)")
         if self.layers not in LAYER_SETS:
             raise ConfigError(f"dsnot layers {self.layers!r} is unknown; choose one of {', '.join(LAYER_SETS)}")
         return self

@@ -110,4 +110,23 @@ def accept_on_heldout(model, ledger: SwapLedger, ids: torch.Tensor, seqlen: int,
     return {"kept": bool(kept), "ppl_dsnot": with_dsnot, "ppl_pruner": without, "swaps": ledger.swaps}
 
 
-__all__ = ["SwapLedger", "heldout_ids", "accept_on_heldout"]
+@torch.no_grad()
+def compare_on_heldout(model, baseline, ids: torch.Tensor, seqlen: int, swaps: int,
+                       desc: str = "dsnot held-out check") -> dict[str, Any]:
+    """``accept="compare"``: the model as it stands (the paper's fused DSnoT pass) against the
+    pruner's own pass, ``baseline = (weights, snapshot, restore)`` (the prune API's copies of every
+    pruned linear); leaves the model with the better one (DSnoT only if strictly lower)."""
+    from ..eval.perplexity import perplexity_from_ids
+
+    weights, snapshot, restore = baseline
+    with_dsnot = perplexity_from_ids(model, ids, seqlen, desc=f"{desc} (dsnot)", protocol="heldout").ppl
+    refined = snapshot()
+    restore(weights)
+    without = perplexity_from_ids(model, ids, seqlen, desc=f"{desc} (pruner)", protocol="heldout").ppl
+    kept = math.isfinite(with_dsnot) and (with_dsnot < without or not math.isfinite(without))
+    if kept:
+        restore(refined)
+    return {"kept": bool(kept), "ppl_dsnot": with_dsnot, "ppl_pruner": without, "swaps": swaps}
+
+
+__all__ = ["SwapLedger", "heldout_ids", "accept_on_heldout", "compare_on_heldout"]

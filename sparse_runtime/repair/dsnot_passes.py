@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..sparsity import NMPattern
 from .dsnot import DSNOT_NEEDS, DSnoTConfig, InputMoments, dsnot_needs, refine_linear
-from .dsnot_heldout import SwapLedger, accept_on_heldout, heldout_ids
+from .dsnot_heldout import SwapLedger, accept_on_heldout, compare_on_heldout, heldout_ids
 
 # Official command-line names accepted as aliases (the released code's argparse flags).
 _ALIASES = {"max_cycle_time": "max_cycles", "update_threshold": "threshold", "pow_of_var_regrowing": "var_power"}
@@ -193,29 +193,44 @@ class DSnoTRefiner:
         self.guard_log.append({"block": bi, "error_dsnot": err_dsnot, "error_pruner": err_plain,
                                "kept": bool(keep_dsnot), "windows": seen})
 
+    @property
+    def wants_baseline_pass(self) -> bool:
+        """``accept="compare"``: the prune API runs the pruner's own pass first and hands its weights
+        to :meth:`on_pass_end` (``baseline``)."""
+        return self.cfg.accept == "compare"
+
     def check_run(self, *, streamed: bool, allocation: Optional[str]) -> None:
         """Refuse, before any work, a pass this configuration cannot serve (the prune API calls it)."""
-        if self.cfg.accept != "heldout":
+        a = self.cfg.accept
+        if a == "always":
             return
         if streamed:
-            raise ConfigError("dsnot accept=heldout needs the whole model in memory for its held-out check: "
-                              "use --stream off, or drop accept=heldout")
+            raise ConfigError(f"dsnot accept={a} needs the whole model in memory for its held-out check: "
+                              f"use --stream off, or drop accept={a}")
         if allocation == "atp":
-            raise ConfigError("dsnot accept=heldout cannot follow ATP's beta search (it reuses a trial's weights): "
+            raise ConfigError(f"dsnot accept={a} cannot follow ATP's beta search (it reuses a trial's weights): "
                               "use accept=always with --allocation atp")
 
     @torch.no_grad()
-    def on_pass_end(self, model, tokenizer, *, seqlen: int, seed: int, data_dir=None) -> None:
-        """The held-out acceptance (``accept="heldout"``, docs/dsnot.md#held-out-acceptance): keep
-        DSnoT's weights only if they lower the model's held-out perplexity, else put the pruner's
-        back everywhere. ``seed`` draws the C4 held-out windows (calibration seed + 1000)."""
+    def on_pass_end(self, model, tokenizer, *, seqlen: int, seed: int, data_dir=None, baseline=None) -> None:
+        """The held-out acceptance (docs/dsnot.md#held-out-acceptance): keep DSnoT's weights only if
+        they lower the model's held-out perplexity, else put the pruner's back everywhere.
+        ``accept="heldout"``: the pruner's weights are the ledger's; ``accept="compare"``: they are
+        the pruner's own pass, ``baseline`` = ``(weights, snapshot, restore)`` from the prune API.
+        ``seed`` draws the C4 held-out windows (calibration seed + 1000)."""
         for bi in list(self._deferred):  # a driver that did not call on_block_end for some block
             self.on_block_end(bi, None, None, None)
-        if self.cfg.accept != "heldout":
+        if self.cfg.accept == "always":
             return
+        if self.cfg.accept == "compare" and baseline is None:
+            raise ConfigError("dsnot accept=compare needs the pruner's own pass, which only a pruning run makes "
+                              "(prune --refine dsnot); in repair, use accept=heldout (its input is the pruner's model)")
         t0 = time.perf_counter()
         ids = heldout_ids(tokenizer, self.cfg.heldout, self.cfg.heldout_windows, seqlen, seed, data_dir)
-        decision = accept_on_heldout(model, self.ledger, ids, seqlen)
+        if self.cfg.accept == "compare":
+            decision = compare_on_heldout(model, baseline, ids, seqlen, self.summary()["swaps"])
+        else:
+            decision = accept_on_heldout(model, self.ledger, ids, seqlen)
         if not decision["kept"]:
             for rec in self.records.values():
                 rec.swaps_reverted, rec.swaps, rec.rows_changed = rec.swaps, 0, 0
@@ -335,6 +350,9 @@ def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, 
     from ..protocols import get_protocol
 
     cfg = (cfg or DSnoTConfig()).validate()
+    if cfg.accept == "compare":
+        raise ConfigError("dsnot accept=compare needs the pruner's own pass, which only a pruning run makes "
+                          "(prune --refine dsnot); in repair, use accept=heldout (its input is the pruner's model)")
     proto = get_protocol(protocol)
     calib = {"protocol": proto.name, "nsamples": nsamples or proto.calib_samples,
              "seqlen": seqlen or proto.calib_seqlen, "seed": proto.calib_seed if seed is None else seed}

@@ -47,4 +47,4 @@ class PruneStage(Stage):
             "method": r.method, "structure": r.structure, "allocation": r.allocation,
             "sparsity_target": r.sparsity_target, "sparsity_measured": r.sparsity_measured,
             "allocation_info": r.allocation_info, "refiner": r.refiner, "timing": r.timing,
-            "peak_rss_mb": r.peak_rss_mb, "plot": r.plot})
+            "peak_rss_mb": r.peak_rss_mb, "plot": r.plot, "refiner_check": r.refiner_check})
