@@ -133,7 +133,7 @@ class DSnoTConfig:
       the pruner's masks, and DSnoT's statistics, come from the pruner's own trajectory. Why: at
       Wanda 50 % on SmolLM2-135M the fused DSnoT model was worse than plain Wanda, and reverting all
       of DSnoT's swaps did not bring the plain model back (docs/dsnot.md#why-dsnot-was-worse-at-50-percent).
-      ``"compare"`` runs the paper's fused pass unchanged, then the pruner's own pass from the same
+      ``"compare"`` runs the pruner's own pass and then the paper's fused pass, both from the same
       dense weights (a second, plain pass: twice the pruning time, two copies of the linears'
       weights), and keeps whichever model has the lower held-out loss: never worse than the pruner
       on the held-out windows, with the paper's downstream effect kept (at 60/70 %/2:4 most of
