@@ -84,6 +84,10 @@ def test_refine_dsnot_is_resolved_through_the_fixed_table(tmp_path, capsys):
     m = sr.read_manifest(out)
     assert m.history[-1]["refine"] == "dsnot" and m.total_measured == pytest.approx(0.5)
     assert "dsnot" in REFINERS
+    capsys.readouterr()
+    assert main(["prune", "tiny-llama", "--sparsity", "0.5", "--refine", "dsnot", "--refine-option", "accept=compare",
+                 "--refine-option", "heldout_windows=2", "--out", str(tmp_path / "cmp"), "--protocol", "test"]) == 0
+    assert "held-out check kept " in capsys.readouterr().out  # the decision is printed, with both perplexities
 
 
 def test_recipe_prune_stage(tmp_path):

@@ -84,6 +84,10 @@ def run(args) -> int:
           f"{r.sparsity_measured:.4f} over {len(r.targets)} linears")
     print(f"time {t['total_s']:.1f} s (calibration forwards {t['calibration_forward_s']:.1f} s, statistics/masks "
           f"{t['stats_mask_s']:.1f} s, allocation {t['allocation_s']:.1f} s); peak RSS {r.peak_rss_mb or 0:.0f} MiB")
+    if r.refiner_check:  # DSnoT accept=heldout / compare: which model was kept, and why
+        from ..repair.dsnot_heldout import describe_check
+
+        print(describe_check(r.refiner_check, r.method))
     print(f"checkpoint: {r.checkpoint} (per-layer plot: {r.plot})")
     return 0
 

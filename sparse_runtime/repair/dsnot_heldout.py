@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -129,4 +129,14 @@ def compare_on_heldout(model, baseline, ids: torch.Tensor, seqlen: int, swaps: i
     return {"kept": bool(kept), "ppl_dsnot": with_dsnot, "ppl_pruner": without, "swaps": swaps}
 
 
-__all__ = ["SwapLedger", "heldout_ids", "accept_on_heldout", "compare_on_heldout"]
+def describe_check(check: Optional[dict[str, Any]], method: str = "the pruner") -> str:
+    """One line for a user: which model the held-out check kept, and the two perplexities (empty
+    when there was no check, or nothing to compare)."""
+    if not check or check.get("ppl_dsnot") is None:
+        return ""
+    kept = "DSnoT" if check["kept"] else f"{method} alone"
+    return (f"held-out check kept {kept} ({check['set']} {check['windows']}x{check['seqlen']} perplexity: with "
+            f"DSnoT {check['ppl_dsnot']:.2f}, without {check['ppl_pruner']:.2f})")
+
+
+__all__ = ["SwapLedger", "heldout_ids", "accept_on_heldout", "compare_on_heldout", "describe_check"]

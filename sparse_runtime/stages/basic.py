@@ -128,11 +128,10 @@ class ReportStage(Stage):
 def _detail(stage: object, m: dict) -> str:
     """One readable cell for the steps whose result is not a perplexity: the export, the bench, and a
     prune whose refiner made a model-level decision (DSnoT's held-out check)."""
-    h = m.get("refiner_check") if stage == "prune" else None
-    if h and h.get("ppl_dsnot") is not None:
-        kept = "DSnoT" if h["kept"] else f"{m.get('method', 'the pruner')} alone"
-        return (f"held-out check kept {kept} ({h['set']} {h['windows']}x{h['seqlen']} perplexity: with DSnoT "
-                f"{h['ppl_dsnot']:.2f}, without {h['ppl_pruner']:.2f})")
+    if stage == "prune" and m.get("refiner_check"):
+        from ..repair.dsnot_heldout import describe_check
+
+        return describe_check(m["refiner_check"], m.get("method", "the pruner"))
     if stage == "export" and m.get("format"):
         size = f", {m['total_bytes'] / 2**20:.1f} MiB" if m.get("total_bytes") else ""
         ok = {True: "verified on load", False: "VERIFICATION FAILED"}.get(m.get("verified"), "not verified")
