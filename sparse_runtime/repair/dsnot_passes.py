@@ -23,6 +23,10 @@ from ..sparsity import NMPattern
 from .dsnot import DSNOT_NEEDS, DSnoTConfig, InputMoments, dsnot_needs, refine_linear
 from .dsnot_heldout import SwapLedger, accept_on_heldout, compare_on_heldout, heldout_ids
 
+# accept=compare without the pruner's own pass to compare against (standalone repair, or a caller
+# of on_pass_end that did not run it)
+NO_BASELINE_PASS = ("dsnot accept=compare needs the pruner's own pass, which only a pruning run makes (prune --refine "
+                    "dsnot); in repair, use accept=heldout (its input is the pruner's model)")
 # Official command-line names accepted as aliases (the released code's argparse flags).
 _ALIASES = {"max_cycle_time": "max_cycles", "update_threshold": "threshold", "pow_of_var_regrowing": "var_power"}
 
@@ -223,8 +227,7 @@ class DSnoTRefiner:
         if self.cfg.accept == "always":
             return
         if self.cfg.accept == "compare" and baseline is None:
-            raise ConfigError("dsnot accept=compare needs the pruner's own pass, which only a pruning run makes "
-                              "(prune --refine dsnot); in repair, use accept=heldout (its input is the pruner's model)")
+            raise ConfigError(NO_BASELINE_PASS)
         t0 = time.perf_counter()
         ids = heldout_ids(tokenizer, self.cfg.heldout, self.cfg.heldout_windows, seqlen, seed, data_dir)
         if self.cfg.accept == "compare":
@@ -351,8 +354,7 @@ def repair_dsnot_checkpoint(pruned_dir, out, cfg: Optional[DSnoTConfig] = None, 
 
     cfg = (cfg or DSnoTConfig()).validate()
     if cfg.accept == "compare":
-        raise ConfigError("dsnot accept=compare needs the pruner's own pass, which only a pruning run makes "
-                          "(prune --refine dsnot); in repair, use accept=heldout (its input is the pruner's model)")
+        raise ConfigError(NO_BASELINE_PASS)
     proto = get_protocol(protocol)
     calib = {"protocol": proto.name, "nsamples": nsamples or proto.calib_samples,
              "seqlen": seqlen or proto.calib_seqlen, "seed": proto.calib_seed if seed is None else seed}

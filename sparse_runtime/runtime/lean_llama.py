@@ -278,15 +278,13 @@ class FusedLinear:
         fused AMX form (``kernels.prefill.choose_prefill_form``); int8 bitmask codes run the fused AMX
         form where the CPU has AMX (it reads only the codes); dense weights and other codes (rebuilt
         in fp32 by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
-        from ..kernels.prefill import (amx_quant_linear, amx_quant_runs, bf16_fpmath, choose_prefill_form,
-                                       dense_bf16_linear, prefill_call)
+        from ..kernels.prefill import amx_quant_runs, bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
 
         if self.module is None:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
             if amx_quant_runs(self.qlin.packed):  # int8 bitmask codes on AMX: no dequantized copy at all
-                self.prefill_forms["amx"] = self.prefill_forms.get("amx", 0) + 1
-                return amx_quant_linear(self.qlin.packed, self.bias, x)
+                return self.prefill_amx(x)
             with bf16_fpmath():
                 return self.qlin(x)
         m = self.module
