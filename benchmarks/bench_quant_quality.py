@@ -55,6 +55,14 @@ ROWS: list[tuple[str, str, str, str]] = (
        ("sparsegpt-50 joint int4-g64", "sparsegpt-50", "int4-g64", "joint")]
     # where int4's cost comes from: the same, with the lm_head (and SmolLM2's tied embedding) left in fp32
     + [(f"{b} int4-g64 head-fp32", b, "int4-g64", "rtn+fp32-head") for b in ("dense", "wanda-50")]
+    # the range searched for the least rounding error (--clip mse), symmetric and asymmetric codes
+    + [("dense int4-g64 mse", "dense", "int4-g64", "rtn+mse"), ("dense int4-g64 gptq+mse", "dense", "int4-g64", "gptq+mse"),
+       ("dense int4-g64-asym mse", "dense", "int4-g64-asym", "rtn+mse"),
+       ("dense int4-g64-asym gptq+mse", "dense", "int4-g64-asym", "gptq+mse"),
+       ("dense int4-g32-asym gptq+mse", "dense", "int4-g32-asym", "gptq+mse")]
+    + [(f"{b} int4-g64 gptq+mse", b, "int4-g64", "gptq+mse") for b in ("wanda-50", "wanda-70", "wanda-2:4")]
+    + [(f"{b} int4-g64-asym gptq+mse", b, "int4-g64-asym", "gptq+mse") for b in ("wanda-50", "wanda-70", "wanda-2:4")]
+    + [(f"{b} int8 mse", b, "int8", "rtn+mse") for b in ("wanda-50", "wanda-70")]
 )
 # the order they are measured in: what the issue's acceptance needs first (int8 and int4 on a 50 % model,
 # the joint method against round-to-nearest), so a run cut short still answers it
@@ -64,7 +72,11 @@ PRIORITY = ["wanda-50 fp32", "wanda-50 int8", "wanda-50 int4-g64", "wanda-50 int
             "dense fp32", "dense int8", "dense int4-g64", "wanda-70 fp32", "wanda-70 int8", "wanda-70 int4-g64",
             "wanda-2:4 fp32", "wanda-2:4 int8", "wanda-2:4 int4-g64", "wanda-50 int8 gptq",
             "wanda-70 int4-g64 gptq", "wanda-2:4 int4-g64 gptq", "dense int4-g64 gptq",
-            "sparsegpt-50 int4-g64 gptq", "wanda-70 int8 gptq", "wanda-2:4 int8 gptq", "dense int8 gptq"]
+            "sparsegpt-50 int4-g64 gptq", "wanda-70 int8 gptq", "wanda-2:4 int8 gptq", "dense int8 gptq",
+            "dense int4-g64 mse", "dense int4-g64 gptq+mse", "dense int4-g64-asym mse", "dense int4-g64-asym gptq+mse",
+            "wanda-50 int4-g64 gptq+mse", "wanda-50 int4-g64-asym gptq+mse", "wanda-70 int4-g64 gptq+mse",
+            "wanda-70 int4-g64-asym gptq+mse", "wanda-2:4 int4-g64 gptq+mse", "wanda-2:4 int4-g64-asym gptq+mse",
+            "dense int4-g32-asym gptq+mse", "wanda-50 int8 mse", "wanda-70 int8 mse"]
 assert sorted(PRIORITY) == sorted(k for k, *_ in ROWS)
 COLUMNS = ["row", "base", "values", "method", "sparsity", "mask", "ppl", "cost vs fp32 %", "rounded to 0 %", "quant s"]
 
@@ -114,7 +126,8 @@ def measure(key: str, base: str, values: str, method: str, args, calib: torch.Te
         before = masks(lm)
         if values != "fp32":
             qcfg = QuantizeConfig(scheme=values, method=method.split("+")[0], protocol=args.protocol,
-                                  lm_head=not method.endswith("+fp32-head"))
+                                  lm_head=not method.endswith("+fp32-head"),
+                                  clip="mse" if "+mse" in method else "none")
             res = quantize_model(lm.model, lm.tokenizer, qcfg,
                                  family=lm.family, data_dir=args.data_dir, calib_ids=calib)
             row["quant s"] = round(time.perf_counter() - t0, 1)
@@ -151,7 +164,8 @@ def notes(args, proto, wall: Optional[float]) -> list[str]:
         "the lm_head gets round-to-nearest, as in the rtn row beside it",
         "methods: rtn = round to nearest; rtn+fp32-head = the same with the lm_head (and the tied embedding) "
         "left in fp32; gptq = GPTQ's column loop with the mask fixed, sequential over blocks, "
-        "lm_head from the final-norm outputs; joint = SparseGPT's mask selection and GPTQ quantization in one "
+        "lm_head from the final-norm outputs; +mse = each group's range shrunk where that lowers its rounding error "
+        "(GPTQ's mse search, --clip mse); -asym = codes 0..15 with a zero point per group; joint = SparseGPT's mask selection and GPTQ quantization in one "
         "pass (docs/quantization.md)",
         "cost vs fp32 % = ppl / ppl(same base, fp32 values) - 1; mask = every layer's W != 0 bit-identical to the "
         "base's after quantization",

@@ -76,6 +76,8 @@ class Server:
             cmd += ["--dtype", args.dtype]
         if args.prefill_dtype:
             cmd += ["--prefill-dtype", args.prefill_dtype]
+        if args.batch_dtype:
+            cmd += ["--batch-dtype", args.batch_dtype]
         self.log = open(Path(args.work) / f"server-{label.replace(':', '')}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, SPARSE_RUNTIME_QUIET="1"))
@@ -305,7 +307,8 @@ def load_test(args, models: dict[str, str], prompts: list[str]) -> int:
         for s in servers.values():
             s.stop()
     values = (f" --dtype {args.dtype}" if args.dtype else "") + (
-        f" --prefill-dtype {args.prefill_dtype}" if args.prefill_dtype else "")
+        f" --prefill-dtype {args.prefill_dtype}" if args.prefill_dtype else "") + (
+        f" --batch-dtype {args.batch_dtype}" if args.batch_dtype else "")
     notes = [f"engine {args.engine}{values} for every model (same build); {args.slots} slots x {args.max_model_len} "
              f"tokens; "
              f"threads {args.threads or 'default (min(2, cores))'}; one server process per model, interleaved rounds "
@@ -341,7 +344,14 @@ def engine_steps(args, models: dict[str, str]) -> int:
 
     batches = [int(b) for b in args.steps_batches.split(",") if b]
     dtype = {k: v for k, v in (("dtype", args.dtype), ("prefill_dtype", args.prefill_dtype)) if v}
-    engines = {label: load_engine(args.engine, path, threads=args.threads, **dtype) for label, path in models.items()}
+    # --steps-batch-dtypes float32,bfloat16: every model once per batch dtype, in the same rounds
+    bds = [b for b in (args.steps_batch_dtypes or args.batch_dtype or "").split(",") if b] or [None]
+    engines = {}
+    for bd in bds:
+        for label, path in models.items():
+            key = f"{label} [{bd}]" if len(bds) > 1 else label
+            engines[key] = load_engine(args.engine, path, threads=args.threads, **dtype,
+                                       **({"batch_dtype": bd} if bd else {}))
     g = torch.Generator().manual_seed(args.seed)
     for e in engines.values():
         e.init_slots(max(batches), args.max_model_len)
@@ -366,14 +376,21 @@ def engine_steps(args, models: dict[str, str]) -> int:
         rows.append({"model": label, "batch": b, "step_ms": round(med * 1e3, 2),
                      "step_ms_range": f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}",
                      "tok_s": round(b / med, 1)})
-    for r in rows:
-        base = next((x for x in rows if x["model"] == "dense" and x["batch"] == r["batch"]), None)
+    for r in rows:  # over the dense model with the same batch dtype
+        dense = "dense" + r["model"][len(r["model"].split(" [")[0]):]
+        base = next((x for x in rows if x["model"] == dense and x["batch"] == r["batch"]), None)
         if base:
             r["tok_s_vs_dense"] = round(r["tok_s"] / base["tok_s"], 3)
-    rows.sort(key=lambda r: (r["batch"], list(models).index(r["model"])))
-    notes = [f"engine {args.engine}, {args.threads or 'default (min(2, cores))'} threads, in one process; "
+    rows.sort(key=lambda r: (r["batch"], list(engines).index(r["model"])))
+    if len(bds) == 1 and bds[0]:
+        dtype["batch_dtype"] = bds[0]
+    values = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dtype.items())
+    if len(bds) > 1:
+        values += f"{' ' if values else ''}--batch-dtype as in each row's [brackets], every model with each"
+    notes = [f"engine {args.engine}{' ' + values if values else ''}, {args.threads or 'default (min(2, cores))'} "
+             f"threads, in one process; "
              f"LeanLlama.decode_slots on slots holding {args.steps_context} tokens of context (batch 1: the C "
-             "step on the slot; batch > 1: one batched torch forward with the SparseLinear dispatch)",
+             "step on the slot; batch > 1: the batched C step, sr_decode_step_batch)",
              f"{args.steps_rounds} interleaved rounds after a warm-up round; per round {args.steps_per_round} steps, "
              "median; step_ms = median over rounds, range = min-max over rounds",
              "the ceiling of the load test: no HTTP, no prefill chunks between steps, no client process"]
@@ -485,6 +502,8 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="the servers' --dtype (e.g. int8: int8 codes and lm_head)")
     ap.add_argument("--prefill-dtype", default=None, choices=("float32", "bfloat16"),
                     help="the servers' --prefill-dtype (bfloat16: prompts on AMX tiles where the CPU has them)")
+    ap.add_argument("--batch-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="the servers' --batch-dtype (bfloat16: batched decode steps' sparse products on AMX tiles)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)
@@ -505,6 +524,8 @@ def main() -> int:
     ap.add_argument("--steps", action="store_true", help="time the engine's batched decode step alone instead "
                     "(the load test's ceiling; writes <name>_steps)")
     ap.add_argument("--steps-batches", default="1,4,16")
+    ap.add_argument("--steps-batch-dtypes", default=None,
+                    help="with --steps: e.g. float32,bfloat16 times every model with each --batch-dtype, paired")
     ap.add_argument("--steps-context", type=int, default=128)
     ap.add_argument("--steps-rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=8)

@@ -381,6 +381,29 @@ int amx_linear(const Packed& P, Input in, int64_t M, const float* bias, float* y
     }
     return SR_OK;
 }
+// The team form (sr_amx_team_linear): the caller's OpenMP team runs one product of M <= kChunk
+// rows; thread t of T converts its share of x's tiles into the shared xv, meets the others at a
+// barrier (an orphaned one: it binds to the caller's parallel region), then runs its share of the
+// 32-row weight blocks.
+int amx_team(const Packed& P, const Input& in, int64_t M, const float* bias, float* y, uint32_t* xv, int t,
+             int T) {
+    const int64_t Mp = (M + 15) / 16 * 16, mtiles = Mp / 16, xtasks = mtiles * (P.Kp / 32);
+    for (int64_t i = t; i < xtasks; i += T) x_tile(in, M, 16 * (i % mtiles), i / mtiles, xv, Mp);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    uint16_t* w = (uint16_t*)thread_buffer<1>((size_t)kRows * P.Kp * 2);
+    if (!w) return SR_ENOMEM;
+    _tile_loadconfig(&kTileConfig);
+    const int64_t blocks = (P.N + kRows - 1) / kRows, b1 = blocks * (t + 1) / T;
+    for (int64_t b = blocks * t / T; b < b1; ++b) {
+        rebuild_block(P, kRows * b, w);
+        __asm__ volatile("" ::: "memory");  // the tile loads (inline asm) read w
+        block_product(w, P.Kp, xv, Mp, M, 0, kRows * b, P.N, bias, y, false);
+    }
+    _tile_release();
+    return SR_OK;
+}
 #pragma GCC pop_options
 
 }  // namespace
@@ -418,6 +441,32 @@ int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const
     (void)eps;
     (void)accumulate;
     (void)n_threads;
+    return SR_EUNSUPPORTED;
+#endif
+}
+
+int sr_amx_team_runs(const SRLinear* L) {
+#if SR_AMX
+    return L && L->kind == SR_LIN_BITMASK && (L->vtype == SR_VT_F32 || L->vtype == SR_VT_INT8) &&
+           (L->vtype == SR_VT_F32 || L->group == 0 || (L->group % 32 == 0 && L->K % L->group == 0)) && amx_ok();
+#else
+    (void)L;
+    return 0;
+#endif
+}
+
+int64_t sr_amx_team_scratch(int64_t K, int64_t M) { return (K + 31) / 32 * 16 * ((M + 15) / 16 * 16); }
+
+int sr_amx_team_linear(const SRLinear* L, int64_t M, const float* x, float* y, uint32_t* xv, int t, int T) {
+#if SR_AMX
+    const int64_t Kw = (L->K + 31) / 32;
+    const bool q = L->vtype == SR_VT_INT8;
+    const Packed P{L->K, L->N, Kw, Kw * 32, (const uint32_t*)L->index, L->values, q ? SR_VAL_I8 : SR_VAL_F32,
+                   L->row_ptr, q ? L->group : 0, L->scales, L->zeros};
+    const Input in{x, L->K, L->K, SR_IN_PLAIN, nullptr, nullptr};
+    return amx_team(P, in, M, L->bias, y, xv, t, T);
+#else
+    (void)L, (void)M, (void)x, (void)y, (void)xv, (void)t, (void)T;
     return SR_EUNSUPPORTED;
 #endif
 }

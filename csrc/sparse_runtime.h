@@ -124,9 +124,14 @@ int sr_linear_desc_run_batch(const SRLinear* L, const float* x, int64_t B, float
 int sr_linear_desc_densify_rows(const SRLinear* L, const int64_t* rows, int64_t n, float* out, int n_threads);
 int sr_decode_step(const SRModel* m, int64_t token, int64_t pos, const float* cos_, const float* sin_,
                    float* logits, int n_threads);
+// flags: SR_STEP_BF16 runs the packed bitmask linears (fp32 values or int8 codes) on AMX tiles with
+// x and W rounded to bf16 (fp32 accumulation) from sr_set_amx_step_min_batch() rows on, where the
+// CPU has AMX (elsewhere, and for every other linear, the fp32 kernels as without the flag).
+enum { SR_STEP_BF16 = 1 };
 int sr_decode_step_batch(const SRModel* m, int64_t B, const int64_t* tokens, const int64_t* slots,
                          const int64_t* pos, float* k_base, float* v_base, int64_t n_slots, const float* cos_table,
-                         const float* sin_table, float* logits, int n_threads);
+                         const float* sin_table, float* logits, int n_threads, int flags);
+void sr_set_amx_step_min_batch(int64_t b);
 
 #ifdef __cplusplus
 }  // extern "C"
@@ -165,6 +170,13 @@ int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const
                           int vtype, const int64_t* rp, int64_t group, const float* scales, const float* zeros,
                           const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
                           int n_threads);
+// The batched decode step's form (lean_decode.inc, flag SR_STEP_BF16): one product of M <= 128
+// rows of x [M, K] with a bitmask linear (fp32 values or int8 codes) on AMX tiles, run by EVERY
+// thread t of T of the caller's OpenMP team (it meets them at one barrier inside). xv: shared
+// scratch of sr_amx_team_scratch(K, M) uint32. sr_amx_team_runs: 1 when it runs L here.
+int sr_amx_team_runs(const SRLinear* L);
+int64_t sr_amx_team_scratch(int64_t K, int64_t M);
+int sr_amx_team_linear(const SRLinear* L, int64_t M, const float* x, float* y, uint32_t* xv, int t, int T);
 // ---- prefill's elementwise glue (prefill_glue.cpp) ----
 // The rotary embedding in place on the first `heads` heads (of D) of each row of x [B * T, row_stride],
 // cos/sin [T, D] (HF's rotate_half form); SR_OK or SR_EARG.

@@ -71,6 +71,60 @@ def test_rtn_matches_plain_reference(name):
     assert int(qw.codes.min()) >= s.qmin and int(qw.codes.max()) <= s.qmax
 
 
+def reference_mse_group(vals: list[float], bits: int, symmetric: bool) -> tuple[float, float]:
+    """(scale, zero) of one group by GPTQ's mse search written plainly: ranges p * [lo, hi] for
+    p = 1, 0.99, ..., 0.21, the first with the least sum of |error|^2.4 wins."""
+    best = (float("inf"), 1.0, 0.0)
+    for i in range(80):
+        p = 1 - i / 100
+        if symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            scale, zero, lo, hi = p * max(abs(v) for v in vals) / qmax, 0.0, -qmax, qmax
+        else:
+            qmax = 2 ** bits - 1
+            mn, mx = p * min(min(vals), 0.0), p * max(max(vals), 0.0)
+            scale = (mx - mn) / qmax
+            zero, lo, hi = float(round(-mn / scale)), 0, qmax
+        err = sum(abs(scale * (min(max(round(v / scale + zero), lo), hi) - zero) - v) ** 2.4 for v in vals)
+        if err < best[0]:
+            best = (err, scale, zero)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g32-asym", "int8"])
+def test_mse_clip_matches_plain_search_and_never_loses(name):
+    """``clip='mse'``: each group's scale (and zero) equals the plain search's, its rounding error
+    (sum |e|^2.4, the search's own measure) is never above round-to-nearest's and below it in the
+    group an outlier stretches; the mask stays intact; GPTQ takes the option too."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(4, 64, generator=g) * 0.05
+    W[0, 3] = 1.0  # an outlier: clipping it puts the other 31 weights of the group on a finer grid
+    W[torch.rand(4, 64, generator=g) < 0.3] = 0
+    s = QuantScheme.parse(name)
+    plain, mse = quantize_rtn(W, s), quantize_rtn(W, s, clip="mse")
+    gsz = s.group or 64
+    for r in range(4):
+        for gi in range(64 // gsz):
+            vals = [float(v) for v in W[r, gi * gsz:(gi + 1) * gsz] if v != 0]
+            scale, zero = reference_mse_group(vals, s.bits, s.symmetric)
+            assert abs(float(mse.scales[r, gi]) - scale) <= 1e-6 * scale
+            if not s.symmetric:
+                assert float(mse.zeros[r, gi]) == zero
+
+    def err(qw):
+        return ((qw.dequantize() - W).abs() ** 2.4).reshape(4, -1, gsz).sum(-1)
+
+    assert bool((err(mse) <= err(plain) * (1 + 1e-5)).all())
+    if s.bits == 4:  # at int8 the 255 levels leave nothing to gain here
+        assert float(err(mse)[0, 0]) < float(err(plain)[0, 0])
+    assert torch.equal(mse.mask, W != 0) and torch.equal(mse.dequantize()[W == 0], torch.zeros(int((W == 0).sum())))
+    X, H = correlated(64)
+    gq = gptq_quantize(W, H, s, clip="mse")
+    assert torch.equal(gq.mask, W != 0)
+    with pytest.raises(ConfigError, match="clip 'max'"):
+        quantize_rtn(W, s, clip="max")
+
+
 @pytest.mark.parametrize("name", SCHEMES)
 def test_codes_round_trip_and_rounded_to_zero(name):
     g = torch.Generator().manual_seed(2)

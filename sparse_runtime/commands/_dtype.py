@@ -1,9 +1,10 @@
-"""The ``--dtype`` and ``--prefill-dtype`` options of the engine commands (``generate``, ``bench``,
-``serve``): the compute dtype an engine loads the model in, or the quantized values it runs
-(``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``: int8/int4 codes with fp32
-scales, on sparse-cpu / lean-cpu); and the dtype of the lean engines' prompt products (``bfloat16``:
-bf16 operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md). Both
-are checked against what each engine runs before anything is loaded."""
+"""The ``--dtype``, ``--prefill-dtype`` and ``--batch-dtype`` options of the engine commands
+(``generate``, ``bench``, ``serve``): the compute dtype an engine loads the model in, or the
+quantized values it runs (``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``:
+int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu); the dtype of the lean engines' prompt
+products, and (``serve``) of their batched decode steps' sparse products (``bfloat16``: bf16
+operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md). Each is
+checked against what the engine runs before anything is loaded."""
 from __future__ import annotations
 
 from typing import Optional
@@ -46,19 +47,40 @@ def add_prefill_dtype_argument(p) -> None:
                         "adds fused in: several times faster prompts, logits moved by bf16 rounding; decode unchanged")
 
 
-def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optional[str] = None) -> dict:
-    """``{"dtype": dtype, "prefill_dtype": prefill_dtype}`` for ``engine``'s options (each only when
-    given); one line naming the fix when the engine cannot run it."""
+def add_batch_dtype_argument(p) -> None:
+    p.add_argument("--batch-dtype", default=None, choices=PREFILL_DTYPES,
+                   help="sparse-cpu / lean-cpu: the dtype of the packed sparse products in decode steps of 4+ "
+                        "sequences at once (default float32, exact); bfloat16 runs them on AMX tiles with bf16 "
+                        "operands and fp32 accumulation, on CPUs with AMX (elsewhere float32): faster batched "
+                        "steps, logits moved by bf16 rounding; single-sequence steps unchanged")
+
+
+def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
+    """One line naming the fix when ``engine`` lacks ``value`` for ``flag`` (its class lists what
+    it has in ``attr``)."""
+    from ..errors import ConfigError
+    from ..runtime import engine_names, get_engine
+
+    if value not in getattr(get_engine(engine), attr, ()):
+        able = [n for n in engine_names() if value in getattr(get_engine(n), attr, ())]
+        raise ConfigError(f"engine {engine} has no {flag} {value}: leave it out, or use an engine that has it "
+                          f"({', '.join(able)})")
+
+
+def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optional[str] = None,
+                         batch_dtype: Optional[str] = None) -> dict:
+    """``{"dtype": dtype, "prefill_dtype": prefill_dtype, "batch_dtype": batch_dtype}`` for
+    ``engine``'s options (each only when given); one line naming the fix when the engine cannot run it."""
     from ..errors import ConfigError
     from ..runtime import engine_names, get_engine
 
     out = {}
     if prefill_dtype is not None:
-        able = [n for n in engine_names() if getattr(get_engine(n), "prefill_dtypes", ())]
-        if prefill_dtype not in getattr(get_engine(engine), "prefill_dtypes", ()):
-            raise ConfigError(f"engine {engine} has no --prefill-dtype {prefill_dtype}: leave it out, or use an "
-                              f"engine that has it ({', '.join(able)})")
+        _engine_option(engine, "--prefill-dtype", "prefill_dtypes", prefill_dtype)
         out["prefill_dtype"] = prefill_dtype
+    if batch_dtype is not None:
+        _engine_option(engine, "--batch-dtype", "batch_dtypes", batch_dtype)
+        out["batch_dtype"] = batch_dtype
     if dtype is None:
         return out
 

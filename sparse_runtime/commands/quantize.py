@@ -19,6 +19,9 @@ def add_arguments(p):
     add_data_args(p)
     p.add_argument("--nsamples", type=int, default=None, help="gptq calibration samples (default: the protocol's)")
     p.add_argument("--seqlen", type=int, default=None, help="gptq calibration length (default: the protocol's)")
+    p.add_argument("--clip", default="none", choices=("none", "mse"),
+                   help="mse: shrink each group's range where that lowers its rounding error (GPTQ's mse search; "
+                        "helps int4 most); none: the full range of the kept weights")
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq dampening, a fraction of mean(diag H) (0.01)")
     p.add_argument("--device", default=None, help="compute device for the gptq pass (e.g. cuda)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the quantize report as JSON")
@@ -29,7 +32,7 @@ def run(args) -> int:
 
     cfg = QuantizeConfig(scheme=args.scheme, method=args.method, lm_head=not args.keep_lm_head,
                          percdamp=args.percdamp, protocol=args.protocol, nsamples=args.nsamples,
-                         seqlen=args.seqlen, device=args.device).validate()
+                         seqlen=args.seqlen, device=args.device, clip=args.clip).validate()
     check_device(args.device)
     check_output(args.out, args.overwrite, inputs=[args.model])
     check_output_file(args.json_out)
@@ -37,7 +40,8 @@ def run(args) -> int:
     head = res.lm_head
     head_txt = ("lm_head kept in float32" if not head["quantized"] else
                 "lm_head quantized" + (" (tied: the embedding holds the same values)" if head["tied"] else ""))
-    print(f"quantize: {res.scheme} by {res.method}, {len(res.layers)} weights, {res.kept} kept values; "
+    clip = "" if res.clip == "none" else f" ({res.clip} clipping)"
+    print(f"quantize: {res.scheme} by {res.method}{clip}, {len(res.layers)} weights, {res.kept} kept values; "
           f"{res.rounded_to_zero} kept values round to 0 ({res.rounded_to_zero / max(1, res.kept):.2%}; still kept "
           f"in the mask); {head_txt}; masks unchanged; {res.timing['quantize_s']:.1f} s; wrote {res.checkpoint}")
     if args.json_out:

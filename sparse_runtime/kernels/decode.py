@@ -21,6 +21,7 @@ from . import native
 from .layout import PackedWeight
 
 KIND_DENSE, KIND_BITMASK, KIND_CSR16 = 0, 1, 2
+STEP_BF16 = 1  # sr_decode_step_batch's flag SR_STEP_BF16
 STAGES = ("norms", "qkv", "rope+cache", "attention", "o_proj", "gate_up", "silu*mul", "down", "lm_head")  # C order
 _KINDS = {"bitmask": KIND_BITMASK, "csr16": KIND_CSR16}
 _i32, _i64, _p, _f = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -107,7 +108,7 @@ def _bind() -> ctypes.CDLL:
             lb.sr_linear_desc_densify_rows.restype = ctypes.c_int
         if hasattr(lb, "sr_decode_step_batch"):
             lb.sr_decode_step_batch.argtypes = [ctypes.POINTER(CModel), _i64, _p, _p, _p, _p, _p, _i64, _p, _p, _p,
-                                                ctypes.c_int]
+                                                ctypes.c_int, ctypes.c_int]
             lb.sr_decode_step_batch.restype = ctypes.c_int
     return lb
 
@@ -191,7 +192,7 @@ class DecodeStepBatch:
     (its layers' own cache pointers are unused); the caller keeps the caches and tables alive."""
 
     def __init__(self, model: CModel, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor):
+                 sin: torch.Tensor, bf16: bool = False):
         for name, t in (("k cache", k_cache), ("v cache", v_cache), ("cos table", cos), ("sin table", sin)):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ConfigError(f"the batched decode step takes contiguous float32 tensors; got a {t.dtype} {name}")
@@ -200,6 +201,8 @@ class DecodeStepBatch:
         self.model = model
         self._k, self._v, self._cos, self._sin = k_cache, v_cache, cos, sin
         self.n_slots = int(k_cache.shape[1])
+        # SR_STEP_BF16: packed bitmask linears on AMX tiles (bf16 operands) from AMX_STEP_MIN_BATCH rows
+        self.flags = STEP_BF16 if bf16 else 0
 
     def __call__(self, tokens: list[int], slots: list[int], pos: list[int], logits: torch.Tensor,
                  threads: int) -> None:
@@ -208,7 +211,8 @@ class DecodeStepBatch:
         B = len(slots)
         arr = _i64 * B
         rc = self._fn(self._model, B, arr(*tokens), arr(*slots), arr(*pos), self._k.data_ptr(), self._v.data_ptr(),
-                      self.n_slots, self._cos.data_ptr(), self._sin.data_ptr(), logits.data_ptr(), threads)
+                      self.n_slots, self._cos.data_ptr(), self._sin.data_ptr(), logits.data_ptr(), threads,
+                      self.flags)
         if rc != 0:
             raise ConfigError(f"sr_decode_step_batch failed: {native.ERRORS.get(rc, rc)} (slots {list(slots)}, "
                               f"positions {list(pos)}, tokens {list(tokens)}, capacity {self.model.cap}; slots must "

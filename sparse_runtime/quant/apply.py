@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .scheme import QuantizedWeight, QuantScheme, quantize_rtn
+from .scheme import CLIPS, QuantizedWeight, QuantScheme, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 SIDE_REPORT = "quantize_report.json"
@@ -52,6 +52,7 @@ class QuantizeConfig:
     seed: Optional[int] = None
     device: Optional[str] = None
     batch_size: int = 8
+    clip: str = "none"  # "mse": each group's range searched for the least rounding error (GPTQ's mse option)
 
     def validate(self) -> "QuantizeConfig":
         from .gptq import check_blocksize
@@ -59,6 +60,8 @@ class QuantizeConfig:
         scheme = QuantScheme.parse(self.scheme)
         if self.method not in METHODS:
             raise ConfigError(f"quantization method {self.method!r}: use {' or '.join(METHODS)}")
+        if self.clip not in CLIPS:
+            raise ConfigError(f"quantization clip {self.clip!r}: use {' or '.join(CLIPS)}")
         if not isinstance(self.lm_head, bool):
             raise ConfigError(f"quantize lm_head must be true or false, got {self.lm_head!r}")
         if not 0 <= float(self.percdamp) < 10:
@@ -99,6 +102,7 @@ class QuantizeResult:
     timing: dict[str, float]
     checkpoint: Optional[str] = None
     grids: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict, repr=False)
+    clip: str = "none"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,7 +111,7 @@ class QuantizeResult:
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``extra["quantization"]``."""
-        return {"scheme": self.scheme, "method": self.method, "layers": self.layers,
+        return {"scheme": self.scheme, "method": self.method, "clip": self.clip, "layers": self.layers,
                 "rounded_to_zero": {"total": self.rounded_to_zero, "kept": self.kept,
                                     "per_layer": {n: v["rounded_to_zero"] for n, v in self.per_layer.items()}},
                 "lm_head": self.lm_head}
@@ -167,12 +171,12 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig, *, family=N
         per_layer[name] = {"kept": int(qw.mask.sum()), "rounded_to_zero": qw.rounded_to_zero}
         grids[name] = (qw.scales, qw.zeros)
 
-    gptq = dict(percdamp=float(cfg.percdamp), blocksize=int(cfg.blocksize))
+    gptq = dict(percdamp=float(cfg.percdamp), blocksize=int(cfg.blocksize), clip=cfg.clip)
     calib = None
     if cfg.method == "rtn":
         for name, lin in progress(targets, desc="quantize (rtn)"):
             w = lin.weight.data.float().cpu()
-            done(name, lin, quantize_rtn(w, scheme, w != 0))
+            done(name, lin, quantize_rtn(w, scheme, w != 0, clip=cfg.clip))
     else:
         calib = cfg.calibration()
         head_stats = _run_gptq(model, tokenizer, family, cfg, calib, data_dir, calib_ids, done, gptq)
@@ -189,7 +193,7 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantizeConfig, *, family=N
             head_info["embedding"] = f"{family.embed_path}.weight"
     return QuantizeResult(scheme.name, cfg.method, layers, sum(v["kept"] for v in per_layer.values()),
                           sum(v["rounded_to_zero"] for v in per_layer.values()), per_layer, head_info, calib,
-                          {"quantize_s": time.perf_counter() - t0}, grids=grids)
+                          {"quantize_s": time.perf_counter() - t0}, grids=grids, clip=cfg.clip)
 
 
 def _run_gptq(model, tokenizer, family, cfg: QuantizeConfig, calib: dict, data_dir, calib_ids, done, gptq):

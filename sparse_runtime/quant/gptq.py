@@ -61,8 +61,10 @@ def check_blocksize(scheme: QuantScheme, blocksize: int) -> None:
 @torch.no_grad()
 def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *,
                  keep: Optional[torch.Tensor] = None, sparsity: float = 0.0, pattern: Optional[NMPattern] = None,
-                 percdamp: float = 0.01, blocksize: int = 128, name: str = "layer") -> QuantizedWeight:
+                 percdamp: float = 0.01, blocksize: int = 128, name: str = "layer",
+                 clip: str = "none") -> QuantizedWeight:
     """Quantize ``weight`` [N, K] on ``scheme`` with GPTQ's column loop; see the module docstring.
+    ``clip``: how each group's (or row's) range is chosen, as in :func:`~.scheme.grid_params`.
 
     ``keep`` (bool [N, K]): the fixed mask (default ``weight != 0`` when neither ``sparsity`` nor
     ``pattern`` asks for pruning). Otherwise the mask is chosen jointly, as SparseGPT does, at
@@ -90,7 +92,7 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSchem
     scales = torch.ones(rows, G, device=dev)
     zeros = None if scheme.symmetric else torch.zeros(rows, G, device=dev)
     if scheme.group == 0:
-        s, z = grid_params(W, scheme, keep if keep is not None else torch.ones_like(W, dtype=torch.bool))
+        s, z = grid_params(W, scheme, keep if keep is not None else torch.ones_like(W, dtype=torch.bool), clip)
         scales[:] = s
         if zeros is not None:
             zeros[:] = z
@@ -120,7 +122,7 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSchem
             if scheme.group and col % scheme.group == 0:
                 sl = slice(i, i + scheme.group)
                 may_keep = ~mask1[sl] if not (joint and pattern is not None) else torch.ones_like(mask1[sl])
-                s, z = grid_params(W1[sl].t(), scheme, may_keep.t())
+                s, z = grid_params(W1[sl].t(), scheme, may_keep.t(), clip)
                 scales[:, g] = s[:, 0]
                 if zeros is not None:
                     zeros[:, g] = z[:, 0]
@@ -148,8 +150,9 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSchem
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
                   keep: Optional[torch.Tensor] = None, *, percdamp: float = 0.01, blocksize: int = 128,
-                  name: str = "layer") -> QuantizedWeight:
+                  name: str = "layer", clip: str = "none") -> QuantizedWeight:
     """GPTQ with the mask fixed (default ``weight != 0``): the pruned model's sparsity, N:M included,
     is unchanged; only the kept values move (onto the grid, and by the error updates)."""
     keep = (weight != 0) if keep is None else keep.bool()
-    return obs_quantize(weight, hessian, scheme, keep=keep, percdamp=percdamp, blocksize=blocksize, name=name)
+    return obs_quantize(weight, hessian, scheme, keep=keep, percdamp=percdamp, blocksize=blocksize, name=name,
+                        clip=clip)

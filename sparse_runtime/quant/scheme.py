@@ -115,21 +115,68 @@ def _grouped(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return W.reshape(N, K // g, g)
 
 
-def grid_params(W: torch.Tensor, scheme: QuantScheme, mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Scales (and zeros) ``[N, G]`` of the kept entries of ``W`` (round-to-nearest's grid; GPTQ
-    calls this per group on the updated weights). ``W`` and ``mask`` may be one group wide."""
-    Wk = _grouped(W.float() * mask, scheme)
+CLIPS = ("none", "mse")
+# GPTQ's reference quantizer (`Quantizer.find_params(mse=True)`): shrink the range by 1 - i / 100 for
+# i < 80 and keep, per group, the candidate with the least sum of |error|^2.4 over its kept weights
+MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4
+
+
+def _scales_for(lo: Optional[torch.Tensor], hi: torch.Tensor, scheme: QuantScheme):
+    """Scales (and zeros) of the range ``[lo, hi]`` (symmetric: ``hi`` is the amax, ``lo`` unused)."""
     if scheme.symmetric:
-        amax = Wk.abs().amax(dim=2)
-        scales = amax / scheme.qmax
-        zeros = None
+        return hi / scheme.qmax, None
+    scales = (hi - lo) / scheme.qmax
+    return scales, torch.round(-lo / torch.where(scales > 0, scales, torch.ones_like(scales)))
+
+
+def _mse_shrink(Wk: torch.Tensor, mk: torch.Tensor, lo: Optional[torch.Tensor], hi: torch.Tensor,
+                scheme: QuantScheme) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The range ``p * [lo, hi]`` (p from 1 down to 0.21) whose round-to-nearest error over the kept
+    weights is least, per group. p = 1 comes first and wins ties, so the error never exceeds plain
+    round-to-nearest's."""
+    best = torch.full_like(hi, float("inf"))
+    best_lo, best_hi = lo, hi
+    for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
+        p = 1.0 - i / MSE_GRID
+        lo1, hi1 = (None if lo is None else lo * p), hi * p
+        s, z = _scales_for(lo1, hi1, scheme)
+        s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(2)
+        if z is None:
+            q = torch.round(Wk / s).clamp_(scheme.qmin, scheme.qmax).mul_(s)
+        else:
+            z = z.unsqueeze(2)
+            q = torch.round(Wk / s + z).clamp_(scheme.qmin, scheme.qmax).sub_(z).mul_(s)
+        err = q.sub_(Wk).abs_().pow_(MSE_NORM).mul_(mk).sum(dim=2)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_hi = torch.where(better, hi1, best_hi)
+        if lo is not None:
+            best_lo = torch.where(better, lo1, best_lo)
+    return best_lo, best_hi
+
+
+def grid_params(W: torch.Tensor, scheme: QuantScheme, mask: torch.Tensor,
+                clip: str = "none") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scales (and zeros) ``[N, G]`` of the kept entries of ``W`` (round-to-nearest's grid; GPTQ
+    calls this per group on the updated weights). ``W`` and ``mask`` may be one group wide.
+
+    ``clip="mse"``: the range is shrunk where that lowers the group's rounding error (GPTQ's
+    reference quantizer with ``mse=True``; docs/quantization.md#clipping): large weights are clipped so
+    that the many small ones land on a finer grid. Only the choice of scales changes; codes, scales
+    and zeros mean what they always mean."""
+    if clip not in CLIPS:
+        raise ConfigError(f"quantization clip {clip!r}: use {' or '.join(CLIPS)}")
+    Wk = _grouped(W.float() * mask, scheme)
+    mk = _grouped(mask, scheme)
+    if scheme.symmetric:
+        lo, hi = None, Wk.abs().amax(dim=2)
     else:
-        mk = _grouped(mask, scheme)
         big = torch.finfo(torch.float32).max
         lo = torch.where(mk, Wk, torch.full_like(Wk, big)).amin(dim=2).clamp(max=0.0)
         hi = torch.where(mk, Wk, torch.full_like(Wk, -big)).amax(dim=2).clamp(min=0.0)
-        scales = (hi - lo) / scheme.qmax
-        zeros = torch.round(-lo / torch.where(scales > 0, scales, torch.ones_like(scales)))
+    if clip == "mse":
+        lo, hi = _mse_shrink(Wk, mk, lo, hi, scheme)
+    scales, zeros = _scales_for(lo, hi, scheme)
     empty = scales <= 0
     scales = torch.where(empty, torch.ones_like(scales), scales)
     if zeros is not None:
@@ -157,12 +204,21 @@ def codes_from(W: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tens
     return qw
 
 
-def quantize_rtn(W: torch.Tensor, scheme: QuantScheme, mask: Optional[torch.Tensor] = None) -> QuantizedWeight:
-    """Round-to-nearest quantization of the kept entries of ``W`` (mask default ``W != 0``)."""
+def quantize_rtn(W: torch.Tensor, scheme: QuantScheme, mask: Optional[torch.Tensor] = None,
+                 clip: str = "none") -> QuantizedWeight:
+    """Round-to-nearest quantization of the kept entries of ``W`` (mask default ``W != 0``);
+    ``clip`` as in :func:`grid_params` (searched over row blocks, so memory stays a few copies of
+    one block even for a vocabulary-sized lm_head)."""
     W = W.detach().float()
     if W.dim() != 2:
         raise ConfigError(f"quantize_rtn expects a 2-D weight, got shape {tuple(W.shape)}")
     scheme.check(W.shape[1])
     mask = (W != 0) if mask is None else mask.bool()
-    scales, zeros = grid_params(W, scheme, mask)
+    if clip == "none":
+        scales, zeros = grid_params(W, scheme, mask)
+    else:
+        rows = max(1, (1 << 22) // W.shape[1])
+        parts = [grid_params(W[i:i + rows], scheme, mask[i:i + rows], clip) for i in range(0, W.shape[0], rows)]
+        scales = torch.cat([p[0] for p in parts])
+        zeros = None if scheme.symmetric else torch.cat([p[1] for p in parts])
     return codes_from(W, scales, zeros, scheme, mask)

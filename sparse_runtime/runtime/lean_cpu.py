@@ -67,6 +67,7 @@ class SparseCPUEngine(Engine):
     sparse = True
     dtypes = ("float32", "bfloat16", "int8", "int4")
     prefill_dtypes = ("float32", "bfloat16")  # LeanConfig.prefill_dtype (the --prefill-dtype option)
+    batch_dtypes = ("float32", "bfloat16")  # LeanConfig.batch_dtype (serve's --batch-dtype)
 
     @classmethod
     def check_available(cls) -> None:

@@ -109,6 +109,10 @@ class LeanConfig:
     # "bfloat16": products of at least PREFILL_BF16_MIN tokens (prefill) run AMX/bf16 GEMMs on bf16-rounded
     # operands with fp32 accumulation (opt-in: it changes the numerics; docs/kernels.md#prefill-in-bf16-amx)
     prefill_dtype: str = "float32"
+    # "bfloat16": the batched decode steps of the serving slots run their packed bitmask linears on
+    # AMX tiles (bf16 operands, fp32 accumulation) from 4 sequences on; opt-in for the same reason
+    # (docs/kernels.md#batched-decode-on-amx). Batch-1 steps (generate) are never affected.
+    batch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES and self.value_dtype not in QUANT_DTYPES:
@@ -118,6 +122,8 @@ class LeanConfig:
             self.scheme  # validates group (one line naming the fix)
         if self.prefill_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"prefill_dtype {self.prefill_dtype!r}: choose float32 (exact) or bfloat16 (AMX GEMMs)")
+        if self.batch_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"batch_dtype {self.batch_dtype!r}: choose float32 (exact) or bfloat16 (AMX tiles)")
 
     @property
     def quantized(self) -> bool:
@@ -989,7 +995,10 @@ class LeanLlama:
             model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
                                 self.vocab, self.slot_cap, self.eps, 0, self._embed_ptr(),
                                 self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
-            step = cdec.DecodeStepBatch(model, self.slot_k, self.slot_v, self.slot_cos, self.slot_sin)
+            from ..kernels.prefill import amx_available  # SPARSE_RUNTIME_AMX=0 turns it off here too
+
+            step = cdec.DecodeStepBatch(model, self.slot_k, self.slot_v, self.slot_cos, self.slot_sin,
+                                        bf16=self.config.batch_dtype == "bfloat16" and amx_available())
             self._slot_batch = (forms, arr, model, step)
         return self._slot_batch[3]
 
