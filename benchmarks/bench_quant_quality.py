@@ -1,6 +1,7 @@
 """What quantizing the kept values costs on top of sparsity: SmolLM2-135M, WikiText-2 perplexity.
 
     nice -n 19 python benchmarks/bench_quant_quality.py [--rows a,b,...] [--work runs/bench_quant]
+    nice -n 19 python benchmarks/bench_quant_quality.py --zeroshot [--zeroshot-limit 200]   # quant_zeroshot
 
 Bases (one-shot, ``quick`` calibration, pruned once and cached as checkpoints in ``--work``): dense,
 Wanda 50 %, Wanda 70 %, Wanda 2:4, SparseGPT 50 %. Values: fp32 (the base as it is), int8 per output
@@ -79,6 +80,11 @@ PRIORITY = ["wanda-50 fp32", "wanda-50 int8", "wanda-50 int4-g64", "wanda-50 int
             "dense int4-g32-asym gptq+mse", "wanda-50 int8 mse", "wanda-70 int8 mse"]
 assert sorted(PRIORITY) == sorted(k for k, *_ in ROWS)
 COLUMNS = ["row", "base", "values", "method", "sparsity", "mask", "ppl", "cost vs fp32 %", "rounded to 0 %", "quant s"]
+# --zeroshot: fp32, int8 and the best int4 of each Wanda base
+ZS_NAME = "quant_zeroshot"
+ZS_ROWS = [k for b in WANDA for k in (f"{b} fp32", f"{b} int8", f"{b} int4-g64-asym gptq+mse")]
+ZS_COLUMNS = ["row", "values", "method", "sparsity", "boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+              "arc_challenge", "openbookqa", "mean acc"]
 
 
 def base_checkpoint(work: Path, base: str, model: str, protocol: str, data_dir) -> str:
@@ -103,6 +109,32 @@ def sparsity(lm) -> float:
 
 
 def measure(key: str, base: str, values: str, method: str, args, calib: torch.Tensor) -> dict[str, Any]:
+    """One row: the base with its values quantized, and its WikiText-2 perplexity."""
+    t0 = time.perf_counter()
+    lm, row = quantized(key, base, values, method, args, calib)
+    p = sr.wikitext2_perplexity(lm.model, lm.tokenizer, args.protocol, args.data_dir)
+    row["ppl"] = round(p.ppl, 3)
+    row["wall s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def measure_zeroshot(key: str, base: str, values: str, method: str, args, calib: torch.Tensor) -> dict[str, Any]:
+    """One row of the zero-shot table: the same model as :func:`measure` builds, on Wanda's seven
+    tasks (first ``--zeroshot-limit`` items of each)."""
+    from sparse_runtime.eval.zeroshot import evaluate_zeroshot
+
+    t0 = time.perf_counter()
+    lm, row = quantized(key, base, values, method, args, calib)
+    r = evaluate_zeroshot(lm.model, lm.tokenizer, tasks="wanda", limit=args.zeroshot_limit, data_dir=args.data_dir)
+    for x in r.rows:
+        row[x["task"]] = round(x["acc"], 4)
+    row["mean acc"] = round(sum(x["acc"] for x in r.rows) / len(r.rows), 4)
+    row["wall s"] = round(time.perf_counter() - t0, 1)
+    return {k: v for k, v in row.items() if k not in ("quant s",)}
+
+
+def quantized(key: str, base: str, values: str, method: str, args, calib: torch.Tensor):
+    """The base model with ``values`` by ``method`` (the model and the row's facts so far)."""
     values = args.int4 if values == "int4-g64" else values
     row: dict[str, Any] = {"row": key, "base": base, "values": values, "method": method}
     t0 = time.perf_counter()
@@ -137,10 +169,7 @@ def measure(key: str, base: str, values: str, method: str, args, calib: torch.Te
         else:
             row["mask"] = "-"
     row["sparsity"] = round(sparsity(lm), 4)
-    p = sr.wikitext2_perplexity(lm.model, lm.tokenizer, args.protocol, args.data_dir)
-    row["ppl"] = round(p.ppl, 3)
-    row["wall s"] = round(time.perf_counter() - t0, 1)
-    return row
+    return lm, row
 
 
 def with_costs(rows: list[dict]) -> list[dict]:
@@ -189,7 +218,14 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore the rows of an earlier run")
     ap.add_argument("--name", default=NAME, help=f"result file name (default {NAME})")
     ap.add_argument("--int4", default="int4-g64", help="the int4 scheme measured (a smoke run on a tiny model: int4-g32)")
+    ap.add_argument("--zeroshot", action="store_true",
+                    help=f"zero-shot accuracy instead of perplexity (rows default: {','.join(ZS_ROWS)}; result "
+                         f"{ZS_NAME} unless --name)")
+    ap.add_argument("--zeroshot-limit", type=int, default=200, help="first N items of each task (default 200)")
     args = ap.parse_args()
+    if args.zeroshot:
+        args.name = ZS_NAME if args.name == NAME else args.name
+        args.rows = args.rows or ",".join(ZS_ROWS)
     t_run = time.perf_counter()
     proto = sr.get_protocol(args.protocol)
     path = Path("benchmarks/results") / f"{args.name}.json"
@@ -201,19 +237,32 @@ def main() -> None:
     want = [r for r in ROWS if args.rows is None or r[0] in args.rows.split(",")]
     todo = sorted((r for r in want if r[0] not in done), key=lambda r: PRIORITY.index(r[0]))
     print(f"{len(done)} rows reused, {len(todo)} to measure", flush=True)
-    if not todo:  # rewrite the files from the saved rows (notes and costs as this version writes them)
+
+    def save(wall: Optional[float]) -> None:
+        if args.zeroshot:
+            order = [k for k, *_ in ROWS]
+            rows = sorted(done.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+            nts = notes(args, proto, wall)[1:] + [
+                f"zero-shot: Wanda's seven tasks, first {args.zeroshot_limit} items of each (fixed prefix, file "
+                "order; a quick variant, not the full sets), lm-eval conventions, acc (docs/evaluation.md); "
+                "the models are built exactly as in quant_quality (same bases, calibration and quantization)"]
+            save_results(args.name, f"Zero-shot accuracy of quantized sparse models: {args.model}", rows,
+                         protocol=f"zero-shot, first {args.zeroshot_limit} items per task", model=args.model,
+                         notes=nts, columns=ZS_COLUMNS)
+            return
         save_results(args.name, f"Quantized values on sparse models: {args.model}", with_costs(list(done.values())),
-                     protocol=args.protocol, model=args.model, notes=notes(args, proto, None), columns=COLUMNS)
+                     protocol=args.protocol, model=args.model, notes=notes(args, proto, wall), columns=COLUMNS)
+
+    if not todo:  # rewrite the files from the saved rows (notes and costs as this version writes them)
+        save(None)
         return
     tok = sr.load_model(args.model).tokenizer
     calib = c4_windows(tok, proto.calib_samples, proto.calib_seqlen, proto.calib_seed, args.data_dir)
     for key, base, values, method in todo:
-        row = measure(key, base, values, method, args, calib)
+        row = (measure_zeroshot if args.zeroshot else measure)(key, base, values, method, args, calib)
         done[key] = row
         print(f"{key}: {row}", flush=True)
-        save_results(args.name, f"Quantized values on sparse models: {args.model}", with_costs(list(done.values())),
-                     protocol=args.protocol, model=args.model, notes=notes(args, proto, time.perf_counter() - t_run),
-                     columns=COLUMNS)
+        save(time.perf_counter() - t_run)
 
 
 if __name__ == "__main__":
