@@ -69,6 +69,14 @@ static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, c
     }
 }
 
+// Batch-1 row kernels (fp32 bitmask here, int8/int4 in quant_kernels.inc) prefetch each stream
+// they read (values or codes, and the mask) kPrefetchAhead bytes ahead of where they read it, one
+// prefetch per cache line consumed: the streams of consecutive rows are contiguous, so this runs
+// across row ends. Why: without it the kernels whose arithmetic per byte is high (int8 codes, sparse
+// values) kept too few loads in flight for the hardware prefetchers to keep memory busy
+// (docs/kernels.md "Prefetch"). 0: off.
+static int64_t kPrefetchAhead = 1024;
+
 #if SR_X86
 // ---------------------------------------------------------------------------------------------
 // AVX-512: bitmask + expand-load. Each 16-bit half of a mask word drives one vexpandps that
@@ -79,6 +87,13 @@ static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, c
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
 
 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+
+// Prefetch the line kPrefetchAhead / div bytes past p (div: the stream's share, e.g. a mask read
+// at a fraction of its values' pace).
+static inline void sr_prefetch_ahead(const void* p, int div = 1) {
+    if (kPrefetchAhead) _mm_prefetch((const char*)p + kPrefetchAhead / div, _MM_HINT_T0);
+}
 
 // The values load of the batch-1 kernel, its only difference between the two forms (kGemvVariant):
 // vexpandps from memory (the expand-load), or a plain 64-byte load + the register-form vexpandps
@@ -112,6 +127,8 @@ static inline void bm_avx512_gemv_rows_t(const float* x, int64_t K, const uint32
             const float* v2 = v + _mm_popcnt_u32(m0);
             const float* v3 = v2 + _mm_popcnt_u32(k2);
             const float* xw = x + 32 * w;
+            sr_prefetch_ahead(v);  // ~77 bytes of values per step at 70 %: about one line
+            if (!(w & 15)) sr_prefetch_ahead(mr + w, 8);
             a0 = _mm512_fmadd_ps(Load(k0, v, vend), _mm512_maskz_loadu_ps(k0, xw), a0);
             a1 = _mm512_fmadd_ps(Load(k1, v1, vend), _mm512_maskz_loadu_ps(k1, xw + 16), a1);
             a2 = _mm512_fmadd_ps(Load(k2, v2, vend), _mm512_maskz_loadu_ps(k2, xw + 32), a2);
@@ -836,6 +853,8 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 // Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
 void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
+// Tuning hook (benchmarks): bytes ahead the batch-1 AVX-512 row kernels prefetch (0: none).
+void sr_set_row_prefetch(int64_t bytes) { kPrefetchAhead = bytes < 0 ? 0 : bytes; }
 void sr_set_gemv_variant(int v) { kGemvVariant = v; }
 // The batch-1 form of another ISA path (SR_AVX512: as sr_set_gemv_variant; SR_AVX2: 0 gather, 1 insert).
 void sr_set_gemv_form(int isa, int v) {

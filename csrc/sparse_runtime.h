@@ -91,6 +91,7 @@ void sr_get_counters(int64_t* out);  // out[SR_NISA * SR_NLAYOUT], isa-major
 void sr_reset_counters(void);
 void sr_set_xt_min_batch(int64_t b);
 void sr_set_blk_min_batch(int64_t b);
+void sr_set_row_prefetch(int64_t bytes);  // batch-1 AVX-512 row kernels: prefetch distance in bytes (0: off)
 void sr_set_gemv_variant(int v);
 void sr_set_gemv_form(int isa, int v);
 
