@@ -75,7 +75,7 @@ static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, c
 // across row ends. Why: without it the kernels whose arithmetic per byte is high (int8 codes, sparse
 // values) kept too few loads in flight for the hardware prefetchers to keep memory busy
 // (docs/kernels.md "Prefetch"). 0: off.
-static int64_t kPrefetchAhead = 1024;
+static int64_t kPrefetchAhead = 2048;
 
 #if SR_X86
 // ---------------------------------------------------------------------------------------------
@@ -87,7 +87,6 @@ static int64_t kPrefetchAhead = 1024;
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
 
 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 
 // Prefetch the line kPrefetchAhead / div bytes past p (div: the stream's share, e.g. a mask read
 // at a fraction of its values' pace).
