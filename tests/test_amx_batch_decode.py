@@ -117,14 +117,3 @@ def test_batched_step_in_bf16_against_fp32(value_dtype, monkeypatch):
         assert 0 < diff <= 0.02 * float(out["fp32"].abs().max())  # moved (the tiles ran), by rounding only
         assert (out["bf16"].argmax(-1) == out["fp32"].argmax(-1)).float().mean() >= 0.8
 
-
-def test_batch_dtype_option_checked():
-    from sparse_runtime.commands._dtype import engine_dtype_options
-    from sparse_runtime.errors import ConfigError
-    from sparse_runtime.runtime.lean_llama import LeanConfig
-
-    assert engine_dtype_options("sparse-cpu", None, None, "bfloat16") == {"batch_dtype": "bfloat16"}
-    with pytest.raises(ConfigError, match="ort-cpu has no --batch-dtype bfloat16.*sparse-cpu"):
-        engine_dtype_options("ort-cpu", None, None, "bfloat16")
-    with pytest.raises(ConfigError, match="batch_dtype 'float16'"):
-        LeanConfig(batch_dtype="float16")

@@ -218,6 +218,16 @@ def test_dtype_flags(tmp_path, capsys):
     assert main(["generate", "tiny-llama", "--engine", "torch-cpu", "--prefill-dtype", "bfloat16", "--prompt",
                  "Hi"]) == 2
     assert "has no --prefill-dtype" in capsys.readouterr().err
+    # --batch-dtype (serve): the batched steps' sparse products in bf16; refused early by the others
+    assert engine_dtype_options("sparse-cpu", None, None, "bfloat16") == {"batch_dtype": "bfloat16"}
+    with pytest.raises(ConfigError, match="ort-cpu has no --batch-dtype bfloat16.*sparse-cpu"):
+        engine_dtype_options("ort-cpu", None, None, "bfloat16")
+    assert main(["serve", "tiny-llama", "--engine", "ort-cpu", "--batch-dtype", "bfloat16"]) == 2
+    assert "has no --batch-dtype" in capsys.readouterr().err
+    from sparse_runtime.runtime.lean_llama import LeanConfig
+
+    with pytest.raises(ConfigError, match="batch_dtype 'float16'"):
+        LeanConfig(batch_dtype="float16")
     from helpers import save_tiny_pruned
 
     ck = save_tiny_pruned(tmp_path / "ck", sparsity=0.7)

@@ -39,20 +39,29 @@ def add_dtype_argument(p) -> None:
 PREFILL_DTYPES = ("float32", "bfloat16")
 
 
+PRODUCT_DTYPE_HELP = {
+    "--prefill-dtype": "the dtype of prompt products of 16+ tokens (default float32, exact); bfloat16 rounds their "
+                       "operands to bf16 (fp32 accumulation and output) and, on CPUs with AMX, runs packed sparse "
+                       "and int8 weights on AMX tiles with the norms, SiLU and residual adds fused in: several "
+                       "times faster prompts, logits moved by bf16 rounding; decode unchanged",
+    "--batch-dtype": "the dtype of the packed sparse products in decode steps of 4+ sequences at once (default "
+                     "float32, exact); bfloat16 runs them on AMX tiles with bf16 operands and fp32 accumulation, "
+                     "on CPUs with AMX (elsewhere float32): faster batched steps, logits moved by bf16 rounding; "
+                     "single-sequence steps unchanged",
+}
+
+
+def _add_product_dtype(p, flag: str) -> None:
+    p.add_argument(flag, default=None, choices=PREFILL_DTYPES,
+                   help=f"sparse-cpu / lean-cpu: {PRODUCT_DTYPE_HELP[flag]}")
+
+
 def add_prefill_dtype_argument(p) -> None:
-    p.add_argument("--prefill-dtype", default=None, choices=PREFILL_DTYPES,
-                   help="sparse-cpu / lean-cpu: the dtype of prompt products of 16+ tokens (default float32, exact); "
-                        "bfloat16 rounds their operands to bf16 (fp32 accumulation and output) and, on CPUs with "
-                        "AMX, runs packed sparse and int8 weights on AMX tiles with the norms, SiLU and residual "
-                        "adds fused in: several times faster prompts, logits moved by bf16 rounding; decode unchanged")
+    _add_product_dtype(p, "--prefill-dtype")
 
 
 def add_batch_dtype_argument(p) -> None:
-    p.add_argument("--batch-dtype", default=None, choices=PREFILL_DTYPES,
-                   help="sparse-cpu / lean-cpu: the dtype of the packed sparse products in decode steps of 4+ "
-                        "sequences at once (default float32, exact); bfloat16 runs them on AMX tiles with bf16 "
-                        "operands and fp32 accumulation, on CPUs with AMX (elsewhere float32): faster batched "
-                        "steps, logits moved by bf16 rounding; single-sequence steps unchanged")
+    _add_product_dtype(p, "--batch-dtype")
 
 
 def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
