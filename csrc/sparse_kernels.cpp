@@ -77,6 +77,13 @@ static void csr_portable_rows(const float* x, int64_t B, int64_t K, int64_t N, c
 // (docs/kernels.md "Prefetch"). 0: off.
 static int64_t kPrefetchAhead = 2048;
 
+// Prefetch the line kPrefetchAhead / div bytes past p (div: the stream's share, e.g. a mask read
+// at a fraction of its values' pace). A plain builtin (prefetcht0 on x86), outside the ISA target
+// regions, so the kernels of every ISA can inline it.
+static inline void sr_prefetch_ahead(const void* p, int div = 1) {
+    if (kPrefetchAhead) __builtin_prefetch((const char*)p + kPrefetchAhead / div, 0, 3);
+}
+
 #if SR_X86
 // ---------------------------------------------------------------------------------------------
 // AVX-512: bitmask + expand-load. Each 16-bit half of a mask word drives one vexpandps that
@@ -87,12 +94,6 @@ static int64_t kPrefetchAhead = 2048;
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
 
 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-// Prefetch the line kPrefetchAhead / div bytes past p (div: the stream's share, e.g. a mask read
-// at a fraction of its values' pace).
-static inline void sr_prefetch_ahead(const void* p, int div = 1) {
-    if (kPrefetchAhead) _mm_prefetch((const char*)p + kPrefetchAhead / div, _MM_HINT_T0);
-}
 
 // The values load of the batch-1 kernel, its only difference between the two forms (kGemvVariant):
 // vexpandps from memory (the expand-load), or a plain 64-byte load + the register-form vexpandps
