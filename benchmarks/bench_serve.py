@@ -3,6 +3,10 @@
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --out-dir benchmarks/results
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --soak 600 --out-dir benchmarks/results
     flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_serve.py --steps --out-dir benchmarks/results
+    # AMX CPUs: prompts and batched steps in bf16 (every server with the same flags); the step alone
+    # with both batch dtypes in the same rounds
+    python benchmarks/bench_serve.py --prefill-dtype bfloat16 --batch-dtype bfloat16 --name serve_bf16_batch
+    python benchmarks/bench_serve.py --steps --steps-batch-dtypes float32,bfloat16 --name serve_batch
     python benchmarks/bench_serve.py --smoke          # tiny models, < 1 minute: proves the script works
 
 Load test (default): one server process per model, all on the same build and engine (``sparse-cpu``:

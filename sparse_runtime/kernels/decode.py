@@ -201,7 +201,7 @@ class DecodeStepBatch:
         self.model = model
         self._k, self._v, self._cos, self._sin = k_cache, v_cache, cos, sin
         self.n_slots = int(k_cache.shape[1])
-        # SR_STEP_BF16: packed bitmask linears on AMX tiles (bf16 operands) from AMX_STEP_MIN_BATCH rows
+        # SR_STEP_BF16: packed bitmask linears on AMX tiles (bf16 operands) from 4 rows (kAmxStepMinBatch)
         self.flags = STEP_BF16 if bf16 else 0
 
     def __call__(self, tokens: list[int], slots: list[int], pos: list[int], logits: torch.Tensor,
