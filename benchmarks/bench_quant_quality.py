@@ -60,6 +60,7 @@ ROWS: list[tuple[str, str, str, str]] = (
     + [("dense int4-g64 mse", "dense", "int4-g64", "rtn+mse"), ("dense int4-g64 gptq+mse", "dense", "int4-g64", "gptq+mse"),
        ("dense int4-g64-asym mse", "dense", "int4-g64-asym", "rtn+mse"),
        ("dense int4-g64-asym gptq+mse", "dense", "int4-g64-asym", "gptq+mse"),
+       ("dense int4-g64-asym gptq", "dense", "int4-g64-asym", "gptq"),
        ("dense int4-g32-asym gptq+mse", "dense", "int4-g32-asym", "gptq+mse")]
     + [(f"{b} int4-g64 gptq+mse", b, "int4-g64", "gptq+mse") for b in ("wanda-50", "wanda-70", "wanda-2:4")]
     + [(f"{b} int4-g64-asym gptq+mse", b, "int4-g64-asym", "gptq+mse") for b in ("wanda-50", "wanda-70", "wanda-2:4")]
@@ -77,7 +78,7 @@ PRIORITY = ["wanda-50 fp32", "wanda-50 int8", "wanda-50 int4-g64", "wanda-50 int
             "dense int4-g64 mse", "dense int4-g64 gptq+mse", "dense int4-g64-asym mse", "dense int4-g64-asym gptq+mse",
             "wanda-50 int4-g64 gptq+mse", "wanda-50 int4-g64-asym gptq+mse", "wanda-70 int4-g64 gptq+mse",
             "wanda-70 int4-g64-asym gptq+mse", "wanda-2:4 int4-g64 gptq+mse", "wanda-2:4 int4-g64-asym gptq+mse",
-            "dense int4-g32-asym gptq+mse", "wanda-50 int8 mse", "wanda-70 int8 mse"]
+            "dense int4-g32-asym gptq+mse", "wanda-50 int8 mse", "wanda-70 int8 mse", "dense int4-g64-asym gptq"]
 assert sorted(PRIORITY) == sorted(k for k, *_ in ROWS)
 COLUMNS = ["row", "base", "values", "method", "sparsity", "mask", "ppl", "cost vs fp32 %", "rounded to 0 %", "quant s"]
 # --zeroshot: fp32, int8 and GPTQ int4 (the int4 the perplexity table measured at every base) of each Wanda base

@@ -21,7 +21,8 @@ def add_arguments(p):
     p.add_argument("--seqlen", type=int, default=None, help="gptq calibration length (default: the protocol's)")
     p.add_argument("--clip", default="none", choices=("none", "mse"),
                    help="mse: shrink each group's range where that lowers its rounding error (GPTQ's mse search; "
-                        "helps int4 most); none: the full range of the kept weights")
+                        "measured no gain on SmolLM2: docs/quantization.md); none (default): the full range of the "
+                        "kept weights")
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq dampening, a fraction of mean(diag H) (0.01)")
     p.add_argument("--device", default=None, help="compute device for the gptq pass (e.g. cuda)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the quantize report as JSON")
