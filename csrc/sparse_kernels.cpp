@@ -231,10 +231,6 @@ static inline void bm_idx_tile8(const float* xT, const int32_t* off, const float
     _mm256_storeu_ps(out, s);
 }
 
-// The transposed-x width of the AVX-512 index walk for B rows: 8 up to 8 rows (bm_idx_tile8), else B
-// rounded up to 16.
-static inline int64_t bm_idx_bp(int64_t B) { return B <= 8 ? 8 : (B + 15) / 16 * 16; }
-
 // off: per-thread scratch of at least 32 * Kw + 16 int32.
 static void bm_idx_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K, int64_t N, const uint32_t* mask,
                              const float* vals, const int64_t* rp, const float* bias, float* y, int64_t r0,
@@ -836,6 +832,9 @@ static const int64_t kMinRows = 32;  // below this many rows per thread, threadi
 static int64_t kXtMinBatch = 6;
 // AVX-512: from this batch on, the K-blocked walk (bm_blk_gemm_rows) replaces the plain index walk.
 static int64_t kBlkMinBatch = 64;
+// The transposed-x width the AVX-512 walks read at B (>= kXtMinBatch) rows: 8 up to 8 rows for the
+// index walk (bm_idx_tile8), else B rounded up to 16 (the 16-lane index walk, the K-blocked walk).
+static inline int64_t bm_xt_bp(int64_t B) { return B <= 8 && B < kBlkMinBatch ? 8 : (B + 15) / 16 * 16; }
 // AVX-512 batch 1: 0 = memory-form expand-load, 1 = 64-byte load + register-form expand. Default 1:
 // measured faster here (benchmarks/results/kernels_layers.md, "register expand" rows).
 static int kGemvVariant = 1;
@@ -888,7 +887,7 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
                 bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
             });
         else {
-            const int64_t Bp = B >= kBlkMinBatch ? (B + 15) / 16 * 16 : bm_idx_bp(B);
+            const int64_t Bp = bm_xt_bp(B);
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
             int failed = 0;

@@ -19,7 +19,9 @@ def add_arguments(p):
     add_data_args(p)
     p.add_argument("--nsamples", type=int, default=None, help="gptq calibration samples (default: the protocol's)")
     p.add_argument("--seqlen", type=int, default=None, help="gptq calibration length (default: the protocol's)")
-    p.add_argument("--clip", default="none", choices=("none", "mse"),
+    from ..quant.scheme import CLIPS
+
+    p.add_argument("--clip", default="none", choices=CLIPS,
                    help="mse: shrink each group's range where that lowers its rounding error (GPTQ's mse search; "
                         "measured no gain on SmolLM2: docs/quantization.md); none (default): the full range of the "
                         "kept weights")
