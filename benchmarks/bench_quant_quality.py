@@ -230,10 +230,13 @@ def main() -> None:
     t_run = time.perf_counter()
     proto = sr.get_protocol(args.protocol)
     path = Path("benchmarks/results") / f"{args.name}.json"
+    # the protocol string save() writes: an earlier run's rows are reused only when it matches, so a
+    # zero-shot run resumes (and keeps) the rows of the last one instead of starting over and overwriting them
+    saved_protocol = f"zero-shot, first {args.zeroshot_limit} items per task" if args.zeroshot else args.protocol
     done: dict[str, dict] = {}
     if path.is_file() and not args.fresh:
         old = json.loads(path.read_text())
-        if old.get("model") == args.model and old.get("protocol") == args.protocol:
+        if old.get("model") == args.model and old.get("protocol") == saved_protocol:
             done = {r["row"]: r for r in old.get("rows", [])}
     want = [r for r in ROWS if args.rows is None or r[0] in args.rows.split(",")]
     todo = sorted((r for r in want if r[0] not in done), key=lambda r: PRIORITY.index(r[0]))
@@ -248,7 +251,7 @@ def main() -> None:
                 "order; a quick variant, not the full sets), lm-eval conventions, acc (docs/evaluation.md); "
                 "the models are built exactly as in quant_quality (same bases, calibration and quantization)"]
             save_results(args.name, f"Zero-shot accuracy of quantized sparse models: {args.model}", rows,
-                         protocol=f"zero-shot, first {args.zeroshot_limit} items per task", model=args.model,
+                         protocol=saved_protocol, model=args.model,
                          notes=nts, columns=ZS_COLUMNS)
             return
         save_results(args.name, f"Quantized values on sparse models: {args.model}", with_costs(list(done.values())),
