@@ -771,6 +771,7 @@ int sr_cpu_features(void) {
         __builtin_cpu_supports("popcnt"))
         f |= 1 << SR_AVX512;
     if ((f & (1 << SR_AVX512)) && __builtin_cpu_supports("avx512vbmi2")) f |= SR_FEAT_VBMI2;
+    if ((f & (1 << SR_AVX512)) && __builtin_cpu_supports("avx512vnni")) f |= SR_FEAT_VNNI;
 #endif
     return f;
 }
@@ -811,7 +812,7 @@ int64_t sr_field_offset(const char* struct_name, const char* field) {
 #define F(T, f) {#T, #f, offsetof(T, f)}
     static const Field fields[] = {
         F(SRLinear, kind), F(SRLinear, isa), F(SRLinear, N), F(SRLinear, K), F(SRLinear, index),
-        F(SRLinear, values), F(SRLinear, row_ptr), F(SRLinear, bias), F(SRLinear, vtype), F(SRLinear, pad_),
+        F(SRLinear, values), F(SRLinear, row_ptr), F(SRLinear, bias), F(SRLinear, vtype), F(SRLinear, act),
         F(SRLinear, group), F(SRLinear, scales), F(SRLinear, zeros),
         F(SRLayer, in_norm), F(SRLayer, post_norm), F(SRLayer, qkv), F(SRLayer, o), F(SRLayer, gate_up),
         F(SRLayer, down), F(SRLayer, k_cache), F(SRLayer, v_cache), F(SRLayer, window),

@@ -20,13 +20,15 @@ enum { SR_PORTABLE = 0, SR_AVX2 = 1, SR_AVX512 = 2, SR_NISA = 3 };
 enum { SR_BITMASK = 0, SR_CSR16 = 1, SR_BITMASK_BF16 = 2, SR_CSR16_BF16 = 3, SR_BITMASK_INT8 = 4, SR_BITMASK_INT4 = 5,
        SR_DENSE_INT8 = 6, SR_DENSE_INT4 = 7, SR_NLAYOUT = 8 };
 // feature bit: AVX512-VBMI2 (16/8-bit expand), needed by the bf16 and the quantized AVX-512 paths
-enum { SR_FEAT_VBMI2 = 1 << 3 };
+enum { SR_FEAT_VBMI2 = 1 << 3, SR_FEAT_VNNI = 1 << 4 };  // AVX-512 extras: vpexpandb; vpdpbusd (W8A8)
 // Return codes of the int-returning entry points.
 enum { SR_OK = 0, SR_EUNSUPPORTED = -1, SR_ENOMEM = -2, SR_EARG = -3 };
 // SRLinear.kind
 enum { SR_LIN_DENSE = 0, SR_LIN_BITMASK = 1, SR_LIN_CSR16 = 2 };
 // SRLinear.vtype: fp32 values, or int8 / int4 codes with float32 scales (quant_kernels.inc)
 enum { SR_VT_F32 = 0, SR_VT_INT8 = 1, SR_VT_INT4 = 2 };
+// SRLinear.act: the activations of its decode products (SR_ACT_INT8: W8A8, int8 per token; csrc/w8a8.inc)
+enum { SR_ACT_F32 = 0, SR_ACT_INT8 = 1 };
 
 // ---------------------------------------------------------------------------------------------
 // The lean decode step's model description (lean_decode.inc; mirrored by CLinear, CLayer and
@@ -44,7 +46,7 @@ typedef struct {
     const int64_t* row_ptr;  // quantized bitmask: byte offset of each row's codes
     const float* bias;  // NULL: none
     int32_t vtype;      // SR_VT_F32 / SR_VT_INT8 / SR_VT_INT4 (int4: dense or bitmask only)
-    int32_t pad_;
+    int32_t act;        // SR_ACT_F32, or SR_ACT_INT8: x quantized per token, integer dot products (W8A8)
     int64_t group;        // quantized: columns per scale (32/64/128, dividing K); 0 = one scale per row
     const float* scales;  // quantized: [N, G] (G = K / group, or 1)
     const float* zeros;   // quantized asymmetric: [N, G] zero points (integers as float); NULL: symmetric

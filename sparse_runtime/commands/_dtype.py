@@ -1,10 +1,11 @@
-"""The ``--dtype``, ``--prefill-dtype`` and ``--batch-dtype`` options of the engine commands
+"""The ``--dtype``, ``--prefill-dtype``, ``--batch-dtype`` and ``--act-dtype`` options of the engine commands
 (``generate``, ``bench``, ``serve``): the compute dtype an engine loads the model in, or the
 quantized values it runs (``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``:
 int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu); the dtype of the lean engines' prompt
 products, and (``serve``) of their batched decode steps' sparse products (``bfloat16``: bf16
-operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md). Each is
-checked against what the engine runs before anything is loaded."""
+operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md); and the
+activations of their decode products on int8 codes (``int8``: W8A8, x quantized per token, integer
+dot products on AVX-512 VNNI). Each is checked against what the engine runs before anything is loaded."""
 from __future__ import annotations
 
 from typing import Optional
@@ -64,6 +65,18 @@ def add_batch_dtype_argument(p) -> None:
     _add_product_dtype(p, "--batch-dtype")
 
 
+ACT_DTYPES = ("float32", "int8")
+
+
+def add_act_dtype_argument(p) -> None:
+    p.add_argument("--act-dtype", default=None, choices=ACT_DTYPES,
+                   help="sparse-cpu / lean-cpu with --dtype int8: the activations of the decode products (default "
+                        "float32: weight-only int8); int8 quantizes each token's input to every product to int8 "
+                        "(one scale per token) and multiplies in integers on AVX-512 VNNI (W8A8): faster sparse "
+                        "decode, logits moved by the activation rounding (docs/kernels.md); prompt products of "
+                        "more than 8 tokens unchanged")
+
+
 def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
     """One line naming the fix when ``engine`` lacks ``value`` for ``flag`` (its class lists what
     it has in ``attr``)."""
@@ -77,9 +90,9 @@ def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
 
 
 def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optional[str] = None,
-                         batch_dtype: Optional[str] = None) -> dict:
-    """``{"dtype": dtype, "prefill_dtype": prefill_dtype, "batch_dtype": batch_dtype}`` for
-    ``engine``'s options (each only when given); one line naming the fix when the engine cannot run it."""
+                         batch_dtype: Optional[str] = None, act_dtype: Optional[str] = None) -> dict:
+    """``{"dtype": ..., "prefill_dtype": ..., "batch_dtype": ..., "act_dtype": ...}`` for ``engine``'s
+    options (each only when given); one line naming the fix when the engine cannot run it."""
     from ..errors import ConfigError
     from ..runtime import engine_names, get_engine
 
@@ -90,6 +103,9 @@ def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optio
     if batch_dtype is not None:
         _engine_option(engine, "--batch-dtype", "batch_dtypes", batch_dtype)
         out["batch_dtype"] = batch_dtype
+    if act_dtype is not None:
+        _engine_option(engine, "--act-dtype", "act_dtypes", act_dtype)
+        out["act_dtype"] = act_dtype
     if dtype is None:
         return out
 

@@ -26,11 +26,12 @@ def add_arguments(p):
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
                    help="seconds in-flight requests get after SIGTERM (default %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
-    from ._dtype import add_batch_dtype_argument, add_dtype_argument, add_prefill_dtype_argument
+    from ._dtype import add_act_dtype_argument, add_batch_dtype_argument, add_dtype_argument, add_prefill_dtype_argument
 
     add_dtype_argument(p)
     add_prefill_dtype_argument(p)
     add_batch_dtype_argument(p)
+    add_act_dtype_argument(p)
 
 
 def run(args) -> int:
@@ -48,7 +49,8 @@ def run(args) -> int:
     from ._dtype import engine_dtype_options
 
     dtype_opts = engine_dtype_options(args.engine, getattr(args, "dtype", None),  # refused before loading
-                                      getattr(args, "prefill_dtype", None), getattr(args, "batch_dtype", None))
+                                      getattr(args, "prefill_dtype", None), getattr(args, "batch_dtype", None),
+                                      getattr(args, "act_dtype", None))
     for name in ("slots", "max_model_len", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -28,11 +28,12 @@ _i32, _i64, _p, _f = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_f
 
 
 VT_F32, VT_INT8, VT_INT4 = 0, 1, 2  # SRLinear.vtype
+ACT_DTYPES = ("float32", "int8")  # SRLinear.act, by index: fp32 activations, or int8 per token (W8A8)
 
 
 class CLinear(ctypes.Structure):
     _fields_ = [("kind", _i32), ("isa", _i32), ("N", _i64), ("K", _i64), ("index", _p), ("values", _p),
-                ("row_ptr", _p), ("bias", _p), ("vtype", _i32), ("pad_", _i32), ("group", _i64), ("scales", _p),
+                ("row_ptr", _p), ("bias", _p), ("vtype", _i32), ("act", _i32), ("group", _i64), ("scales", _p),
                 ("zeros", _p)]
 
 
@@ -56,13 +57,22 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optional[PackedWeight] = None,
-                bias: Optional[torch.Tensor] = None, quant=None) -> CLinear:
+                bias: Optional[torch.Tensor] = None, quant=None, act: str = "float32") -> CLinear:
     """A C descriptor for ``y = W x + b``: ``dense`` (a contiguous fp32 [N, K] weight), ``packed``
     (fp32 values; the layout must have a kernel on ``isa``) or ``quant`` (a
     :class:`~sparse_runtime.kernels.layout.QuantPacked`: int8/int4 codes, dense or bitmask; ``isa``
     is the path requested, the C side runs the best quantized path it has there, see
-    ``native.quant_isa``). The caller keeps the tensors alive."""
+    ``native.quant_isa``). ``act="int8"`` (int8 codes only): the products quantize x per token to
+    int8 and multiply in integers (W8A8, csrc/w8a8.inc). The caller keeps the tensors alive."""
     isa_id = native.ISAS.index(isa)
+    if act not in ACT_DTYPES:
+        raise ConfigError(f"act {act!r}: choose {' or '.join(ACT_DTYPES)}")
+    if act == "int8":
+        from .reference import w8a8_eligible
+
+        why = "int8 activations need quantized int8 values (--dtype int8)" if quant is None else w8a8_eligible(quant)
+        if why:
+            raise ConfigError(why)
     if quant is not None:
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             raise ConfigError(f"the lean decode step takes a contiguous float32 bias; got {bias.dtype}")
@@ -70,7 +80,8 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
         kind, qisa = KIND_BITMASK if q.layout == "bitmask" else KIND_DENSE, native.quant_isa(isa, q.layout)
         return CLinear(kind, native.ISAS.index(qisa), q.out_features, q.in_features, _ptr(q.index),
                        q.codes.data_ptr(), _ptr(q.row_ptr), _ptr(bias),
-                       VT_INT8 if q.bits == 8 else VT_INT4, 0, q.group, q.scales.data_ptr(), _ptr(q.zeros))
+                       VT_INT8 if q.bits == 8 else VT_INT4, ACT_DTYPES.index(act), q.group, q.scales.data_ptr(),
+                       _ptr(q.zeros))
     for name, t in (("dense weight", dense), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             raise ConfigError(f"the lean decode step takes contiguous float32 tensors; got a {t.dtype} {name}")

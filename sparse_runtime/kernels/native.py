@@ -49,6 +49,7 @@ QUANT_LAYOUTS = ("dense", "bitmask")
 QUANT_IMPLEMENTED = {("bitmask", "avx512"), ("bitmask", "portable"), ("dense", "avx512"), ("dense", "avx2"),
                      ("dense", "portable")}
 FEAT_VBMI2 = 1 << 3
+FEAT_VNNI = 1 << 4  # AVX-512 VNNI (vpdpbusd): the W8A8 products of csrc/w8a8.inc
 ERRORS = {-1: "the CPU does not support this path", -2: "out of memory", -3: "bad arguments"}
 ABI_MISMATCH = "the compiled kernels do not match this Python package: rebuild with pip install -e ."
 
@@ -220,6 +221,16 @@ def quant_isa(isa: str, layout: str) -> str:
     if isa == "avx512" and not (lb is not None and lb.sr_cpu_features() & FEAT_VBMI2):
         isa = "avx2" if layout == "dense" and "avx2" in supported_isas() else "portable"
     return isa if (layout, isa) in QUANT_IMPLEMENTED else "portable"
+
+
+def w8a8_isa(isa: str, layout: str) -> str:
+    """The path that runs int8 codes of ``layout`` with int8 activations (W8A8) when ``isa`` is asked
+    for: AVX-512 where the codes run there and the CPU has VNNI, else portable (plain integer loops:
+    correct, several times slower than the weight-only kernels; the engines refuse it there)."""
+    lb = _load()
+    if quant_isa(isa, layout) == "avx512" and lb is not None and lb.sr_cpu_features() & FEAT_VNNI:
+        return "avx512"
+    return "portable"
 
 
 def counters() -> dict[str, int]:

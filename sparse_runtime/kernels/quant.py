@@ -28,20 +28,23 @@ class QuantLinear:
     :class:`~sparse_runtime.kernels.module.DenseScratch` for the prefill form (else a temporary)."""
 
     def __init__(self, packed: QuantPacked, bias: Optional[torch.Tensor] = None, isa: Optional[str] = None,
-                 scratch=None):
+                 scratch=None, act: str = "float32"):
         from .decode import linear_desc
 
         self.packed = packed
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.isa = native.select_isa(isa)
         self.scratch = scratch
-        self.desc = linear_desc(self.isa, quant=packed, bias=self.bias)
+        self.act = act  # "int8": the C products quantize x per token (W8A8); the prefill GEMM form stays fp32
+        self.desc = linear_desc(self.isa, quant=packed, bias=self.bias, act=act)
         self.shape = (packed.out_features, packed.in_features)
         self.c_calls = 0
         self.gemm_calls = 0
 
     @property
     def run_isa(self) -> str:
+        if self.act == "int8":
+            return native.w8a8_isa(self.isa, self.packed.layout)
         return native.quant_isa(self.isa, self.packed.layout)
 
     def dequantize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:

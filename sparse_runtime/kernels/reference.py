@@ -91,3 +91,56 @@ def reference_qlinear(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] 
     if bias is not None:
         y += np.asarray(bias, dtype=np.float64)
     return y.astype(np.float32).reshape(*lead, p.out_features)
+
+
+def w8a8_eligible(p: QuantPacked) -> Optional[str]:
+    """None when ``p`` can run with int8 activations (W8A8), else why not: int8 symmetric codes with
+    one scale per row, dense or bitmask, at most ``W8A8_MAX_K`` inputs (csrc/w8a8.inc)."""
+    if p.bits != 8 or not p.symmetric or p.group != 0:
+        return (f"int8 activations need int8 symmetric codes with one scale per row (got int{p.bits}"
+                f"{'' if p.group == 0 else f'-g{p.group}'}{'' if p.symmetric else '-asym'})")
+    if p.in_features > W8A8_MAX_K:
+        return f"int8 activations take at most {W8A8_MAX_K} inputs (got {p.in_features})"
+    return None
+
+
+W8A8_MAX_K = 65536  # csrc/w8a8.inc kA8MaxK: every int32 partial sum stays in range
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """One token's ``x`` [K] float32 -> (``q`` int8 codes as int64, ``sx``) by the W8A8 contract of
+    csrc/w8a8.inc: ``amax = max |x|``, ``q = round-half-even(x * (127 / amax))`` in fp32, clamped to
+    [-127, 127], ``sx = amax / 127`` (0 for a zero x; NaN for a non-finite one, with q = 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    a = np.abs(x)
+    if not np.all(np.isfinite(a)):
+        return np.zeros(x.shape, np.int64), np.float32(np.nan)
+    amax = np.float32(a.max()) if a.size else np.float32(0)
+    if amax == 0:
+        return np.zeros(x.shape, np.int64), np.float32(0)
+    inv = np.float32(127) / amax
+    q = np.clip(np.rint(x * inv), -127, 127).astype(np.int64)  # np.rint: half to even, as cvtps2dq
+    return q, np.float32(amax / np.float32(127))
+
+
+def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x`` [..., K] float32 -> [..., N] float32 with int8 activations per token (W8A8): exactly the
+    C kernels' arithmetic, ``(float)(sum code * q) * (sx * scale) + bias`` in fp32 with an exact
+    integer sum (so the kernels equal it bit for bit)."""
+    why = w8a8_eligible(p)
+    if why:
+        raise ValueError(why)
+    x = np.asarray(x, dtype=np.float32)
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, p.in_features)
+    codes = np.rint(quant_decode(p).astype(np.float64) / np.where(p.scales.numpy() == 0, 1, p.scales.numpy())
+                    .astype(np.float64)).astype(np.int64)  # the integer codes (pruned: 0)
+    scales = p.scales.numpy().reshape(-1).astype(np.float32)
+    out = np.empty((xs.shape[0], p.out_features), np.float32)
+    for i, row in enumerate(xs):
+        q, sx = quantize_activations(row)
+        acc = (codes @ q).astype(np.int32).astype(np.float32)
+        out[i] = acc * (sx * scales)
+        if bias is not None:
+            out[i] = out[i] + np.asarray(bias, dtype=np.float32)
+    return out.reshape(*lead, p.out_features)

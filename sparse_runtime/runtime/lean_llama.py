@@ -113,6 +113,11 @@ class LeanConfig:
     # AMX tiles (bf16 operands, fp32 accumulation) from 4 sequences on; opt-in for the same reason
     # (docs/kernels.md#batched-decode-on-amx). Batch-1 steps (generate) are never affected.
     batch_dtype: str = "float32"
+    # "int8" (W8A8, int8 symmetric per-row codes only): the decode products (the C step's, and the torch
+    # path's up to C_MAX_TOKENS tokens) quantize their input per token to int8 and multiply in integers
+    # on AVX-512 VNNI; opt-in, it changes the numerics (docs/kernels.md#w8a8-decode). Prefill GEMMs and
+    # the AMX batched steps of batch_dtype="bfloat16" keep their own dtype.
+    act_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES and self.value_dtype not in QUANT_DTYPES:
@@ -124,6 +129,11 @@ class LeanConfig:
             raise ConfigError(f"prefill_dtype {self.prefill_dtype!r}: choose float32 (exact) or bfloat16 (AMX GEMMs)")
         if self.batch_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"batch_dtype {self.batch_dtype!r}: choose float32 (exact) or bfloat16 (AMX tiles)")
+        if self.act_dtype not in ACT_DTYPES:
+            raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
+        if self.act_dtype == "int8" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
+            raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row: load with "
+                              "--dtype int8 (not int4, a group size or -asym), or leave --act-dtype out")
 
     @property
     def quantized(self) -> bool:
@@ -141,6 +151,7 @@ class LeanConfig:
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_DTYPES = {"int8": 8, "int4": 4}  # value_dtype -> bits (codes + fp32 scales; fp32 activations)
+ACT_DTYPES = ("float32", "int8")  # LeanConfig.act_dtype: int8 = W8A8 decode products (kernels.decode.ACT_DTYPES)
 PREFILL_BF16_MIN = 16  # prefill_dtype bf16: fewer tokens keep the fp32 path (the decode kernels' regime)
 DECODE_FORM_BUDGET = 256 << 20  # bytes of dense weights rebuilt at once to time the C step's forms
 DENSE_DECODE_MARGIN = 0.9  # a group is held dense only where dense took at most this share of packed's time
@@ -208,7 +219,7 @@ class FusedLinear:
             if grid is not None:
                 scheme, scales = grid
                 layout = "bitmask" if self.can_pack else "dense"
-                self.qlin = quantized_linear(w, scheme, layout, isa, self.bias, scratch, scales)
+                self.qlin = quantized_linear(w, scheme, layout, isa, self.bias, scratch, scales, lean.act_dtype)
                 self.weight = None
                 self.can_pack = False
                 return
@@ -263,7 +274,7 @@ class FusedLinear:
         p = q.packed
         dense = quantize_packed(q.dequantize(), QuantScheme(p.bits, p.group, p.symmetric), "dense",
                                 scales=p.scales, zeros=p.zeros)
-        return QuantLinear(dense, self.bias, isa=q.isa, scratch=self.scratch)
+        return QuantLinear(dense, self.bias, isa=q.isa, scratch=self.scratch, act=q.act)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean.prefill_dtype == "bfloat16" and x.numel() // self.shape[1] >= PREFILL_BF16_MIN:
@@ -353,9 +364,11 @@ def quant_grid(lean: LeanConfig, names: list[str], quantization=None):
     return quantization.scheme, (torch.cat([g[0].float() for g in got], 0), zeros)
 
 
-def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scratch, scales=None):
+def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scratch, scales=None,
+                     act: str = "float32"):
     """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
-    round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact)."""
+    round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact);
+    ``act="int8"``: its C products take int8 activations (W8A8; the scheme must be int8 per row)."""
     from ..kernels import native
     from ..kernels.quant import QuantLinear, quantize_packed
 
@@ -363,7 +376,10 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
         layout = "dense"  # no vectorised bitmask-code kernel on this path: dense codes stream faster
     sc, zr = scales if scales is not None else (None, None)
     packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
-    return QuantLinear(packed, bias, isa=isa, scratch=scratch)
+    if act == "int8" and native.w8a8_isa(isa, layout) == "portable" and isa != "portable":
+        raise ConfigError("int8 activations (W8A8) run on AVX-512 VNNI, which this CPU lacks (its portable integer "
+                          "loops are several times slower than the weight-only int8 kernels): leave --act-dtype out")
+    return QuantLinear(packed, bias, isa=isa, scratch=scratch, act=act)
 
 
 @torch.inference_mode()
@@ -394,7 +410,8 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
             groups.setdefault(key, []).append(f)
         elif f.qlin is not None and f.qlin.packed.layout == "bitmask":
             p = f.qlin.packed
-            key = (isa, "q-bitmask", p.bits, p.group, p.symmetric, *f.shape, round(p.density * 20) / 20, threads)
+            key = (isa, "q-bitmask", p.bits, p.group, p.symmetric, f.qlin.act, *f.shape, round(p.density * 20) / 20,
+                   threads)
             groups.setdefault(key, []).append(f)
     for key, members in groups.items():
         if key not in _DECODE_FORM:
@@ -633,7 +650,8 @@ class LeanLlama:
             if grid is None and tied and quantization is not None:
                 grid = quant_grid(lean, ["model.embed_tokens.weight"], quantization)
         if grid is not None:
-            self.lm_q = quantized_linear(head.float(), grid[0], "dense", self.isa, self.lm_bias, self.scratch, grid[1])
+            self.lm_q = quantized_linear(head.float(), grid[0], "dense", self.isa, self.lm_bias, self.scratch, grid[1],
+                                         lean.act_dtype)
             self.lm_head = None
             self.embed = None if tied else emb.to(dtype, copy=True).contiguous()
         else:
@@ -737,6 +755,8 @@ class LeanLlama:
             q = next((f.qlin for f in lin if f.qlin is not None), self.lm_q)
             vals = (f"{self._scheme_name(q)} codes, lm_head {'codes' if self.lm_q else 'fp32'}"
                     if q is not None else f"{vals} requested, no weight quantized")
+            if q is not None and q.act == "int8":
+                vals += f", int8 activations per token in decode products (W8A8, {q.run_isa})"
         return (f"lean {'sparse' if self.config.sparse else 'dense'} ({vals}): {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
                 f"also sparse at {rng}), isa {self.isa}, "

@@ -1,0 +1,277 @@
+"""W8A8 decode products (``act_dtype="int8"``, csrc/w8a8.inc): int8 codes times int8 activations
+quantized per token. The kernels against the NumPy reference of the contract bit for bit (the sum is
+an exact integer, the rest the same fp32 operations in the same order), every path, odd shapes, empty
+rows, all sparsities, batch 1 and batch > 1; the edge inputs; the refusals; and the lean engine
+(decode step and batched slots) against the Hugging Face model with the dequantized weights and the
+same activation rounding applied to every product's input."""
+import copy
+import ctypes
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_runtime.errors import ConfigError
+from sparse_runtime.kernels import available, supported_isas, unavailable_reason
+from sparse_runtime.models.tiny import tiny_model
+from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
+
+from helpers import random_pruned
+
+if not available():
+    if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(unavailable_reason())
+    pytest.skip(unavailable_reason() or "sparse kernels unavailable", allow_module_level=True)
+
+from sparse_runtime.kernels import native  # noqa: E402
+from sparse_runtime.kernels.decode import run_linear_batch  # noqa: E402
+from sparse_runtime.kernels.layout import pack_quantized  # noqa: E402
+from sparse_runtime.kernels.quant import QuantLinear  # noqa: E402
+from sparse_runtime.kernels.reference import quantize_activations, reference_w8a8  # noqa: E402
+from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama  # noqa: E402
+
+VNNI = "avx512" in supported_isas() and native.w8a8_isa("avx512", "bitmask") == "avx512"
+PATHS = [pytest.param("avx512", marks=pytest.mark.skipif(not VNNI, reason="CPU lacks AVX-512 VNNI/VBMI2")),
+         "portable"]
+INT8 = QuantScheme(8)
+SPARSITIES = (0.0, 0.5, 0.7, 0.95, 1.0, "2:4")
+
+
+def _weight(N, K, sparsity, seed=0):
+    """A random [N, K] weight at ``sparsity`` (or 2:4), rows 3 and 5 empty."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    if sparsity == "2:4":
+        grp = w[:, :K // 4 * 4].reshape(N, -1, 4)
+        grp.mul_(torch.zeros_like(grp).scatter_(-1, grp.abs().topk(2, dim=-1).indices, 1.0))
+        w[:, K // 4 * 4:] = 0
+    else:
+        w = w * (torch.rand(N, K, generator=g) >= sparsity)
+    w[3] = 0
+    w[5] = 0
+    return w
+
+
+def _x(B, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g) * 2
+    x[:, (7 * torch.arange(B)) % K] = 30.0  # an outlier per token (sets amax)
+    return x
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("layout", ["dense", "bitmask"])
+def test_kernels_equal_the_contract_bit_for_bit(isa, layout):
+    """K = 77 (a partial mask word), 576, 1056 (an odd number of mask words: the single-word step),
+    every sparsity, batch 1 / 3 / 8 through the QuantLinear (the decode sizes) and 16 through the C
+    entry; bias and none. The AVX-512 path must be the one counted where it runs."""
+    for K in (77, 576, 1056):
+        for sp in SPARSITIES:
+            w = _weight(37, K, sp)
+            p = pack_quantized(quantize_rtn(w, INT8), layout)
+            for bias in (torch.randn(37), None):
+                ql = QuantLinear(p, bias, isa=isa, act="int8")
+                assert ql.run_isa == isa
+                slot = f"{layout}-int8/{isa}"
+                for B in (1, 3, 8):
+                    x = _x(B, K, seed=B)
+                    before = native.counters()[slot]
+                    y = ql(x).numpy()
+                    assert native.counters()[slot] == before + 1
+                    want = reference_w8a8(x.numpy(), p, None if bias is None else bias.numpy())
+                    np.testing.assert_array_equal(y, want, err_msg=f"K={K} {sp} B={B} bias={bias is not None}")
+                x = _x(16, K, seed=16)
+                y = torch.empty(16, 37)
+                run_linear_batch(ql.desc, x, y, 2)
+                want = reference_w8a8(x.numpy(), p, None if bias is None else bias.numpy())
+                np.testing.assert_array_equal(y.numpy(), want, err_msg=f"K={K} {sp} B=16")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_edge_inputs(isa):
+    """A zero token gives the bias exactly; a token with a NaN or an infinity gives NaN rows (as fp32
+    would), never a finite value from a clamped input; the others in the batch are unaffected."""
+    p = pack_quantized(quantize_rtn(_weight(19, 96, 0.7), INT8), "bitmask")
+    bias = torch.randn(19)
+    ql = QuantLinear(p, bias, isa=isa, act="int8")
+    x = _x(4, 96)
+    x[0] = 0
+    x[1, 5] = float("nan")
+    x[2, 9] = float("inf")
+    y = ql(x)
+    torch.testing.assert_close(y[0], bias, atol=0, rtol=0)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    np.testing.assert_array_equal(y[3].numpy(), reference_w8a8(x[3:].numpy(), p, bias.numpy())[0])
+
+
+def test_activation_rounding_is_the_contract():
+    """amax maps to +-127, halves round to even, and the result is within half a step of x."""
+    x = np.array([1.0, -2.0, 0.5 * 2 / 127, 1.5 * 2 / 127, 0.3], np.float32)
+    q, sx = quantize_activations(x)
+    assert sx == np.float32(2.0) / np.float32(127) and q[1] == -127
+    assert list(q[2:4]) == [0, 2]  # 0.5 and 1.5 steps: to even
+    assert np.all(np.abs(q * sx - x) <= sx / 2 + 1e-7)
+
+
+def test_w8a8_moves_the_result_by_the_activation_rounding():
+    """Against the weight-only product of the same codes: close (per-token int8 keeps ~2 significant
+    digits per element) and not equal (the integer path ran)."""
+    p = pack_quantized(quantize_rtn(_weight(64, 576, 0.7), INT8), "bitmask")
+    x = torch.randn(1, 576)
+    isa = "avx512" if VNNI else "portable"
+    a8, wo = QuantLinear(p, isa=isa, act="int8")(x), QuantLinear(p, isa=isa)(x)
+    rel = float((a8 - wo).norm() / wo.norm())
+    assert 0 < rel < 0.03, rel
+
+
+def test_ineligible_weights_are_refused_with_one_line():
+    w = _weight(8, 128, 0.5)
+    for sch, what in ((QuantScheme(4), "int4"), (QuantScheme(8, 64), "int8-g64"), (QuantScheme(8, 0, False), "asym")):
+        with pytest.raises(ConfigError, match=what) as e:
+            QuantLinear(pack_quantized(quantize_rtn(w, sch), "bitmask"), act="int8")
+        assert "\n" not in str(e.value)
+    for cfg in (dict(value_dtype="int4"), dict(value_dtype="float32"), dict(value_dtype="int8", group=64),
+                dict(value_dtype="int8", symmetric=False)):
+        with pytest.raises(ConfigError, match="--dtype int8"):
+            LeanConfig(act_dtype="int8", **cfg)
+    with pytest.raises(ConfigError, match="act_dtype"):
+        LeanConfig(value_dtype="int8", act_dtype="int4")
+    # the C side refuses a descriptor that asks for int8 activations on codes it cannot take
+    ql = QuantLinear(pack_quantized(quantize_rtn(w, QuantScheme(4)), "dense"))
+    desc = type(ql.desc).from_buffer_copy(ql.desc)
+    desc.act = 1
+    rc = native.lib().sr_linear_desc_run(ctypes.byref(desc), torch.randn(128).data_ptr(), torch.empty(8).data_ptr(), 1)
+    assert rc == -3
+
+
+def test_without_vnni_the_engine_refuses(monkeypatch):
+    """On a CPU without AVX-512 VNNI the integer loops would be portable (several times slower than the
+    weight-only kernels): the engine says so instead of running them."""
+    from sparse_runtime.runtime import lean_llama
+
+    monkeypatch.setattr(native, "w8a8_isa", lambda isa, layout: "portable")
+    w = _weight(8, 64, 0.5)
+    with pytest.raises(ConfigError, match="VNNI"):
+        lean_llama.quantized_linear(w, INT8, "bitmask", "avx2", None, None, act="int8")
+
+
+# ---- the lean engine -----------------------------------------------------------------------------
+def _fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Each token's x rounded as the kernels round it (the contract), in fp32."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(flat)
+    for i, row in enumerate(flat):
+        q, sx = quantize_activations(row.detach().numpy())
+        out[i] = torch.from_numpy(q.astype(np.float32)) * float(sx)
+    return out.view_as(x)
+
+
+def _reference(model):
+    """The HF model with int8 RTN weights (lm_head included) and every linear's input rounded per
+    token as W8A8 rounds it, from position ``ref.a8_from`` of the call on: the engine's products of
+    up to 8 tokens (decode, short prompts) take int8 activations, its prefill of more tokens the fp32
+    GEMM, so a whole-sequence reference rounds only the positions the engine decoded. The lm_head
+    rounds from ``ref.a8_head_from`` when set: a slot's prefill projects its last token alone."""
+    ref = copy.deepcopy(model)
+    ref.a8_from, ref.a8_head_from = 0, None
+
+    def hook(mod, args):
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1]).clone()  # batch 1: rows are positions
+        i0 = ref.a8_head_from if mod is ref.lm_head and ref.a8_head_from is not None else ref.a8_from
+        flat[i0:] = _fake_quant(flat[i0:])
+        return (flat.view_as(x),)
+
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(quantize_rtn(m.weight, INT8).dequantize())
+                m.register_forward_pre_hook(hook)
+    return ref
+
+
+def _prompt_rounded_from(n: int) -> int:
+    """The first position of an n-token prompt whose products the engine runs in W8A8."""
+    return 0 if n <= 8 else n
+
+
+def _lean(model, **cfg):
+    isa = "avx512" if VNNI else "portable"
+    return LeanLlama(model, LeanConfig(value_dtype="int8", act_dtype="int8", calibrate=False, initial_cache=16,
+                                       isa=isa, **cfg), threads=2)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The reference sums q * sx * w in fp32 where the kernel sums q * code exactly, and a last-bit
+    difference upstream can move one rounded activation by a step: the engine is compared by the
+    relative L2 error and a loose elementwise bound (the kernels are compared bit for bit above;
+    the weight-only rounding of W8A8 itself moves these logits by ~1e-2 relative)."""
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 1e-3, rel
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@torch.no_grad()
+def test_lean_decode_equals_the_rounded_reference(family):
+    model = random_pruned(tiny_model(family))
+    lean = _lean(model)
+    assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == "int8"
+    assert "W8A8" in lean.summary()
+    ref = _reference(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (1, 12), generator=g)
+    ref.a8_from = _prompt_rounded_from(12)
+    r = ref(ids, use_cache=True)
+    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=2e-5, rtol=0)  # 12 tokens: fp32 GEMMs
+    cache = r.past_key_values
+    ref.a8_from = 0
+    for _ in range(6):
+        tok = torch.randint(0, 256, (1, 1), generator=g)
+        r = ref(tok, past_key_values=cache, use_cache=True)
+        cache = r.past_key_values
+        _close(lean.decode(tok), r.logits)
+
+
+@torch.no_grad()
+def test_batched_slots_equal_the_rounded_reference():
+    """``decode_slots`` at B = 3 (the batched C step, each token quantized with its own scale)."""
+    model = random_pruned(tiny_model("llama"))
+    lean = _lean(model)
+    lean.init_slots(4, 32)
+    ref = _reference(model)
+    g = torch.Generator().manual_seed(1)
+    seqs = {s: torch.randint(0, 256, (n,), generator=g) for s, n in ((0, 5), (2, 9), (3, 3))}
+    start = {s: _prompt_rounded_from(len(ids)) for s, ids in seqs.items()}
+    for s, ids in seqs.items():
+        ref.a8_from, ref.a8_head_from = start[s], len(ids) - 1
+        _close(lean.prefill_slot(s, ids), ref(ids[None]).logits[0, -1])
+    for _ in range(3):
+        toks = [int(t) for t in torch.randint(0, 256, (3,), generator=g)]
+        out = lean.decode_slots(list(seqs), toks)
+        for i, (s, ids) in enumerate(seqs.items()):
+            seqs[s] = torch.cat([ids, torch.tensor([toks[i]])])
+            ref.a8_from, ref.a8_head_from = start[s], None
+            _close(out[i], ref(seqs[s][None]).logits[0, -1])
+
+
+def test_engine_option(tmp_path):
+    from wanda_reference import make_checkpoint
+
+    from sparse_runtime.commands._dtype import engine_dtype_options
+    from sparse_runtime.runtime import load_engine
+
+    assert engine_dtype_options("sparse-cpu", "int8", act_dtype="int8") == {"dtype": "int8", "act_dtype": "int8"}
+    with pytest.raises(ConfigError, match="no --act-dtype int8"):
+        engine_dtype_options("torch-cpu", None, act_dtype="int8")
+    if native.w8a8_isa(native.select_isa(), "bitmask") != "avx512":
+        pytest.skip("the engines refuse W8A8 where their ISA path has no AVX-512 VNNI")
+    ckpt = str(make_checkpoint(tmp_path / "tiny70", "llama", sparsity=0.7))
+    eng = load_engine("sparse-cpu", ckpt, threads=2, calibrate=False, dtype="int8", act_dtype="int8")
+    try:
+        eng.prefill(np.array([[3, 17, 99, 4, 250]], dtype=np.int64))
+        eng.decode(np.array([[42]]))
+        assert "W8A8" in eng.lean.summary()
+    finally:
+        eng.close()
