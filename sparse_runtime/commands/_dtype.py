@@ -65,7 +65,7 @@ def add_batch_dtype_argument(p) -> None:
     _add_product_dtype(p, "--batch-dtype")
 
 
-ACT_DTYPES = ("float32", "int8")
+ACT_DTYPES = ("float32", "int8")  # kernels.decode.ACT_DTYPES, without importing torch to build the parser
 
 
 def add_act_dtype_argument(p) -> None:

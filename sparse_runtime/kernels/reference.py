@@ -93,6 +93,9 @@ def reference_qlinear(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] 
     return y.astype(np.float32).reshape(*lead, p.out_features)
 
 
+W8A8_MAX_K = 65536  # csrc/w8a8.inc kA8MaxK: every int32 partial sum stays in range
+
+
 def w8a8_eligible(p: QuantPacked) -> Optional[str]:
     """None when ``p`` can run with int8 activations (W8A8), else why not: int8 symmetric codes with
     one scale per row, dense or bitmask, at most ``W8A8_MAX_K`` inputs (csrc/w8a8.inc)."""
@@ -103,8 +106,6 @@ def w8a8_eligible(p: QuantPacked) -> Optional[str]:
         return f"int8 activations take at most {W8A8_MAX_K} inputs (got {p.in_features})"
     return None
 
-
-W8A8_MAX_K = 65536  # csrc/w8a8.inc kA8MaxK: every int32 partial sum stays in range
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.float32]:

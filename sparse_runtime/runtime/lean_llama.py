@@ -129,6 +129,8 @@ class LeanConfig:
             raise ConfigError(f"prefill_dtype {self.prefill_dtype!r}: choose float32 (exact) or bfloat16 (AMX GEMMs)")
         if self.batch_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"batch_dtype {self.batch_dtype!r}: choose float32 (exact) or bfloat16 (AMX tiles)")
+        from ..kernels.decode import ACT_DTYPES  # the C descriptor's values (SRLinear.act)
+
         if self.act_dtype not in ACT_DTYPES:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
         if self.act_dtype == "int8" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
@@ -151,7 +153,6 @@ class LeanConfig:
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_DTYPES = {"int8": 8, "int4": 4}  # value_dtype -> bits (codes + fp32 scales; fp32 activations)
-ACT_DTYPES = ("float32", "int8")  # LeanConfig.act_dtype: int8 = W8A8 decode products (kernels.decode.ACT_DTYPES)
 PREFILL_BF16_MIN = 16  # prefill_dtype bf16: fewer tokens keep the fp32 path (the decode kernels' regime)
 DECODE_FORM_BUDGET = 256 << 20  # bytes of dense weights rebuilt at once to time the C step's forms
 DENSE_DECODE_MARGIN = 0.9  # a group is held dense only where dense took at most this share of packed's time
