@@ -107,12 +107,14 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
     rows += [Row("dense fp32 + bf16 prefill, lean", "lean-cpu", "dense", "fp32", bf16_prefill)]
     rows += [Row(f"{ck} {v} + bf16 prefill, sparse-cpu", "sparse-cpu", ck, v, bf16_prefill)
              for ck in SPARSE if "70" in ck for v in ("fp32", "int8")]
-    # int8 activations per token (W8A8, VNNI; opt-in: docs/kernels.md#w8a8-decode), dense and sparse
-    a8 = {"act_dtype": "int8"}
-    rows += [Row("dense int8 + W8A8, lean", "lean-cpu", "dense", "int8", a8, group="ours-dense-w8a8")]
-    rows += [Row(f"{ck} int8 + W8A8, sparse-cpu", "sparse-cpu", ck, "int8", a8) for ck in SPARSE]
+    # int8 activations (W8A8, VNNI; opt-in: docs/kernels.md#w8a8-decode), one scale per token or per 64
+    # columns, dense and sparse
+    for act, tag in (("int8", "W8A8"), ("int8-g64", "W8A8-g64")):
+        a8 = {"act_dtype": act}
+        rows += [Row(f"dense int8 + {tag}, lean", "lean-cpu", "dense", "int8", a8)]
+        rows += [Row(f"{ck} int8 + {tag}, sparse-cpu", "sparse-cpu", ck, "int8", a8) for ck in SPARSE]
     rows += [Row("wanda-70 int8 + W8A8 + bf16 prefill, sparse-cpu", "sparse-cpu", "wanda-70", "int8",
-                 {**a8, **bf16_prefill})]
+                 {"act_dtype": "int8", **bf16_prefill})]
     if with_deepsparse:
         rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
     return rows
@@ -278,7 +280,13 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
         stats[r.label] = s
     med = {k: v["decode"].median for k, v in stats.items() if "decode" in v}
     ours = next((r.label for r in rows if r.group == "ours-dense-int8" and r.label in med), None)
-    ours_a8 = next((r.label for r in rows if r.group == "ours-dense-w8a8" and r.label in med), None)
+
+    def same_kind(r: Row) -> Optional[str]:
+        """Our dense row with r's values and activations (decode is what is compared): the like-for-like
+        reference of a sparse row of ours."""
+        act = r.options.get("act_dtype")
+        return next((d.label for d in rows if d.engine == "lean-cpu" and d.ckpt == "dense" and d.values == r.values
+                     and d.options.get("act_dtype") == act and d.label in med), None) if r.engine == "sparse-cpu" else None
     ort_q = [r.label for r in rows if r.group == "ort-quant" and r.label in med]
     fastest_ort = min(ort_q, key=med.get) if ort_q else None
     out = []
@@ -295,7 +303,7 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
                "prefill ms": p.median if p else None, "prefill IQR": f"{p.q1:.4g}-{p.q3:.4g}" if p else None,
                "B/w blocks": b["bpw_blocks"], "B/w lm_head": b["bpw_lm_head"], "MB/token": b["mb_per_token"],
                "logit rel L2 prefill / decode": b.get("logit_rel_l2")}
-        for ref, col in ((ours, "vs our dense int8"), (ours_a8, "vs our dense W8A8"),
+        for ref, col in ((ours, "vs our dense int8"), (same_kind(r), "vs our dense, same values"),
                          (fastest_ort, "vs fastest ORT quant")):
             if ref is None or d is None:
                 row[col] = None
@@ -305,7 +313,7 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
             row[col] = f"{x:.2f}x (bound {bound:.2f}x)" if bound else f"{x:.2f}x (bound n/a)"
         row["evidence"] = str(evidence[r.label].get("sparse_path", ""))[:90]
         out.append(row)
-    return out, {"our_dense_int8": ours, "our_dense_w8a8": ours_a8, "fastest_ort_quant": fastest_ort}
+    return out, {"our_dense_int8": ours, "fastest_ort_quant": fastest_ort}
 
 
 def main() -> int:
@@ -408,11 +416,12 @@ def main() -> int:
         f"{args.prefill} (ms, full logits); warm-up 1, {args.repeats} interleaved rounds, median [IQR], min-max; "
         f"{threads} threads for every engine",
         f"ratio references: our dense int8 = {refs['our_dense_int8'] or 'not run'} (weight-only: fp32 activations); "
-        f"our dense W8A8 = {refs['our_dense_w8a8'] or 'not run'} (the same codes with int8 activations per token: "
-        "compare W8A8 rows with it for like-for-like numerics); fastest dense quantized ORT "
+        "our dense, same values = our dense row with the row's value type and activations (fp32, int8 weight-only, "
+        "W8A8 per token, W8A8-g64: the like-for-like comparison of a sparse row); fastest dense quantized ORT "
         f"(by decode median) = {refs['fastest_ort_quant'] or 'not run'}; ratio = median(reference) / median(row)",
         "W8A8 rows (--act-dtype int8): the decode products (and prompt products of at most 8 tokens) quantize "
-        "each token's input to int8 with one scale per token and multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
+        "each token's input to int8 with one scale per token (W8A8-g64: per 64 columns, --act-dtype int8-g64) and "
+        "multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
         "prefill 1 x 128 runs the fp32 (or bf16) GEMM form as without it; their logits move by the activation "
         "rounding (perplexity cost: quant_quality.md)",
         "bound = MB/token of the reference / MB/token of the row (weights read per decode token: block linears + "
@@ -442,7 +451,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
     cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
             "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "MB/token", "vs our dense int8",
-            "vs our dense W8A8", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
+            "vs our dense, same values", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")
     protocol = (f"latency (docs/protocols.md), rows interleaved within each runtime group: decode:1@{args.context} "

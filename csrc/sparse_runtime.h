@@ -46,7 +46,7 @@ typedef struct {
     const int64_t* row_ptr;  // quantized bitmask: byte offset of each row's codes
     const float* bias;  // NULL: none
     int32_t vtype;      // SR_VT_F32 / SR_VT_INT8 / SR_VT_INT4 (int4: dense or bitmask only)
-    int32_t act;        // SR_ACT_F32, or SR_ACT_INT8: x quantized per token, integer dot products (W8A8)
+    int32_t act;        // SR_ACT_F32; SR_ACT_INT8: x quantized per token (W8A8); 64 / 128: per that many columns
     int64_t group;        // quantized: columns per scale (32/64/128, dividing K); 0 = one scale per row
     const float* scales;  // quantized: [N, G] (G = K / group, or 1)
     const float* zeros;   // quantized asymmetric: [N, G] zero points (integers as float); NULL: symmetric

@@ -89,12 +89,40 @@ def test_kernels_equal_the_contract_bit_for_bit(isa, layout):
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_edge_inputs(isa):
+@pytest.mark.parametrize("layout", ["dense", "bitmask"])
+@pytest.mark.parametrize("act", ["int8-g64", "int8-g128"])
+def test_grouped_kernels_match_the_reference(isa, layout, act):
+    """One scale per 64 / 128 columns: K = 77, 200 (a partial last group), 576, 1056, every sparsity,
+    batch 1 / 3 / 8 and 16; each group's integer sum is exact, the groups are summed in fp32 (float64
+    in the reference), so they agree to fp32 rounding. The two paths agree with each other as well."""
+    group = int(act.split("-g")[1])
+    for K in (77, 200, 576, 1056):
+        for sp in SPARSITIES:
+            w = _weight(37, K, sp)
+            p = pack_quantized(quantize_rtn(w, INT8), layout)
+            bias = torch.randn(37)
+            ql = QuantLinear(p, bias, isa=isa, act=act)
+            for B in (1, 3, 8, 16):
+                x = _x(B, K, seed=B)
+                if B <= 8:
+                    y = ql(x).numpy()
+                else:
+                    out = torch.empty(B, 37)
+                    run_linear_batch(ql.desc, x, out, 2)
+                    y = out.numpy()
+                want = reference_w8a8(x.numpy(), p, bias.numpy(), group=group)
+                scale = np.abs(want).max() + 1
+                np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-6 * scale, err_msg=f"K={K} {sp} B={B}")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("act", ["int8", "int8-g64"])
+def test_edge_inputs(isa, act):
     """A zero token gives the bias exactly; a token with a NaN or an infinity gives NaN rows (as fp32
     would), never a finite value from a clamped input; the others in the batch are unaffected."""
     p = pack_quantized(quantize_rtn(_weight(19, 96, 0.7), INT8), "bitmask")
     bias = torch.randn(19)
-    ql = QuantLinear(p, bias, isa=isa, act="int8")
+    ql = QuantLinear(p, bias, isa=isa, act=act)
     x = _x(4, 96)
     x[0] = 0
     x[1, 5] = float("nan")
@@ -102,16 +130,30 @@ def test_edge_inputs(isa):
     y = ql(x)
     torch.testing.assert_close(y[0], bias, atol=0, rtol=0)
     assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
-    np.testing.assert_array_equal(y[3].numpy(), reference_w8a8(x[3:].numpy(), p, bias.numpy())[0])
+    group = 0 if act == "int8" else 64
+    np.testing.assert_allclose(y[3].numpy(), reference_w8a8(x[3:].numpy(), p, bias.numpy(), group)[0], rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_activation_rounding_is_the_contract():
-    """amax maps to +-127, halves round to even, and the result is within half a step of x."""
+    """amax maps to +-127, halves round to even, and the result is within half a step of x; with
+    groups, each group has its own amax; the torch emulation equals the reference."""
+    from sparse_runtime.quant.activations import round_activations
+
     x = np.array([1.0, -2.0, 0.5 * 2 / 127, 1.5 * 2 / 127, 0.3], np.float32)
-    q, sx = quantize_activations(x)
-    assert sx == np.float32(2.0) / np.float32(127) and q[1] == -127
+    q, s = quantize_activations(x)
+    sx = s[0]
+    assert sx == np.float32(2.0) / np.float32(127) and q[1] == -127 and np.all(s == sx)
     assert list(q[2:4]) == [0, 2]  # 0.5 and 1.5 steps: to even
     assert np.all(np.abs(q * sx - x) <= sx / 2 + 1e-7)
+    q2, s2 = quantize_activations(x, group=2)
+    assert list(s2) == [np.float32(2) / 127] * 2 + [np.float32(1.5 * 2 / 127) / 127] * 2 + [np.float32(0.3) / 127]
+    assert q2[4] == 127 and q2[3] == 127
+    xr = torch.randn(3, 200) * 4
+    for g in (0, 64):
+        want = np.stack([np.float32(1) * quantize_activations(r, g)[0] * quantize_activations(r, g)[1]
+                         for r in xr.numpy()])
+        np.testing.assert_array_equal(round_activations(xr, g).numpy(), want.astype(np.float32))
 
 
 def test_w8a8_moves_the_result_by_the_activation_rounding():
@@ -157,17 +199,17 @@ def test_without_vnni_the_engine_refuses(monkeypatch):
 
 
 # ---- the lean engine -----------------------------------------------------------------------------
-def _fake_quant(x: torch.Tensor) -> torch.Tensor:
+def _fake_quant(x: torch.Tensor, group: int) -> torch.Tensor:
     """Each token's x rounded as the kernels round it (the contract), in fp32."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(flat)
     for i, row in enumerate(flat):
-        q, sx = quantize_activations(row.detach().numpy())
-        out[i] = torch.from_numpy(q.astype(np.float32)) * float(sx)
+        q, s = quantize_activations(row.detach().numpy(), group)
+        out[i] = torch.from_numpy(q.astype(np.float32) * s)
     return out.view_as(x)
 
 
-def _reference(model):
+def _reference(model, group: int = 0):
     """The HF model with int8 RTN weights (lm_head included) and every linear's input rounded per
     token as W8A8 rounds it, from position ``ref.a8_from`` of the call on: the engine's products of
     up to 8 tokens (decode, short prompts) take int8 activations, its prefill of more tokens the fp32
@@ -180,7 +222,7 @@ def _reference(model):
         x = args[0]
         flat = x.reshape(-1, x.shape[-1]).clone()  # batch 1: rows are positions
         i0 = ref.a8_head_from if mod is ref.lm_head and ref.a8_head_from is not None else ref.a8_from
-        flat[i0:] = _fake_quant(flat[i0:])
+        flat[i0:] = _fake_quant(flat[i0:], group)
         return (flat.view_as(x),)
 
     with torch.no_grad():
@@ -196,10 +238,13 @@ def _prompt_rounded_from(n: int) -> int:
     return 0 if n <= 8 else n
 
 
-def _lean(model, **cfg):
+def _lean(model, act="int8", **cfg):
     isa = "avx512" if VNNI else "portable"
-    return LeanLlama(model, LeanConfig(value_dtype="int8", act_dtype="int8", calibrate=False, initial_cache=16,
+    return LeanLlama(model, LeanConfig(value_dtype="int8", act_dtype=act, calibrate=False, initial_cache=16,
                                        isa=isa, **cfg), threads=2)
+
+
+ACTS = [("int8", 0), ("int8-g64", 64)]
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -213,13 +258,14 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("act,group", ACTS)
 @torch.no_grad()
-def test_lean_decode_equals_the_rounded_reference(family):
+def test_lean_decode_equals_the_rounded_reference(family, act, group):
     model = random_pruned(tiny_model(family))
-    lean = _lean(model)
-    assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == "int8"
+    lean = _lean(model, act)
+    assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == act
     assert "W8A8" in lean.summary()
-    ref = _reference(model)
+    ref = _reference(model, group)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (1, 12), generator=g)
     ref.a8_from = _prompt_rounded_from(12)
@@ -234,13 +280,14 @@ def test_lean_decode_equals_the_rounded_reference(family):
         _close(lean.decode(tok), r.logits)
 
 
+@pytest.mark.parametrize("act,group", ACTS)
 @torch.no_grad()
-def test_batched_slots_equal_the_rounded_reference():
-    """``decode_slots`` at B = 3 (the batched C step, each token quantized with its own scale)."""
+def test_batched_slots_equal_the_rounded_reference(act, group):
+    """``decode_slots`` at B = 3 (the batched C step, each token quantized with its own scales)."""
     model = random_pruned(tiny_model("llama"))
-    lean = _lean(model)
+    lean = _lean(model, act)
     lean.init_slots(4, 32)
-    ref = _reference(model)
+    ref = _reference(model, group)
     g = torch.Generator().manual_seed(1)
     seqs = {s: torch.randint(0, 256, (n,), generator=g) for s, n in ((0, 5), (2, 9), (3, 3))}
     start = {s: _prompt_rounded_from(len(ids)) for s, ids in seqs.items()}

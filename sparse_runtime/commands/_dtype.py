@@ -65,16 +65,17 @@ def add_batch_dtype_argument(p) -> None:
     _add_product_dtype(p, "--batch-dtype")
 
 
-ACT_DTYPES = ("float32", "int8")  # kernels.decode.ACT_DTYPES, without importing torch to build the parser
+ACT_DTYPES = ("float32", "int8", "int8-g64", "int8-g128")  # kernels.decode.ACT_DTYPES (no torch import here)
 
 
 def add_act_dtype_argument(p) -> None:
     p.add_argument("--act-dtype", default=None, choices=ACT_DTYPES,
                    help="sparse-cpu / lean-cpu with --dtype int8: the activations of the decode products (default "
                         "float32: weight-only int8); int8 quantizes each token's input to every product to int8 "
-                        "(one scale per token) and multiplies in integers on AVX-512 VNNI (W8A8): faster sparse "
-                        "decode, logits moved by the activation rounding (docs/kernels.md); prompt products of "
-                        "more than 8 tokens unchanged")
+                        "and multiplies in integers on AVX-512 VNNI (W8A8): faster sparse decode, logits moved by "
+                        "the activation rounding; int8 = one scale per token (fastest), int8-g64 / int8-g128 = one "
+                        "per 64 / 128 columns (a fraction of the rounding error, a little slower; "
+                        "docs/kernels.md#w8a8-decode); prompt products of more than 8 tokens unchanged")
 
 
 def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:

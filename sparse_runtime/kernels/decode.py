@@ -28,7 +28,9 @@ _i32, _i64, _p, _f = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_f
 
 
 VT_F32, VT_INT8, VT_INT4 = 0, 1, 2  # SRLinear.vtype
-ACT_DTYPES = ("float32", "int8")  # SRLinear.act, by index: fp32 activations, or int8 per token (W8A8)
+# SRLinear.act: fp32 activations, or int8 (W8A8) with one scale per token or per 64 / 128 columns of it
+ACT_CODES = {"float32": 0, "int8": 1, "int8-g64": 64, "int8-g128": 128}
+ACT_DTYPES = tuple(ACT_CODES)
 
 
 class CLinear(ctypes.Structure):
@@ -62,12 +64,13 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
     (fp32 values; the layout must have a kernel on ``isa``) or ``quant`` (a
     :class:`~sparse_runtime.kernels.layout.QuantPacked`: int8/int4 codes, dense or bitmask; ``isa``
     is the path requested, the C side runs the best quantized path it has there, see
-    ``native.quant_isa``). ``act="int8"`` (int8 codes only): the products quantize x per token to
-    int8 and multiply in integers (W8A8, csrc/w8a8.inc). The caller keeps the tensors alive."""
+    ``native.quant_isa``). ``act="int8"`` / ``"int8-g64"`` / ``"int8-g128"`` (int8 codes only): the
+    products quantize x to int8 with one scale per token / per 64 or 128 columns of it and multiply
+    in integers (W8A8, csrc/w8a8.inc). The caller keeps the tensors alive."""
     isa_id = native.ISAS.index(isa)
     if act not in ACT_DTYPES:
         raise ConfigError(f"act {act!r}: choose {' or '.join(ACT_DTYPES)}")
-    if act == "int8":
+    if act != "float32":
         from .reference import w8a8_eligible
 
         why = "int8 activations need quantized int8 values (--dtype int8)" if quant is None else w8a8_eligible(quant)
@@ -80,7 +83,7 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
         kind, qisa = KIND_BITMASK if q.layout == "bitmask" else KIND_DENSE, native.quant_isa(isa, q.layout)
         return CLinear(kind, native.ISAS.index(qisa), q.out_features, q.in_features, _ptr(q.index),
                        q.codes.data_ptr(), _ptr(q.row_ptr), _ptr(bias),
-                       VT_INT8 if q.bits == 8 else VT_INT4, ACT_DTYPES.index(act), q.group, q.scales.data_ptr(),
+                       VT_INT8 if q.bits == 8 else VT_INT4, ACT_CODES[act], q.group, q.scales.data_ptr(),
                        _ptr(q.zeros))
     for name, t in (("dense weight", dense), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):

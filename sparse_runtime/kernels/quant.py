@@ -35,7 +35,7 @@ class QuantLinear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.isa = native.select_isa(isa)
         self.scratch = scratch
-        self.act = act  # "int8": the C products quantize x per token (W8A8); the prefill GEMM form stays fp32
+        self.act = act  # "int8[-gG]": the C products quantize x to int8 (W8A8); the prefill GEMM form stays fp32
         self.desc = linear_desc(self.isa, quant=packed, bias=self.bias, act=act)
         self.shape = (packed.out_features, packed.in_features)
         self.c_calls = 0
@@ -43,7 +43,7 @@ class QuantLinear:
 
     @property
     def run_isa(self) -> str:
-        if self.act == "int8":
+        if self.act != "float32":
             return native.w8a8_isa(self.isa, self.packed.layout)
         return native.quant_isa(self.isa, self.packed.layout)
 

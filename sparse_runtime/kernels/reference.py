@@ -108,40 +108,64 @@ def w8a8_eligible(p: QuantPacked) -> Optional[str]:
 
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """One token's ``x`` [K] float32 -> (``q`` int8 codes as int64, ``sx``) by the W8A8 contract of
-    csrc/w8a8.inc: ``amax = max |x|``, ``q = round-half-even(x * (127 / amax))`` in fp32, clamped to
-    [-127, 127], ``sx = amax / 127`` (0 for a zero x; NaN for a non-finite one, with q = 0)."""
+def quantize_activations(x: np.ndarray, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One token's ``x`` [K] float32 -> (``q`` int8 codes as int64 [K], ``s`` float32 [K]: each
+    column's scale) by the W8A8 contract of csrc/w8a8.inc, with one scale for the token (``group`` 0)
+    or per ``group`` columns (the last group may be partial): ``amax = max |x|`` over the group,
+    ``q = round-half-even(x * (127 / amax))`` in fp32, clamped to [-127, 127], ``s = amax / 127``
+    (0 for a zero group; NaN everywhere, with q = 0, for an x holding a NaN or an infinity)."""
     x = np.asarray(x, dtype=np.float32)
-    a = np.abs(x)
-    if not np.all(np.isfinite(a)):
-        return np.zeros(x.shape, np.int64), np.float32(np.nan)
-    amax = np.float32(a.max()) if a.size else np.float32(0)
-    if amax == 0:
-        return np.zeros(x.shape, np.int64), np.float32(0)
-    inv = np.float32(127) / amax
-    q = np.clip(np.rint(x * inv), -127, 127).astype(np.int64)  # np.rint: half to even, as cvtps2dq
-    return q, np.float32(amax / np.float32(127))
+    K = x.shape[0]
+    q = np.zeros(K, np.int64)
+    s = np.zeros(K, np.float32)
+    if not np.all(np.isfinite(x)):
+        return q, np.full(K, np.nan, np.float32)
+    g = group or max(K, 1)
+    for k0 in range(0, K, g):
+        seg = x[k0:k0 + g]
+        amax = np.float32(np.abs(seg).max())
+        if amax == 0:
+            continue
+        inv = np.float32(127) / amax
+        q[k0:k0 + g] = np.clip(np.rint(seg * inv), -127, 127)  # np.rint: half to even, as cvtps2dq
+        s[k0:k0 + g] = np.float32(amax / np.float32(127))
+    return q, s
 
 
-def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None) -> np.ndarray:
-    """``x`` [..., K] float32 -> [..., N] float32 with int8 activations per token (W8A8): exactly the
-    C kernels' arithmetic, ``(float)(sum code * q) * (sx * scale) + bias`` in fp32 with an exact
-    integer sum (so the kernels equal it bit for bit)."""
+def _int_codes(p: QuantPacked) -> np.ndarray:
+    """The integer codes [N, K] of int8 symmetric values (pruned: 0), recovered from the layout."""
+    sc = p.scales.numpy().astype(np.float64)
+    return np.rint(quant_decode(p).astype(np.float64) / np.where(sc == 0, 1, sc)).astype(np.int64)
+
+
+def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None, group: int = 0) -> np.ndarray:
+    """``x`` [..., K] float32 -> [..., N] float32 with int8 activations (W8A8), one scale per token
+    (``group`` 0) or per ``group`` columns. Per token, exactly the C kernels' arithmetic:
+    ``(float)(sum code * q) * (sx * scale) + bias`` in fp32 with an exact integer sum (the kernels
+    equal it bit for bit); grouped, each group's integer sum times its scale summed in float64 (the
+    kernels sum the groups in fp32, so they agree to fp32 rounding)."""
     why = w8a8_eligible(p)
     if why:
         raise ValueError(why)
     x = np.asarray(x, dtype=np.float32)
     lead = x.shape[:-1]
     xs = x.reshape(-1, p.in_features)
-    codes = np.rint(quant_decode(p).astype(np.float64) / np.where(p.scales.numpy() == 0, 1, p.scales.numpy())
-                    .astype(np.float64)).astype(np.int64)  # the integer codes (pruned: 0)
+    codes = _int_codes(p)
     scales = p.scales.numpy().reshape(-1).astype(np.float32)
+    b = None if bias is None else np.asarray(bias, dtype=np.float32)
     out = np.empty((xs.shape[0], p.out_features), np.float32)
     for i, row in enumerate(xs):
-        q, sx = quantize_activations(row)
-        acc = (codes @ q).astype(np.int32).astype(np.float32)
-        out[i] = acc * (sx * scales)
-        if bias is not None:
-            out[i] = out[i] + np.asarray(bias, dtype=np.float32)
+        q, s = quantize_activations(row, group)
+        if group == 0:
+            acc = (codes @ q).astype(np.int32).astype(np.float32)
+            out[i] = acc * (s[0] * scales) if s.size else 0
+        else:
+            K = p.in_features
+            acc = np.zeros(p.out_features, np.float64)
+            for k0 in range(0, K, group):
+                part = codes[:, k0:k0 + group] @ q[k0:k0 + group]  # exact
+                acc += part * np.float64(s[k0])
+            out[i] = (acc * scales.astype(np.float64)).astype(np.float32)
+        if b is not None:
+            out[i] = out[i] + b
     return out.reshape(*lead, p.out_features)

@@ -113,10 +113,11 @@ class LeanConfig:
     # AMX tiles (bf16 operands, fp32 accumulation) from 4 sequences on; opt-in for the same reason
     # (docs/kernels.md#batched-decode-on-amx). Batch-1 steps (generate) are never affected.
     batch_dtype: str = "float32"
-    # "int8" (W8A8, int8 symmetric per-row codes only): the decode products (the C step's, and the torch
-    # path's up to C_MAX_TOKENS tokens) quantize their input per token to int8 and multiply in integers
-    # on AVX-512 VNNI; opt-in, it changes the numerics (docs/kernels.md#w8a8-decode). Prefill GEMMs and
-    # the AMX batched steps of batch_dtype="bfloat16" keep their own dtype.
+    # "int8" / "int8-g64" / "int8-g128" (W8A8, int8 symmetric per-row codes only): the decode products (the
+    # C step's, and the torch path's up to C_MAX_TOKENS tokens) quantize their input to int8, one scale per
+    # token or per 64 / 128 columns of it, and multiply in integers on AVX-512 VNNI; opt-in, it changes the
+    # numerics (docs/kernels.md#w8a8-decode). Prefill GEMMs and the AMX batched steps of
+    # batch_dtype="bfloat16" keep their own dtype.
     act_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -133,7 +134,7 @@ class LeanConfig:
 
         if self.act_dtype not in ACT_DTYPES:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
-        if self.act_dtype == "int8" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
+        if self.act_dtype != "float32" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
             raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row: load with "
                               "--dtype int8 (not int4, a group size or -asym), or leave --act-dtype out")
 
@@ -369,7 +370,7 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
                      act: str = "float32"):
     """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
     round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact);
-    ``act="int8"``: its C products take int8 activations (W8A8; the scheme must be int8 per row)."""
+    ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row)."""
     from ..kernels import native
     from ..kernels.quant import QuantLinear, quantize_packed
 
@@ -377,7 +378,7 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
         layout = "dense"  # no vectorised bitmask-code kernel on this path: dense codes stream faster
     sc, zr = scales if scales is not None else (None, None)
     packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
-    if act == "int8" and native.w8a8_isa(isa, layout) == "portable" and isa != "portable":
+    if act != "float32" and native.w8a8_isa(isa, layout) == "portable" and isa != "portable":
         raise ConfigError("int8 activations (W8A8) run on AVX-512 VNNI, which this CPU lacks (its portable integer "
                           "loops are several times slower than the weight-only int8 kernels): leave --act-dtype out")
     return QuantLinear(packed, bias, isa=isa, scratch=scratch, act=act)
@@ -756,8 +757,9 @@ class LeanLlama:
             q = next((f.qlin for f in lin if f.qlin is not None), self.lm_q)
             vals = (f"{self._scheme_name(q)} codes, lm_head {'codes' if self.lm_q else 'fp32'}"
                     if q is not None else f"{vals} requested, no weight quantized")
-            if q is not None and q.act == "int8":
-                vals += f", int8 activations per token in decode products (W8A8, {q.run_isa})"
+            if q is not None and q.act != "float32":
+                per = "token" if q.act == "int8" else f"{q.act.split('-g')[1]} columns of each token"
+                vals += f", int8 activations per {per} in decode products (W8A8, {q.run_isa})"
         return (f"lean {'sparse' if self.config.sparse else 'dense'} ({vals}): {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
                 f"also sparse at {rng}), isa {self.isa}, "
