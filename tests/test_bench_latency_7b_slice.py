@@ -32,7 +32,8 @@ def test_table_ratios_and_failure_rows(tmp_path):
     model = save_tiny_pruned(tmp_path / "w70", sparsity=0.7)
     t = {"lean-dense": (100.0, 10.0), "sparse-cpu-70": (50.0, 4.0), "ort-dense": (80.0, 8.0),
          "ort-sparse-70": (40.0, 8.0), "lean-dense-bf16p": (60.0, 10.0), "sparse-cpu-70-bf16p": (20.0, 4.0),
-         "sparse-cpu-70-int8-bf16p": (15.0, 2.0)}
+         "sparse-cpu-70-int8-bf16p": (15.0, 2.0), "lean-dense-int8": (90.0, 8.0), "sparse-cpu-70-int8": (90.0, 5.0),
+         "lean-dense-int8-a8": (90.0, 6.0), "sparse-cpu-70-int8-a8": (90.0, 3.0)}
     results = {k: {"load_s": 1.0, "capped": {"peak_anon_bytes": 2 ** 30}, b.PREFILL: _timing(p), b.DECODE: _timing(d)}
                for k, (p, d) in t.items()}
     results["deepsparse-dense"] = {"skipped": "skipped: DeepSparse is not installed"}
@@ -41,6 +42,8 @@ def test_table_ratios_and_failure_rows(tmp_path):
     assert sorted(rows) == sorted(b.CONFIGS)
     assert rows["sparse-cpu-70-bf16p"]["prefill sparse/dense"] == 3.0  # its pair is the bf16-prefill dense row
     assert rows["sparse-cpu-70-int8-bf16p"]["decode sparse/dense"] == 5.0
+    assert rows["sparse-cpu-70-int8"]["decode sparse/dense"] == 1.6  # int8 against dense int8
+    assert rows["sparse-cpu-70-int8-a8"]["decode sparse/dense"] == 2.0  # W8A8 against dense W8A8
     assert "bandwidth bound" not in rows["sparse-cpu-70-int8-bf16p"]  # the bound is of fp32 values
     assert rows["sparse-cpu-70"]["decode sparse/dense"] == 2.5  # lean 10 / sparse 4
     assert rows["ort-sparse-70"]["decode sparse/dense"] == 1.0 and rows["ort-sparse-70"]["prefill sparse/dense"] == 2.0

@@ -312,7 +312,10 @@ def test_engine_option(tmp_path):
     from sparse_runtime.commands import _dtype
     from sparse_runtime.kernels import decode
 
-    assert _dtype.ACT_DTYPES == decode.ACT_DTYPES  # the parser's copy of the descriptor's values
+    from sparse_runtime.runtime import get_engine
+
+    # the parser's and the engines' copies of the descriptor's values
+    assert _dtype.ACT_DTYPES == decode.ACT_DTYPES == get_engine("sparse-cpu").act_dtypes
     assert engine_dtype_options("sparse-cpu", "int8", act_dtype="int8") == {"dtype": "int8", "act_dtype": "int8"}
     with pytest.raises(ConfigError, match="no --act-dtype int8"):
         engine_dtype_options("torch-cpu", None, act_dtype="int8")

@@ -68,7 +68,8 @@ class SparseCPUEngine(Engine):
     dtypes = ("float32", "bfloat16", "int8", "int4")
     prefill_dtypes = ("float32", "bfloat16")  # LeanConfig.prefill_dtype (the --prefill-dtype option)
     batch_dtypes = ("float32", "bfloat16")  # LeanConfig.batch_dtype (serve's --batch-dtype)
-    act_dtypes = ("float32", "int8")  # LeanConfig.act_dtype (--act-dtype; int8 needs --dtype int8)
+    # LeanConfig.act_dtype (--act-dtype; the int8 forms need --dtype int8): kernels.decode.ACT_DTYPES
+    act_dtypes = ("float32", "int8", "int8-g64", "int8-g128")
 
     @classmethod
     def check_available(cls) -> None:
