@@ -61,21 +61,26 @@ CONFIGS = {
     "lean-dense-bf16p": ("lean-cpu", "dense"),
     "sparse-cpu-70-bf16p": ("sparse-cpu", "sparse"),
     "sparse-cpu-70-int8-bf16p": ("sparse-cpu", "sparse"),
-    # int8 codes, weight-only and with int8 activations per token (W8A8, --act-dtype int8), dense and 70 %
+    # int8 codes, weight-only and with int8 activations (W8A8, --act-dtype int8 / int8-g64), dense and 70 %
     "lean-dense-int8": ("lean-cpu", "dense"),
     "sparse-cpu-70-int8": ("sparse-cpu", "sparse"),
     "lean-dense-int8-a8": ("lean-cpu", "dense"),
     "sparse-cpu-70-int8-a8": ("sparse-cpu", "sparse"),
+    "lean-dense-int8-a8g64": ("lean-cpu", "dense"),
+    "sparse-cpu-70-int8-a8g64": ("sparse-cpu", "sparse"),
 }
 EXTRA_OPTIONS = {"lean-dense-bf16p": {"prefill_dtype": "bfloat16"},
                  "sparse-cpu-70-bf16p": {"prefill_dtype": "bfloat16"},
                  "sparse-cpu-70-int8-bf16p": {"prefill_dtype": "bfloat16", "dtype": "int8"},
                  "lean-dense-int8": {"dtype": "int8"}, "sparse-cpu-70-int8": {"dtype": "int8"},
                  "lean-dense-int8-a8": {"dtype": "int8", "act_dtype": "int8"},
-                 "sparse-cpu-70-int8-a8": {"dtype": "int8", "act_dtype": "int8"}}
+                 "sparse-cpu-70-int8-a8": {"dtype": "int8", "act_dtype": "int8"},
+                 "lean-dense-int8-a8g64": {"dtype": "int8", "act_dtype": "int8-g64"},
+                 "sparse-cpu-70-int8-a8g64": {"dtype": "int8", "act_dtype": "int8-g64"}}
 PAIRS = {"sparse-cpu-70": "lean-dense", "ort-sparse-70": "ort-dense", "deepsparse-70": "deepsparse-dense",
          "sparse-cpu-70-bf16p": "lean-dense-bf16p", "sparse-cpu-70-int8-bf16p": "lean-dense-bf16p",
-         "sparse-cpu-70-int8": "lean-dense-int8", "sparse-cpu-70-int8-a8": "lean-dense-int8-a8"}
+         "sparse-cpu-70-int8": "lean-dense-int8", "sparse-cpu-70-int8-a8": "lean-dense-int8-a8",
+         "sparse-cpu-70-int8-a8g64": "lean-dense-int8-a8g64"}
 OURS = "sparse-cpu-70"
 MARGIN = 2 * 10**9  # disk left free for the machine's other work
 DECODE, PREFILL = "decode b1 @ ctx 128", "prefill b1 x 128"

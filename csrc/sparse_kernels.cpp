@@ -18,6 +18,7 @@
 // module. SparseGPT's column solver (also in this shared object) is in sparsegpt_solver.cpp.
 #include <Python.h>
 
+#include <alloca.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>

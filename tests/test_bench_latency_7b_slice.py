@@ -33,7 +33,8 @@ def test_table_ratios_and_failure_rows(tmp_path):
     t = {"lean-dense": (100.0, 10.0), "sparse-cpu-70": (50.0, 4.0), "ort-dense": (80.0, 8.0),
          "ort-sparse-70": (40.0, 8.0), "lean-dense-bf16p": (60.0, 10.0), "sparse-cpu-70-bf16p": (20.0, 4.0),
          "sparse-cpu-70-int8-bf16p": (15.0, 2.0), "lean-dense-int8": (90.0, 8.0), "sparse-cpu-70-int8": (90.0, 5.0),
-         "lean-dense-int8-a8": (90.0, 6.0), "sparse-cpu-70-int8-a8": (90.0, 3.0)}
+         "lean-dense-int8-a8": (90.0, 6.0), "sparse-cpu-70-int8-a8": (90.0, 3.0),
+         "lean-dense-int8-a8g64": (90.0, 7.0), "sparse-cpu-70-int8-a8g64": (90.0, 3.5)}
     results = {k: {"load_s": 1.0, "capped": {"peak_anon_bytes": 2 ** 30}, b.PREFILL: _timing(p), b.DECODE: _timing(d)}
                for k, (p, d) in t.items()}
     results["deepsparse-dense"] = {"skipped": "skipped: DeepSparse is not installed"}
