@@ -85,3 +85,20 @@ def random_pruned(model, sparsity: float = 0.7, seed: int = 0):
             if p.dim() == 2 and "embed" not in n and "lm_head" not in n:
                 p.mul_((torch.rand(p.shape, generator=g) >= sparsity).float())
     return model
+
+
+def pruned_weight(N: int, K: int, sparsity, seed: int = 0) -> torch.Tensor:
+    """A random [N, K] weight at ``sparsity`` (or 2:4), rows 3 and 5 empty (N > 5): the quantized
+    kernels' tests run it on odd shapes, empty rows and every sparsity."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    if sparsity == "2:4":
+        grp = w[:, :K // 4 * 4].reshape(N, -1, 4)
+        keep = grp.abs().topk(2, dim=-1).indices
+        grp.mul_(torch.zeros_like(grp).scatter_(-1, keep, 1.0))
+        w[:, K // 4 * 4:] = 0
+    else:
+        w = w * (torch.rand(N, K, generator=g) >= sparsity)
+    w[3] = 0
+    w[5] = 0
+    return w

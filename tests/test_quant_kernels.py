@@ -14,7 +14,7 @@ from sparse_runtime.kernels import available, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
 
-from helpers import compare_with_hf, random_pruned as _pruned
+from helpers import compare_with_hf, pruned_weight as _weight, random_pruned as _pruned
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -33,22 +33,6 @@ SCHEMES = [QuantScheme(8), QuantScheme(8, 0, False), QuantScheme(8, 64), QuantSc
            QuantScheme(4), QuantScheme(4, 0, False), QuantScheme(4, 32), QuantScheme(4, 128, False)]
 SPARSITIES = (0.0, 0.5, 0.7, 0.95, "2:4")
 ATOL = 2e-5
-
-
-def _weight(N: int, K: int, sparsity, seed: int = 0) -> torch.Tensor:
-    """A random [N, K] weight at ``sparsity`` (or 2:4), rows 3 and 5 empty."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g)
-    if sparsity == "2:4":
-        grp = w[:, :K // 4 * 4].reshape(N, -1, 4)
-        keep = grp.abs().topk(2, dim=-1).indices
-        grp.mul_(torch.zeros_like(grp).scatter_(-1, keep, 1.0))
-        w[:, K // 4 * 4:] = 0
-    else:
-        w = w * (torch.rand(N, K, generator=g) >= sparsity)
-    w[3] = 0
-    w[5] = 0
-    return w
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -17,7 +17,7 @@ from sparse_runtime.kernels import available, supported_isas, unavailable_reason
 from sparse_runtime.models.tiny import tiny_model
 from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
 
-from helpers import random_pruned
+from helpers import pruned_weight as _weight, random_pruned
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -36,21 +36,6 @@ PATHS = [pytest.param("avx512", marks=pytest.mark.skipif(not VNNI, reason="CPU l
          "portable"]
 INT8 = QuantScheme(8)
 SPARSITIES = (0.0, 0.5, 0.7, 0.95, 1.0, "2:4")
-
-
-def _weight(N, K, sparsity, seed=0):
-    """A random [N, K] weight at ``sparsity`` (or 2:4), rows 3 and 5 empty."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g)
-    if sparsity == "2:4":
-        grp = w[:, :K // 4 * 4].reshape(N, -1, 4)
-        grp.mul_(torch.zeros_like(grp).scatter_(-1, grp.abs().topk(2, dim=-1).indices, 1.0))
-        w[:, K // 4 * 4:] = 0
-    else:
-        w = w * (torch.rand(N, K, generator=g) >= sparsity)
-    w[3] = 0
-    w[5] = 0
-    return w
 
 
 def _x(B, K, seed=1):
