@@ -51,6 +51,9 @@ SPARSE = ("wanda-50", "wanda-70", "wanda-2:4")
 # divide the q/k/v/gate/up rows (the quantization contract refuses that; ORT's MatMulNBits pads the last
 # block instead). --int4-group 128 runs g128 on models whose widths allow it.
 INT4_GROUP = 64
+# variables that restrict an engine's instruction set (ours, torch/oneDNN/MKL, DeepSparse): named in the notes
+ISA_OVERRIDES = ("SPARSE_RUNTIME_KERNEL_ISA", "SPARSE_RUNTIME_AMX", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                 "MKL_ENABLE_INSTRUCTIONS", "NM_ARCH")
 
 
 @dataclass
@@ -439,6 +442,10 @@ def main() -> int:
         "(load_order.md); the ORT rows load in the order listed",
         f"peak RSS of the process: {peak_rss_mb():.0f} MB; wall time {time.perf_counter() - t0:.0f} s",
     ]
+    forced = {k: os.environ[k] for k in ISA_OVERRIDES if os.environ.get(k)}
+    if forced:  # an ISA emulated on this CPU (e.g. AVX2 on an AVX-512 machine): the table says so first
+        notes.insert(0, "ISA OVERRIDDEN by the environment (every engine's kernels restricted as listed; the memory "
+                        "system is still this machine's): " + ", ".join(f"{k}={v}" for k, v in forced.items()))
     if args.model == "tiny":
         notes.insert(0, "TINY random model (hidden 128, magnitude-pruned): this run tests the script, its figures "
                         "mean nothing")
