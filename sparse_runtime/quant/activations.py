@@ -1,11 +1,12 @@
-"""Int8 activations per token (W8A8) emulated in PyTorch, for measuring what they cost in quality.
+"""Int8 activations (W8A8) emulated in PyTorch, for measuring what they cost in quality.
 
 The CPU engines' ``--act-dtype int8`` (csrc/w8a8.inc; docs/kernels.md#w8a8-decode) quantizes each
 token's input to every int8 product: ``amax = max |x|``, ``q = round-half-even(x * (127 / amax))``
-clamped to [-127, 127], and multiplies ``q`` by the int8 codes in integers, scaled by
-``amax / 127`` times the row's scale (``int8-g64`` / ``int8-g128``: the same per 64 / 128 columns). :func:`round_activations` gives ``q * amax / 127`` in fp32, the
-value the kernels effectively multiply, so a model whose linears (quantized to int8, lm_head
-included) see rounded inputs has the engines' W8A8 numerics up to fp32 summation order. Used by
+clamped to [-127, 127], and multiplies ``q`` by the int8 codes in integers, scaled by ``amax / 127``
+times the row's scale (``int8-g64`` / ``int8-g128``: the same per 64 / 128 columns of the token).
+:func:`round_activations` gives ``q * amax / 127`` in fp32, the value the kernels effectively
+multiply, so a model whose linears (quantized to int8, lm_head included) see rounded inputs has the
+engines' W8A8 numerics up to fp32 summation order. Used by
 ``benchmarks/bench_quant_quality.py`` (its ``+a8`` rows); the kernels are tested bit for bit against
 ``sparse_runtime.kernels.reference.reference_w8a8`` instead.
 """

@@ -154,6 +154,8 @@ class LeanConfig:
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_DTYPES = {"int8": 8, "int4": 4}  # value_dtype -> bits (codes + fp32 scales; fp32 activations)
+W8A8_NO_VNNI = ("int8 activations (W8A8) run on AVX-512 VNNI, which this CPU (or the kernel ISA chosen) lacks (its "
+                "portable integer loops are several times slower than the weight-only int8 kernels): leave --act-dtype out")
 PREFILL_BF16_MIN = 16  # prefill_dtype bf16: fewer tokens keep the fp32 path (the decode kernels' regime)
 DECODE_FORM_BUDGET = 256 << 20  # bytes of dense weights rebuilt at once to time the C step's forms
 DENSE_DECODE_MARGIN = 0.9  # a group is held dense only where dense took at most this share of packed's time
@@ -379,8 +381,7 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
     sc, zr = scales if scales is not None else (None, None)
     packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
     if act != "float32" and native.w8a8_isa(isa, layout) == "portable" and isa != "portable":
-        raise ConfigError("int8 activations (W8A8) run on AVX-512 VNNI, which this CPU lacks (its portable integer "
-                          "loops are several times slower than the weight-only int8 kernels): leave --act-dtype out")
+        raise ConfigError(W8A8_NO_VNNI)
     return QuantLinear(packed, bias, isa=isa, scratch=scratch, act=act)
 
 
@@ -621,6 +622,9 @@ class LeanLlama:
         self.isa = native.select_isa(lean.isa) if native.available() else None
         if lean.sparse and self.isa is None:
             raise ConfigError(native.unavailable_reason() or "sparse kernels unavailable")
+        if lean.act_dtype != "float32" and self.isa not in (None, "portable") and \
+                native.w8a8_isa(self.isa, "dense") == "portable":  # before any weight is quantized
+            raise ConfigError(W8A8_NO_VNNI)
         self.value_dtype = lean.value_dtype
         self.prefill_bf16 = lean.prefill_dtype == "bfloat16"  # attention in bf16 too (_attend_bf16)
         dtype = VALUE_DTYPES.get(lean.value_dtype, torch.float32)
