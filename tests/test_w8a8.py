@@ -306,11 +306,19 @@ def test_engine_option(tmp_path):
         engine_dtype_options("torch-cpu", None, act_dtype="int8")
     if native.w8a8_isa(native.select_isa(), "bitmask") != "avx512":
         pytest.skip("the engines refuse W8A8 where their ISA path has no AVX-512 VNNI")
-    ckpt = str(make_checkpoint(tmp_path / "tiny70", "llama", sparsity=0.7))
-    eng = load_engine("sparse-cpu", ckpt, threads=2, calibrate=False, dtype="int8", act_dtype="int8")
-    try:
-        eng.prefill(np.array([[3, 17, 99, 4, 250]], dtype=np.int64))
-        eng.decode(np.array([[42]]))
-        assert "W8A8" in eng.lean.summary()
-    finally:
-        eng.close()
+    from sparse_runtime.quant.apply import QuantizeConfig, quantize_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "tiny70", "llama", sparsity=0.7)
+    q8, q4 = tmp_path / "tiny70-int8", tmp_path / "tiny70-int4"
+    quantize_checkpoint(str(ckpt), QuantizeConfig(scheme="int8", method="rtn"), q8)
+    quantize_checkpoint(str(ckpt), QuantizeConfig(scheme="int4-g32", method="rtn"), q4)
+    for model in (ckpt, q8):  # RTN at load, and a quantized checkpoint's own int8 codes and scales
+        eng = load_engine("sparse-cpu", str(model), threads=2, calibrate=False, dtype="int8", act_dtype="int8-g64")
+        try:
+            eng.prefill(np.array([[3, 17, 99, 4, 250]], dtype=np.int64))
+            assert np.isfinite(eng.decode(np.array([[42]]))).all()
+            assert "W8A8" in eng.lean.summary() and eng.lean.lm_q.act == "int8-g64"
+        finally:
+            eng.close()
+    with pytest.raises(ConfigError, match="int8"):  # an int4 checkpoint cannot take int8 activations
+        load_engine("sparse-cpu", str(q4), threads=2, calibrate=False, dtype="int4", act_dtype="int8")
