@@ -107,7 +107,6 @@ def w8a8_eligible(p: QuantPacked) -> Optional[str]:
     return None
 
 
-
 def quantize_activations(x: np.ndarray, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One token's ``x`` [K] float32 -> (``q`` int8 codes as int64 [K], ``s`` float32 [K]: each
     column's scale) by the W8A8 contract of csrc/w8a8.inc, with one scale for the token (``group`` 0)
@@ -133,9 +132,14 @@ def quantize_activations(x: np.ndarray, group: int = 0) -> tuple[np.ndarray, np.
 
 
 def _int_codes(p: QuantPacked) -> np.ndarray:
-    """The integer codes [N, K] of int8 symmetric values (pruned: 0), recovered from the layout."""
-    sc = p.scales.numpy().astype(np.float64)
-    return np.rint(quant_decode(p).astype(np.float64) / np.where(sc == 0, 1, sc)).astype(np.int64)
+    """The integer codes [N, K] of int8 symmetric values (pruned: 0), recovered exactly from the
+    layout's decoded weights and its scales (``codes_from``, as for a quantized checkpoint)."""
+    import torch
+
+    from ..quant.scheme import QuantScheme, codes_from
+
+    w = torch.from_numpy(quant_decode(p))
+    return codes_from(w, p.scales, None, QuantScheme(8)).codes.numpy().astype(np.int64)
 
 
 def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None, group: int = 0) -> np.ndarray:
@@ -158,7 +162,7 @@ def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = N
         q, s = quantize_activations(row, group)
         if group == 0:
             acc = (codes @ q).astype(np.int32).astype(np.float32)
-            out[i] = acc * (s[0] * scales) if s.size else 0
+            out[i] = acc * (s[0] * scales)
         else:
             K = p.in_features
             acc = np.zeros(p.out_features, np.float64)

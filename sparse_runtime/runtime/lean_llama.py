@@ -372,7 +372,8 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
                      act: str = "float32"):
     """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
     round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact);
-    ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row)."""
+    ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row,
+    and the ISA path one with VNNI: LeanLlama checks that once, before any weight is quantized)."""
     from ..kernels import native
     from ..kernels.quant import QuantLinear, quantize_packed
 
@@ -380,8 +381,6 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
         layout = "dense"  # no vectorised bitmask-code kernel on this path: dense codes stream faster
     sc, zr = scales if scales is not None else (None, None)
     packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
-    if act != "float32" and native.w8a8_isa(isa, layout) == "portable" and isa != "portable":
-        raise ConfigError(W8A8_NO_VNNI)
     return QuantLinear(packed, bias, isa=isa, scratch=scratch, act=act)
 
 
