@@ -81,21 +81,13 @@ struct alignas(64) TileConfig {
 // local variable could have its other stores dropped as dead.
 const TileConfig kTileConfig = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-// A grow-only 64-byte-aligned buffer per thread (the OpenMP pool's threads persist, so a prefill
-// does not pay page faults for its scratch on every call), held for the thread's life: at most
-// K * 256 bytes (x) and K * 64 bytes (a weight block) for the widest input K seen (3.5 MB at
+// A grow-only buffer per thread and Tag (SrThreadBuf, sr_common.h), held for the thread's life: at
+// most K * 256 bytes (x) and K * 64 bytes (a weight block) for the widest input K seen (3.5 MB at
 // LLaMA-2-7B's 11008). Returns NULL when out of memory.
 template <int Tag>
 void* thread_buffer(size_t bytes) {
-    static thread_local void* p = nullptr;
-    static thread_local size_t cap = 0;
-    if (bytes > cap) {
-        free(p);
-        cap = (bytes + 4095) / 4096 * 4096;
-        p = aligned_alloc(64, cap);
-        if (!p) cap = 0;
-    }
-    return p;
+    static thread_local SrThreadBuf buf;
+    return buf.get(bytes);
 }
 
 #pragma GCC push_options

@@ -609,6 +609,334 @@ static void bm_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K,
         avx2_gemm_row(xT, B, Bp, N, off, vals + rp[r], n, bias ? bias[r] : 0.f, y, r);
     }
 }
+// ---------------------------------------------------------------------------------------------
+// AVX2 prefill-sized batches (>= kAvx2BlkMinBatch tokens), both layouts: the plain walk above
+// (avx2_gemm_row) keeps 4 accumulators (32 tokens), so its FMA chains wait on their latency (4
+// cycles x 2 ports wants 8 in flight), and reads a 128-byte xT segment from L2 per nonzero. Here
+// x is repacked into 64-token tiles xt[tile][K][64] (avx2_tile_x), a nonzero feeds 8 FMAs (64
+// tokens, 8 ymm accumulators: the FMA ports stay full), and K is walked in blocks of
+// kAvx2BlkCols columns: a block of kAvx2BlkRows rows walks its nonzeros in those columns, so the
+// xt block (64 columns x 64 tokens = 16 KB) stays in L1 and serves every row of the block. Each
+// row's 64 partial sums live in a small buffer between blocks (kept in L1). Per nonzero: one
+// broadcast and 8 L1 loads + FMAs, the AVX2 peak's shape (2 FMA + 2-3 loads per cycle).
+// ---------------------------------------------------------------------------------------------
+static const int64_t kAvx2Tile = 64;      // tokens per xt tile (8 ymm accumulators)
+static int64_t kAvx2BlkCols = 128;        // columns per K block (128 x 64 tokens x 4 B = 32 KB: L1)
+static const int64_t kAvx2BlkRows = 32;   // rows sharing one pass over the K blocks
+static int64_t kAvx2BlkMinBatch = 16;     // from this batch on (csr16 and bitmask, fp32 values)
+
+// x [B, K] -> xt [ceil(B/64)][K][64], tokens past B zero. 8x8 transposes; K tail scalar.
+static inline void transpose8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                                 __m256& r6, __m256& r7) {
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r0 = _mm256_permute2f128_ps(s0, s4, 0x20); r1 = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r2 = _mm256_permute2f128_ps(s2, s6, 0x20); r3 = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r4 = _mm256_permute2f128_ps(s0, s4, 0x31); r5 = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r6 = _mm256_permute2f128_ps(s2, s6, 0x31); r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// e^x on 8 lanes for the SiLU of the input transform (the AMX form's exp512 on AVX2): x = n ln2 + r,
+// |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7), times 2^n built in the exponent
+// bits. The clamp keeps NaN (maxps returns its second operand when either is NaN).
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The product's input, as in the AMX form (csrc/amx_prefill.cpp, SR_IN_*): x itself, its RMSNorm
+// (w[k] * (x[m, k] * inv[m]), the HF Llama order) or SiLU(gate) * up of a gate|up row [2K].
+struct Avx2Input {
+    const float* x;
+    int64_t K, stride;  // stride: floats per row of x (K, or 2K for SR_IN_SILU_MUL)
+    int kind;
+    const float* w;    // SR_IN_RMSNORM: the norm weight [K]
+    const float* inv;  // SR_IN_RMSNORM: per row of x
+};
+
+// Columns k .. k+nk-1 (nk <= 8) of row m of the input, lanes past nk zero.
+static inline __m256 avx2_input8(const Avx2Input& in, int64_t m, int64_t k, int64_t nk) {
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const float* row = in.x + m * in.stride + k;
+    const __m256 a = nk == 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, keep);
+    if (in.kind == SR_IN_RMSNORM) {
+        const __m256 w = nk == 8 ? _mm256_loadu_ps(in.w + k) : _mm256_maskload_ps(in.w + k, keep);
+        return _mm256_mul_ps(w, _mm256_mul_ps(a, _mm256_set1_ps(in.inv[m])));
+    }
+    if (in.kind == SR_IN_SILU_MUL) {
+        const __m256 u = nk == 8 ? _mm256_loadu_ps(row + in.K) : _mm256_maskload_ps(row + in.K, keep);
+        const __m256 sg = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), a))));
+        return _mm256_and_ps(_mm256_mul_ps(sg, u), _mm256_castsi256_ps(keep));
+    }
+    return a;
+}
+
+// 1 / sqrt(mean(x[m, :K]^2) + eps) in fp32.
+static inline float avx2_inv_rms(const float* row, int64_t K, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(row + k), acc);
+    float s = hsum256(acc);
+    for (; k < K; ++k) s += row[k] * row[k];
+    return 1.0f / sqrtf(s / (float)K + eps);
+}
+
+// Columns [k0, k1) of xt (k0 a multiple of 8): the threads split K.
+static void avx2_tile_x(const Avx2Input& in, int64_t B, float* xt, int64_t k0, int64_t k1) {
+    const int64_t K = in.K, tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
+    for (int64_t t = 0; t < tiles; ++t) {
+        float* dst = xt + t * K * kAvx2Tile;
+        for (int64_t b8 = 0; b8 < kAvx2Tile; b8 += 8) {
+            const int64_t b0 = t * kAvx2Tile + b8;
+            for (int64_t k = k0; k < k1; k += 8) {
+                const int64_t nk = k1 - k < 8 ? k1 - k : 8;
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) r[i] = b0 + i < B ? avx2_input8(in, b0 + i, k, nk) : _mm256_setzero_ps();
+                transpose8_ps(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+                for (int i = 0; i < nk; ++i) _mm256_storeu_ps(dst + (k + i) * kAvx2Tile + b8, r[i]);
+            }
+        }
+    }
+}
+
+// acc (T ymm, stored at a; zeros when first) += row r's nonzeros from *p on whose columns are below
+// kend (the block's end; the row's columns are sorted), stopping at pend; *p is left at the first
+// nonzero of the next block. The two exits cost a compare each per nonzero, cheaper than finding
+// each block's boundaries beforehand.
+template <int T, class I>
+static inline void avx2_blk_walk(const float* xt, const I* col, const float* v, int64_t* p, int64_t pend,
+                                 int64_t kend, float* a, bool first) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = first ? _mm256_setzero_ps() : _mm256_load_ps(a + 8 * t);
+    int64_t q = *p;
+    for (; q < pend; ++q) {
+        const int64_t c = (int64_t)col[q];
+        if (c >= kend) break;
+        const __m256 wv = _mm256_broadcast_ss(v + q);
+        const float* xr = xt + c * kAvx2Tile;
+        // an opaque base register: the loads below then use base + displacement addressing, which
+        // stays one fused uop with the FMA (base + index addressing is split in two on Intel cores)
+        __asm__("" : "+r"(xr));
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * t), acc[t]);
+    }
+    *p = q;
+    for (int t = 0; t < T; ++t) _mm256_store_ps(a + 8 * t, acc[t]);
+}
+
+// One token tile for the nr rows whose columns/values/counts are col[i]/val[i]/n[i]: K walked in
+// blocks of kAvx2BlkCols columns, each row resuming where its previous block stopped.
+// Lines to bring into L2 while a tile runs, a few per visit so the requests stay spread out (a
+// burst of hundreds would fill the core's miss buffers and stall the walk): the next row block's
+// value and index streams (two byte ranges), then the lines of y this tile writes at its end (rows of
+// `width` floats at `stride`). A cursor: fetch(k) issues the next k prefetches.
+struct Avx2Ahead {
+    const char* p[2];
+    int64_t bytes[2];
+    float* y;
+    int64_t rows, width, stride;
+    int s = 0;                  // cursor: range (0, 1), or 2 = y
+    int64_t off = 0, row = 0;   // byte offset in the range; y: row and column
+    int64_t lines() const {
+        return (bytes[0] + 63) / 64 + (bytes[1] + 63) / 64 + rows * ((width + 15) / 16);
+    }
+    void fetch(int64_t k) {
+        for (; k > 0; --k) {
+            while (s < 2 && off >= bytes[s]) {
+                ++s;
+                off = 0;
+            }
+            if (s < 2) {
+                _mm_prefetch(p[s] + off, _MM_HINT_T1);
+                off += 64;
+                continue;
+            }
+            if (row >= rows) return;
+            _mm_prefetch((const char*)(y + row * stride + (off < width ? off : width - 1)), _MM_HINT_T1);
+            off += 16;
+            if (off >= width) {
+                off = 0;
+                ++row;
+            }
+        }
+    }
+};
+
+template <int T, class I>
+static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const float* const* val,
+                          const int64_t* n, int64_t nr, float* accbuf, Avx2Ahead ahead) {
+    int64_t cur[kAvx2BlkRows];
+    for (int64_t i = 0; i < nr; ++i) cur[i] = 0;
+    const int64_t KB = (K + kAvx2BlkCols - 1) / kAvx2BlkCols, visits = KB * nr, lines = ahead.lines();
+    const int64_t per = visits > 0 ? (lines + visits - 1) / visits : 0;
+    for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)
+        for (int64_t i = 0; i < nr; ++i) {
+            ahead.fetch(per);
+            avx2_blk_walk<T, I>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile,
+                                k0 == 0);
+        }
+}
+
+// y[b0 .. b0+nb, rb .. rb+nr] = accbuf (+ bias) (+ y itself when acc): 8 x 8 transposes where 8
+// rows and 8 tokens are whole, scalar stores elsewhere.
+static void avx2_blk_store(const float* accbuf, int64_t nr, int64_t nb, int64_t b0, int64_t rb, int64_t N,
+                           const float* bias, float* y, bool acc) {
+    int64_t i = 0;
+    for (; i + 8 <= nr; i += 8) {
+        const __m256 bb = bias ? _mm256_loadu_ps(bias + rb + i) : _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) {
+            __m256 r[8];
+            for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(accbuf + (i + q) * kAvx2Tile + b);
+            transpose8_ps(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+            for (int q = 0; q < 8; ++q) {
+                float* o = y + (b0 + b + q) * N + rb + i;
+                const __m256 v = _mm256_add_ps(r[q], bb);
+                _mm256_storeu_ps(o, acc ? _mm256_add_ps(_mm256_loadu_ps(o), v) : v);
+            }
+        }
+        for (; b < nb; ++b)
+            for (int q = 0; q < 8; ++q) {
+                const float v = accbuf[(i + q) * kAvx2Tile + b] + (bias ? bias[rb + i + q] : 0.f);
+                float* o = y + (b0 + b) * N + rb + i + q;
+                *o = acc ? *o + v : v;
+            }
+    }
+    for (; i < nr; ++i)
+        for (int64_t b = 0; b < nb; ++b) {
+            const float v = accbuf[i * kAvx2Tile + b] + (bias ? bias[rb + i] : 0.f);
+            float* o = y + (b0 + b) * N + rb + i;
+            *o = acc ? *o + v : v;
+        }
+}
+
+// Rows [r0, r1) of y [B, N] from xt, kAvx2BlkRows rows at a time: colsof(i, r, &n) gives row r's
+// sorted columns (I) and count; next_index(r): where row r's index bytes start (to prefetch).
+// accbuf: kAvx2BlkRows * 64 floats, 32-byte aligned.
+template <class I, class Cols, class Index>
+static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* vals, const int64_t* rp,
+                          const float* bias, float* y, bool acc, int64_t r0, int64_t r1, float* accbuf,
+                          const Cols& colsof, const Index& next_index) {
+    const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
+    const I* col[kAvx2BlkRows];
+    const float* val[kAvx2BlkRows];
+    int64_t n[kAvx2BlkRows];
+    for (int64_t rb = r0; rb < r1; rb += kAvx2BlkRows) {
+        const int64_t nr = r1 - rb < kAvx2BlkRows ? r1 - rb : kAvx2BlkRows;
+        for (int64_t i = 0; i < nr; ++i) {
+            col[i] = colsof(i, rb + i, n + i);
+            val[i] = vals + rp[rb + i];
+        }
+        // the next row block's values and index bytes (csr16 columns, or bitmask words), prefetched
+        // during this block's first tile
+        const int64_t rn = rb + nr, rn2 = rn + kAvx2BlkRows < r1 ? rn + kAvx2BlkRows : r1;
+        Avx2Ahead ahead{{(const char*)(vals + rp[rn]), (const char*)next_index(rn)},
+                        {rn < r1 ? (rp[rn2] - rp[rn]) * (int64_t)sizeof(float) : 0,
+                         rn < r1 ? (const char*)next_index(rn2) - (const char*)next_index(rn) : 0},
+                        y, 0, 0, 0};
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t b0 = t * kAvx2Tile, nb = B - b0 < kAvx2Tile ? B - b0 : kAvx2Tile;
+            const float* x = xt + t * K * kAvx2Tile;
+            if (t == 1) ahead.bytes[0] = ahead.bytes[1] = 0;
+            ahead.y = y + b0 * N + rb;
+            ahead.rows = nb;
+            ahead.width = nr;
+            ahead.stride = N;
+            switch ((nb + 7) / 8) {
+#define SR_AVX2_BLK(TT) case TT: avx2_blk_tile<TT, I>(x, K, col, val, n, nr, accbuf, ahead); break;
+                SR_AVX2_BLK(1) SR_AVX2_BLK(2) SR_AVX2_BLK(3) SR_AVX2_BLK(4) SR_AVX2_BLK(5) SR_AVX2_BLK(6)
+                SR_AVX2_BLK(7)
+                default: avx2_blk_tile<8, I>(x, K, col, val, n, nr, accbuf, ahead); break;
+#undef SR_AVX2_BLK
+            }
+            avx2_blk_store(accbuf, nr, nb, b0, rb, N, bias, y, acc);
+        }
+    }
+}
+
+// The bitmask rows' columns as uint16 (K <= 65536 on this path), by the left-pack table.
+static inline int64_t bm_avx2_row_columns16(const uint8_t* mb, int64_t K, uint16_t* out) {
+    int64_t n = 0;
+    const int64_t G = (K + 7) / 8;
+    for (int64_t g = 0; g < G; ++g) {
+        const unsigned m = mb[g];
+        const __m256i lanes = _mm256_load_si256((const __m256i*)kLeftPack.lanes[m]);
+        const __m256i c = _mm256_add_epi32(_mm256_and_si256(lanes, _mm256_set1_epi32(7)), _mm256_set1_epi32((int)(8 * g)));
+        // 8 x int32 -> 8 x uint16 (values < 65536: the unsigned saturating pack keeps them)
+        const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storeu_si128((__m128i*)(out + n), p);
+        n += _mm_popcnt_u32(m);
+    }
+    return n;
+}
+
+// The prefill walk, threads splitting rows after they split the repacking of x (one parallel
+// region each): y (+)= in(x) W^T + bias for the bitmask (mask) or csr16 (idx) layout, fp32 values,
+// K <= 65536. Returns SR_ENOMEM if a buffer cannot be had.
+template <class Run>
+static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const uint32_t* mask,
+                           const uint16_t* idx, const float* vals, const int64_t* rp, const float* bias, float* y,
+                           bool acc, float eps) {
+    const int64_t K = in0.K;
+    if (K > 65536) return SR_EARG;
+    // the caller's thread holds x's tiles and the norm's factors; each worker its own small buffers
+    // (grow-only per thread: no page faults per call)
+    static thread_local SrThreadBuf xt_buf, inv_buf;
+    static thread_local SrThreadBuf acc_buf, col_buf;
+    const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
+    float* xt = (float*)xt_buf.get((size_t)(tiles * K * kAvx2Tile) * sizeof(float));
+    float* inv = in0.kind == SR_IN_RMSNORM ? (float*)inv_buf.get((size_t)(B > 0 ? B : 1) * sizeof(float)) : NULL;
+    if (!xt || (in0.kind == SR_IN_RMSNORM && !inv)) return SR_ENOMEM;
+    Avx2Input in = in0;
+    if (inv) {
+        for (int64_t m = 0; m < B; ++m) inv[m] = avx2_inv_rms(in.x + m * in.stride, K, eps);
+        in.inv = inv;
+    }
+    const int64_t K8 = (K + 7) / 8;
+    run(K8, 16, [&](int64_t g0, int64_t g1) { avx2_tile_x(in, B, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K); });
+    int failed = 0;
+    run(N, kAvx2BlkRows, [&](int64_t r0, int64_t r1) {
+        float* accbuf = (float*)acc_buf.get(kAvx2BlkRows * kAvx2Tile * sizeof(float));
+        uint16_t* cols = mask ? (uint16_t*)col_buf.get((size_t)(kAvx2BlkRows * (K + 8)) * sizeof(uint16_t)) : NULL;
+        if (!accbuf || (mask && !cols)) {
+            __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        } else if (mask) {
+            const int64_t Kw = (K + 31) / 32;
+            avx2_blk_rows<uint16_t>(xt, B, K, N, vals, rp, bias, y, acc, r0, r1, accbuf,
+                                    [&](int64_t i, int64_t r, int64_t* n) -> const uint16_t* {
+                                        uint16_t* c = cols + i * (K + 8);
+                                        *n = bm_avx2_row_columns16((const uint8_t*)(mask + r * Kw), K, c);
+                                        return c;
+                                    },
+                                    [&](int64_t r) -> const void* { return mask + r * Kw; });
+        } else {
+            avx2_blk_rows<uint16_t>(xt, B, K, N, vals, rp, bias, y, acc, r0, r1, accbuf,
+                                    [&](int64_t, int64_t r, int64_t* n) -> const uint16_t* {
+                                        *n = rp[r + 1] - rp[r];
+                                        return idx + rp[r];
+                                    },
+                                    [&](int64_t r) -> const void* { return idx + rp[r]; });
+        }
+    });
+    return failed ? SR_ENOMEM : SR_OK;
+}
 #pragma GCC pop_options
 #endif  // SR_X86
 
@@ -857,6 +1185,17 @@ void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
 // Tuning hook (benchmarks): bytes ahead the batch-1 AVX-512 row kernels prefetch (0: none).
 void sr_set_row_prefetch(int64_t bytes) { kPrefetchAhead = bytes < 0 ? 0 : bytes; }
 void sr_set_gemv_variant(int v) { kGemvVariant = v; }
+// Tuning hook (benchmarks, tests): the batch from which AVX2 takes the K-blocked walk (avx2_blk_linear;
+// a large value turns it off) and its K block in columns (a multiple of 8; 0 keeps the current one).
+void sr_set_avx2_blk(int64_t min_batch, int64_t cols) {
+#if SR_X86
+    kAvx2BlkMinBatch = min_batch < 2 ? 2 : min_batch;
+    if (cols > 0) kAvx2BlkCols = (cols + 7) / 8 * 8;
+#else
+    (void)min_batch;
+    (void)cols;
+#endif
+}
 // The batch-1 form of another ISA path (SR_AVX512: as sr_set_gemv_variant; SR_AVX2: 0 gather, 1 insert).
 void sr_set_gemv_form(int isa, int v) {
 #if SR_X86
@@ -923,6 +1262,10 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
             run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx2_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
             });
+        } else if (B >= kAvx2BlkMinBatch && K <= 65536) {
+            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, mask, NULL, vals,
+                                           rp, bias, y, false, 0.f);
+            if (rc != SR_OK) return rc;
         } else {
             const int64_t Bp = (B + 7) / 8 * 8;
             float* xT = transpose_padded(x, B, K, Bp);
@@ -964,6 +1307,10 @@ static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B,
             run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 csr_avx2_gemv_rows(x, idx, vals, rp, bias, y, r0, r1);
             });
+        } else if (B >= kAvx2BlkMinBatch) {
+            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, NULL, idx, vals,
+                                           rp, bias, y, false, 0.f);
+            if (rc != SR_OK) return rc;
         } else {
             const int64_t Bp = (B + 7) / 8 * 8;
             float* xT = transpose_padded(x, B, K, Bp);
@@ -1002,6 +1349,27 @@ int sr_bitmask_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, 
 int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint16_t* idx,
                     const float* vals, const int64_t* rp, const float* bias, float* y, int n_threads) {
     return csr16_linear_impl(OmpRows{n_threads}, isa, x, B, K, N, idx, vals, rp, bias, y);
+}
+
+int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int layout, const void* index,
+                           const float* vals, const int64_t* rp, const float* bias, float* y, int in_kind,
+                           const float* in_w, float eps, int accumulate, int n_threads) {
+    if (M < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
+    if (in_kind != SR_IN_PLAIN && in_kind != SR_IN_RMSNORM && in_kind != SR_IN_SILU_MUL) return SR_EARG;
+    if (layout != SR_BITMASK && layout != SR_CSR16) return SR_EARG;
+    if (!(sr_cpu_features() & (1 << SR_AVX2))) return SR_EUNSUPPORTED;
+    if (M == 0 || N == 0) return SR_OK;
+    if (!x || !rp || !y || (in_kind == SR_IN_RMSNORM && !in_w)) return SR_EARG;
+#if SR_X86
+    const Avx2Input in{x, K, in_kind == SR_IN_SILU_MUL ? 2 * K : K, in_kind, in_w, NULL};
+    const int rc = avx2_blk_linear(OmpRows{n_threads}, in, M, N, layout == SR_BITMASK ? (const uint32_t*)index : NULL,
+                                   layout == SR_CSR16 ? (const uint16_t*)index : NULL, vals, rp, bias, y,
+                                   accumulate != 0, eps);
+    if (rc == SR_OK) __atomic_add_fetch(&g_calls[SR_AVX2][layout], 1, __ATOMIC_RELAXED);
+    return rc;
+#else
+    return SR_EUNSUPPORTED;
+#endif
 }
 
 int sr_bitmask_linear_bf16(int isa, const float* x, int64_t B, int64_t K, int64_t N, const uint32_t* mask,

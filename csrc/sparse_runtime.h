@@ -95,6 +95,7 @@ void sr_set_xt_min_batch(int64_t b);
 void sr_set_blk_min_batch(int64_t b);
 void sr_set_row_prefetch(int64_t bytes);  // batch-1 AVX-512 row kernels: prefetch distance in bytes (0: off)
 void sr_set_gemv_variant(int v);
+void sr_set_avx2_blk(int64_t min_batch, int64_t cols);  // AVX2 K-blocked prefill walk: from min_batch tokens, K block
 void sr_set_gemv_form(int isa, int v);
 
 // ---- sparse linears y[B, N] = x[B, K] W^T + bias (sparse_kernels.cpp; layouts: docs/kernels.md) ----
@@ -180,6 +181,12 @@ int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const
 int sr_amx_team_runs(const SRLinear* L);
 int64_t sr_amx_team_scratch(int64_t K, int64_t M);
 int sr_amx_team_linear(const SRLinear* L, int64_t M, const float* x, float* y, uint32_t* xv, int t, int T);
+// The AVX2 prefill walk (fp32 values, bitmask or csr16 layout by `layout`, K <= 65536) with the AMX
+// form's input transforms and accumulate (in_kind, in_w, eps, accumulate as above): x [M, K] (or
+// [M, 2K] for SR_IN_SILU_MUL) -> y [M, N]. The kernel the plain calls take from 16 tokens on.
+int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int layout, const void* index,
+                           const float* vals, const int64_t* rp, const float* bias, float* y, int in_kind,
+                           const float* in_w, float eps, int accumulate, int n_threads);
 // ---- prefill's elementwise glue (prefill_glue.cpp) ----
 // The rotary embedding in place on the first `heads` heads (of D) of each row of x [B * T, row_stride],
 // cos/sin [T, D] (HF's rotate_half form); SR_OK or SR_EARG.

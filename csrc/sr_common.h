@@ -3,7 +3,9 @@
 #ifndef SR_COMMON_H
 #define SR_COMMON_H
 
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,6 +17,25 @@
 #else
 #define SR_X86 0
 #endif
+
+// A grow-only 64-byte-aligned scratch buffer, one per thread and use (declare it `static
+// thread_local`): the OpenMP pool's threads persist, so a kernel does not pay page faults for its
+// scratch on every call (buffers over glibc's mmap threshold are otherwise mapped and unmapped
+// each time). Freed when the thread ends. get() returns NULL when out of memory.
+struct SrThreadBuf {
+    void* p = nullptr;
+    size_t cap = 0;
+    ~SrThreadBuf() { free(p); }
+    void* get(size_t bytes) {
+        if (bytes > cap) {
+            free(p);
+            cap = (bytes + 4095) / 4096 * 4096;
+            p = aligned_alloc(64, cap);
+            if (!p) cap = 0;
+        }
+        return p;
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 // threading: split output rows into contiguous blocks (one stream per thread suits prefetchers)

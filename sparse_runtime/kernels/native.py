@@ -116,6 +116,8 @@ def _load() -> Optional[ctypes.CDLL]:
         if hasattr(lib, "sr_set_blk_min_batch"):  # benchmarks' hook for the K-blocked walk switch
             lib.sr_set_blk_min_batch.argtypes = [i64]
         lib.sr_set_gemv_variant.argtypes = [c_int]
+        if hasattr(lib, "sr_set_avx2_blk"):  # benchmarks' and tests' hook for the AVX2 K-blocked walk
+            lib.sr_set_avx2_blk.argtypes = [i64, i64]
         lib.sr_set_gemv_form.argtypes = [c_int, c_int]
         lib.sr_obs_columns.argtypes = [c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.sr_obs_columns.restype = c_int
@@ -132,6 +134,10 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_amx_bitmask_linear.argtypes = [i64, i64, i64, p, p, p, c_int, p, i64, p, p, p, p, c_int, p,
                                                   ctypes.c_float, c_int, c_int]
             lib.sr_amx_bitmask_linear.restype = c_int
+        if hasattr(lib, "sr_avx2_prefill_linear"):  # the AVX2 prefill walk with glue (kernels/prefill.py)
+            lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
+                                                   c_int, c_int]
+            lib.sr_avx2_prefill_linear.restype = c_int
         if hasattr(lib, "sr_rope_rows"):  # prefill's C glue (csrc/prefill_glue.cpp)
             lib.sr_rope_rows.argtypes = [p, i64, i64, i64, i64, i64, p, p]
             lib.sr_rope_rows.restype = c_int

@@ -114,17 +114,17 @@ def amx_available() -> bool:
 
 
 IN_PLAIN, IN_RMSNORM, IN_SILU_MUL = 0, 1, 2  # the C enum SR_IN_*
+AVX2_PREFILL_MIN = 16  # the AVX2 prefill walk's first batch (kAvx2BlkMinBatch in csrc/sparse_kernels.cpp)
 
 
-def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
-             bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
-             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _glue_io(n: int, k: int, x: torch.Tensor, norm: Optional[torch.Tensor], silu_mul: bool,
+             residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]]:
+    """The fused forms' common argument checks: x as contiguous fp32 rows [m, K] (or [m, 2K] with
+    ``silu_mul``), the output (``residual`` itself, or a new [m, n] tensor), the input kind (IN_*)
+    and the norm weight."""
     width = 2 * k if silu_mul else k
     if x.shape[-1] != width:
         raise ConfigError(f"prefill linear expects {width} input features, got shape {tuple(x.shape)}")
-    if not amx_available():
-        raise ConfigError("the AMX prefill form needs a CPU with AMX-BF16 (Sapphire Rapids or later) and Linux "
-                          ">= 5.16; use another form")
     if norm is not None and silu_mul:
         raise ConfigError("one input transform at a time: norm or silu_mul")
     x2 = x.reshape(-1, width).float().contiguous()
@@ -136,17 +136,69 @@ def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr
         y = residual
     else:
         y = torch.empty(m, n, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
-    w = None if norm is None else norm.float().contiguous()
     kind = IN_RMSNORM if norm is not None else IN_SILU_MUL if silu_mul else IN_PLAIN
-    ptr = (lambda t: None if t is None else t.data_ptr())
-    rc = native.lib().sr_amx_bitmask_linear(m, k, n, x2.data_ptr(), ptr(index), ptr(values), vtype, ptr(row_ptr),
-                                            group, ptr(scales), ptr(zeros), ptr(b), y.data_ptr(), kind, ptr(w),
-                                            float(eps), int(residual is not None),
+    return x2, y, kind, None if norm is None else norm.float().contiguous()
+
+
+def _glue_out(y: torch.Tensor, x: torch.Tensor, n: int, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return y.view(*residual.shape) if residual is not None else y.reshape(*x.shape[:-1], n)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
+             bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
+             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not amx_available():
+        raise ConfigError("the AMX prefill form needs a CPU with AMX-BF16 (Sapphire Rapids or later) and Linux "
+                          ">= 5.16; use another form")
+    x2, y, kind, w = _glue_io(n, k, x, norm, silu_mul, residual)
+    b = None if bias is None else bias.float().contiguous()
+    rc = native.lib().sr_amx_bitmask_linear(x2.shape[0], k, n, x2.data_ptr(), _ptr(index), _ptr(values), vtype,
+                                            _ptr(row_ptr), group, _ptr(scales), _ptr(zeros), _ptr(b), y.data_ptr(),
+                                            kind, _ptr(w), float(eps), int(residual is not None),
                                             int(threads or torch.get_num_threads()))
     if rc != 0:
         raise ConfigError(f"AMX prefill product failed: {native.ERRORS.get(rc, rc)}")
-    return y.view(*residual.shape) if residual is not None else y.reshape(*x.shape[:-1], n)
+    return _glue_out(y, x, n, residual)
+
+
+def avx2_prefill_runs(packed: PackedWeight, isa: Optional[str] = None) -> bool:
+    """Whether the AVX2 prefill walk (:func:`avx2_prefill_linear`) runs ``packed`` on the ``isa`` path
+    (default: the selected one): fp32 values in the bitmask or csr16 layout, K <= 65536, the AVX2
+    path, compiled kernels that have it."""
+    lb = native._load()
+    return (lb is not None and hasattr(lb, "sr_avx2_prefill_linear") and native.select_isa(isa) == "avx2"
+            and packed.values.dtype == torch.float32 and packed.layout in native.LAYOUT_IDS
+            and packed.in_features <= 65536)
+
+
+def avx2_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: torch.Tensor,
+                        threads: Optional[int] = None, isa: Optional[str] = None, **glue) -> torch.Tensor:
+    """``y = f(x) W^T + bias`` (fp32) by the AVX2 prefill walk (csrc/sparse_kernels.cpp,
+    ``avx2_blk_linear``: x repacked into 64-token tiles, K walked in L1-sized blocks; what the plain
+    sparse kernel runs from 16 tokens on), with the AMX form's ``glue`` (:func:`amx_prefill_linear`:
+    ``norm``/``eps``, ``silu_mul``, ``residual``) done in fp32 while x is repacked and y written, so
+    the RMSNorm, SiLU-mul and residual add cost no torch ops and no intermediate tensors. The
+    numerics are the fp32 path's: the SiLU's exponential is a degree-6 polynomial (relative error
+    ~2e-7, like any fp32 expf) and the RMSNorm's sum runs in another order than torch's. ``isa``:
+    the path to check against (default: the selected one; "avx2" runs it on an AVX-512 CPU too)."""
+    if not avx2_prefill_runs(packed, isa):
+        raise ConfigError(f"the AVX2 prefill walk runs fp32 bitmask/csr16 weights on the AVX2 path, not "
+                          f"{packed.layout} with {packed.values.dtype} on {native.select_isa()}; use another form")
+    n, k = packed.out_features, packed.in_features
+    x2, y, kind, w = _glue_io(n, k, x, glue.get("norm"), bool(glue.get("silu_mul", False)), glue.get("residual"))
+    b = None if bias is None else bias.float().contiguous()
+    rc = native.lib().sr_avx2_prefill_linear(x2.shape[0], k, n, x2.data_ptr(), native.LAYOUT_IDS[packed.layout],
+                                             packed.index.data_ptr(), packed.values.data_ptr(),
+                                             packed.row_ptr.data_ptr(), _ptr(b), y.data_ptr(), kind, _ptr(w),
+                                             float(glue.get("eps", 0.0)), int(glue.get("residual") is not None),
+                                             int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise ConfigError(f"AVX2 prefill product failed: {native.ERRORS.get(rc, rc)}")
+    return _glue_out(y, x, n, glue.get("residual"))
 
 
 def amx_runs(packed: PackedWeight) -> bool:

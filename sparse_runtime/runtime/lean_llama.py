@@ -216,7 +216,8 @@ class FusedLinear:
         self.can_pack = bool(lean.sparse and isa is not None and self.sparsity >= lean.min_sparsity)
         self.module = None
         self.qlin = None  # int8/int4: the codes (QuantLinear), the only form held
-        self.prefill_forms: dict[str, int] = {}  # prefill_dtype bf16: calls per chosen form (evidence)
+        self.prefill_forms: dict[str, int] = {}  # calls per fused prefill form (evidence)
+        self._avx2_runs: Optional[bool] = None  # whether the AVX2 prefill walk runs the packed weight
         self.weight: Optional[torch.Tensor] = w
         if lean.quantized and isa is not None:
             grid = quant_grid(lean, names or [], quantization)
@@ -238,6 +239,7 @@ class FusedLinear:
         self.weight = None  # the packed form only, from here on
         self.module = SparseLinear(p, self.bias, isa=self.isa, batch_threshold=self.lean.batch_threshold,
                                    scratch=self.scratch)
+        self._avx2_runs = None
         if self.lean.calibrate:
             apply_dispatch(self.module)
 
@@ -305,7 +307,7 @@ class FusedLinear:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
             if amx_quant_runs(self.qlin.packed):  # int8 bitmask codes on AMX: no dequantized copy at all
-                return self.prefill_amx(x)
+                return self.prefill_glued(x, "amx")
             with bf16_fpmath():
                 return self.qlin(x)
         m = self.module
@@ -315,26 +317,39 @@ class FusedLinear:
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         return prefill_call(form, m.packed, self.bias, x2, self.scratch, isa=self.isa).reshape(*x.shape[:-1], -1)
 
-    def amx_glue(self, tokens: int) -> bool:
-        """Whether a prefill product of ``tokens`` rows runs the fused AMX form (``prefill_dtype``
-        bf16; int8 bitmask codes where the CPU has AMX; packed weights where the measured choice
-        picked it), so the caller can hand it the neighbouring glue (:func:`_glued`)."""
-        from ..kernels.prefill import amx_quant_runs, choose_prefill_form
+    def glue_form(self, tokens: int) -> Optional[str]:
+        """The fused prefill form a product of ``tokens`` rows runs, if any, so the caller can hand
+        it the neighbouring glue (:func:`_glued`): ``"amx"`` (``prefill_dtype`` bf16; int8 bitmask
+        codes where the CPU has AMX; packed weights where the measured choice picked it) or
+        ``"avx2"`` (fp32 prefill of fp32 packed weights on the AVX2 path, where the module's measured
+        dispatch takes the sparse kernel at this size: the same walk, called with the glue)."""
+        from ..kernels.prefill import AVX2_PREFILL_MIN, amx_quant_runs, avx2_prefill_runs, choose_prefill_form
 
-        if self.lean.prefill_dtype != "bfloat16" or tokens < PREFILL_BF16_MIN:
-            return False
+        if self.lean.prefill_dtype != "bfloat16":
+            m = self.module
+            if m is None or tokens < AVX2_PREFILL_MIN or m.isa != "avx2" or not m.takes_sparse(tokens):
+                return None
+            if self._avx2_runs is None:  # fixed for the weight held: checked once
+                self._avx2_runs = avx2_prefill_runs(m.packed, m.isa)
+            return "avx2" if self._avx2_runs else None
+        if tokens < PREFILL_BF16_MIN:
+            return None
         if self.qlin is not None:
-            return amx_quant_runs(self.qlin.packed)
-        return self.module is not None and choose_prefill_form(
+            return "amx" if amx_quant_runs(self.qlin.packed) else None
+        ok = self.module is not None and choose_prefill_form(
             self.module.packed, tokens, torch.get_num_threads(), bias=self.bias, scratch=self.scratch,
             isa=self.isa) == "amx"
+        return "amx" if ok else None
 
-    def prefill_amx(self, x: torch.Tensor, **glue) -> torch.Tensor:
-        """The fused AMX prefill product (see :meth:`amx_glue`), with ``glue`` as in
+    def prefill_glued(self, x: torch.Tensor, form: str, **glue) -> torch.Tensor:
+        """The fused prefill product ``form`` (from :meth:`glue_form`), with ``glue`` as in
         ``kernels.prefill.amx_prefill_linear``."""
-        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear
+        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_linear
 
-        self.prefill_forms["amx"] = self.prefill_forms.get("amx", 0) + 1
+        self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
+        if form == "avx2":
+            self.module.sparse_calls += 1
+            return avx2_prefill_linear(self.module.packed, self.bias, x, isa=self.module.isa, **glue)
         if self.qlin is not None:
             return amx_quant_linear(self.qlin.packed, self.bias, x, **glue)
         return amx_prefill_linear(self.module.packed, self.bias, x, **glue)
@@ -554,16 +569,18 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _glued(lin: FusedLinear, x: torch.Tensor, glue: bool, *, norm: Optional[torch.Tensor] = None, eps: float = 0.0,
+def _glued(lin: FusedLinear, x: torch.Tensor, *, norm: Optional[torch.Tensor] = None, eps: float = 0.0,
            silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual + lin(f(x))`` with ``f`` the RMSNorm (``norm``, ``eps``) or, with ``silu_mul``,
-    ``silu(gate) * up`` of a gate|up ``x``. When ``glue`` is on and ``lin`` runs the fused AMX
-    prefill form, ``f`` happens in the kernel's bf16 conversion of x and the residual add in its
-    write of y (in place: ``residual`` must be owned by the caller); otherwise the same ops in torch."""
-    if glue and lin.amx_glue(x.numel() // x.shape[-1]):
+    ``silu(gate) * up`` of a gate|up ``x``. When ``lin`` runs a fused prefill form at this size
+    (:meth:`FusedLinear.glue_form`: the AMX form, or the AVX2 walk), ``f`` happens while the kernel
+    reads x and the residual add in its write of y (in place: ``residual`` must be owned by the
+    caller); otherwise the same ops in torch."""
+    form = lin.glue_form(x.numel() // x.shape[-1])
+    if form is not None:
         if residual is not None and not residual.is_contiguous():
             residual = residual.contiguous()
-        return lin.prefill_amx(x, norm=norm, eps=eps, silu_mul=silu_mul, residual=residual)
+        return lin.prefill_glued(x, form, norm=norm, eps=eps, silu_mul=silu_mul, residual=residual)
     if norm is not None:
         x = _rms(x, norm, eps)
     if silu_mul:
@@ -862,16 +879,20 @@ class LeanLlama:
         kpos = torch.arange(p0 + T).unsqueeze(0)
         causal = kpos <= qpos
         masks: dict[int, torch.Tensor] = {}
-        # prefill_dtype bf16: attention in bf16, and each product that runs the fused AMX form takes
-        # its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
-        glue = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
-        if glue:
-            from ..kernels.prefill import rope_rows_, rope_rows_available
-        rope_c = glue and rope_rows_available()
+        # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
+        # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
+        attend_bf16 = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
+        from ..kernels.prefill import rope_rows_, rope_rows_available
+        # prompts of several tokens rotate q and k in one C call (the same products and rounding as
+        # _rotate, ~15 torch ops fewer per layer); single-token steps keep the torch ops
+        rope_c = T > 1 and rope_rows_available()
+        # a block that starts the sequence with no window narrower than itself: the built-in causal
+        # mask (flash attention skips the masked half) and GQA without copying the kv heads
+        starts = p0 == 0
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
-            qkv = _glued(l.qkv, x, glue, norm=l.in_norm, eps=self.eps)
+            qkv = _glued(l.qkv, x, norm=l.in_norm, eps=self.eps)
             if rope_c:  # q and k rotated in place, one C call
                 q, k, v = rope_rows_(qkv.contiguous(), cos, sin, H + KV, D).split([H * D, KV * D, KV * D], -1)
                 q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2)
@@ -881,16 +902,19 @@ class LeanLlama:
                 k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
             k_cache[i, :, :, p0:p0 + T] = k
             v_cache[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
-            if glue:
+            if attend_bf16:
                 a = _attend_bf16(q, k_cache[i, :, :, :p0 + T], v_cache[i, :, :, :p0 + T], masks[l.window],
                                  p0 == 0 and (l.window <= 0 or l.window >= T), D)
+            elif starts and T > 1 and (l.window <= 0 or l.window >= T):
+                a = F.scaled_dot_product_attention(q, k_cache[i, :, :, :T], v_cache[i, :, :, :T], is_causal=True,
+                                                   scale=D ** -0.5, enable_gqa=True)
             else:
                 kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
                 vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
                 a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
-            x = _glued(l.o, a.transpose(1, 2).reshape(B, T, H * D), glue, residual=x)
-            gu = _glued(l.gate_up, x, glue, norm=l.post_norm, eps=self.eps)
-            x = _glued(l.down, gu, glue, silu_mul=True, residual=x)
+            x = _glued(l.o, a.transpose(1, 2).reshape(B, T, H * D), residual=x)
+            gu = _glued(l.gate_up, x, norm=l.post_norm, eps=self.eps)
+            x = _glued(l.down, gu, silu_mul=True, residual=x)
         return x
 
     def reset(self) -> None:
