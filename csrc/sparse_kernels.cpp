@@ -699,24 +699,6 @@ static inline float avx2_inv_rms(const float* row, int64_t K, float eps) {
     return 1.0f / sqrtf(s / (float)K + eps);
 }
 
-// Columns [k0, k1) of xt (k0 a multiple of 8): the threads split K.
-static void avx2_tile_x(const Avx2Input& in, int64_t B, float* xt, int64_t k0, int64_t k1) {
-    const int64_t K = in.K, tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
-    for (int64_t t = 0; t < tiles; ++t) {
-        float* dst = xt + t * K * kAvx2Tile;
-        for (int64_t b8 = 0; b8 < kAvx2Tile; b8 += 8) {
-            const int64_t b0 = t * kAvx2Tile + b8;
-            for (int64_t k = k0; k < k1; k += 8) {
-                const int64_t nk = k1 - k < 8 ? k1 - k : 8;
-                __m256 r[8];
-                for (int i = 0; i < 8; ++i) r[i] = b0 + i < B ? avx2_input8(in, b0 + i, k, nk) : _mm256_setzero_ps();
-                transpose8_ps(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
-                for (int i = 0; i < nk; ++i) _mm256_storeu_ps(dst + (k + i) * kAvx2Tile + b8, r[i]);
-            }
-        }
-    }
-}
-
 // acc (T ymm, stored at a; zeros when first) += row r's nonzeros from *p on whose columns are below
 // kend (the block's end; the row's columns are sorted), stopping at pend; *p is left at the first
 // nonzero of the next block. The two exits cost a compare each per nonzero, cheaper than finding
@@ -778,6 +760,29 @@ struct Avx2Ahead {
         }
     }
 };
+
+// Columns [k0, k1) of xt (k0 a multiple of 8): the threads split K. Meanwhile `ahead`'s lines
+// are prefetched, spread over the 8 x 8 blocks (the walk's first row block, whose streams nothing
+// else has fetched yet).
+static void avx2_tile_x(const Avx2Input& in, int64_t B, float* xt, int64_t k0, int64_t k1, Avx2Ahead ahead) {
+    const int64_t K = in.K, tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
+    const int64_t steps = tiles * 8 * ((k1 - k0 + 7) / 8);
+    const int64_t per = steps > 0 ? (ahead.lines() + steps - 1) / steps : 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+        float* dst = xt + t * K * kAvx2Tile;
+        for (int64_t b8 = 0; b8 < kAvx2Tile; b8 += 8) {
+            const int64_t b0 = t * kAvx2Tile + b8;
+            for (int64_t k = k0; k < k1; k += 8) {
+                const int64_t nk = k1 - k < 8 ? k1 - k : 8;
+                ahead.fetch(per);
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) r[i] = b0 + i < B ? avx2_input8(in, b0 + i, k, nk) : _mm256_setzero_ps();
+                transpose8_ps(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+                for (int i = 0; i < nk; ++i) _mm256_storeu_ps(dst + (k + i) * kAvx2Tile + b8, r[i]);
+            }
+        }
+    }
+}
 
 template <int T, class I>
 static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const float* const* val,
@@ -910,7 +915,16 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
         in.inv = inv;
     }
     const int64_t K8 = (K + 7) / 8;
-    run(K8, 16, [&](int64_t g0, int64_t g1) { avx2_tile_x(in, B, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K); });
+    run(K8, 16, [&](int64_t g0, int64_t g1) {
+        // the first row block of the rows this thread will likely run (the same share of N as of K)
+        const int64_t r = N * g0 / K8, r2 = r + kAvx2BlkRows < N ? r + kAvx2BlkRows : N;
+        const int64_t Kw = (K + 31) / 32;
+        const char* i0 = mask ? (const char*)(mask + r * Kw) : (const char*)(idx + rp[r]);
+        const char* i1 = mask ? (const char*)(mask + r2 * Kw) : (const char*)(idx + rp[r2]);
+        const Avx2Ahead first{{(const char*)(vals + rp[r]), i0}, {(rp[r2] - rp[r]) * (int64_t)sizeof(float), i1 - i0},
+                              y, 0, 0, 0};
+        avx2_tile_x(in, B, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K, first);
+    });
     int failed = 0;
     run(N, kAvx2BlkRows, [&](int64_t r0, int64_t r1) {
         float* accbuf = (float*)acc_buf.get(kAvx2BlkRows * kAvx2Tile * sizeof(float));

@@ -188,6 +188,13 @@ def avx2_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     if not avx2_prefill_runs(packed, isa):
         raise ConfigError(f"the AVX2 prefill walk runs fp32 bitmask/csr16 weights on the AVX2 path, not "
                           f"{packed.layout} with {packed.values.dtype} on {native.select_isa()}; use another form")
+    return avx2_prefill_run(packed, bias, x, threads, **glue)
+
+
+def avx2_prefill_run(packed: PackedWeight, bias: Optional[torch.Tensor], x: torch.Tensor,
+                     threads: Optional[int] = None, **glue) -> torch.Tensor:
+    """:func:`avx2_prefill_linear` without its check that the walk runs ``packed`` here (for callers
+    that checked once: the lean engines, per product ~120 times a prefill)."""
     n, k = packed.out_features, packed.in_features
     x2, y, kind, w = _glue_io(n, k, x, glue.get("norm"), bool(glue.get("silu_mul", False)), glue.get("residual"))
     b = None if bias is None else bias.float().contiguous()

@@ -344,12 +344,11 @@ class FusedLinear:
     def prefill_glued(self, x: torch.Tensor, form: str, **glue) -> torch.Tensor:
         """The fused prefill product ``form`` (from :meth:`glue_form`), with ``glue`` as in
         ``kernels.prefill.amx_prefill_linear``."""
-        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_linear
+        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_run
 
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
-        if form == "avx2":
-            self.module.sparse_calls += 1
-            return avx2_prefill_linear(self.module.packed, self.bias, x, isa=self.module.isa, **glue)
+        if form == "avx2":  # glue_form checked that the walk runs this weight
+            return avx2_prefill_run(self.module.packed, self.bias, x, **glue)
         if self.qlin is not None:
             return amx_quant_linear(self.qlin.packed, self.bias, x, **glue)
         return amx_prefill_linear(self.module.packed, self.bias, x, **glue)
