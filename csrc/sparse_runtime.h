@@ -187,6 +187,12 @@ int sr_amx_team_linear(const SRLinear* L, int64_t M, const float* x, float* y, u
 int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int layout, const void* index,
                            const float* vals, const int64_t* rp, const float* bias, float* y, int in_kind,
                            const float* in_w, float eps, int accumulate, int n_threads);
+// Causal grouped-query attention of a prompt that starts its sequence (prefill_attention.cpp): q
+// [B, T, H, D], k and v [B, T, KV, D], out [B, T, H, D], each with its own batch and token strides
+// (floats; the heads of a token contiguous). isa SR_AVX2 (D % 16 == 0) or SR_PORTABLE.
+int sr_prefill_attention(const float* q, int64_t q_batch, int64_t q_tok, const float* k, const float* v,
+                         int64_t kv_batch, int64_t kv_tok, float* out, int64_t out_batch, int64_t out_tok, int64_t B,
+                         int64_t T, int64_t H, int64_t KV, int64_t D, float scale, int isa, int n_threads);
 // ---- prefill's elementwise glue (prefill_glue.cpp) ----
 // The rotary embedding in place on the first `heads` heads (of D) of each row of x [B * T, row_stride],
 // cos/sin [T, D] (HF's rotate_half form); SR_OK or SR_EARG.

@@ -138,6 +138,10 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
                                                    c_int, c_int]
             lib.sr_avx2_prefill_linear.restype = c_int
+        if hasattr(lib, "sr_prefill_attention"):  # csrc/prefill_attention.cpp
+            lib.sr_prefill_attention.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64,
+                                                 ctypes.c_float, c_int, c_int]
+            lib.sr_prefill_attention.restype = c_int
         if hasattr(lib, "sr_rope_rows"):  # prefill's C glue (csrc/prefill_glue.cpp)
             lib.sr_rope_rows.argtypes = [p, i64, i64, i64, i64, i64, p, p]
             lib.sr_rope_rows.restype = c_int

@@ -270,6 +270,44 @@ def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     return x
 
 
+def prefill_attention_available() -> bool:
+    lb = native._load()
+    return lb is not None and hasattr(lb, "sr_prefill_attention")
+
+
+def prefill_attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, isa: Optional[str] = None,
+                      threads: Optional[int] = None) -> torch.Tensor:
+    """Causal grouped-query attention of a prompt that starts its sequence, straight from the fused
+    qkv product ``[B, T, (heads + 2 kv_heads) * head_dim]`` (contiguous fp32, q and k already
+    rotated): ``[B, T, heads * head_dim]``, the layout the o projection reads. One C call
+    (csrc/prefill_attention.cpp) in place of torch's SDPA and the transposes around it; fp32, equal
+    to ``F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)`` to fp32 rounding.
+    ``isa``: ``"avx2"`` (default where the CPU has it and ``head_dim`` is a multiple of 16) or
+    ``"portable"``."""
+    if qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.dim() != 3:
+        raise ConfigError(f"prefill_attention needs a contiguous float32 [B, T, width] tensor, got {qkv.dtype} "
+                          f"{tuple(qkv.shape)}")
+    B, T, width = qkv.shape
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads or width != (heads + 2 * kv_heads) * head_dim:
+        raise ConfigError(f"qkv width {width} does not hold {heads} query and 2 x {kv_heads} kv heads of "
+                          f"{head_dim} (query heads must be a multiple of kv heads)")
+    if isa is None:
+        isa = "avx2" if "avx2" in native.supported_isas() and head_dim % 16 == 0 else "portable"
+    if isa not in ("avx2", "portable"):
+        raise ConfigError(f"prefill_attention runs on 'avx2' or 'portable', not {isa!r}")
+    out = torch.empty(B, T, heads * head_dim, dtype=torch.float32)
+    q = qkv.data_ptr()
+    k = q + heads * head_dim * 4
+    v = k + kv_heads * head_dim * 4
+    rc = native.lib().sr_prefill_attention(q, T * width, width, k, v, T * width, width, out.data_ptr(),
+                                           T * heads * head_dim, heads * head_dim, B, T, heads, kv_heads, head_dim,
+                                           float(head_dim ** -0.5), native.ISAS.index(isa),
+                                           int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise ConfigError(f"prefill attention failed: {native.ERRORS.get(rc, rc)}")
+    return out
+
+
 def fpmath_available() -> bool:
     """Whether torch exposes oneDNN's bf16 math mode for fp32 matmuls (torch >= 2.9)."""
     return hasattr(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), "fp32_precision")

@@ -881,19 +881,26 @@ class LeanLlama:
         # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
         # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
         attend_bf16 = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
-        from ..kernels.prefill import rope_rows_, rope_rows_available
+        from ..kernels import native
+        from ..kernels.prefill import prefill_attention, prefill_attention_available, rope_rows_, rope_rows_available
         # prompts of several tokens rotate q and k in one C call (the same products and rounding as
         # _rotate, ~15 torch ops fewer per layer); single-token steps keep the torch ops
         rope_c = T > 1 and rope_rows_available()
-        # a block that starts the sequence with no window narrower than itself: the built-in causal
-        # mask (flash attention skips the masked half) and GQA without copying the kv heads
-        starts = p0 == 0
+        # a block that starts the sequence with no window narrower than itself attends causally from
+        # position 0: in fp32, one C call reading q, k, v from the qkv product (AVX2; head_dim a
+        # multiple of 16), else torch's built-in causal mask (flash attention skips the masked half)
+        # and GQA without copying the kv heads
+        starts = p0 == 0 and T > 1
+        attend_c = (starts and rope_c and not attend_bf16 and D % 16 == 0 and prefill_attention_available()
+                    and "avx2" in native.supported_isas())
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
             qkv = _glued(l.qkv, x, norm=l.in_norm, eps=self.eps)
+            whole = l.window <= 0 or l.window >= T  # no window narrower than the block
             if rope_c:  # q and k rotated in place, one C call
-                q, k, v = rope_rows_(qkv.contiguous(), cos, sin, H + KV, D).split([H * D, KV * D, KV * D], -1)
+                qkv = rope_rows_(qkv.contiguous(), cos, sin, H + KV, D)
+                q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
                 q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2)
             else:
                 q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
@@ -901,17 +908,21 @@ class LeanLlama:
                 k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
             k_cache[i, :, :, p0:p0 + T] = k
             v_cache[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
-            if attend_bf16:
-                a = _attend_bf16(q, k_cache[i, :, :, :p0 + T], v_cache[i, :, :, :p0 + T], masks[l.window],
-                                 p0 == 0 and (l.window <= 0 or l.window >= T), D)
-            elif starts and T > 1 and (l.window <= 0 or l.window >= T):
-                a = F.scaled_dot_product_attention(q, k_cache[i, :, :, :T], v_cache[i, :, :, :T], is_causal=True,
-                                                   scale=D ** -0.5, enable_gqa=True)
+            if attend_c and whole:  # [B, T, H * D] straight from qkv: no transposes
+                a = prefill_attention(qkv, H, KV, D)
             else:
-                kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-                vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-                a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
-            x = _glued(l.o, a.transpose(1, 2).reshape(B, T, H * D), residual=x)
+                if attend_bf16:
+                    a = _attend_bf16(q, k_cache[i, :, :, :p0 + T], v_cache[i, :, :, :p0 + T], masks[l.window],
+                                     p0 == 0 and whole, D)
+                elif starts and whole:
+                    a = F.scaled_dot_product_attention(q, k_cache[i, :, :, :T], v_cache[i, :, :, :T],
+                                                       is_causal=True, scale=D ** -0.5, enable_gqa=True)
+                else:
+                    kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+                    vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+                    a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
+                a = a.transpose(1, 2).reshape(B, T, H * D)
+            x = _glued(l.o, a, residual=x)
             gu = _glued(l.gate_up, x, norm=l.post_norm, eps=self.eps)
             x = _glued(l.down, gu, silu_mul=True, residual=x)
         return x
