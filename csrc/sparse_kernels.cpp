@@ -669,15 +669,23 @@ static inline void avx2_blk_walk(const float* xt, const I* col, const float* v, 
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = first ? _mm256_setzero_ps() : _mm256_load_ps(a + 8 * t);
     int64_t q = *p;
-    for (; q < pend; ++q) {
-        const int64_t c = (int64_t)col[q];
-        if (c >= kend) break;
-        const __m256 wv = _mm256_broadcast_ss(v + q);
-        const float* xr = xt + c * kAvx2Tile;
-        // an opaque base register: the loads below then use base + displacement addressing, which
+    // two nonzeros per step (the columns are sorted: the second below kend means both are)
+    for (; q + 1 < pend && (int64_t)col[q + 1] < kend; q += 2) {
+        const float* xr = xt + (int64_t)col[q] * kAvx2Tile;
+        const float* xs = xt + (int64_t)col[q + 1] * kAvx2Tile;
+        // opaque base registers: the loads below then use base + displacement addressing, which
         // stays one fused uop with the FMA (base + index addressing is split in two on Intel cores)
+        __asm__("" : "+r"(xr), "+r"(xs));
+        const __m256 w0 = _mm256_broadcast_ss(v + q), w1 = _mm256_broadcast_ss(v + q + 1);
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(w0, _mm256_load_ps(xr + 8 * t), acc[t]);
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(w1, _mm256_load_ps(xs + 8 * t), acc[t]);
+    }
+    if (q < pend && (int64_t)col[q] < kend) {
+        const float* xr = xt + (int64_t)col[q] * kAvx2Tile;
         __asm__("" : "+r"(xr));
-        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_load_ps(xr + 8 * t), acc[t]);
+        const __m256 w0 = _mm256_broadcast_ss(v + q);
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(w0, _mm256_load_ps(xr + 8 * t), acc[t]);
+        ++q;
     }
     *p = q;
     for (int t = 0; t < T; ++t) _mm256_store_ps(a + 8 * t, acc[t]);
@@ -754,6 +762,12 @@ static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const
     for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)
         for (int64_t i = 0; i < nr; ++i) {
             ahead.fetch(per);
+            {  // the next visit's first lines into L1 (its row's cursor is where it stopped last block)
+                const int64_t i2 = i + 1 < nr ? i + 1 : 0;
+                _mm_prefetch((const char*)(col[i2] + cur[i2]), _MM_HINT_T0);
+                _mm_prefetch((const char*)(val[i2] + cur[i2]), _MM_HINT_T0);
+                _mm_prefetch((const char*)(val[i2] + cur[i2]) + 64, _MM_HINT_T0);
+            }
             avx2_blk_walk<T, I>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile,
                                 k0 == 0);
         }
