@@ -443,8 +443,17 @@ def main() -> int:
         f"peak RSS of the process: {peak_rss_mb():.0f} MB; wall time {time.perf_counter() - t0:.0f} s",
     ]
     forced = {k: os.environ[k] for k in ISA_OVERRIDES if os.environ.get(k)}
-    if forced:  # an ISA emulated on this CPU (e.g. AVX2 on an AVX-512 machine): the table says so first
-        notes.insert(0, "ISA OVERRIDDEN by the environment (every engine's kernels restricted as listed; the memory "
+    from isa_mask import MARKER as ISA_MASK_MARKER
+
+    if os.environ.get(ISA_MASK_MARKER):  # benchmarks/isa_mask.py: the CPU itself reports less
+        notes.insert(0, f"ISA MASKED to {os.environ[ISA_MASK_MARKER]} (benchmarks/isa_mask.py): every process "
+                        "(ours, torch/oneDNN/MKL, ORT, DeepSparse) saw a CPU without AVX-512, AVX-VNNI or AMX in "
+                        "CPUID and /proc/cpuinfo, and the engines' switches were set too ("
+                        + ", ".join(f"{k}={v}" for k, v in forced.items()) + "); an emulation: the memory system, "
+                        "caches and clocks are still this machine's (docs/protocols.md#emulating-avx2)")
+    elif forced:  # an ISA restricted by the engines' switches only: the table says so first
+        notes.insert(0, "ISA OVERRIDDEN by the environment (each engine's switch, as listed; DeepSparse still JITs "
+                        "AVX-512 code under NM_ARCH=avx2 on an AVX-512 CPU: use benchmarks/isa_mask.py; the memory "
                         "system is still this machine's): " + ", ".join(f"{k}={v}" for k, v in forced.items()))
     if args.model == "tiny":
         notes.insert(0, "TINY random model (hidden 128, magnitude-pruned): this run tests the script, its figures "

@@ -1,20 +1,24 @@
 /* cpuid_mask.so: make a process (and every thread it starts) see a CPU without AVX-512, AVX-VNNI
- * and AMX, so that engines which pick their kernels from CPUID at run time (DeepSparse's JIT,
- * oneDNN, MKL, ONNX Runtime, torch, ours) all run their AVX2 code on an AVX-512 machine.
+ * and AMX, so that engines which pick their kernels at run time (DeepSparse's JIT, oneDNN, MKL, ONNX
+ * Runtime, torch, ours) all run their AVX2 code on an AVX-512 machine.
  *
  * Why: an engine's own switch is not enough. DeepSparse 1.8 with NM_ARCH=avx2 loads its "avx2"
- * binary, which still reads CPUID and JITs zmm (AVX-512) kernels on an AVX-512 CPU (seen with gdb:
- * docs/protocols.md#emulating-avx2). Linux can make CPUID fault (arch_prctl ARCH_SET_CPUID, on CPUs
- * with "cpuid_fault"); this library turns that on in its constructor and answers each faulting
- * CPUID in a SIGSEGV handler with the real answer minus the masked feature bits.
+ * binary, which still JITs zmm (AVX-512) kernels on an AVX-512 CPU (seen with gdb:
+ * docs/protocols.md#emulating-avx2): it reads the "flags" line of /proc/cpuinfo, others read CPUID.
+ * So this library does both: Linux can make CPUID fault (arch_prctl ARCH_SET_CPUID, on CPUs with
+ * "cpuid_fault"); the constructor turns that on and a SIGSEGV handler answers each faulting CPUID
+ * with the real answer minus the masked feature bits; and opening /proc/cpuinfo (open, openat,
+ * fopen and their 64-bit forms) returns a memfd holding the text without the masked flags.
  *
  * Use through benchmarks/isa_mask.py (builds this file into the cache and sets LD_PRELOAD plus
  * GLIBC_TUNABLES, which keeps glibc's own string functions off AVX-512: glibc reads CPUID before any
  * constructor runs). Limits: XGETBV cannot be intercepted (it still reports the AVX-512 state as
- * enabled; software checks the CPUID bits first); the setting is per thread and inherited by
- * threads and forks, reset by execve (LD_PRELOAD re-applies it in the new program). Programs that
- * install their own SIGSEGV handler (DeepSparse's crash reporter does) get it chained behind ours:
- * sigaction() and signal() for SIGSEGV are wrapped, so a real fault still reaches their handler.
+ * enabled; software checks the CPUID bits first); a program that opens /proc/cpuinfo by a raw
+ * syscall, or that is linked statically, is not covered (the gdb check above is how to tell); the
+ * setting is per thread and inherited by threads and forks, reset by execve (LD_PRELOAD re-applies
+ * it in the new program). Programs that install their own SIGSEGV handler (DeepSparse's crash
+ * reporter does) get it chained behind ours: sigaction() and signal() for SIGSEGV are wrapped, so a
+ * real fault still reaches their handler. CPUID_MASK_LOG=1 prints each answered CPUID (debugging).
  * The memory system, caches and clocks stay this machine's. */
 #define _GNU_SOURCE
 #include <signal.h>
