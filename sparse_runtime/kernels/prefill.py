@@ -105,6 +105,17 @@ def bf16_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     return torch.add(y, bias.float())  # bf16 + fp32 promotes to fp32: the widening and the add in one pass
 
 
+def bf16_arithmetic() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), as torch's kernels see it.
+    Without it a bf16 prefill gains nothing and loses time converting (torch emulates bf16 in fp32):
+    the lean engines then keep fp32 where the choice is theirs (attention)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(callable(c) for c in checks):
+        return True  # a torch without the probes: keep the bf16 path as asked
+    return any(c() for c in checks)
+
+
 def amx_available() -> bool:
     """Whether the AMX form runs here: the compiled kernels have it, the CPU has AMX-TILE, AMX-BF16,
     AVX512-VBMI2 and AVX512-BF16, Linux granted the tile state, and ``SPARSE_RUNTIME_AMX`` is not 0."""

@@ -321,8 +321,9 @@ class FusedLinear:
         """The fused prefill form a product of ``tokens`` rows runs, if any, so the caller can hand
         it the neighbouring glue (:func:`_glued`): ``"amx"`` (``prefill_dtype`` bf16; int8 bitmask
         codes where the CPU has AMX; packed weights where the measured choice picked it) or
-        ``"avx2"`` (fp32 prefill of fp32 packed weights on the AVX2 path, where the module's measured
-        dispatch takes the sparse kernel at this size: the same walk, called with the glue)."""
+        ``"avx2"`` (fp32 packed weights on the AVX2 path from 16 tokens: in fp32 prefill where the
+        module's measured dispatch takes the sparse kernel at this size, in bf16 prefill where the
+        measured form choice picked it; the same walk either way, called with the glue)."""
         from ..kernels.prefill import AVX2_PREFILL_MIN, amx_quant_runs, avx2_prefill_runs, choose_prefill_form
 
         if self.lean.prefill_dtype != "bfloat16":
@@ -336,10 +337,15 @@ class FusedLinear:
             return None
         if self.qlin is not None:
             return "amx" if amx_quant_runs(self.qlin.packed) else None
-        ok = self.module is not None and choose_prefill_form(
-            self.module.packed, tokens, torch.get_num_threads(), bias=self.bias, scratch=self.scratch,
-            isa=self.isa) == "amx"
-        return "amx" if ok else None
+        if self.module is None:
+            return None
+        form = choose_prefill_form(self.module.packed, tokens, torch.get_num_threads(), bias=self.bias,
+                                   scratch=self.scratch, isa=self.isa)
+        if form == "sparse" and self.module.isa == "avx2":  # the measured choice is the walk: with its glue
+            if self._avx2_runs is None:
+                self._avx2_runs = avx2_prefill_runs(self.module.packed, self.module.isa)
+            return "avx2" if self._avx2_runs else None
+        return "amx" if form == "amx" else None
 
     def prefill_glued(self, x: torch.Tensor, form: str, **glue) -> torch.Tensor:
         """The fused prefill product ``form`` (from :meth:`glue_form`), with ``glue`` as in
@@ -880,9 +886,11 @@ class LeanLlama:
         masks: dict[int, torch.Tensor] = {}
         # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
         # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
-        attend_bf16 = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN
         from ..kernels import native
-        from ..kernels.prefill import prefill_attention, prefill_attention_available, rope_rows_, rope_rows_available
+        from ..kernels.prefill import (bf16_arithmetic, prefill_attention, prefill_attention_available, rope_rows_,
+                                       rope_rows_available)
+        # (bf16 attention only where the CPU multiplies bf16: elsewhere torch emulates it, slower than fp32)
+        attend_bf16 = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN and bf16_arithmetic()
         # prompts of several tokens rotate q and k in one C call (the same products and rounding as
         # _rotate, ~15 torch ops fewer per layer); single-token steps keep the torch ops
         rope_c = T > 1 and rope_rows_available()
