@@ -14,7 +14,10 @@ swapping kernels into HF's forward gave ~1.06x. Here:
   linear's weights are read once for the B rows, attention runs per sequence over its own length;
 - prefill (and the single-sequence ``forward`` with batch > 1) runs a short torch forward on the same
   fused weights, each fused linear dispatching sparse/dense by its measured batch threshold
-  (``SparseLinear``).
+  (``SparseLinear``); the rotary embedding is one C call, a prompt that starts its sequence attends
+  in one C call reading q/k/v from the qkv product (``kernels.prefill.prefill_attention``), and on
+  the AVX2 path each sparse product takes its RMSNorm / SiLU-mul input and residual add inside the
+  prefill walk (``kernels.prefill.avx2_prefill_linear``; docs/kernels.md "The AVX2 prefill walk").
 
 ``sparse=False`` gives the dense variant of the same path (dense fused weights, a dense AVX-512/AVX2
 matrix-vector kernel in the C step, F.linear in prefill), so dense and sparse are compared on equal
