@@ -578,16 +578,22 @@ static void bm_avx2_gemv_rows(const float* x, int64_t K, const uint32_t* mask, c
     }
 }
 
-// Row's nonzero columns into off[0..nnz) (int32) by the same table, 8 columns per store; lanes past
-// c are overwritten by the next store, so off needs 8 slots of slack.
-static inline int64_t bm_avx2_row_columns(const uint8_t* mb, int64_t K, int32_t* off) {
+// Row's nonzero columns into off[0..nnz) by the same table, 8 columns per store (int32, or uint16
+// for K <= 65536: the unsigned saturating pack keeps values below 65536); lanes past c are
+// overwritten by the next store, so off needs 8 slots of slack.
+template <class I>
+static inline int64_t bm_avx2_row_columns(const uint8_t* mb, int64_t K, I* off) {
+    static_assert(sizeof(I) == 4 || sizeof(I) == 2, "int32 or uint16 columns");
     int64_t n = 0;
     const int64_t G = (K + 7) / 8;
     for (int64_t g = 0; g < G; ++g) {
         const unsigned m = mb[g];
         const __m256i lanes = _mm256_load_si256((const __m256i*)kLeftPack.lanes[m]);
-        _mm256_storeu_si256((__m256i*)(off + n), _mm256_add_epi32(_mm256_and_si256(lanes, _mm256_set1_epi32(7)),
-                                                                   _mm256_set1_epi32((int)(8 * g))));
+        const __m256i c = _mm256_add_epi32(_mm256_and_si256(lanes, _mm256_set1_epi32(7)), _mm256_set1_epi32((int)(8 * g)));
+        if constexpr (sizeof(I) == 4)
+            _mm256_storeu_si256((__m256i*)(off + n), c);
+        else
+            _mm_storeu_si128((__m128i*)(off + n), _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
         n += _mm_popcnt_u32(m);
     }
     return n;
@@ -806,30 +812,64 @@ static void avx2_blk_store(const float* accbuf, int64_t nr, int64_t nb, int64_t 
         }
 }
 
-// Rows [r0, r1) of y [B, N] from xt, kAvx2BlkRows rows at a time: colsof(i, r, &n) gives row r's
-// sorted columns (I) and count; next_index(r): where row r's index bytes start (to prefetch).
-// accbuf: kAvx2BlkRows * 64 floats, 32-byte aligned.
-template <class I, class Cols, class Index>
-static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* vals, const int64_t* rp,
-                          const float* bias, float* y, bool acc, int64_t r0, int64_t r1, float* accbuf,
-                          const Cols& colsof, const Index& next_index) {
+// Where the walk's rows come from. A source gives row r's sorted columns (uint16), its fp32 values
+// and their count, decoding into the calling thread's scratch (scratch_bytes() for kAvx2BlkRows rows;
+// i = the row's place in its block) where the layout stores something else, and the byte ranges of
+// rows [r0, r1)'s streams (to prefetch). The fp32 layouts here; int8 codes in quant_kernels.inc.
+struct Avx2Csr16Rows {
+    const uint16_t* idx;
+    const float* vals;
+    const int64_t* rp;
+    size_t scratch_bytes(int64_t) const { return 0; }
+    const uint16_t* row(void*, int64_t, int64_t r, int64_t* n, const float** val) const {
+        *n = rp[r + 1] - rp[r];
+        *val = vals + rp[r];
+        return idx + rp[r];
+    }
+    void streams(int64_t r0, int64_t r1, Avx2Ahead* a) const {
+        a->p[0] = (const char*)(vals + rp[r0]);
+        a->bytes[0] = (rp[r1] - rp[r0]) * (int64_t)sizeof(float);
+        a->p[1] = (const char*)(idx + rp[r0]);
+        a->bytes[1] = (rp[r1] - rp[r0]) * (int64_t)sizeof(uint16_t);
+    }
+};
+
+struct Avx2BitmaskRows {
+    const uint32_t* mask;
+    const float* vals;
+    const int64_t* rp;
+    int64_t K, Kw;
+    size_t scratch_bytes(int64_t) const { return (size_t)(kAvx2BlkRows * (K + 8)) * sizeof(uint16_t); }
+    const uint16_t* row(void* scratch, int64_t i, int64_t r, int64_t* n, const float** val) const {
+        uint16_t* c = (uint16_t*)scratch + i * (K + 8);
+        *n = bm_avx2_row_columns((const uint8_t*)(mask + r * Kw), K, c);
+        *val = vals + rp[r];
+        return c;
+    }
+    void streams(int64_t r0, int64_t r1, Avx2Ahead* a) const {
+        a->p[0] = (const char*)(vals + rp[r0]);
+        a->bytes[0] = (rp[r1] - rp[r0]) * (int64_t)sizeof(float);
+        a->p[1] = (const char*)(mask + r0 * Kw);
+        a->bytes[1] = (r1 - r0) * Kw * (int64_t)sizeof(uint32_t);
+    }
+};
+
+// Rows [r0, r1) of y [B, N] from xt, kAvx2BlkRows rows at a time, from `src` (above). accbuf:
+// kAvx2BlkRows * 64 floats, 32-byte aligned; scratch: src.scratch_bytes(K).
+template <class Src>
+static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* bias, float* y, bool acc,
+                          int64_t r0, int64_t r1, float* accbuf, void* scratch, const Src& src) {
     const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
-    const I* col[kAvx2BlkRows];
+    const uint16_t* col[kAvx2BlkRows];
     const float* val[kAvx2BlkRows];
     int64_t n[kAvx2BlkRows];
     for (int64_t rb = r0; rb < r1; rb += kAvx2BlkRows) {
         const int64_t nr = r1 - rb < kAvx2BlkRows ? r1 - rb : kAvx2BlkRows;
-        for (int64_t i = 0; i < nr; ++i) {
-            col[i] = colsof(i, rb + i, n + i);
-            val[i] = vals + rp[rb + i];
-        }
-        // the next row block's values and index bytes (csr16 columns, or bitmask words), prefetched
-        // during this block's first tile
+        for (int64_t i = 0; i < nr; ++i) col[i] = src.row(scratch, i, rb + i, n + i, val + i);
+        // the next row block's streams, prefetched during this block's first tile
         const int64_t rn = rb + nr, rn2 = rn + kAvx2BlkRows < r1 ? rn + kAvx2BlkRows : r1;
-        Avx2Ahead ahead{{(const char*)(vals + rp[rn]), (const char*)next_index(rn)},
-                        {rn < r1 ? (rp[rn2] - rp[rn]) * (int64_t)sizeof(float) : 0,
-                         rn < r1 ? (const char*)next_index(rn2) - (const char*)next_index(rn) : 0},
-                        y, 0, 0, 0};
+        Avx2Ahead ahead{{nullptr, nullptr}, {0, 0}, y, 0, 0, 0};
+        if (rn < r1) src.streams(rn, rn2, &ahead);
         for (int64_t t = 0; t < tiles; ++t) {
             const int64_t b0 = t * kAvx2Tile, nb = B - b0 < kAvx2Tile ? B - b0 : kAvx2Tile;
             const float* x = xt + t * K * kAvx2Tile;
@@ -839,10 +879,10 @@ static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, cons
             ahead.width = nr;
             ahead.stride = N;
             switch ((nb + 7) / 8) {
-#define SR_AVX2_BLK(TT) case TT: avx2_blk_tile<TT, I>(x, K, col, val, n, nr, accbuf, ahead); break;
+#define SR_AVX2_BLK(TT) case TT: avx2_blk_tile<TT, uint16_t>(x, K, col, val, n, nr, accbuf, ahead); break;
                 SR_AVX2_BLK(1) SR_AVX2_BLK(2) SR_AVX2_BLK(3) SR_AVX2_BLK(4) SR_AVX2_BLK(5) SR_AVX2_BLK(6)
                 SR_AVX2_BLK(7)
-                default: avx2_blk_tile<8, I>(x, K, col, val, n, nr, accbuf, ahead); break;
+                default: avx2_blk_tile<8, uint16_t>(x, K, col, val, n, nr, accbuf, ahead); break;
 #undef SR_AVX2_BLK
             }
             avx2_blk_store(accbuf, nr, nb, b0, rb, N, bias, y, acc);
@@ -850,35 +890,18 @@ static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, cons
     }
 }
 
-// The bitmask rows' columns as uint16 (K <= 65536 on this path), by the left-pack table.
-static inline int64_t bm_avx2_row_columns16(const uint8_t* mb, int64_t K, uint16_t* out) {
-    int64_t n = 0;
-    const int64_t G = (K + 7) / 8;
-    for (int64_t g = 0; g < G; ++g) {
-        const unsigned m = mb[g];
-        const __m256i lanes = _mm256_load_si256((const __m256i*)kLeftPack.lanes[m]);
-        const __m256i c = _mm256_add_epi32(_mm256_and_si256(lanes, _mm256_set1_epi32(7)), _mm256_set1_epi32((int)(8 * g)));
-        // 8 x int32 -> 8 x uint16 (values < 65536: the unsigned saturating pack keeps them)
-        const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storeu_si128((__m128i*)(out + n), p);
-        n += _mm_popcnt_u32(m);
-    }
-    return n;
-}
-
 // The prefill walk, threads splitting rows after they split the repacking of x (one parallel
-// region each): y (+)= in(x) W^T + bias for the bitmask (mask) or csr16 (idx) layout, fp32 values,
-// K <= 65536. Returns SR_ENOMEM if a buffer cannot be had.
-template <class Run>
-static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const uint32_t* mask,
-                           const uint16_t* idx, const float* vals, const int64_t* rp, const float* bias, float* y,
-                           bool acc, float eps) {
+// region each): y (+)= in(x) W^T + bias for the rows of `src` (above), K <= 65536. Returns SR_ENOMEM
+// if a buffer cannot be had.
+template <class Run, class Src>
+static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const float* bias, float* y,
+                           bool acc, float eps, const Src& src) {
     const int64_t K = in0.K;
     if (K > 65536) return SR_EARG;
     // the caller's thread holds x's tiles and the norm's factors; each worker its own small buffers
     // (grow-only per thread: no page faults per call)
     static thread_local SrThreadBuf xt_buf, inv_buf;
-    static thread_local SrThreadBuf acc_buf, col_buf;
+    static thread_local SrThreadBuf acc_buf, row_buf;
     const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
     float* xt = (float*)xt_buf.get((size_t)(tiles * K * kAvx2Tile) * sizeof(float));
     float* inv = in0.kind == SR_IN_RMSNORM ? (float*)inv_buf.get((size_t)(B > 0 ? B : 1) * sizeof(float)) : NULL;
@@ -892,36 +915,20 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
     run(K8, 16, [&](int64_t g0, int64_t g1) {
         // the first row block of the rows this thread will likely run (the same share of N as of K)
         const int64_t r = N * g0 / K8, r2 = r + kAvx2BlkRows < N ? r + kAvx2BlkRows : N;
-        const int64_t Kw = (K + 31) / 32;
-        const char* i0 = mask ? (const char*)(mask + r * Kw) : (const char*)(idx + rp[r]);
-        const char* i1 = mask ? (const char*)(mask + r2 * Kw) : (const char*)(idx + rp[r2]);
-        const Avx2Ahead first{{(const char*)(vals + rp[r]), i0}, {(rp[r2] - rp[r]) * (int64_t)sizeof(float), i1 - i0},
-                              y, 0, 0, 0};
+        Avx2Ahead first{{nullptr, nullptr}, {0, 0}, y, 0, 0, 0};
+        src.streams(r, r2, &first);
         avx2_tile_x(in, B, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K, first);
     });
     int failed = 0;
     run(N, kAvx2BlkRows, [&](int64_t r0, int64_t r1) {
         float* accbuf = (float*)acc_buf.get(kAvx2BlkRows * kAvx2Tile * sizeof(float));
-        uint16_t* cols = mask ? (uint16_t*)col_buf.get((size_t)(kAvx2BlkRows * (K + 8)) * sizeof(uint16_t)) : NULL;
-        if (!accbuf || (mask && !cols)) {
+        const size_t sb = src.scratch_bytes(K);
+        void* scratch = sb ? row_buf.get(sb) : nullptr;
+        if (!accbuf || (sb && !scratch)) {
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-        } else if (mask) {
-            const int64_t Kw = (K + 31) / 32;
-            avx2_blk_rows<uint16_t>(xt, B, K, N, vals, rp, bias, y, acc, r0, r1, accbuf,
-                                    [&](int64_t i, int64_t r, int64_t* n) -> const uint16_t* {
-                                        uint16_t* c = cols + i * (K + 8);
-                                        *n = bm_avx2_row_columns16((const uint8_t*)(mask + r * Kw), K, c);
-                                        return c;
-                                    },
-                                    [&](int64_t r) -> const void* { return mask + r * Kw; });
-        } else {
-            avx2_blk_rows<uint16_t>(xt, B, K, N, vals, rp, bias, y, acc, r0, r1, accbuf,
-                                    [&](int64_t, int64_t r, int64_t* n) -> const uint16_t* {
-                                        *n = rp[r + 1] - rp[r];
-                                        return idx + rp[r];
-                                    },
-                                    [&](int64_t r) -> const void* { return idx + rp[r]; });
+            return;
         }
+        avx2_blk_rows(xt, B, K, N, bias, y, acc, r0, r1, accbuf, scratch, src);
     });
     return failed ? SR_ENOMEM : SR_OK;
 }
@@ -1251,8 +1258,8 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
                 bm_avx2_gemv_rows(x, K, mask, vals, rp, bias, y, r0, r1, vals + rp[N]);
             });
         } else if (B >= kAvx2BlkMinBatch && K <= 65536) {
-            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, mask, NULL, vals,
-                                           rp, bias, y, false, 0.f);
+            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, bias, y, false, 0.f,
+                                           Avx2BitmaskRows{mask, vals, rp, K, (K + 31) / 32});
             if (rc != SR_OK) return rc;
         } else {
             const int64_t Bp = (B + 7) / 8 * 8;
@@ -1296,8 +1303,8 @@ static int csr16_linear_impl(const Run& run, int isa, const float* x, int64_t B,
                 csr_avx2_gemv_rows(x, idx, vals, rp, bias, y, r0, r1);
             });
         } else if (B >= kAvx2BlkMinBatch) {
-            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, NULL, idx, vals,
-                                           rp, bias, y, false, 0.f);
+            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, bias, y, false, 0.f,
+                                           Avx2Csr16Rows{idx, vals, rp});
             if (rc != SR_OK) return rc;
         } else {
             const int64_t Bp = (B + 7) / 8 * 8;
@@ -1350,9 +1357,11 @@ int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int 
     if (!x || !rp || !y || (in_kind == SR_IN_RMSNORM && !in_w)) return SR_EARG;
 #if SR_X86
     const Avx2Input in{x, K, in_kind == SR_IN_SILU_MUL ? 2 * K : K, in_kind, in_w, NULL};
-    const int rc = avx2_blk_linear(OmpRows{n_threads}, in, M, N, layout == SR_BITMASK ? (const uint32_t*)index : NULL,
-                                   layout == SR_CSR16 ? (const uint16_t*)index : NULL, vals, rp, bias, y,
-                                   accumulate != 0, eps);
+    const int rc = layout == SR_BITMASK
+                       ? avx2_blk_linear(OmpRows{n_threads}, in, M, N, bias, y, accumulate != 0, eps,
+                                         Avx2BitmaskRows{(const uint32_t*)index, vals, rp, K, (K + 31) / 32})
+                       : avx2_blk_linear(OmpRows{n_threads}, in, M, N, bias, y, accumulate != 0, eps,
+                                         Avx2Csr16Rows{(const uint16_t*)index, vals, rp});
     if (rc == SR_OK) __atomic_add_fetch(&g_calls[SR_AVX2][layout], 1, __ATOMIC_RELAXED);
     return rc;
 #else

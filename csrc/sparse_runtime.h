@@ -193,6 +193,10 @@ int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int 
 int sr_prefill_attention(const float* q, int64_t q_batch, int64_t q_tok, const float* k, const float* v,
                          int64_t kv_batch, int64_t kv_tok, float* out, int64_t out_batch, int64_t out_tok, int64_t B,
                          int64_t T, int64_t H, int64_t KV, int64_t D, float scale, int isa, int n_threads);
+// The same walk over a dense int8 linear's codes (symmetric or asymmetric, per row or per group;
+// quant_kernels.inc): rows decoded once per call into their nonzero fp32 weights, then walked.
+int sr_avx2_q_prefill_linear(const SRLinear* L, int64_t M, const float* x, float* y, int in_kind, const float* in_w,
+                             float eps, int accumulate, int n_threads);
 // ---- prefill's elementwise glue (prefill_glue.cpp) ----
 // The rotary embedding in place on the first `heads` heads (of D) of each row of x [B * T, row_stride],
 // cos/sin [T, D] (HF's rotate_half form); SR_OK or SR_EARG.

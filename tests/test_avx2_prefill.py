@@ -173,3 +173,67 @@ def test_lean_prefill_runs_the_walk_and_attention(layout):
     compare_with_hf(model, lean, prompt=40, steps=4, atol=2e-5)
     lin = [f for l in lean.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
     assert all(f.prefill_forms.get("avx2", 0) == 1 for f in lin)
+
+
+@pytest.mark.parametrize("scheme", [(8, 0, True), (8, 64, True), (8, 0, False), (8, 32, False)],
+                         ids=["sym", "sym-g64", "asym", "asym-g32"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_int8_walk_matches_dequantized(scheme, sparsity):
+    """Dense int8 codes walked as their decoded nonzeros: the fp32 product with the dequantized
+    weight, glue included (odd K: a partial last 8-column chunk; a NaN scale stays NaN)."""
+    from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
+    from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
+    from sparse_runtime.quant.scheme import QuantScheme
+
+    bits, group, sym = scheme
+    k = 128 if group else 133
+    w = pruned_weight(70, k, sparsity, seed=bits + group)
+    g = torch.Generator().manual_seed(7)
+    b = torch.randn(70, generator=g)
+    q = QuantLinear(quantize_packed(w, QuantScheme(bits, group, sym), "dense"), b, isa="avx2")
+    assert avx2_quant_runs(q, 0.7) and not avx2_quant_runs(q, 0.3)
+    wd = q.dequantize()
+    x = torch.randn(40, k, generator=g) * 2
+    close(avx2_quant_linear(q, x), reference(x, wd, b))
+    nw = torch.rand(k, generator=g) + 0.5
+    h = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    r = torch.randn(40, 70, generator=g)
+    want = r.double() + reference(h, wd, b)
+    close(avx2_quant_linear(q, x, norm=nw, eps=1e-6, residual=r), want, rel=1e-5)
+    if sparsity < 1.0:
+        q.packed.scales[3] = float("nan")  # the descriptor reads the same tensor
+        y = avx2_quant_linear(q, x)
+        assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, torch.arange(70) != 3]).all()
+
+
+def test_int8_walk_refuses_other_codes():
+    from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
+    from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
+    from sparse_runtime.quant.scheme import QuantScheme
+
+    q4 = QuantLinear(quantize_packed(pruned_weight(16, 64, 0.7), QuantScheme(4, 32), "dense"), isa="avx2")
+    assert not avx2_quant_runs(q4, 0.7)
+    with pytest.raises(ConfigError, match="AVX2 int8 prefill product failed"):
+        avx2_quant_linear(q4, torch.randn(20, 64))
+
+
+def test_lean_int8_prefill_runs_the_walk():
+    """The lean engine with int8 values on the AVX2 path: a 40-token prompt's products take the walk
+    over the decoded codes (form "avx2q"), logits equal the dequantized Hugging Face model's."""
+    import copy
+
+    from helpers import compare_with_hf, random_pruned
+    from sparse_runtime.models.tiny import tiny_model
+    from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
+    from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama
+
+    model = random_pruned(tiny_model("llama"))
+    lean = LeanLlama(model, LeanConfig(isa="avx2", value_dtype="int8", calibrate=False, initial_cache=16), threads=2)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(quantize_rtn(m.weight, QuantScheme(8)).dequantize())
+    compare_with_hf(ref, lean, prompt=40, steps=3, atol=1e-4)
+    lin = [f for l in lean.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
+    assert all(f.prefill_forms.get("avx2q", 0) == 1 for f in lin)

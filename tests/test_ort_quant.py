@@ -10,6 +10,8 @@ linear (lm_head included) is exercised without near-ties.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +25,12 @@ pytest.importorskip("optimum.exporters.onnx")
 from exporters import export, formats  # noqa: E402
 
 # Tolerances on max |logit diff| / max |reference logit| (prefill and one cached decode step) for
-# this model; measured 0.005 (int8) and 0.04 (int4, g32 and g128) when written.
-REL_TOL = {"onnx-int8": 0.02, "onnx-int4": 0.1}
+# this model; measured 0.005 (int8) and 0.04 (int4, g32 and g128) when written, on AVX-512 VNNI.
+# Without VNNI (AVX2 CPUs) ORT's dynamic int8 MatMul multiplies u8 x s8 pairs with vpmaddubsw, whose
+# 16-bit sums saturate: 0.06-0.085 measured on this model (under benchmarks/isa_mask.py avx2), the
+# greedy tokens unchanged. ORT's documented remedy is reduce_range (7-bit weights) at quantization.
+_CPU = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+REL_TOL = {"onnx-int8": 0.02 if "vnni" in _CPU else 0.1, "onnx-int4": 0.1}
 
 
 def structured_tiny(path, tied: bool = False):

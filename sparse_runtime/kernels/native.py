@@ -138,6 +138,9 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
                                                    c_int, c_int]
             lib.sr_avx2_prefill_linear.restype = c_int
+        if hasattr(lib, "sr_avx2_q_prefill_linear"):  # the walk over dense int8 codes (csrc/quant_kernels.inc)
+            lib.sr_avx2_q_prefill_linear.argtypes = [p, i64, p, p, c_int, p, ctypes.c_float, c_int, c_int]
+            lib.sr_avx2_q_prefill_linear.restype = c_int
         if hasattr(lib, "sr_prefill_attention"):  # csrc/prefill_attention.cpp
             lib.sr_prefill_attention.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64,
                                                  ctypes.c_float, c_int, c_int]

@@ -219,6 +219,40 @@ def avx2_prefill_run(packed: PackedWeight, bias: Optional[torch.Tensor], x: torc
     return _glue_out(y, x, n, glue.get("residual"))
 
 
+AVX2_QUANT_MIN_SPARSITY = 0.5  # below, a prompt's dequantize + fp32 GEMM beats the walk (dense work at GEMM speed)
+
+
+def avx2_quant_runs(qlin, sparsity: float = 1.0) -> bool:
+    """Whether the AVX2 prefill walk runs ``qlin`` (a :class:`~sparse_runtime.kernels.quant.QuantLinear`):
+    dense int8 codes (symmetric or not, per row or per group) on the AVX2 path, K <= 65536, compiled
+    kernels that have it, and a weight at least AVX2_QUANT_MIN_SPARSITY sparse (the walk's work is
+    the nonzeros at about half the GEMM's rate)."""
+    lb = native._load()
+    p = qlin.packed
+    return (lb is not None and hasattr(lb, "sr_avx2_q_prefill_linear") and qlin.isa == "avx2"
+            and p.layout == "dense" and p.bits == 8 and p.in_features <= 65536
+            and sparsity >= AVX2_QUANT_MIN_SPARSITY)
+
+
+def avx2_quant_linear(qlin, x: torch.Tensor, threads: Optional[int] = None, **glue) -> torch.Tensor:
+    """``y = f(x) W^T + bias`` for dense int8 codes by the AVX2 prefill walk
+    (``sr_avx2_q_prefill_linear``, csrc/quant_kernels.inc): each row decoded once per call into its
+    nonzero weights, ``scale * (code - zero)`` in fp32 (exact), then walked as
+    :func:`avx2_prefill_linear` walks fp32 values, with the same ``glue``. Equal to the fp32 product
+    with the dequantized weight to fp32 rounding."""
+    import ctypes
+
+    n, k = qlin.shape
+    x2, y, kind, w = _glue_io(n, k, x, glue.get("norm"), bool(glue.get("silu_mul", False)), glue.get("residual"))
+    rc = native.lib().sr_avx2_q_prefill_linear(ctypes.addressof(qlin.desc), x2.shape[0], x2.data_ptr(), y.data_ptr(),
+                                               kind, _ptr(w), float(glue.get("eps", 0.0)),
+                                               int(glue.get("residual") is not None),
+                                               int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise ConfigError(f"AVX2 int8 prefill product failed: {native.ERRORS.get(rc, rc)}")
+    return _glue_out(y, x, n, glue.get("residual"))
+
+
 def amx_runs(packed: PackedWeight) -> bool:
     """Whether the AMX form runs ``packed`` (bitmask layout, fp32 or bf16 values) here."""
     return packed.layout == "bitmask" and packed.values.dtype in VAL_DTYPE_IDS and amx_available()

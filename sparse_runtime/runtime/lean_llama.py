@@ -326,9 +326,17 @@ class FusedLinear:
         codes where the CPU has AMX; packed weights where the measured choice picked it) or
         ``"avx2"`` (fp32 packed weights on the AVX2 path from 16 tokens: in fp32 prefill where the
         module's measured dispatch takes the sparse kernel at this size, in bf16 prefill where the
-        measured form choice picked it; the same walk either way, called with the glue)."""
-        from ..kernels.prefill import AVX2_PREFILL_MIN, amx_quant_runs, avx2_prefill_runs, choose_prefill_form
+        measured form choice picked it; the same walk either way, called with the glue) or ``"avx2q"``
+        (dense int8 codes on the AVX2 path, at least half zeros: the walk over the decoded nonzeros)."""
+        from ..kernels.prefill import (AVX2_PREFILL_MIN, amx_quant_runs, avx2_prefill_runs, avx2_quant_runs,
+                                       choose_prefill_form)
 
+        if self.qlin is not None and tokens >= AVX2_PREFILL_MIN and not (
+                self.lean.prefill_dtype == "bfloat16" and amx_quant_runs(self.qlin.packed)):
+            if self._avx2_runs is None:  # dense int8 codes on the AVX2 path, sparse enough: checked once
+                self._avx2_runs = avx2_quant_runs(self.qlin, self.sparsity)
+            if self._avx2_runs:
+                return "avx2q"
         if self.lean.prefill_dtype != "bfloat16":
             m = self.module
             if m is None or tokens < AVX2_PREFILL_MIN or m.isa != "avx2" or not m.takes_sparse(tokens):
@@ -353,11 +361,13 @@ class FusedLinear:
     def prefill_glued(self, x: torch.Tensor, form: str, **glue) -> torch.Tensor:
         """The fused prefill product ``form`` (from :meth:`glue_form`), with ``glue`` as in
         ``kernels.prefill.amx_prefill_linear``."""
-        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_run
+        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_run, avx2_quant_linear
 
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         if form == "avx2":  # glue_form checked that the walk runs this weight
             return avx2_prefill_run(self.module.packed, self.bias, x, **glue)
+        if form == "avx2q":
+            return avx2_quant_linear(self.qlin, x, **glue)
         if self.qlin is not None:
             return amx_quant_linear(self.qlin.packed, self.bias, x, **glue)
         return amx_prefill_linear(self.module.packed, self.bias, x, **glue)
@@ -889,7 +899,6 @@ class LeanLlama:
         masks: dict[int, torch.Tensor] = {}
         # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
         # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
-        from ..kernels import native
         from ..kernels.prefill import (bf16_arithmetic, prefill_attention, prefill_attention_available, rope_rows_,
                                        rope_rows_available)
         # (bf16 attention only where the CPU multiplies bf16: elsewhere torch emulates it, slower than fp32)
@@ -903,7 +912,7 @@ class LeanLlama:
         # and GQA without copying the kv heads
         starts = p0 == 0 and T > 1
         attend_c = (starts and rope_c and not attend_bf16 and D % 16 == 0 and prefill_attention_available()
-                    and "avx2" in native.supported_isas())
+                    and self.isa in ("avx2", "avx512"))  # the engine's kernel path (a forced portable one: SDPA)
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
