@@ -611,13 +611,13 @@ static void bm_avx2_gemm_rows(const float* xT, int64_t B, int64_t Bp, int64_t K,
     }
 }
 // ---------------------------------------------------------------------------------------------
-// AVX2 prefill-sized batches (>= kAvx2BlkMinBatch tokens), both layouts: the plain walk above
-// (avx2_gemm_row) keeps 4 accumulators (32 tokens), so its FMA chains wait on their latency (4
-// cycles x 2 ports wants 8 in flight), and reads a 128-byte xT segment from L2 per nonzero. Here
-// x is repacked into 64-token tiles xt[tile][K][64] (avx2_tile_x), a nonzero feeds 8 FMAs (64
-// tokens, 8 ymm accumulators: the FMA ports stay full), and K is walked in blocks of
+// AVX2 prefill-sized batches (>= kAvx2BlkMinBatch tokens; docs/kernels.md "The AVX2 prefill walk"):
+// the plain walk above (avx2_gemm_row) keeps 4 accumulators (32 tokens), so its FMA chains wait on
+// their latency (4 cycles x 2 ports wants 8 in flight), and reads a 128-byte xT segment from L2 per
+// nonzero. Here x is repacked into 64-token tiles xt[tile][K][64] (avx2_tile_x), a nonzero feeds 8
+// FMAs (64 tokens, 8 ymm accumulators: the FMA ports stay full), and K is walked in blocks of
 // kAvx2BlkCols columns: a block of kAvx2BlkRows rows walks its nonzeros in those columns, so the
-// xt block (64 columns x 64 tokens = 16 KB) stays in L1 and serves every row of the block. Each
+// xt block (128 columns x 64 tokens = 32 KB) stays in L1 and serves every row of the block. Each
 // row's 64 partial sums live in a small buffer between blocks (kept in L1). Per nonzero: one
 // broadcast and 8 L1 loads + FMAs, the AVX2 peak's shape (2 FMA + 2-3 loads per cycle).
 // ---------------------------------------------------------------------------------------------
@@ -625,8 +625,6 @@ static const int64_t kAvx2Tile = 64;      // tokens per xt tile (8 ymm accumulat
 static int64_t kAvx2BlkCols = 128;        // columns per K block (128 x 64 tokens x 4 B = 32 KB: L1)
 static const int64_t kAvx2BlkRows = 32;   // rows sharing one pass over the K blocks
 static int64_t kAvx2BlkMinBatch = 16;     // from this batch on (csr16 and bitmask, fp32 values)
-
-
 
 // The product's input, as in the AMX form (csrc/amx_prefill.cpp, SR_IN_*): x itself, its RMSNorm
 // (w[k] * (x[m, k] * inv[m]), the HF Llama order) or SiLU(gate) * up of a gate|up row [2K].
