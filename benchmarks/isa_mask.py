@@ -58,7 +58,7 @@ def build(cache: Path | None = None) -> Path:
     if cc is None:
         raise MaskError("no C compiler to build the ISA mask: install gcc (or set CC)")
     src = SOURCE.read_bytes()
-    from sparse_runtime.models.loading import cache_dir  # noqa: E402 (the project's cache, as elsewhere)
+    from sparse_runtime.models.loading import cache_dir  # the project's cache, as elsewhere
 
     out_dir = (cache or cache_dir()) / "isa_mask"
     out = out_dir / f"cpuid_mask-{hashlib.sha256(src).hexdigest()[:12]}.so"

@@ -695,8 +695,6 @@ static inline void avx2_blk_walk(const float* xt, const I* col, const float* v, 
     for (int t = 0; t < T; ++t) _mm256_store_ps(a + 8 * t, acc[t]);
 }
 
-// One token tile for the nr rows whose columns/values/counts are col[i]/val[i]/n[i]: K walked in
-// blocks of kAvx2BlkCols columns, each row resuming where its previous block stopped.
 // Lines to bring into L2 while a tile runs, a few per visit so the requests stay spread out (a
 // burst of hundreds would fill the core's miss buffers and stall the walk): the next row block's
 // value and index streams (two byte ranges), then the lines of y this tile writes at its end (rows of
@@ -756,6 +754,9 @@ static void avx2_tile_x(const Avx2Input& in, int64_t B, float* xt, int64_t k0, i
     }
 }
 
+// One token tile for the nr rows whose columns/values/counts are col[i]/val[i]/n[i]: K walked in
+// blocks of kAvx2BlkCols columns, each row resuming where its previous block stopped; `ahead`'s
+// lines are prefetched a few per visit.
 template <int T, class I>
 static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const float* const* val,
                           const int64_t* n, int64_t nr, float* accbuf, Avx2Ahead ahead) {
@@ -818,7 +819,7 @@ struct Avx2Csr16Rows {
     const uint16_t* idx;
     const float* vals;
     const int64_t* rp;
-    size_t scratch_bytes(int64_t) const { return 0; }
+    size_t scratch_bytes() const { return 0; }
     const uint16_t* row(void*, int64_t, int64_t r, int64_t* n, const float** val) const {
         *n = rp[r + 1] - rp[r];
         *val = vals + rp[r];
@@ -837,7 +838,7 @@ struct Avx2BitmaskRows {
     const float* vals;
     const int64_t* rp;
     int64_t K, Kw;
-    size_t scratch_bytes(int64_t) const { return (size_t)(kAvx2BlkRows * (K + 8)) * sizeof(uint16_t); }
+    size_t scratch_bytes() const { return (size_t)(kAvx2BlkRows * (K + 8)) * sizeof(uint16_t); }
     const uint16_t* row(void* scratch, int64_t i, int64_t r, int64_t* n, const float** val) const {
         uint16_t* c = (uint16_t*)scratch + i * (K + 8);
         *n = bm_avx2_row_columns((const uint8_t*)(mask + r * Kw), K, c);
@@ -853,7 +854,7 @@ struct Avx2BitmaskRows {
 };
 
 // Rows [r0, r1) of y [B, N] from xt, kAvx2BlkRows rows at a time, from `src` (above). accbuf:
-// kAvx2BlkRows * 64 floats, 32-byte aligned; scratch: src.scratch_bytes(K).
+// kAvx2BlkRows * 64 floats, 32-byte aligned; scratch: src.scratch_bytes().
 template <class Src>
 static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* bias, float* y, bool acc,
                           int64_t r0, int64_t r1, float* accbuf, void* scratch, const Src& src) {
@@ -920,7 +921,7 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
     int failed = 0;
     run(N, kAvx2BlkRows, [&](int64_t r0, int64_t r1) {
         float* accbuf = (float*)acc_buf.get(kAvx2BlkRows * kAvx2Tile * sizeof(float));
-        const size_t sb = src.scratch_bytes(K);
+        const size_t sb = src.scratch_bytes();
         void* scratch = sb ? row_buf.get(sb) : nullptr;
         if (!accbuf || (sb && !scratch)) {
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);

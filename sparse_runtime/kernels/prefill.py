@@ -26,6 +26,8 @@ like ``module.measure_dispatch``.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import statistics
 import time
@@ -105,10 +107,12 @@ def bf16_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     return torch.add(y, bias.float())  # bf16 + fp32 promotes to fp32: the widening and the add in one pass
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_arithmetic() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), as torch's kernels see it.
     Without it a bf16 prefill gains nothing and loses time converting (torch emulates bf16 in fp32):
-    the lean engines then keep fp32 where the choice is theirs (attention)."""
+    the lean engines then keep fp32 where the choice is theirs (attention). Asked once per process
+    (every prefill asks)."""
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if not all(callable(c) for c in checks):
@@ -240,8 +244,6 @@ def avx2_quant_linear(qlin, x: torch.Tensor, threads: Optional[int] = None, **gl
     nonzero weights, ``scale * (code - zero)`` in fp32 (exact), then walked as
     :func:`avx2_prefill_linear` walks fp32 values, with the same ``glue``. Equal to the fp32 product
     with the dequantized weight to fp32 rounding."""
-    import ctypes
-
     n, k = qlin.shape
     x2, y, kind, w = _glue_io(n, k, x, glue.get("norm"), bool(glue.get("silu_mul", False)), glue.get("residual"))
     rc = native.lib().sr_avx2_q_prefill_linear(ctypes.addressof(qlin.desc), x2.shape[0], x2.data_ptr(), y.data_ptr(),
