@@ -102,7 +102,8 @@ def test_payload_parts_stage_and_assemble(tmp_path):
     for f in (carry / parts[1]).iterdir():
         (bad / parts[1] / f.name).write_bytes(f.read_bytes())
     chunk = next(f for f in (bad / parts[1]).iterdir() if f.name != "payload.json")
-    chunk.write_bytes(b"x" + chunk.read_bytes()[1:])
+    raw = chunk.read_bytes()
+    chunk.write_bytes(bytes([raw[0] ^ 0xFF]) + raw[1:])  # always a change (b"x" was none when the byte was "x")
     with pytest.raises(SystemExit, match="arrived corrupt"):
         gpu_run.stage(bad, tmp_path / "stage2")
 
