@@ -1156,6 +1156,7 @@ static const int64_t kMinRows = 32;  // below this many rows per thread, threadi
 static int64_t kXtMinBatch = 6;
 // AVX-512: from this batch on, the K-blocked walk (bm_blk_gemm_rows) replaces the plain index walk.
 static int64_t kBlkMinBatch = 64;
+static int kAvx512Walk = 1;  // AVX-512 batches >= kAvx2BlkMinBatch take the AVX2 walk (0: the index walks)
 // The transposed-x width the AVX-512 walks read at B (>= kXtMinBatch) rows: 8 up to 8 rows for the
 // index walk (bm_idx_tile8), else B rounded up to 16 (the 16-lane index walk, the K-blocked walk).
 static inline int64_t bm_xt_bp(int64_t B) { return B <= 8 && B < kBlkMinBatch ? 8 : (B + 15) / 16 * 16; }
@@ -1175,6 +1176,8 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 }
 // Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
+// Tuning hook (benchmarks, tests): 0 sends AVX-512 prefill batches to the index walks instead of the AVX2 walk.
+void sr_set_avx512_walk(int on) { kAvx512Walk = on != 0; }
 void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
 // Tuning hook (benchmarks): bytes ahead the batch-1 AVX-512 row kernels prefetch (0: none).
 void sr_set_row_prefetch(int64_t bytes) { kPrefetchAhead = bytes < 0 ? 0 : bytes; }
@@ -1221,7 +1224,13 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
             run(N, kMinRows, [&](int64_t r0, int64_t r1) {
                 bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
             });
-        else {
+        else if (B >= kAvx2BlkMinBatch && K <= 65536 && kAvx512Walk) {
+            // prefill-sized: the AVX2 walk beats the AVX-512 index walks below on both AVX-512 CPUs
+            // measured (docs/kernels.md "The AVX2 prefill walk": Xeon and AMD Zen 4)
+            const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, bias, y, false, 0.f,
+                                           Avx2BitmaskRows{mask, vals, rp, K, (K + 31) / 32});
+            if (rc != SR_OK) return rc;
+        } else {
             const int64_t Bp = bm_xt_bp(B);
             float* xT = transpose_padded(x, B, K, Bp);
             if (!xT) return SR_ENOMEM;
@@ -1468,6 +1477,9 @@ void sr_csr16_densify(int64_t K, int64_t N, const uint16_t* idx, const float* va
 
 // Quantized values (int8/int4 codes + scales) for the dense and bitmask layouts.
 #include "quant_kernels.inc"
+
+// The bf16 prefill walk (AVX512-BF16 without AMX; reuses the AVX2 walk's tiling and glue above).
+#include "bf16_walk.inc"
 
 // The lean batch-1 decode step (a whole token in one parallel region; reuses the row kernels above).
 #include "lean_decode.inc"

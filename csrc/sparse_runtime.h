@@ -92,6 +92,7 @@ int sr_has_openmp(void);
 void sr_get_counters(int64_t* out);  // out[SR_NISA * SR_NLAYOUT], isa-major
 void sr_reset_counters(void);
 void sr_set_xt_min_batch(int64_t b);
+void sr_set_avx512_walk(int on);  // 0: AVX-512 prefill batches take the index walks, not the AVX2 walk
 void sr_set_blk_min_batch(int64_t b);
 void sr_set_row_prefetch(int64_t bytes);  // batch-1 AVX-512 row kernels: prefetch distance in bytes (0: off)
 void sr_set_gemv_variant(int v);
@@ -174,6 +175,16 @@ int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const
                           int vtype, const int64_t* rp, int64_t group, const float* scales, const float* zeros,
                           const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
                           int n_threads);
+// The same contract on AVX512-BF16 without AMX (bf16_walk.inc, "the bf16 prefill walk"): the
+// nonzeros walked two at a time with vdpbf16ps over 64-token bf16 tiles of x; K <= 65536; also
+// dense int8 codes [N, K] (mask NULL, vtype SR_VAL_I8, rp unused): their nonzero weights walked.
+// sr_bf16_walk_supported: 1 when the CPU has AVX-512 F/BW/VL/DQ, VBMI2 and BF16.
+int sr_bf16_walk_supported(void);
+int sr_bf16_walk_linear(int64_t M, int64_t K, int64_t N, const float* x, const uint32_t* mask, const void* vals,
+                        int vtype, const int64_t* rp, int64_t group, const float* scales, const float* zeros,
+                        const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
+                        int n_threads);
+void sr_set_bf16_walk_cols(int64_t cols);
 // The batched decode step's form (lean_decode.inc, flag SR_STEP_BF16): one product of M <= 128
 // rows of x [M, K] with a bitmask linear (fp32 values or int8 codes) on AMX tiles, run by EVERY
 // thread t of T of the caller's OpenMP team (it meets them at one barrier inside). xv: shared

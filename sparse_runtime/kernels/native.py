@@ -113,6 +113,9 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.sr_get_counters.restype = None
         lib.sr_reset_counters.restype = None
         lib.sr_set_xt_min_batch.argtypes = [i64]
+        if hasattr(lib, "sr_set_avx512_walk"):  # tests' and benchmarks' hook: AVX-512 prefill batches' kernel
+            lib.sr_set_avx512_walk.argtypes = [c_int]
+            lib.sr_set_avx512_walk.restype = None
         if hasattr(lib, "sr_set_blk_min_batch"):  # benchmarks' hook for the K-blocked walk switch
             lib.sr_set_blk_min_batch.argtypes = [i64]
         lib.sr_set_gemv_variant.argtypes = [c_int]
@@ -134,6 +137,12 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_amx_bitmask_linear.argtypes = [i64, i64, i64, p, p, p, c_int, p, i64, p, p, p, p, c_int, p,
                                                   ctypes.c_float, c_int, c_int]
             lib.sr_amx_bitmask_linear.restype = c_int
+        if hasattr(lib, "sr_bf16_walk_linear"):  # the bf16 prefill walk (csrc/bf16_walk.inc; kernels/prefill.py)
+            lib.sr_bf16_walk_supported.restype = c_int
+            lib.sr_bf16_walk_linear.argtypes = lib.sr_amx_bitmask_linear.argtypes
+            lib.sr_bf16_walk_linear.restype = c_int
+            lib.sr_set_bf16_walk_cols.argtypes = [i64]
+            lib.sr_set_bf16_walk_cols.restype = None
         if hasattr(lib, "sr_avx2_prefill_linear"):  # the AVX2 prefill walk with glue (kernels/prefill.py)
             lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
                                                    c_int, c_int]

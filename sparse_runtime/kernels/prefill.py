@@ -41,10 +41,11 @@ from ..errors import ConfigError
 from . import native
 from .layout import PackedWeight
 
-PREFILL_FORMS = ("sparse", "float32", "bfloat16", "amx")
+PREFILL_FORMS = ("sparse", "float32", "bfloat16", "amx", "bf16walk")
 VAL_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1}  # SR_VAL_F32 / SR_VAL_BF16
 VAL_INT8 = 2  # SR_VAL_I8: int8 codes (the AMX form only)
 ENV_AMX = "SPARSE_RUNTIME_AMX"  # "0": never the AMX form (to compare, or to rule it out)
+ENV_BF16_WALK = "SPARSE_RUNTIME_BF16_WALK"  # "0": never the bf16 walk
 _FORM_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
@@ -165,27 +166,37 @@ def _ptr(t: Optional[torch.Tensor]):
 
 def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
              bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
-             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if not amx_available():
+             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None,
+             walk: bool = False) -> torch.Tensor:
+    """One product of the fused bf16 forms, which share a C contract: the AMX form
+    (``sr_amx_bitmask_linear``) or, with ``walk``, the bf16 walk (``sr_bf16_walk_linear``)."""
+    if walk and not bf16_walk_available():
+        raise ConfigError("the bf16 prefill walk needs a CPU with AVX512-BF16 and AVX512-VBMI2 (AMD Zen 4, Intel "
+                          "Cooper Lake or later); use another form")
+    if not walk and not amx_available():
         raise ConfigError("the AMX prefill form needs a CPU with AMX-BF16 (Sapphire Rapids or later) and Linux "
                           ">= 5.16; use another form")
     x2, y, kind, w = _glue_io(n, k, x, norm, silu_mul, residual)
     b = None if bias is None else bias.float().contiguous()
-    rc = native.lib().sr_amx_bitmask_linear(x2.shape[0], k, n, x2.data_ptr(), _ptr(index), _ptr(values), vtype,
-                                            _ptr(row_ptr), group, _ptr(scales), _ptr(zeros), _ptr(b), y.data_ptr(),
-                                            kind, _ptr(w), float(eps), int(residual is not None),
-                                            int(threads or torch.get_num_threads()))
+    lb = native.lib()
+    fn = lb.sr_bf16_walk_linear if walk else lb.sr_amx_bitmask_linear
+    rc = fn(x2.shape[0], k, n, x2.data_ptr(), _ptr(index), _ptr(values), vtype, _ptr(row_ptr), group, _ptr(scales),
+            _ptr(zeros), _ptr(b), y.data_ptr(), kind, _ptr(w), float(eps), int(residual is not None),
+            int(threads or torch.get_num_threads()))
     if rc != 0:
-        raise ConfigError(f"AMX prefill product failed: {native.ERRORS.get(rc, rc)}")
+        raise ConfigError(f"{'bf16 walk' if walk else 'AMX'} prefill product failed: {native.ERRORS.get(rc, rc)}")
     return _glue_out(y, x, n, residual)
+
+
+WALK_ISAS = ("avx2", "avx512")  # the paths whose prefill-sized batches take the AVX2 walk
 
 
 def avx2_prefill_runs(packed: PackedWeight, isa: Optional[str] = None) -> bool:
     """Whether the AVX2 prefill walk (:func:`avx2_prefill_linear`) runs ``packed`` on the ``isa`` path
-    (default: the selected one): fp32 values in the bitmask or csr16 layout, K <= 65536, the AVX2
-    path, compiled kernels that have it."""
+    (default: the selected one): fp32 values in the bitmask or csr16 layout, K <= 65536, the AVX2 or
+    AVX-512 path (whose plain kernel takes the same walk from 16 tokens), compiled kernels that have it."""
     lb = native._load()
-    return (lb is not None and hasattr(lb, "sr_avx2_prefill_linear") and native.select_isa(isa) == "avx2"
+    return (lb is not None and hasattr(lb, "sr_avx2_prefill_linear") and native.select_isa(isa) in WALK_ISAS
             and packed.values.dtype == torch.float32 and packed.layout in native.LAYOUT_IDS
             and packed.in_features <= 65536)
 
@@ -228,12 +239,13 @@ AVX2_QUANT_MIN_SPARSITY = 0.5  # below, a prompt's dequantize + fp32 GEMM beats 
 
 def avx2_quant_runs(qlin, sparsity: float = 1.0) -> bool:
     """Whether the AVX2 prefill walk runs ``qlin`` (a :class:`~sparse_runtime.kernels.quant.QuantLinear`):
-    dense int8 codes (symmetric or not, per row or per group) on the AVX2 path, K <= 65536, compiled
+    dense int8 codes (symmetric or not, per row or per group) on the AVX2 or AVX-512 path (AVX-512
+    holds dense codes where the measured decode chose them, e.g. on AMD Zen 4), K <= 65536, compiled
     kernels that have it, and a weight at least AVX2_QUANT_MIN_SPARSITY sparse (the walk's work is
     the nonzeros at about half the GEMM's rate)."""
     lb = native._load()
     p = qlin.packed
-    return (lb is not None and hasattr(lb, "sr_avx2_q_prefill_linear") and qlin.isa == "avx2"
+    return (lb is not None and hasattr(lb, "sr_avx2_q_prefill_linear") and qlin.isa in WALK_ISAS
             and p.layout == "dense" and p.bits == 8 and p.in_features <= 65536
             and sparsity >= AVX2_QUANT_MIN_SPARSITY)
 
@@ -292,6 +304,68 @@ def amx_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, thre
                           f"int{packed.bits} here; use the dequantizing form")
     return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
                     packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, **glue)
+
+
+def bf16_walk_available() -> bool:
+    """Whether the bf16 walk runs here: compiled kernels that have it, a CPU with AVX-512 (F/BW/VL/DQ),
+    VBMI2 and BF16, and ``SPARSE_RUNTIME_BF16_WALK`` not 0. Offered where AMX is not (AMX's tiles are
+    faster: with both, the measured choice decides)."""
+    lb = native._load()
+    return (os.environ.get(ENV_BF16_WALK, "1") != "0" and lb is not None and hasattr(lb, "sr_bf16_walk_linear")
+            and bool(lb.sr_bf16_walk_supported()))
+
+
+def bf16_walk_runs(packed: PackedWeight) -> bool:
+    """Whether the bf16 walk runs ``packed`` here (bitmask layout, fp32 or bf16 values, K <= 65536)."""
+    return (packed.layout == "bitmask" and packed.values.dtype in VAL_DTYPE_IDS and packed.in_features <= 65536
+            and bf16_walk_available())
+
+
+def bf16_walk_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: torch.Tensor,
+                     threads: Optional[int] = None, **glue) -> torch.Tensor:
+    """``y = f(x) W^T + bias`` (fp32) by the bf16 walk (csrc/bf16_walk.inc): the AVX2 walk's plan with
+    bf16 operands, two nonzeros of a row per ``vdpbf16ps``; no dense weight is built. The AMX form's
+    numerics (the product of the bf16-rounded operands, fp32 sums and output) and its ``glue``
+    (:func:`amx_prefill_linear`). For CPUs with AVX512-BF16 and no AMX."""
+    if not bf16_walk_runs(packed):
+        raise ConfigError(f"the bf16 prefill walk runs bitmask weights with float32/bfloat16 values on CPUs with "
+                          f"AVX512-BF16, not {packed.layout} with {packed.values.dtype} here; use another form")
+    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
+                    VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, walk=True,
+                    **glue)
+
+
+BF16_WALK_DENSE_MIN_SPARSITY = 0.5  # dense int8 codes: below, the dequantize + bf16 GEMM does less work per weight
+
+
+def bf16_walk_quant_runs(packed) -> bool:
+    """Whether the bf16 walk runs these quantized codes here: int8, one scale per row or groups of a
+    multiple of 32 columns dividing K, in the bitmask layout, or in the dense layout when at least
+    ``BF16_WALK_DENSE_MIN_SPARSITY`` of the weights are pruned (the engines hold dense codes where
+    the measured decode chose them, e.g. on AMD Zen 4: the walk still reads only the nonzeros)."""
+    layout_ok = packed.layout == "bitmask" or (packed.layout == "dense"
+                                               and 1.0 - packed.density >= BF16_WALK_DENSE_MIN_SPARSITY)
+    return (layout_ok and packed.bits == 8 and packed.in_features <= 65536
+            and (packed.group == 0 or (packed.group % 32 == 0 and packed.in_features % packed.group == 0))
+            and bf16_walk_available())
+
+
+def bf16_walk_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, threads: Optional[int] = None,
+                           **glue) -> torch.Tensor:
+    """:func:`bf16_walk_linear` for int8 codes (bitmask, or dense: ``index`` None tells the kernel):
+    each row's nonzero weights ``scale * (code - zero)`` computed in fp32 once per call and rounded to
+    bf16 (no dequantized copy of the matrix)."""
+    if not bf16_walk_quant_runs(packed):
+        raise ConfigError(f"the bf16 prefill walk runs int8 codes (bitmask, or dense and at least "
+                          f"{BF16_WALK_DENSE_MIN_SPARSITY:.0%} zeros) on CPUs with AVX512-BF16, not {packed.layout} "
+                          f"int{packed.bits} at density {packed.density:.2f} here; use the dequantizing form")
+    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
+                    packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, walk=True, **glue)
+
+
+def fused_quant_form(packed) -> Optional[str]:
+    """The fused bf16 form that runs int8 codes ``packed`` here: "amx", "bf16walk" or None."""
+    return "amx" if amx_quant_runs(packed) else "bf16walk" if bf16_walk_quant_runs(packed) else None
 
 
 def rope_rows_available() -> bool:
@@ -451,7 +525,8 @@ def _runnable_forms(packed: PackedWeight, isa: str, forms: Iterable[str]) -> tup
     if bad or not forms:
         raise ConfigError(f"unknown prefill form(s) {bad or list(forms)}; choose from {', '.join(PREFILL_FORMS)}")
     ok = tuple(f for f in forms if (f != "sparse" or _sparse_runs(packed, isa))
-               and (f != "bfloat16" or densify_bf16_available()) and (f != "amx" or amx_runs(packed)))
+               and (f != "bfloat16" or densify_bf16_available()) and (f != "amx" or amx_runs(packed))
+               and (f != "bf16walk" or bf16_walk_runs(packed)))
     if not ok:
         raise ConfigError(f"none of the prefill forms {list(forms)} runs {packed.layout} with "
                           f"{packed.values.dtype} values on {isa}; allow 'float32'")
@@ -479,6 +554,8 @@ def prefill_call(form: str, packed: PackedWeight, bias: Optional[torch.Tensor], 
         return F.linear(x.float(), w, None if bias is None else bias.float())
     if form == "amx":
         return amx_prefill_linear(packed, bias, x, threads)
+    if form == "bf16walk":
+        return bf16_walk_linear(packed, bias, x, threads)
     return bf16_prefill_linear(packed, bias, x, scratch, threads, isa)
 
 

@@ -304,13 +304,14 @@ class FusedLinear:
         fused AMX form (``kernels.prefill.choose_prefill_form``); int8 bitmask codes run the fused AMX
         form where the CPU has AMX (it reads only the codes); dense weights and other codes (rebuilt
         in fp32 by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
-        from ..kernels.prefill import amx_quant_runs, bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
+        from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, fused_quant_form, prefill_call
 
         if self.module is None:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
-            if amx_quant_runs(self.qlin.packed):  # int8 bitmask codes on AMX: no dequantized copy at all
-                return self.prefill_glued(x, "amx")
+            fused = fused_quant_form(self.qlin.packed)
+            if fused:  # int8 bitmask codes on AMX or the bf16 walk: no dequantized copy at all
+                return self.prefill_glued(x, fused)
             with bf16_fpmath():
                 return self.qlin(x)
         m = self.module
@@ -322,24 +323,25 @@ class FusedLinear:
 
     def glue_form(self, tokens: int) -> Optional[str]:
         """The fused prefill form a product of ``tokens`` rows runs, if any, so the caller can hand
-        it the neighbouring glue (:func:`_glued`): ``"amx"`` (``prefill_dtype`` bf16; int8 bitmask
-        codes where the CPU has AMX; packed weights where the measured choice picked it) or
+        it the neighbouring glue (:func:`_glued`): ``"amx"`` or ``"bf16walk"`` (``prefill_dtype`` bf16;
+        int8 bitmask codes where the CPU has AMX, else the bf16 walk where it has AVX512-BF16; packed
+        weights where the measured choice picked either) or
         ``"avx2"`` (fp32 packed weights on the AVX2 path from 16 tokens: in fp32 prefill where the
         module's measured dispatch takes the sparse kernel at this size, in bf16 prefill where the
         measured form choice picked it; the same walk either way, called with the glue) or ``"avx2q"``
         (dense int8 codes on the AVX2 path, at least half zeros: the walk over the decoded nonzeros)."""
-        from ..kernels.prefill import (AVX2_PREFILL_MIN, amx_quant_runs, avx2_prefill_runs, avx2_quant_runs,
-                                       choose_prefill_form)
+        from ..kernels.prefill import (AVX2_PREFILL_MIN, WALK_ISAS, avx2_prefill_runs, avx2_quant_runs,
+                                       choose_prefill_form, fused_quant_form)
 
         if self.qlin is not None and tokens >= AVX2_PREFILL_MIN and not (
-                self.lean.prefill_dtype == "bfloat16" and amx_quant_runs(self.qlin.packed)):
+                self.lean.prefill_dtype == "bfloat16" and fused_quant_form(self.qlin.packed)):
             if self._avx2_runs is None:  # dense int8 codes on the AVX2 path, sparse enough: checked once
                 self._avx2_runs = avx2_quant_runs(self.qlin, self.sparsity)
             if self._avx2_runs:
                 return "avx2q"
         if self.lean.prefill_dtype != "bfloat16":
             m = self.module
-            if m is None or tokens < AVX2_PREFILL_MIN or m.isa != "avx2" or not m.takes_sparse(tokens):
+            if m is None or tokens < AVX2_PREFILL_MIN or m.isa not in WALK_ISAS or not m.takes_sparse(tokens):
                 return None
             if self._avx2_runs is None:  # fixed for the weight held: checked once
                 self._avx2_runs = avx2_prefill_runs(m.packed, m.isa)
@@ -347,27 +349,32 @@ class FusedLinear:
         if tokens < PREFILL_BF16_MIN:
             return None
         if self.qlin is not None:
-            return "amx" if amx_quant_runs(self.qlin.packed) else None
+            return fused_quant_form(self.qlin.packed)
         if self.module is None:
             return None
         form = choose_prefill_form(self.module.packed, tokens, torch.get_num_threads(), bias=self.bias,
                                    scratch=self.scratch, isa=self.isa)
-        if form == "sparse" and self.module.isa == "avx2":  # the measured choice is the walk: with its glue
+        if form == "sparse" and self.module.isa in WALK_ISAS:  # the measured choice is the walk: with its glue
             if self._avx2_runs is None:
                 self._avx2_runs = avx2_prefill_runs(self.module.packed, self.module.isa)
             return "avx2" if self._avx2_runs else None
-        return "amx" if form == "amx" else None
+        return form if form in ("amx", "bf16walk") else None
 
     def prefill_glued(self, x: torch.Tensor, form: str, **glue) -> torch.Tensor:
         """The fused prefill product ``form`` (from :meth:`glue_form`), with ``glue`` as in
         ``kernels.prefill.amx_prefill_linear``."""
-        from ..kernels.prefill import amx_prefill_linear, amx_quant_linear, avx2_prefill_run, avx2_quant_linear
+        from ..kernels.prefill import (amx_prefill_linear, amx_quant_linear, avx2_prefill_run, avx2_quant_linear,
+                                       bf16_walk_linear, bf16_walk_quant_linear)
 
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         if form == "avx2":  # glue_form checked that the walk runs this weight
             return avx2_prefill_run(self.module.packed, self.bias, x, **glue)
         if form == "avx2q":
             return avx2_quant_linear(self.qlin, x, **glue)
+        if form == "bf16walk":
+            if self.qlin is not None:
+                return bf16_walk_quant_linear(self.qlin.packed, self.bias, x, **glue)
+            return bf16_walk_linear(self.module.packed, self.bias, x, **glue)
         if self.qlin is not None:
             return amx_quant_linear(self.qlin.packed, self.bias, x, **glue)
         return amx_prefill_linear(self.module.packed, self.bias, x, **glue)
@@ -899,10 +906,8 @@ class LeanLlama:
         masks: dict[int, torch.Tensor] = {}
         # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
         # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
-        from ..kernels.prefill import (bf16_arithmetic, prefill_attention, prefill_attention_available, rope_rows_,
-                                       rope_rows_available)
-        # (bf16 attention only where the CPU multiplies bf16: elsewhere torch emulates it, slower than fp32)
-        attend_bf16 = self.prefill_bf16 and B * T >= PREFILL_BF16_MIN and bf16_arithmetic()
+        from ..kernels.prefill import (amx_available, bf16_arithmetic, prefill_attention, prefill_attention_available,
+                                       rope_rows_, rope_rows_available)
         # prompts of several tokens rotate q and k in one C call (the same products and rounding as
         # _rotate, ~15 torch ops fewer per layer); single-token steps keep the torch ops
         rope_c = T > 1 and rope_rows_available()
@@ -911,8 +916,14 @@ class LeanLlama:
         # multiple of 16), else torch's built-in causal mask (flash attention skips the masked half)
         # and GQA without copying the kv heads
         starts = p0 == 0 and T > 1
-        attend_c = (starts and rope_c and not attend_bf16 and D % 16 == 0 and prefill_attention_available()
+        attend_c = (starts and rope_c and D % 16 == 0 and prefill_attention_available()
                     and self.isa in ("avx2", "avx512"))  # the engine's kernel path (a forced portable one: SDPA)
+        # prefill_dtype bf16: attention in bf16 where the CPU multiplies bf16 (elsewhere torch emulates
+        # it, slower than fp32); without AMX the C fp32 attention is faster still where it runs
+        # (AMD Zen 4: 0.56 ms a layer for bf16 SDPA and its conversions; docs/kernels.md)
+        attend_bf16 = (self.prefill_bf16 and B * T >= PREFILL_BF16_MIN and bf16_arithmetic()
+                       and not (attend_c and not amx_available()))
+        attend_c = attend_c and not attend_bf16
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
