@@ -778,6 +778,63 @@ static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const
         }
 }
 
+#pragma GCC pop_options
+
+// The same tile on the AVX-512 path: 16-token zmm accumulators, 4 per row for a 64-token tile, and
+// the two nonzeros of a step into separate accumulator sets (8 chains in flight, what two 512-bit
+// FMA ports with a 4-cycle latency need) summed at the visit's end. Half the instructions per
+// nonzero of the ymm walk; measured 1.12-1.2x faster on AMD Zen 4 (docs/kernels.md).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
+template <int T>
+static inline void avx512_blk_walk(const float* xt, const uint16_t* col, const float* v, int64_t* p, int64_t pend,
+                                   int64_t kend, float* a, bool first) {
+    __m512 acc[T], odd[T];
+    for (int t = 0; t < T; ++t) {
+        acc[t] = first ? _mm512_setzero_ps() : _mm512_load_ps(a + 16 * t);
+        odd[t] = _mm512_setzero_ps();
+    }
+    int64_t q = *p;
+    for (; q + 1 < pend && (int64_t)col[q + 1] < kend; q += 2) {
+        const float* xr = xt + (int64_t)col[q] * kAvx2Tile;
+        const float* xs = xt + (int64_t)col[q + 1] * kAvx2Tile;
+        __asm__("" : "+r"(xr), "+r"(xs));  // base + displacement loads (see avx2_blk_walk)
+        const __m512 w0 = _mm512_set1_ps(v[q]), w1 = _mm512_set1_ps(v[q + 1]);
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(w0, _mm512_load_ps(xr + 16 * t), acc[t]);
+        for (int t = 0; t < T; ++t) odd[t] = _mm512_fmadd_ps(w1, _mm512_load_ps(xs + 16 * t), odd[t]);
+    }
+    if (q < pend && (int64_t)col[q] < kend) {
+        const float* xr = xt + (int64_t)col[q] * kAvx2Tile;
+        const __m512 w0 = _mm512_set1_ps(v[q]);
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(w0, _mm512_load_ps(xr + 16 * t), acc[t]);
+        ++q;
+    }
+    *p = q;
+    for (int t = 0; t < T; ++t) _mm512_store_ps(a + 16 * t, _mm512_add_ps(acc[t], odd[t]));
+}
+
+// avx2_blk_tile with avx512_blk_walk (T zmm of 16 tokens).
+template <int T>
+static void avx512_blk_tile(const float* xt, int64_t K, const uint16_t* const* col, const float* const* val,
+                            const int64_t* n, int64_t nr, float* accbuf, Avx2Ahead ahead) {
+    int64_t cur[kAvx2BlkRows];
+    for (int64_t i = 0; i < nr; ++i) cur[i] = 0;
+    const int64_t KB = (K + kAvx2BlkCols - 1) / kAvx2BlkCols, visits = KB * nr, lines = ahead.lines();
+    const int64_t per = visits > 0 ? (lines + visits - 1) / visits : 0;
+    for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)
+        for (int64_t i = 0; i < nr; ++i) {
+            ahead.fetch(per);
+            const int64_t i2 = i + 1 < nr ? i + 1 : 0;
+            _mm_prefetch((const char*)(col[i2] + cur[i2]), _MM_HINT_T0);
+            _mm_prefetch((const char*)(val[i2] + cur[i2]), _MM_HINT_T0);
+            _mm_prefetch((const char*)(val[i2] + cur[i2]) + 64, _MM_HINT_T0);
+            avx512_blk_walk<T>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile, k0 == 0);
+        }
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+
 // y[b0 .. b0+nb, rb .. rb+nr] = accbuf (+ bias) (+ y itself when acc): 8 x 8 transposes where 8
 // rows and 8 tokens are whole, scalar stores elsewhere.
 static void avx2_blk_store(const float* accbuf, int64_t nr, int64_t nb, int64_t b0, int64_t rb, int64_t N,
@@ -857,7 +914,7 @@ struct Avx2BitmaskRows {
 // kAvx2BlkRows * 64 floats, 32-byte aligned; scratch: src.scratch_bytes().
 template <class Src>
 static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* bias, float* y, bool acc,
-                          int64_t r0, int64_t r1, float* accbuf, void* scratch, const Src& src) {
+                          int64_t r0, int64_t r1, float* accbuf, void* scratch, const Src& src, bool wide) {
     const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
     const uint16_t* col[kAvx2BlkRows];
     const float* val[kAvx2BlkRows];
@@ -877,6 +934,16 @@ static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, cons
             ahead.rows = nb;
             ahead.width = nr;
             ahead.stride = N;
+            if (wide) {
+                switch ((nb + 15) / 16) {
+                    case 1: avx512_blk_tile<1>(x, K, col, val, n, nr, accbuf, ahead); break;
+                    case 2: avx512_blk_tile<2>(x, K, col, val, n, nr, accbuf, ahead); break;
+                    case 3: avx512_blk_tile<3>(x, K, col, val, n, nr, accbuf, ahead); break;
+                    default: avx512_blk_tile<4>(x, K, col, val, n, nr, accbuf, ahead); break;
+                }
+                avx2_blk_store(accbuf, nr, nb, b0, rb, N, bias, y, acc);
+                continue;
+            }
             switch ((nb + 7) / 8) {
 #define SR_AVX2_BLK(TT) case TT: avx2_blk_tile<TT, uint16_t>(x, K, col, val, n, nr, accbuf, ahead); break;
                 SR_AVX2_BLK(1) SR_AVX2_BLK(2) SR_AVX2_BLK(3) SR_AVX2_BLK(4) SR_AVX2_BLK(5) SR_AVX2_BLK(6)
@@ -894,7 +961,7 @@ static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, cons
 // if a buffer cannot be had.
 template <class Run, class Src>
 static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const float* bias, float* y,
-                           bool acc, float eps, const Src& src) {
+                           bool acc, float eps, const Src& src, bool wide = false) {
     const int64_t K = in0.K;
     if (K > 65536) return SR_EARG;
     // the caller's thread holds x's tiles and the norm's factors; each worker its own small buffers
@@ -927,7 +994,7 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
             return;
         }
-        avx2_blk_rows(xt, B, K, N, bias, y, acc, r0, r1, accbuf, scratch, src);
+        avx2_blk_rows(xt, B, K, N, bias, y, acc, r0, r1, accbuf, scratch, src, wide);
     });
     return failed ? SR_ENOMEM : SR_OK;
 }
@@ -1156,7 +1223,9 @@ static const int64_t kMinRows = 32;  // below this many rows per thread, threadi
 static int64_t kXtMinBatch = 6;
 // AVX-512: from this batch on, the K-blocked walk (bm_blk_gemm_rows) replaces the plain index walk.
 static int64_t kBlkMinBatch = 64;
-static int kAvx512Walk = 1;  // AVX-512 batches >= kAvx2BlkMinBatch take the AVX2 walk (0: the index walks)
+// AVX-512 batches >= kAvx2BlkMinBatch: 1 the walk with zmm accumulators (avx512_blk_tile), 2 the
+// AVX2 walk itself, 0 the index walks below (tests and benchmarks compare them)
+static int kAvx512Walk = 1;
 // The transposed-x width the AVX-512 walks read at B (>= kXtMinBatch) rows: 8 up to 8 rows for the
 // index walk (bm_idx_tile8), else B rounded up to 16 (the 16-lane index walk, the K-blocked walk).
 static inline int64_t bm_xt_bp(int64_t B) { return B <= 8 && B < kBlkMinBatch ? 8 : (B + 15) / 16 * 16; }
@@ -1176,8 +1245,12 @@ static float* transpose_padded(const float* x, int64_t B, int64_t K, int64_t Bp)
 }
 // Tuning hook (benchmarks): the batch from which AVX-512 switches from expand-load to the xT walk.
 void sr_set_xt_min_batch(int64_t b) { kXtMinBatch = b < 2 ? 2 : b; }
-// Tuning hook (benchmarks, tests): 0 sends AVX-512 prefill batches to the index walks instead of the AVX2 walk.
-void sr_set_avx512_walk(int on) { kAvx512Walk = on != 0; }
+// Whether the walk runs with zmm accumulators for a caller on the `isa` path.
+int sr_walk_wide(int isa) { return isa == SR_AVX512 && (sr_cpu_features() & (1 << SR_AVX512)) && kAvx512Walk == 1; }
+
+// Tuning hook (benchmarks, tests): what AVX-512 prefill batches run (kAvx512Walk: 1 zmm walk, 2 ymm walk,
+// 0 index walks).
+void sr_set_avx512_walk(int mode) { kAvx512Walk = mode >= 0 && mode <= 2 ? mode : 1; }
 void sr_set_blk_min_batch(int64_t b) { kBlkMinBatch = b < 2 ? 2 : b; }
 // Tuning hook (benchmarks): bytes ahead the batch-1 AVX-512 row kernels prefetch (0: none).
 void sr_set_row_prefetch(int64_t bytes) { kPrefetchAhead = bytes < 0 ? 0 : bytes; }
@@ -1228,7 +1301,7 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
             // prefill-sized: the AVX2 walk beats the AVX-512 index walks below on both AVX-512 CPUs
             // measured (docs/kernels.md "The AVX2 prefill walk": Xeon and AMD Zen 4)
             const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, bias, y, false, 0.f,
-                                           Avx2BitmaskRows{mask, vals, rp, K, (K + 31) / 32});
+                                           Avx2BitmaskRows{mask, vals, rp, K, (K + 31) / 32}, kAvx512Walk == 1);
             if (rc != SR_OK) return rc;
         } else {
             const int64_t Bp = bm_xt_bp(B);
@@ -1356,7 +1429,7 @@ int sr_csr16_linear(int isa, const float* x, int64_t B, int64_t K, int64_t N, co
 
 int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int layout, const void* index,
                            const float* vals, const int64_t* rp, const float* bias, float* y, int in_kind,
-                           const float* in_w, float eps, int accumulate, int n_threads) {
+                           const float* in_w, float eps, int accumulate, int n_threads, int isa) {
     if (M < 0 || K < 0 || N < 0 || K > 65536) return SR_EARG;
     if (in_kind != SR_IN_PLAIN && in_kind != SR_IN_RMSNORM && in_kind != SR_IN_SILU_MUL) return SR_EARG;
     if (layout != SR_BITMASK && layout != SR_CSR16) return SR_EARG;
@@ -1365,11 +1438,12 @@ int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int 
     if (!x || !rp || !y || (in_kind == SR_IN_RMSNORM && !in_w)) return SR_EARG;
 #if SR_X86
     const Avx2Input in{x, K, in_kind == SR_IN_SILU_MUL ? 2 * K : K, in_kind, in_w, NULL};
+    const bool wide = sr_walk_wide(isa);
     const int rc = layout == SR_BITMASK
                        ? avx2_blk_linear(OmpRows{n_threads}, in, M, N, bias, y, accumulate != 0, eps,
-                                         Avx2BitmaskRows{(const uint32_t*)index, vals, rp, K, (K + 31) / 32})
+                                         Avx2BitmaskRows{(const uint32_t*)index, vals, rp, K, (K + 31) / 32}, wide)
                        : avx2_blk_linear(OmpRows{n_threads}, in, M, N, bias, y, accumulate != 0, eps,
-                                         Avx2Csr16Rows{(const uint16_t*)index, vals, rp});
+                                         Avx2Csr16Rows{(const uint16_t*)index, vals, rp}, wide);
     if (rc == SR_OK) __atomic_add_fetch(&g_calls[SR_AVX2][layout], 1, __ATOMIC_RELAXED);
     return rc;
 #else

@@ -92,7 +92,7 @@ int sr_has_openmp(void);
 void sr_get_counters(int64_t* out);  // out[SR_NISA * SR_NLAYOUT], isa-major
 void sr_reset_counters(void);
 void sr_set_xt_min_batch(int64_t b);
-void sr_set_avx512_walk(int on);  // 0: AVX-512 prefill batches take the index walks, not the AVX2 walk
+void sr_set_avx512_walk(int mode);  // AVX-512 prefill batches: 1 zmm walk (default), 2 ymm walk, 0 index walks
 void sr_set_blk_min_batch(int64_t b);
 void sr_set_row_prefetch(int64_t bytes);  // batch-1 AVX-512 row kernels: prefetch distance in bytes (0: off)
 void sr_set_gemv_variant(int v);
@@ -197,7 +197,9 @@ int sr_amx_team_linear(const SRLinear* L, int64_t M, const float* x, float* y, u
 // [M, 2K] for SR_IN_SILU_MUL) -> y [M, N]. The kernel the plain calls take from 16 tokens on.
 int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int layout, const void* index,
                            const float* vals, const int64_t* rp, const float* bias, float* y, int in_kind,
-                           const float* in_w, float eps, int accumulate, int n_threads);
+                           const float* in_w, float eps, int accumulate, int n_threads, int isa);
+// isa: the caller's path; SR_AVX512 walks with zmm accumulators (sr_walk_wide: 1 when it does)
+int sr_walk_wide(int isa);
 // Causal grouped-query attention of a prompt that starts its sequence (prefill_attention.cpp): q
 // [B, T, H, D], k and v [B, T, KV, D], out [B, T, H, D], each with its own batch and token strides
 // (floats; the heads of a token contiguous). isa SR_AVX2 (D % 16 == 0) or SR_PORTABLE.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, native, pack, supported_isas
 from sparse_runtime.kernels.ops import sparse_linear
-from sparse_runtime.kernels.prefill import (bf16_walk_available, bf16_walk_linear, bf16_walk_quant_linear,
+from sparse_runtime.kernels.prefill import (avx2_prefill_linear, bf16_walk_available, bf16_walk_linear, bf16_walk_quant_linear,
                                             bf16_walk_quant_runs, choose_prefill_form, prefill_call)
 from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
 from sparse_runtime.quant.scheme import QuantScheme
@@ -127,24 +127,29 @@ def test_walk_off_switch(monkeypatch):
 
 
 @pytest.mark.skipif(not (available() and "avx512" in supported_isas()), reason="no AVX-512 path")
-@pytest.mark.parametrize("shape", [(16, 77, 33), (65, 300, 71)])
+@pytest.mark.parametrize("shape", [(16, 77, 33), (33, 100, 40), (65, 300, 71), (129, 1056, 33)])
 def test_avx512_prefill_takes_the_walk(shape):
-    """AVX-512 batches of 16+ tokens run the AVX2 walk; the index walks it replaced give the same."""
+    """AVX-512 batches of 16+ tokens run the walk with zmm accumulators; the ymm walk and the index
+    walks it replaced give the same."""
     m, k, n = shape
     w = pruned_weight(n, k, 0.7, seed=m)
     x, b = torch.randn(m, k), torch.randn(n)
     p = pack(w, "bitmask")
     ref = x.double() @ w.double().t() + b.double()
-    y = sparse_linear(x, p, b, isa="avx512")
+    # the glue entry on the AVX-512 path (zmm accumulators), with a residual
+    r = torch.randn(m, n)
+    close2 = float((avx2_prefill_linear(p, b, x, isa="avx512", residual=r.clone()).double() - ref - r.double())
+                   .abs().max())
+    assert close2 <= 2e-6 * float((ref + r.double()).abs().max())
     lib = native.lib()
-    lib.sr_set_avx512_walk(0)
+    scale = float(ref.abs().max())
     try:
-        y_old = sparse_linear(x, p, b, isa="avx512")
+        for mode in (1, 2, 0):  # zmm walk (default), ymm walk, the index walks
+            lib.sr_set_avx512_walk(mode)
+            y = sparse_linear(x, p, b, isa="avx512")
+            assert float((y.double() - ref).abs().max()) <= 2e-6 * scale, mode
     finally:
         lib.sr_set_avx512_walk(1)
-    scale = float(ref.abs().max())
-    assert float((y.double() - ref).abs().max()) <= 2e-6 * scale
-    assert float((y_old.double() - ref).abs().max()) <= 2e-6 * scale
 
 
 @needs_walk

@@ -214,13 +214,14 @@ def avx2_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     if not avx2_prefill_runs(packed, isa):
         raise ConfigError(f"the AVX2 prefill walk runs fp32 bitmask/csr16 weights on the AVX2 path, not "
                           f"{packed.layout} with {packed.values.dtype} on {native.select_isa()}; use another form")
-    return avx2_prefill_run(packed, bias, x, threads, **glue)
+    return avx2_prefill_run(packed, bias, x, threads, isa=native.select_isa(isa), **glue)
 
 
 def avx2_prefill_run(packed: PackedWeight, bias: Optional[torch.Tensor], x: torch.Tensor,
-                     threads: Optional[int] = None, **glue) -> torch.Tensor:
+                     threads: Optional[int] = None, isa: str = "avx2", **glue) -> torch.Tensor:
     """:func:`avx2_prefill_linear` without its check that the walk runs ``packed`` here (for callers
-    that checked once: the lean engines, per product ~120 times a prefill)."""
+    that checked once: the lean engines, per product ~120 times a prefill). ``isa``: the caller's
+    path; on "avx512" the walk keeps zmm accumulators (csrc ``avx512_blk_tile``), the same sums."""
     n, k = packed.out_features, packed.in_features
     x2, y, kind, w = _glue_io(n, k, x, glue.get("norm"), bool(glue.get("silu_mul", False)), glue.get("residual"))
     b = None if bias is None else bias.float().contiguous()
@@ -228,7 +229,7 @@ def avx2_prefill_run(packed: PackedWeight, bias: Optional[torch.Tensor], x: torc
                                              packed.index.data_ptr(), packed.values.data_ptr(),
                                              packed.row_ptr.data_ptr(), _ptr(b), y.data_ptr(), kind, _ptr(w),
                                              float(glue.get("eps", 0.0)), int(glue.get("residual") is not None),
-                                             int(threads or torch.get_num_threads()))
+                                             int(threads or torch.get_num_threads()), native.ISAS.index(isa))
     if rc != 0:
         raise ConfigError(f"AVX2 prefill product failed: {native.ERRORS.get(rc, rc)}")
     return _glue_out(y, x, n, glue.get("residual"))

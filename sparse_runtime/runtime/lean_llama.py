@@ -368,7 +368,7 @@ class FusedLinear:
 
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         if form == "avx2":  # glue_form checked that the walk runs this weight
-            return avx2_prefill_run(self.module.packed, self.bias, x, **glue)
+            return avx2_prefill_run(self.module.packed, self.bias, x, isa=self.module.isa, **glue)
         if form == "avx2q":
             return avx2_quant_linear(self.qlin, x, **glue)
         if form == "bf16walk":
