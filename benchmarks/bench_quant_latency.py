@@ -105,7 +105,8 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
     for ck in SPARSE:
         for v in ("fp32", "int8", g4):
             rows.append(Row(f"{ck} {v}, sparse-cpu", "sparse-cpu", ck, v))
-    # prefill in bf16 (AMX GEMMs, opt-in: docs/kernels.md#prefill-in-bf16-amx); decode is unchanged by it
+    # prefill in bf16 (opt-in: docs/kernels.md#prefill-in-bf16-amx): the AMX form where the CPU has AMX,
+    # the bf16 walk where it has AVX512-BF16 (docs/kernels.md#the-bf16-prefill-walk); decode is unchanged by it
     bf16_prefill = {"prefill_dtype": "bfloat16"}
     rows += [Row("dense fp32 + bf16 prefill, lean", "lean-cpu", "dense", "fp32", bf16_prefill)]
     rows += [Row(f"{ck} {v} + bf16 prefill, sparse-cpu", "sparse-cpu", ck, v, bf16_prefill)
@@ -416,7 +417,7 @@ def main() -> int:
         "group's rows loaded together, interleaved, then unloaded, so no idle thread pool of one runtime (ORT's "
         "spinning workers, OpenMP) competes with another's timed run; ratios across groups compare medians of "
         f"the same run): decode {decode_sc.label} ({args.decode_steps} steps, ms/token), then prefill 1 x "
-        f"{args.prefill} (ms, full logits); warm-up 1, {args.repeats} interleaved rounds, median [IQR], min-max; "
+        f"{args.prefill} (ms, the last position's logits: Engine.prefill_next); warm-up 1, {args.repeats} interleaved rounds, median [IQR], min-max; "
         f"{threads} threads for every engine",
         f"ratio references: our dense int8 = {refs['our_dense_int8'] or 'not run'} (weight-only: fp32 activations); "
         "our dense, same values = our dense row with the row's value type and activations (fp32, int8 weight-only, "
@@ -427,6 +428,9 @@ def main() -> int:
         "multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
         "prefill 1 x 128 runs the fp32 (or bf16) GEMM form as without it; their logits move by the activation "
         "rounding (perplexity cost: quant_quality.md)",
+        "bf16 prefill rows (prefill_dtype bfloat16, opt-in): x and W rounded to bf16, fp32 sums; the products run "
+        "the AMX form where the CPU has AMX, the bf16 walk where it has AVX512-BF16 without AMX (the forms each "
+        "row ran: prefill_forms in the JSON evidence)",
         "bound = MB/token of the reference / MB/token of the row (weights read per decode token: block linears + "
         "lm_head; embedding row and KV cache left out). ORT rows: bytes of codes + scales + zero points from the "
         "graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; int4-gG: 0.5 B + an fp32 scale per G; "

@@ -189,12 +189,18 @@ class SparseCPUEngine(Engine):
 
     def evidence(self) -> dict[str, Any]:
         """``module_calls``: this model's own sparse/dense product counts; ``kernel_calls``: the C
-        library's per-path counters since load (process-wide: other models' calls included)."""
+        library's per-path counters since load (process-wide: other models' calls included);
+        ``prefill_forms``: the fused prefill forms its products ran (amx, bf16walk, avx2, avx2q)."""
         from ..kernels import counters
 
         now = counters()
         delta = {p: v - self._counter0.get(p, 0) for p, v in now.items() if v - self._counter0.get(p, 0)}
-        return {"sparse_path": self.lean.summary(), "kernel_calls": delta, "module_calls": self.lean.call_counts()}
+        forms: dict[str, int] = {}
+        for f in self.lean.linears():
+            for k, v in f.prefill_forms.items():
+                forms[k] = forms.get(k, 0) + v
+        return {"sparse_path": self.lean.summary(), "kernel_calls": delta, "module_calls": self.lean.call_counts(),
+                "prefill_forms": forms}
 
 
 @ENGINES.register("lean-cpu")
