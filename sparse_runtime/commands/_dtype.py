@@ -3,7 +3,8 @@
 quantized values it runs (``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``:
 int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu); the dtype of the lean engines' prompt
 products, and (``serve``) of their batched decode steps' sparse products (``bfloat16``: bf16
-operands with fp32 accumulation, on AMX tiles where the CPU has them; docs/kernels.md); and the
+operands with fp32 accumulation, on AMX tiles where the CPU has them, prompts also by the bf16 walk
+on AVX512-BF16 CPUs; docs/kernels.md); and the
 activations of their decode products on int8 codes (``int8``: W8A8, x quantized per token, integer
 dot products on AVX-512 VNNI). Each is checked against what the engine runs before anything is loaded."""
 from __future__ import annotations
@@ -42,9 +43,10 @@ PREFILL_DTYPES = ("float32", "bfloat16")
 
 PRODUCT_DTYPE_HELP = {
     "--prefill-dtype": "the dtype of prompt products of 16+ tokens (default float32, exact); bfloat16 rounds their "
-                       "operands to bf16 (fp32 accumulation and output) and, on CPUs with AMX, runs packed sparse "
-                       "and int8 weights on AMX tiles with the norms, SiLU and residual adds fused in: several "
-                       "times faster prompts, logits moved by bf16 rounding; decode unchanged",
+                       "operands to bf16 (fp32 accumulation and output) and runs packed sparse and int8 weights "
+                       "with the norms, SiLU and residual adds fused in, on AMX tiles where the CPU has AMX, else "
+                       "by the bf16 walk where it has AVX512-BF16 (AMD Zen 4): faster prompts, logits moved by "
+                       "bf16 rounding; decode unchanged",
     "--batch-dtype": "the dtype of the packed sparse products in decode steps of 4+ sequences at once (default "
                      "float32, exact); bfloat16 runs them on AMX tiles with bf16 operands and fp32 accumulation, "
                      "on CPUs with AMX (elsewhere float32): faster batched steps, logits moved by bf16 rounding; "
