@@ -14,8 +14,9 @@ from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, native, pack, supported_isas, unavailable_reason, unpack
 from sparse_runtime.kernels.module import DenseScratch
 from sparse_runtime.kernels.prefill import (PREFILL_FORMS, amx_available, bf16_fpmath, bf16_prefill_linear,
-                                            choose_prefill_form, dense_bf16_linear, densify_bf16_into, densify_isa,
-                                            fpmath_available, prefill_call, prefill_form_timings, token_bucket)
+                                            bf16_walk_available, choose_prefill_form, dense_bf16_linear,
+                                            densify_bf16_into, densify_isa, fpmath_available, prefill_call,
+                                            prefill_form_timings, token_bucket)
 
 if not available():
     if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
@@ -125,7 +126,8 @@ def test_choose_prefill_form_measures_and_caches():
     form = choose_prefill_form(p, 100, 1, scratch=scratch, repeats=2)
     assert form in PREFILL_FORMS
     med = prefill_form_timings(p, 128, 1)  # same bucket
-    runnable = [f for f in PREFILL_FORMS if f != "amx" or amx_available()]  # AMX: Sapphire Rapids and later
+    runnable = [f for f in PREFILL_FORMS if (f != "amx" or amx_available())  # AMX: Sapphire Rapids and later
+                and (f != "bf16walk" or bf16_walk_available())]  # AVX512-BF16: Zen 4, Cooper Lake and later
     assert set(med) == set(runnable) and all(t > 0 for t in med.values())
     assert choose_prefill_form(p, 128, 1) == form  # cached: no new measurement
     assert choose_prefill_form(p, 100, 1, forms=("float32",)) == "float32"
@@ -136,8 +138,9 @@ def test_choose_prefill_form_measures_and_caches():
     ys = {f: prefill_call(f, p, None, x, scratch) for f in runnable}
     torch.testing.assert_close(ys["sparse"], ys["float32"], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(ys["bfloat16"], ys["float32"], atol=0.1, rtol=2e-2)
-    if "amx" in ys:  # the same bf16 operands, fp32 output (no output rounding)
-        torch.testing.assert_close(ys["amx"], ys["float32"], atol=0.1, rtol=2e-2)
+    for fused in ("amx", "bf16walk"):  # the same bf16 operands, fp32 output (no output rounding)
+        if fused in ys:
+            torch.testing.assert_close(ys[fused], ys["float32"], atol=0.1, rtol=2e-2)
 
 
 def test_dense_bf16_linear():
