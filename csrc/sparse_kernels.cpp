@@ -783,7 +783,7 @@ static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const
 // The same tile on the AVX-512 path: 16-token zmm accumulators, 4 per row for a 64-token tile, and
 // the two nonzeros of a step into separate accumulator sets (8 chains in flight, what two 512-bit
 // FMA ports with a 4-cycle latency need) summed at the visit's end. Half the instructions per
-// nonzero of the ymm walk; measured 1.12-1.2x faster on AMD Zen 4 (docs/kernels.md).
+// nonzero of the ymm walk; measured 1.02-1.44x faster per SmolLM2 shape on AMD Zen 4 (docs/kernels.md).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi,bmi2,fma,avx2")
 template <int T>
@@ -911,7 +911,8 @@ struct Avx2BitmaskRows {
 };
 
 // Rows [r0, r1) of y [B, N] from xt, kAvx2BlkRows rows at a time, from `src` (above). accbuf:
-// kAvx2BlkRows * 64 floats, 32-byte aligned; scratch: src.scratch_bytes().
+// kAvx2BlkRows * 64 floats, 64-byte aligned (the zmm form's loads); scratch: src.scratch_bytes().
+// wide: the zmm tile (avx512_blk_tile; the caller checked that the CPU has AVX-512).
 template <class Src>
 static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, const float* bias, float* y, bool acc,
                           int64_t r0, int64_t r1, float* accbuf, void* scratch, const Src& src, bool wide) {
@@ -1298,8 +1299,9 @@ static int bitmask_linear_impl(const Run& run, int isa, const float* x, int64_t 
                 bm_avx512_gemm_rows(x, B, K, N, mask, vals, rp, bias, y, r0, r1);
             });
         else if (B >= kAvx2BlkMinBatch && K <= 65536 && kAvx512Walk) {
-            // prefill-sized: the AVX2 walk beats the AVX-512 index walks below on both AVX-512 CPUs
-            // measured (docs/kernels.md "The AVX2 prefill walk": Xeon and AMD Zen 4)
+            // prefill-sized: the walk (zmm accumulators; kAvx512Walk) beats the index walks below
+            // (docs/kernels.md "The AVX2 prefill walk": measured on AMD Zen 4, and on the Xeon in its
+            // ymm form under the AVX2 mask against these walks unmasked)
             const int rc = avx2_blk_linear(run, Avx2Input{x, K, K, SR_IN_PLAIN, NULL, NULL}, B, N, bias, y, false, 0.f,
                                            Avx2BitmaskRows{mask, vals, rp, K, (K + 31) / 32}, kAvx512Walk == 1);
             if (rc != SR_OK) return rc;
@@ -1444,7 +1446,7 @@ int sr_avx2_prefill_linear(int64_t M, int64_t K, int64_t N, const float* x, int 
                                          Avx2BitmaskRows{(const uint32_t*)index, vals, rp, K, (K + 31) / 32}, wide)
                        : avx2_blk_linear(OmpRows{n_threads}, in, M, N, bias, y, accumulate != 0, eps,
                                          Avx2Csr16Rows{(const uint16_t*)index, vals, rp}, wide);
-    if (rc == SR_OK) __atomic_add_fetch(&g_calls[SR_AVX2][layout], 1, __ATOMIC_RELAXED);
+    if (rc == SR_OK) __atomic_add_fetch(&g_calls[wide ? SR_AVX512 : SR_AVX2][layout], 1, __ATOMIC_RELAXED);
     return rc;
 #else
     return SR_EUNSUPPORTED;

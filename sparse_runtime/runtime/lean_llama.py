@@ -301,9 +301,11 @@ class FusedLinear:
     def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
         """A prefill product with bf16 GEMMs (``prefill_dtype='bfloat16'``): a packed weight takes the
         measured fastest of its sparse kernel, fp32 rebuild + GEMM, bf16 rebuild + AMX GEMM and the
-        fused AMX form (``kernels.prefill.choose_prefill_form``); int8 bitmask codes run the fused AMX
-        form where the CPU has AMX (it reads only the codes); dense weights and other codes (rebuilt
-        in fp32 by ``QuantLinear``) run their fp32 GEMM in oneDNN's bf16 math mode, with no bf16 copy."""
+        fused AMX form or the bf16 walk (``kernels.prefill.choose_prefill_form``); int8 codes run the
+        fused AMX form where the CPU has AMX (bitmask codes), else the bf16 walk where it has
+        AVX512-BF16 (bitmask codes, or dense ones at least half zeros): both read only the codes;
+        dense weights and other codes (rebuilt in fp32 by ``QuantLinear``) run their fp32 GEMM in
+        oneDNN's bf16 math mode, with no bf16 copy."""
         from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, fused_quant_form, prefill_call
 
         if self.module is None:
@@ -904,8 +906,8 @@ class LeanLlama:
         kpos = torch.arange(p0 + T).unsqueeze(0)
         causal = kpos <= qpos
         masks: dict[int, torch.Tensor] = {}
-        # prefill_dtype bf16: attention in bf16. Each product that runs a fused prefill form (AMX, or
-        # the AVX2 walk) takes its RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
+        # Each product that runs a fused prefill form (AMX, the bf16 walk, or the AVX2 walk) takes its
+        # RMSNorm / SiLU-mul input and residual add inside the kernel (_glued)
         from ..kernels.prefill import (amx_available, bf16_arithmetic, prefill_attention, prefill_attention_available,
                                        rope_rows_, rope_rows_available)
         # prompts of several tokens rotate q and k in one C call (the same products and rounding as
