@@ -757,25 +757,30 @@ static void avx2_tile_x(const Avx2Input& in, int64_t B, float* xt, int64_t k0, i
 // One token tile for the nr rows whose columns/values/counts are col[i]/val[i]/n[i]: K walked in
 // blocks of kAvx2BlkCols columns, each row resuming where its previous block stopped; `ahead`'s
 // lines are prefetched a few per visit.
+// The visits of one tile (avx2_blk_tile, avx512_blk_tile): every row of the block per K block, each
+// visit prefetching a few of `ahead`'s lines and the next visit's first lines into L1 (its row's
+// cursor is where it stopped last block), then WALK (a call with i, cur, k0 in scope). A macro: the
+// two tiles are compiled for different ISAs, and a shared function could inline neither walk.
+#define SR_BLK_VISITS(WALK)                                                                              \
+    int64_t cur[kAvx2BlkRows];                                                                           \
+    for (int64_t i = 0; i < nr; ++i) cur[i] = 0;                                                         \
+    const int64_t KB = (K + kAvx2BlkCols - 1) / kAvx2BlkCols, visits = KB * nr, lines = ahead.lines();   \
+    const int64_t per = visits > 0 ? (lines + visits - 1) / visits : 0;                                  \
+    for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)                                                     \
+        for (int64_t i = 0; i < nr; ++i) {                                                               \
+            ahead.fetch(per);                                                                            \
+            const int64_t i2 = i + 1 < nr ? i + 1 : 0;                                                   \
+            _mm_prefetch((const char*)(col[i2] + cur[i2]), _MM_HINT_T0);                                 \
+            _mm_prefetch((const char*)(val[i2] + cur[i2]), _MM_HINT_T0);                                 \
+            _mm_prefetch((const char*)(val[i2] + cur[i2]) + 64, _MM_HINT_T0);                            \
+            WALK;                                                                                        \
+        }
+
 template <int T, class I>
 static void avx2_blk_tile(const float* xt, int64_t K, const I* const* col, const float* const* val,
                           const int64_t* n, int64_t nr, float* accbuf, Avx2Ahead ahead) {
-    int64_t cur[kAvx2BlkRows];
-    for (int64_t i = 0; i < nr; ++i) cur[i] = 0;
-    const int64_t KB = (K + kAvx2BlkCols - 1) / kAvx2BlkCols, visits = KB * nr, lines = ahead.lines();
-    const int64_t per = visits > 0 ? (lines + visits - 1) / visits : 0;
-    for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)
-        for (int64_t i = 0; i < nr; ++i) {
-            ahead.fetch(per);
-            {  // the next visit's first lines into L1 (its row's cursor is where it stopped last block)
-                const int64_t i2 = i + 1 < nr ? i + 1 : 0;
-                _mm_prefetch((const char*)(col[i2] + cur[i2]), _MM_HINT_T0);
-                _mm_prefetch((const char*)(val[i2] + cur[i2]), _MM_HINT_T0);
-                _mm_prefetch((const char*)(val[i2] + cur[i2]) + 64, _MM_HINT_T0);
-            }
-            avx2_blk_walk<T, I>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile,
-                                k0 == 0);
-        }
+    SR_BLK_VISITS((avx2_blk_walk<T, I>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile,
+                                       k0 == 0)))
 }
 
 #pragma GCC pop_options
@@ -817,19 +822,8 @@ static inline void avx512_blk_walk(const float* xt, const uint16_t* col, const f
 template <int T>
 static void avx512_blk_tile(const float* xt, int64_t K, const uint16_t* const* col, const float* const* val,
                             const int64_t* n, int64_t nr, float* accbuf, Avx2Ahead ahead) {
-    int64_t cur[kAvx2BlkRows];
-    for (int64_t i = 0; i < nr; ++i) cur[i] = 0;
-    const int64_t KB = (K + kAvx2BlkCols - 1) / kAvx2BlkCols, visits = KB * nr, lines = ahead.lines();
-    const int64_t per = visits > 0 ? (lines + visits - 1) / visits : 0;
-    for (int64_t k0 = 0; k0 < K; k0 += kAvx2BlkCols)
-        for (int64_t i = 0; i < nr; ++i) {
-            ahead.fetch(per);
-            const int64_t i2 = i + 1 < nr ? i + 1 : 0;
-            _mm_prefetch((const char*)(col[i2] + cur[i2]), _MM_HINT_T0);
-            _mm_prefetch((const char*)(val[i2] + cur[i2]), _MM_HINT_T0);
-            _mm_prefetch((const char*)(val[i2] + cur[i2]) + 64, _MM_HINT_T0);
-            avx512_blk_walk<T>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile, k0 == 0);
-        }
+    SR_BLK_VISITS((avx512_blk_walk<T>(xt, col[i], val[i], cur + i, n[i], k0 + kAvx2BlkCols, accbuf + i * kAvx2Tile,
+                                      k0 == 0)))
 }
 #pragma GCC pop_options
 #pragma GCC push_options

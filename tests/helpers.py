@@ -102,3 +102,42 @@ def pruned_weight(N: int, K: int, sparsity, seed: int = 0) -> torch.Tensor:
     w[3] = 0
     w[5] = 0
     return w
+
+
+def fused_bf16_prefill(monkeypatch, form: str, dtype=None):
+    """A pruned tiny Llama prefilled twice on the AVX-512 path: in fp32 (``ref``) and with
+    ``prefill_dtype='bfloat16'`` with ``choose_prefill_form`` forced to ``form`` (a fused bf16 form:
+    "amx", "bf16walk"); checks that every product ran ``form`` and that the logits stay within bf16
+    rounding of fp32 (top token mostly kept), also for the prompt fed to a serving slot in two chunks.
+    Returns ``(model, LeanConfig options, ids, bf16 logits)``; the monkeypatch stays active for the
+    caller. Skips off the AVX-512 path (no bitmask weights there)."""
+    import pytest
+    from sparse_runtime.kernels import native
+    from sparse_runtime.kernels import prefill as P
+    from sparse_runtime.models.tiny import tiny_model
+    from sparse_runtime.runtime.lean_llama import PREFILL_BF16_MIN, LeanConfig, LeanLlama
+
+    if native.select_isa() != "avx512":  # e.g. SPARSE_RUNTIME_KERNEL_ISA=avx2: csr16 / dense codes, no fused form
+        pytest.skip("the lean engine packs bitmask weights (what the fused bf16 forms read) on the AVX-512 path only")
+    model = random_pruned(tiny_model("llama"))
+    opts = {"sparse": True, "calibrate": False}
+    if dtype is not None:
+        opts["value_dtype"] = dtype
+    ids = torch.randint(0, 256, (1, PREFILL_BF16_MIN + 9), generator=torch.Generator().manual_seed(4))
+    ref = LeanLlama(model, LeanConfig(**opts), threads=2).prefill(ids)
+    monkeypatch.setattr(P, "choose_prefill_form", lambda *a, **k: form)
+    bf = LeanLlama(model, LeanConfig(prefill_dtype="bfloat16", **opts), threads=2)
+    got = bf.prefill(ids)
+    lin = [f for l in bf.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
+    assert sum(f.prefill_forms.get(form, 0) for f in lin) == len(lin)
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 0.02 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # a prompt fed to a serving slot in two chunks (the second attends to the first through the mask,
+    # not the built-in causal one): the same last-token logits as the whole prompt at once
+    bf.init_slots(2, 64)
+    half = ids.shape[1] // 2 + 1
+    bf.prefill_slot(1, ids[0, :half])
+    chunked = bf.prefill_slot(1, ids[0, half:])
+    assert float((chunked - got[0, -1]).abs().max()) <= 0.02 * scale
+    return model, opts, ids, got

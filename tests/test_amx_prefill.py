@@ -120,37 +120,13 @@ def test_lean_engine_runs_the_fused_form(dtype, monkeypatch):
     """A pruned tiny model with ``prefill_dtype='bfloat16'``: the products run the AMX form with the
     glue fused (int8 codes always; fp32 values where the measured choice picks it: forced here),
     logits close to the fp32 prefill and to the same engine without AMX."""
-    from helpers import random_pruned
+    from helpers import fused_bf16_prefill
     from sparse_runtime.kernels import prefill as P
-    from sparse_runtime.models.tiny import tiny_model
-    from sparse_runtime.runtime.lean_llama import PREFILL_BF16_MIN, LeanConfig, LeanLlama
+    from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama
 
-    from sparse_runtime.kernels import native
-
-    if native.select_isa() != "avx512":  # e.g. SPARSE_RUNTIME_KERNEL_ISA=avx2: csr16 / dense codes, no AMX form
-        pytest.skip("the lean engine packs bitmask weights (what the AMX form reads) on the AVX-512 path only")
-    model = random_pruned(tiny_model("llama"))
-    opts = {"sparse": True, "calibrate": False}
-    if dtype is not None:
-        opts["value_dtype"] = dtype
-    ids = torch.randint(0, 256, (1, PREFILL_BF16_MIN + 9), generator=torch.Generator().manual_seed(4))
-    ref = LeanLlama(model, LeanConfig(**opts), threads=2).prefill(ids)
     real_choice = P.choose_prefill_form
-    monkeypatch.setattr(P, "choose_prefill_form", lambda *a, **k: "amx")
-    bf = LeanLlama(model, LeanConfig(prefill_dtype="bfloat16", **opts), threads=2)
-    got = bf.prefill(ids)
-    lin = [f for l in bf.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
-    assert sum(f.prefill_forms.get("amx", 0) for f in lin) == len(lin)
-    scale = float(ref.abs().max())
-    assert float((got - ref).abs().max()) <= 0.02 * scale
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
-    # a prompt fed to a serving slot in two chunks (the second attends to the first through the mask,
-    # not the built-in causal one): the same last-token logits as the whole prompt at once
-    bf.init_slots(2, 64)
-    half = ids.shape[1] // 2 + 1
-    bf.prefill_slot(1, ids[0, :half])
-    chunked = bf.prefill_slot(1, ids[0, half:])
-    assert float((chunked - got[0, -1]).abs().max()) <= 0.02 * scale
+    model, opts, ids, got = fused_bf16_prefill(monkeypatch, "amx", dtype)
+    scale = float(got.abs().max())
     monkeypatch.setattr(P, "choose_prefill_form", real_choice)
     monkeypatch.setenv(ENV_AMX, "0")
     plain = LeanLlama(model, LeanConfig(prefill_dtype="bfloat16", **opts), threads=2).prefill(ids)

@@ -158,25 +158,8 @@ def test_lean_bf16_prefill_takes_the_walk(monkeypatch, dtype):
     """A pruned tiny model with ``prefill_dtype='bfloat16'`` on the AVX-512 path: the products run
     the bf16 walk with the glue fused (int8 codes where no AMX; fp32 values where the measured choice
     picks it: forced here), logits close to the fp32 prefill's (bf16 rounding only)."""
-    from helpers import random_pruned
+    from helpers import fused_bf16_prefill
     from sparse_runtime.kernels import prefill as P
-    from sparse_runtime.models.tiny import tiny_model
-    from sparse_runtime.runtime.lean_llama import PREFILL_BF16_MIN, LeanConfig, LeanLlama
 
-    if native.select_isa() != "avx512":
-        pytest.skip("the lean engine packs bitmask weights (what the walk reads) on the AVX-512 path only")
     monkeypatch.setenv(P.ENV_AMX, "0")  # an AMX CPU would take the AMX form for the codes
-    model = random_pruned(tiny_model("llama"))
-    opts = {"sparse": True, "calibrate": False}
-    if dtype is not None:
-        opts["value_dtype"] = dtype
-    ids = torch.randint(0, 256, (1, PREFILL_BF16_MIN + 9), generator=torch.Generator().manual_seed(4))
-    ref = LeanLlama(model, LeanConfig(**opts), threads=2).prefill(ids)
-    monkeypatch.setattr(P, "choose_prefill_form", lambda *a, **k: "bf16walk")
-    bf = LeanLlama(model, LeanConfig(prefill_dtype="bfloat16", **opts), threads=2)
-    got = bf.prefill(ids)
-    lin = [f for l in bf.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
-    assert sum(f.prefill_forms.get("bf16walk", 0) for f in lin) == len(lin)
-    scale = float(ref.abs().max())
-    assert float((got - ref).abs().max()) <= 0.02 * scale
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    fused_bf16_prefill(monkeypatch, "bf16walk", dtype)
