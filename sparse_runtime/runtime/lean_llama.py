@@ -221,6 +221,7 @@ class FusedLinear:
         self.qlin = None  # int8/int4: the codes (QuantLinear), the only form held
         self.prefill_forms: dict[str, int] = {}  # calls per fused prefill form (evidence)
         self._avx2_runs: Optional[bool] = None  # whether the AVX2 prefill walk runs the packed weight
+        self._fused_q: Optional[tuple] = None  # (form,): the fused bf16 form of the codes held (asked once)
         self.weight: Optional[torch.Tensor] = w
         if lean.quantized and isa is not None:
             grid = quant_grid(lean, names or [], quantization)
@@ -267,6 +268,7 @@ class FusedLinear:
         if self.qlin is not None:  # codes: bitmask -> dense only (the measured choice), exact
             if not packed and self.qlin.packed.layout == "bitmask":
                 self.qlin = self.dense_codes()
+                self._fused_q = None
             return
         if packed and self.module is None and self.can_pack:
             self._to_packed()
@@ -306,12 +308,12 @@ class FusedLinear:
         AVX512-BF16 (bitmask codes, or dense ones at least half zeros): both read only the codes;
         dense weights and other codes (rebuilt in fp32 by ``QuantLinear``) run their fp32 GEMM in
         oneDNN's bf16 math mode, with no bf16 copy."""
-        from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, fused_quant_form, prefill_call
+        from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
 
         if self.module is None:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
-            fused = fused_quant_form(self.qlin.packed)
+            fused = self._fused_quant_form()
             if fused:  # int8 bitmask codes on AMX or the bf16 walk: no dequantized copy at all
                 return self.prefill_glued(x, fused)
             with bf16_fpmath():
@@ -323,6 +325,15 @@ class FusedLinear:
         self.prefill_forms[form] = self.prefill_forms.get(form, 0) + 1
         return prefill_call(form, m.packed, self.bias, x2, self.scratch, isa=self.isa).reshape(*x.shape[:-1], -1)
 
+    def _fused_quant_form(self) -> Optional[str]:
+        """``kernels.prefill.fused_quant_form`` of the codes held, asked once per codes (a prefill asks
+        per product; the answer reads the environment and the CPU)."""
+        from ..kernels.prefill import fused_quant_form
+
+        if self._fused_q is None:
+            self._fused_q = (fused_quant_form(self.qlin.packed),)
+        return self._fused_q[0]
+
     def glue_form(self, tokens: int) -> Optional[str]:
         """The fused prefill form a product of ``tokens`` rows runs, if any, so the caller can hand
         it the neighbouring glue (:func:`_glued`): ``"amx"`` or ``"bf16walk"`` (``prefill_dtype`` bf16;
@@ -333,10 +344,10 @@ class FusedLinear:
         measured form choice picked it; the same walk either way, called with the glue) or ``"avx2q"``
         (dense int8 codes on the AVX2 path, at least half zeros: the walk over the decoded nonzeros)."""
         from ..kernels.prefill import (AVX2_PREFILL_MIN, WALK_ISAS, avx2_prefill_runs, avx2_quant_runs,
-                                       choose_prefill_form, fused_quant_form)
+                                       choose_prefill_form)
 
         if self.qlin is not None and tokens >= AVX2_PREFILL_MIN and not (
-                self.lean.prefill_dtype == "bfloat16" and fused_quant_form(self.qlin.packed)):
+                self.lean.prefill_dtype == "bfloat16" and self._fused_quant_form()):
             if self._avx2_runs is None:  # dense int8 codes on the AVX2 path, sparse enough: checked once
                 self._avx2_runs = avx2_quant_runs(self.qlin, self.sparsity)
             if self._avx2_runs:
@@ -351,7 +362,7 @@ class FusedLinear:
         if tokens < PREFILL_BF16_MIN:
             return None
         if self.qlin is not None:
-            return fused_quant_form(self.qlin.packed)
+            return self._fused_quant_form()
         if self.module is None:
             return None
         form = choose_prefill_form(self.module.packed, tokens, torch.get_num_threads(), bias=self.bias,
