@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from sparse_runtime.errors import ConfigError
 from sparse_runtime.kernels import available, native, pack, supported_isas
 from sparse_runtime.kernels.ops import sparse_linear
-from sparse_runtime.kernels.prefill import (avx2_prefill_linear, bf16_walk_available, bf16_walk_linear, bf16_walk_quant_linear,
-                                            bf16_walk_quant_runs, choose_prefill_form, prefill_call)
+from sparse_runtime.kernels.prefill import (avx2_prefill_linear, bf16_walk_available, bf16_walk_linear,
+                                            bf16_walk_quant_linear, bf16_walk_quant_runs, choose_prefill_form,
+                                            prefill_call)
 from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
 from sparse_runtime.quant.scheme import QuantScheme
 
