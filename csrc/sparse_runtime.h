@@ -147,7 +147,8 @@ void sr_set_amx_step_min_batch(int64_t b);
 // the weight of prefill's bf16 GEMM (sparse_runtime/kernels/prefill.py). fp32 values are rounded to
 // nearest even exactly as torch's .to(torch.bfloat16); bf16 values are copied bit for bit.
 // ---------------------------------------------------------------------------------------------
-enum { SR_VAL_F32 = 0, SR_VAL_BF16 = 1, SR_VAL_I8 = 2 };  // val_dtype: the packed values' storage (int8 codes: AMX prefill only)
+// val_dtype: the packed values' storage (int8 codes: the AMX form and the bf16 walk; int4 codes: the bf16 walk)
+enum { SR_VAL_F32 = 0, SR_VAL_BF16 = 1, SR_VAL_I8 = 2, SR_VAL_I4 = 3 };
 
 #ifdef __cplusplus
 extern "C" {
@@ -176,8 +177,9 @@ int sr_amx_bitmask_linear(int64_t M, int64_t K, int64_t N, const float* x, const
                           const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
                           int n_threads);
 // The same contract on AVX512-BF16 without AMX (bf16_walk.inc, "the bf16 prefill walk"): the
-// nonzeros walked two at a time with vdpbf16ps over 64-token bf16 tiles of x; K <= 65536; also
-// dense int8 codes [N, K] (mask NULL, vtype SR_VAL_I8, rp unused): their nonzero weights walked.
+// nonzeros walked two at a time with vdpbf16ps over 64-token bf16 tiles of x; K <= 65536; also int4
+// codes (SR_VAL_I4, kernels.layout.QuantPacked's layouts) and dense codes (mask NULL, vtype SR_VAL_I8
+// or SR_VAL_I4, rp unused): their nonzero weights walked.
 // sr_bf16_walk_supported: 1 when the CPU has AVX-512 F/BW/VL/DQ, VBMI2 and BF16.
 int sr_bf16_walk_supported(void);
 int sr_bf16_walk_linear(int64_t M, int64_t K, int64_t N, const float* x, const uint32_t* mask, const void* vals,
@@ -206,7 +208,7 @@ int sr_walk_wide(int isa);
 int sr_prefill_attention(const float* q, int64_t q_batch, int64_t q_tok, const float* k, const float* v,
                          int64_t kv_batch, int64_t kv_tok, float* out, int64_t out_batch, int64_t out_tok, int64_t B,
                          int64_t T, int64_t H, int64_t KV, int64_t D, float scale, int isa, int n_threads);
-// The same walk over a dense int8 linear's codes (symmetric or asymmetric, per row or per group;
+// The same walk over a dense int8 or int4 linear's codes (symmetric or asymmetric, per row or per group;
 // quant_kernels.inc): rows decoded once per call into their nonzero fp32 weights, then walked.
 int sr_avx2_q_prefill_linear(const SRLinear* L, int64_t M, const float* x, float* y, int in_kind, const float* in_w,
                              float eps, int accumulate, int n_threads);

@@ -175,12 +175,14 @@ def test_lean_prefill_runs_the_walk_and_attention(layout):
     assert all(f.prefill_forms.get("avx2", 0) == 1 for f in lin)
 
 
-@pytest.mark.parametrize("scheme", [(8, 0, True), (8, 64, True), (8, 0, False), (8, 32, False)],
-                         ids=["sym", "sym-g64", "asym", "asym-g32"])
+@pytest.mark.parametrize("scheme", [(8, 0, True), (8, 64, True), (8, 0, False), (8, 32, False), (4, 32, True),
+                                    (4, 64, False), (4, 0, True)],
+                         ids=["sym", "sym-g64", "asym", "asym-g32", "int4-g32", "int4-g64-asym", "int4-row"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
-def test_int8_walk_matches_dequantized(scheme, sparsity):
-    """Dense int8 codes walked as their decoded nonzeros: the fp32 product with the dequantized
-    weight, glue included (odd K: a partial last 8-column chunk; a NaN scale stays NaN)."""
+def test_code_walk_matches_dequantized(scheme, sparsity):
+    """Dense int8 / int4 codes walked as their decoded nonzeros: the fp32 product with the dequantized
+    weight, glue included (odd K: a partial last 8-column chunk, and for int4 a partial 32-column
+    chunk; a NaN scale stays NaN)."""
     from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
     from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
     from sparse_runtime.quant.scheme import QuantScheme
@@ -206,20 +208,23 @@ def test_int8_walk_matches_dequantized(scheme, sparsity):
         assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, torch.arange(70) != 3]).all()
 
 
-def test_int8_walk_refuses_other_codes():
+def test_code_walk_refuses_other_codes():
     from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
     from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
     from sparse_runtime.quant.scheme import QuantScheme
 
-    q4 = QuantLinear(quantize_packed(pruned_weight(16, 64, 0.7), QuantScheme(4, 32), "dense"), isa="avx2")
-    assert not avx2_quant_runs(q4, 0.7)
-    with pytest.raises(ConfigError, match="AVX2 int8 prefill product failed"):
-        avx2_quant_linear(q4, torch.randn(20, 64))
+    if "avx512" not in supported_isas() or not native.lib().sr_cpu_features() & native.FEAT_VBMI2:
+        pytest.skip("bitmask codes run on the AVX-512 (VBMI2) path only")
+    qb = QuantLinear(quantize_packed(pruned_weight(16, 64, 0.7), QuantScheme(8), "bitmask"), isa="avx512")
+    assert not avx2_quant_runs(qb, 0.7)  # the walk decodes dense codes; bitmask codes have their kernels
+    with pytest.raises(ConfigError, match="AVX2 code prefill product failed"):
+        avx2_quant_linear(qb, torch.randn(20, 64))
 
 
-def test_lean_int8_prefill_runs_the_walk():
-    """The lean engine with int8 values on the AVX2 path: a 40-token prompt's products take the walk
-    over the decoded codes (form "avx2q"), logits equal the dequantized Hugging Face model's."""
+@pytest.mark.parametrize("dtype,scheme", [("int8", (8, 0)), ("int4", (4, 32))])
+def test_lean_code_prefill_runs_the_walk(dtype, scheme):
+    """The lean engine with int8 / int4 values on the AVX2 path: a 40-token prompt's products take the
+    walk over the decoded codes (form "avx2q"), logits equal the dequantized Hugging Face model's."""
     import copy
 
     from helpers import compare_with_hf, random_pruned
@@ -228,12 +233,13 @@ def test_lean_int8_prefill_runs_the_walk():
     from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama
 
     model = random_pruned(tiny_model("llama"))
-    lean = LeanLlama(model, LeanConfig(isa="avx2", value_dtype="int8", calibrate=False, initial_cache=16), threads=2)
+    lean = LeanLlama(model, LeanConfig(isa="avx2", value_dtype=dtype, group=scheme[1], calibrate=False,
+                                       initial_cache=16), threads=2)
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(quantize_rtn(m.weight, QuantScheme(8)).dequantize())
+                m.weight.copy_(quantize_rtn(m.weight, QuantScheme(*scheme)).dequantize())
     compare_with_hf(ref, lean, prompt=40, steps=3, atol=1e-4)
     lin = [f for l in lean.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
     assert all(f.prefill_forms.get("avx2q", 0) == 1 for f in lin)

@@ -1,7 +1,7 @@
 """The bf16 prefill walk (csrc/bf16_walk.inc; ``kernels.prefill.bf16_walk_linear`` /
 ``bf16_walk_quant_linear``): against float64 products of the bf16-rounded operands on odd shapes
 (token tiles, K blocks and row blocks all partial; odd nonzero counts, so a pair is padded), every
-sparsity from dense to all-zero, empty rows, fp32 and bf16 values, int8 codes (bitmask and dense,
+sparsity from dense to all-zero, empty rows, fp32 and bf16 values, int8 and int4 codes (bitmask and dense,
 symmetric and asymmetric, per row and per group), 1 and 2 threads; the fused glue against torch's
 ops; bad input; the lean engine taking it in bf16 prefill. Runs where the CPU has AVX512-BF16 and
 VBMI2 (AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later); skipped elsewhere. Also: the
@@ -65,10 +65,14 @@ def test_walk_matches_reference(shape, sparsity, values):
 
 @needs_walk
 @pytest.mark.parametrize("layout", ["bitmask", "dense"])
-@pytest.mark.parametrize("scheme", [QuantScheme(8, 0, True), QuantScheme(8, 0, False), QuantScheme(8, 32, True),
-                                    QuantScheme(8, 64, False)])
-@pytest.mark.parametrize("shape", [(17, 128, 40), (70, 320, 33), (130, 64, 8)])
-def test_walk_int8_codes(layout, scheme, shape):
+@pytest.mark.parametrize("scheme,shape", [
+    (sch, shape)
+    for sch in (QuantScheme(8, 0, True), QuantScheme(8, 0, False), QuantScheme(8, 32, True), QuantScheme(8, 64, False),
+                QuantScheme(4, 32, True), QuantScheme(4, 64, False), QuantScheme(4, 0, True), QuantScheme(4, 0, False))
+    # (M, K, N); K = 100: a partial 32-column chunk (per-row scales only: a group must divide K)
+    for shape in ((17, 128, 40), (70, 320, 33), (130, 64, 8), (21, 100, 9))
+    if not sch.group or shape[1] % sch.group == 0])
+def test_walk_codes(layout, scheme, shape):
     m, k, n = shape
     w = pruned_weight(n, k, 0.7, seed=k)
     w[1] = 0

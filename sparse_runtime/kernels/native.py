@@ -147,7 +147,7 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
                                                    c_int, c_int, c_int]
             lib.sr_avx2_prefill_linear.restype = c_int
-        if hasattr(lib, "sr_avx2_q_prefill_linear"):  # the walk over dense int8 codes (csrc/quant_kernels.inc)
+        if hasattr(lib, "sr_avx2_q_prefill_linear"):  # the walk over dense int8 / int4 codes (csrc/quant_kernels.inc)
             lib.sr_avx2_q_prefill_linear.argtypes = [p, i64, p, p, c_int, p, ctypes.c_float, c_int, c_int]
             lib.sr_avx2_q_prefill_linear.restype = c_int
         if hasattr(lib, "sr_prefill_attention"):  # csrc/prefill_attention.cpp

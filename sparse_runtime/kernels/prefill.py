@@ -43,7 +43,8 @@ from .layout import PackedWeight
 
 PREFILL_FORMS = ("sparse", "float32", "bfloat16", "amx", "bf16walk")
 VAL_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1}  # SR_VAL_F32 / SR_VAL_BF16
-VAL_INT8 = 2  # SR_VAL_I8: int8 codes (the AMX form only)
+VAL_INT8 = 2  # SR_VAL_I8: int8 codes (the AMX form, the bf16 walk)
+VAL_INT4 = 3  # SR_VAL_I4: int4 codes (the bf16 walk)
 ENV_AMX = "SPARSE_RUNTIME_AMX"  # "0": never the AMX form (to compare, or to rule it out)
 ENV_BF16_WALK = "SPARSE_RUNTIME_BF16_WALK"  # "0": never the bf16 walk
 _FORM_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -240,19 +241,19 @@ AVX2_QUANT_MIN_SPARSITY = 0.5  # below, a prompt's dequantize + fp32 GEMM beats 
 
 def avx2_quant_runs(qlin, sparsity: float = 1.0) -> bool:
     """Whether the AVX2 prefill walk runs ``qlin`` (a :class:`~sparse_runtime.kernels.quant.QuantLinear`):
-    dense int8 codes (symmetric or not, per row or per group) on the AVX2 or AVX-512 path (AVX-512
+    dense int8 or int4 codes (symmetric or not, per row or per group) on the AVX2 or AVX-512 path (AVX-512
     holds dense codes where the measured decode chose them, e.g. on AMD Zen 4), K <= 65536, compiled
     kernels that have it, and a weight at least AVX2_QUANT_MIN_SPARSITY sparse (the walk's work is
     the nonzeros at about half the GEMM's rate)."""
     lb = native._load()
     p = qlin.packed
     return (lb is not None and hasattr(lb, "sr_avx2_q_prefill_linear") and qlin.isa in WALK_ISAS
-            and p.layout == "dense" and p.bits == 8 and p.in_features <= 65536
+            and p.layout == "dense" and p.bits in (8, 4) and p.in_features <= 65536
             and sparsity >= AVX2_QUANT_MIN_SPARSITY)
 
 
 def avx2_quant_linear(qlin, x: torch.Tensor, threads: Optional[int] = None, **glue) -> torch.Tensor:
-    """``y = f(x) W^T + bias`` for dense int8 codes by the AVX2 prefill walk
+    """``y = f(x) W^T + bias`` for dense int8 or int4 codes by the AVX2 prefill walk
     (``sr_avx2_q_prefill_linear``, csrc/quant_kernels.inc): each row decoded once per call into its
     nonzero weights, ``scale * (code - zero)`` in fp32 (exact), then walked as
     :func:`avx2_prefill_linear` walks fp32 values, with the same ``glue``. Equal to the fp32 product
@@ -264,7 +265,7 @@ def avx2_quant_linear(qlin, x: torch.Tensor, threads: Optional[int] = None, **gl
                                                int(glue.get("residual") is not None),
                                                int(threads or torch.get_num_threads()))
     if rc != 0:
-        raise ConfigError(f"AVX2 int8 prefill product failed: {native.ERRORS.get(rc, rc)}")
+        raise ConfigError(f"AVX2 code prefill product failed: {native.ERRORS.get(rc, rc)}")
     return _glue_out(y, x, n, glue.get("residual"))
 
 
@@ -340,27 +341,28 @@ BF16_WALK_DENSE_MIN_SPARSITY = 0.5  # dense int8 codes: below, the dequantize + 
 
 
 def bf16_walk_quant_runs(packed) -> bool:
-    """Whether the bf16 walk runs these quantized codes here: int8, one scale per row or groups of a
-    multiple of 32 columns dividing K, in the bitmask layout, or in the dense layout when at least
-    ``BF16_WALK_DENSE_MIN_SPARSITY`` of the weights are pruned (the engines hold dense codes where
-    the measured decode chose them, e.g. on AMD Zen 4: the walk still reads only the nonzeros)."""
+    """Whether the bf16 walk runs these quantized codes here: int8 or int4, one scale per row or
+    groups of a multiple of 32 columns dividing K, in the bitmask layout, or in the dense layout when
+    at least ``BF16_WALK_DENSE_MIN_SPARSITY`` of the weights are pruned (the engines hold dense codes
+    where the measured decode chose them, e.g. on AMD Zen 4: the walk still reads only the nonzeros)."""
     layout_ok = packed.layout == "bitmask" or (packed.layout == "dense"
                                                and 1.0 - packed.density >= BF16_WALK_DENSE_MIN_SPARSITY)
-    return (layout_ok and packed.bits == 8 and packed.in_features <= 65536
+    return (layout_ok and packed.bits in (8, 4) and packed.in_features <= 65536
             and (packed.group == 0 or (packed.group % 32 == 0 and packed.in_features % packed.group == 0))
             and bf16_walk_available())
 
 
 def bf16_walk_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, threads: Optional[int] = None,
                            **glue) -> torch.Tensor:
-    """:func:`bf16_walk_linear` for int8 codes (bitmask, or dense: ``index`` None tells the kernel):
-    each row's nonzero weights ``scale * (code - zero)`` computed in fp32 once per call and rounded to
-    bf16 (no dequantized copy of the matrix)."""
+    """:func:`bf16_walk_linear` for int8 / int4 codes (bitmask, or dense: ``index`` None tells the
+    kernel): each row's nonzero weights ``scale * (code - zero)`` computed in fp32 once per call and
+    rounded to bf16 (no dequantized copy of the matrix)."""
     if not bf16_walk_quant_runs(packed):
-        raise ConfigError(f"the bf16 prefill walk runs int8 codes (bitmask, or dense and at least "
+        raise ConfigError(f"the bf16 prefill walk runs int8 / int4 codes (bitmask, or dense and at least "
                           f"{BF16_WALK_DENSE_MIN_SPARSITY:.0%} zeros) on CPUs with AVX512-BF16, not {packed.layout} "
                           f"int{packed.bits} at density {packed.density:.2f} here; use the dequantizing form")
-    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
+    vtype = VAL_INT8 if packed.bits == 8 else VAL_INT4
+    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, vtype,
                     packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, walk=True, **glue)
 
 
