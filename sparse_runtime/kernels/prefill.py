@@ -19,10 +19,14 @@ tiles straight away, so only the packed bytes cross the memory bus and no dense 
 anywhere; the output stays fp32 (no bf16 rounding of y). It also runs int8 bitmask codes
 (:func:`amx_quant_linear`), dequantized in registers. ``SPARSE_RUNTIME_AMX=0`` turns it off.
 
+On CPUs with AVX512-BF16 but no AMX (AMD Zen 4) the ``bf16walk`` form does the same job in vector
+registers (:func:`bf16_walk_linear`, csrc/bf16_walk.inc): the nonzeros of a row in pairs, two
+multiply-adds per lane per ``vdpbf16ps``, with the AMX form's contract and glue.
+
 Which form a product takes is measured (:func:`choose_prefill_form`): the sparse kernel, the fp32
-rebuild + fp32 GEMM, the bf16 rebuild + bf16 GEMM and the AMX form, timed alternately at the token
-bucket, per (ISA, layout, value dtype, shape, density, threads, bucket), cached for the process
-like ``module.measure_dispatch``.
+rebuild + fp32 GEMM, the bf16 rebuild + bf16 GEMM, the AMX form and the bf16 walk, timed alternately
+at the token bucket, per (ISA, layout, value dtype, shape, density, threads, bucket), cached for the
+process like ``module.measure_dispatch``.
 """
 from __future__ import annotations
 
@@ -501,7 +505,7 @@ def choose_prefill_form(packed: PackedWeight, tokens: int, threads: int, forms: 
     round, ``repeats`` rounds, medians compared, at the token bucket (:func:`token_bucket`), on fp32
     activations. Cached per (ISA, layout, value dtype, shape, density to 0.05, threads, bucket,
     forms); :func:`prefill_form_timings` gives the medians behind a choice. Pass only the forms the
-    caller allows (``bfloat16`` and ``amx`` change the numerics: opt-in)."""
+    caller allows (``bfloat16``, ``amx`` and ``bf16walk`` change the numerics: opt-in)."""
     isa = native.select_isa(isa)
     forms = _runnable_forms(packed, isa, forms)
     if len(forms) == 1:
