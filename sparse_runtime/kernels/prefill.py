@@ -501,7 +501,8 @@ def choose_prefill_form(packed: PackedWeight, tokens: int, threads: int, forms: 
                         repeats: int = 5) -> str:
     """The fastest of ``forms`` for ``packed`` at ``tokens`` rows on ``threads`` threads, measured:
     ``sparse`` (the packed kernel), ``float32`` (fp32 rebuild + fp32 GEMM, what the dispatch's dense
-    path does), ``bfloat16`` (:func:`bf16_prefill_linear`), ``amx`` (:func:`amx_prefill_linear`). All timed alternately, one call each per
+    path does), ``bfloat16`` (:func:`bf16_prefill_linear`), ``amx`` (:func:`amx_prefill_linear`), ``bf16walk``
+    (:func:`bf16_walk_linear`). All timed alternately, one call each per
     round, ``repeats`` rounds, medians compared, at the token bucket (:func:`token_bucket`), on fp32
     activations. Cached per (ISA, layout, value dtype, shape, density to 0.05, threads, bucket,
     forms); :func:`prefill_form_timings` gives the medians behind a choice. Pass only the forms the
