@@ -304,8 +304,8 @@ class FusedLinear:
         """A prefill product with bf16 GEMMs (``prefill_dtype='bfloat16'``): a packed weight takes the
         measured fastest of its sparse kernel, fp32 rebuild + GEMM, bf16 rebuild + AMX GEMM and the
         fused AMX form or the bf16 walk (``kernels.prefill.choose_prefill_form``); int8 codes run the
-        fused AMX form where the CPU has AMX (bitmask codes), else the bf16 walk where it has
-        AVX512-BF16 (bitmask codes, or dense ones at least half zeros): both read only the codes;
+        fused AMX form where the CPU has AMX (bitmask codes), int8 and int4 codes the bf16 walk where
+        it has AVX512-BF16 (bitmask codes, or dense ones at least half zeros): both read only the codes;
         dense weights and other codes (rebuilt in fp32 by ``QuantLinear``) run their fp32 GEMM in
         oneDNN's bf16 math mode, with no bf16 copy."""
         from ..kernels.prefill import bf16_fpmath, choose_prefill_form, dense_bf16_linear, prefill_call
@@ -314,7 +314,7 @@ class FusedLinear:
             if self.qlin is None:
                 return dense_bf16_linear(x, self.weight, self.bias)
             fused = self._fused_quant_form()
-            if fused:  # int8 bitmask codes on AMX or the bf16 walk: no dequantized copy at all
+            if fused:  # codes on AMX or the bf16 walk: no dequantized copy at all
                 return self.prefill_glued(x, fused)
             with bf16_fpmath():
                 return self.qlin(x)
@@ -337,12 +337,14 @@ class FusedLinear:
     def glue_form(self, tokens: int) -> Optional[str]:
         """The fused prefill form a product of ``tokens`` rows runs, if any, so the caller can hand
         it the neighbouring glue (:func:`_glued`): ``"amx"`` or ``"bf16walk"`` (``prefill_dtype`` bf16;
-        int8 bitmask codes where the CPU has AMX, else the bf16 walk where it has AVX512-BF16; packed
+        int8 bitmask codes where the CPU has AMX, else int8 / int4 codes on the bf16 walk where it has
+        AVX512-BF16; packed
         weights where the measured choice picked either) or
         ``"avx2"`` (fp32 packed weights on the AVX2 path from 16 tokens: in fp32 prefill where the
         module's measured dispatch takes the sparse kernel at this size, in bf16 prefill where the
         measured form choice picked it; the same walk either way, called with the glue) or ``"avx2q"``
-        (dense int8 codes on the AVX2 path, at least half zeros: the walk over the decoded nonzeros)."""
+        (dense int8 / int4 codes on the AVX2 or AVX-512 path, at least half zeros: the walk over the
+        decoded nonzeros)."""
         from ..kernels.prefill import (AVX2_PREFILL_MIN, WALK_ISAS, avx2_prefill_runs, avx2_quant_runs,
                                        choose_prefill_form)
 
