@@ -951,12 +951,16 @@ static void avx2_blk_rows(const float* xt, int64_t B, int64_t K, int64_t N, cons
     }
 }
 
-// The prefill walk, threads splitting rows after they split the repacking of x (one parallel
-// region each): y (+)= in(x) W^T + bias for the rows of `src` (above), K <= 65536. Returns SR_ENOMEM
-// if a buffer cannot be had.
-template <class Run, class Src>
-static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const float* bias, float* y,
-                           bool acc, float eps, const Src& src, bool wide = false) {
+// The two phases of a prefill walk (avx2_blk_linear; bf16_blk_linear in bf16_walk.inc), one parallel
+// region each: x repacked into 64-token tiles of `xt_elem`-byte elements by tile_x(in, xt, k0, k1,
+// first) with the threads splitting K (the norm's factors computed first; `first`: the streams of the
+// first row block the thread will likely run, to prefetch meanwhile), then rows(xt, r0, r1, accbuf,
+// scratch) with the threads splitting N (scratch: `scratch_bytes` per thread, none when 0). K <= 65536.
+// Returns SR_ENOMEM if a buffer cannot be had.
+template <class Run, class Src, class TileX, class Rows>
+static int blk_walk_phases(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, float* y, float eps,
+                           size_t xt_elem, size_t scratch_bytes, const Src& src, const TileX& tile_x,
+                           const Rows& rows) {
     const int64_t K = in0.K;
     if (K > 65536) return SR_EARG;
     // the caller's thread holds x's tiles and the norm's factors; each worker its own small buffers
@@ -964,7 +968,7 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
     static thread_local SrThreadBuf xt_buf, inv_buf;
     static thread_local SrThreadBuf acc_buf, row_buf;
     const int64_t tiles = (B + kAvx2Tile - 1) / kAvx2Tile;
-    float* xt = (float*)xt_buf.get((size_t)(tiles * K * kAvx2Tile) * sizeof(float));
+    void* xt = xt_buf.get((size_t)(tiles * K * kAvx2Tile) * xt_elem);
     float* inv = in0.kind == SR_IN_RMSNORM ? (float*)inv_buf.get((size_t)(B > 0 ? B : 1) * sizeof(float)) : NULL;
     if (!xt || (in0.kind == SR_IN_RMSNORM && !inv)) return SR_ENOMEM;
     Avx2Input in = in0;
@@ -978,20 +982,34 @@ static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int6
         const int64_t r = N * g0 / K8, r2 = r + kAvx2BlkRows < N ? r + kAvx2BlkRows : N;
         Avx2Ahead first{{nullptr, nullptr}, {0, 0}, y, 0, 0, 0};
         src.streams(r, r2, &first);
-        avx2_tile_x(in, B, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K, first);
+        tile_x(in, xt, 8 * g0, 8 * g1 < K ? 8 * g1 : K, first);
     });
     int failed = 0;
     run(N, kAvx2BlkRows, [&](int64_t r0, int64_t r1) {
         float* accbuf = (float*)acc_buf.get(kAvx2BlkRows * kAvx2Tile * sizeof(float));
-        const size_t sb = src.scratch_bytes();
-        void* scratch = sb ? row_buf.get(sb) : nullptr;
-        if (!accbuf || (sb && !scratch)) {
+        void* scratch = scratch_bytes ? row_buf.get(scratch_bytes) : nullptr;
+        if (!accbuf || (scratch_bytes && !scratch)) {
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
             return;
         }
-        avx2_blk_rows(xt, B, K, N, bias, y, acc, r0, r1, accbuf, scratch, src, wide);
+        rows(xt, r0, r1, accbuf, scratch);
     });
     return failed ? SR_ENOMEM : SR_OK;
+}
+
+// The prefill walk: y (+)= in(x) W^T + bias for the rows of `src` (above), K <= 65536; `wide`: the
+// zmm tile (the caller checked that the CPU has AVX-512).
+template <class Run, class Src>
+static int avx2_blk_linear(const Run& run, const Avx2Input& in0, int64_t B, int64_t N, const float* bias, float* y,
+                           bool acc, float eps, const Src& src, bool wide = false) {
+    return blk_walk_phases(
+        run, in0, B, N, y, eps, sizeof(float), src.scratch_bytes(), src,
+        [&](const Avx2Input& in, void* xt, int64_t k0, int64_t k1, const Avx2Ahead& first) {
+            avx2_tile_x(in, B, (float*)xt, k0, k1, first);
+        },
+        [&](void* xt, int64_t r0, int64_t r1, float* accbuf, void* scratch) {
+            avx2_blk_rows((const float*)xt, B, in0.K, N, bias, y, acc, r0, r1, accbuf, scratch, src, wide);
+        });
 }
 #pragma GCC pop_options
 #endif  // SR_X86

@@ -186,7 +186,6 @@ int sr_bf16_walk_linear(int64_t M, int64_t K, int64_t N, const float* x, const u
                         int vtype, const int64_t* rp, int64_t group, const float* scales, const float* zeros,
                         const float* bias, float* y, int in_kind, const float* in_w, float eps, int accumulate,
                         int n_threads);
-void sr_set_bf16_walk_cols(int64_t cols);
 // The batched decode step's form (lean_decode.inc, flag SR_STEP_BF16): one product of M <= 128
 // rows of x [M, K] with a bitmask linear (fp32 values or int8 codes) on AMX tiles, run by EVERY
 // thread t of T of the caller's OpenMP team (it meets them at one barrier inside). xv: shared

@@ -141,8 +141,6 @@ def _load() -> Optional[ctypes.CDLL]:
             lib.sr_bf16_walk_supported.restype = c_int
             lib.sr_bf16_walk_linear.argtypes = lib.sr_amx_bitmask_linear.argtypes
             lib.sr_bf16_walk_linear.restype = c_int
-            lib.sr_set_bf16_walk_cols.argtypes = [i64]
-            lib.sr_set_bf16_walk_cols.restype = None
         if hasattr(lib, "sr_avx2_prefill_linear"):  # the AVX2 prefill walk with glue (kernels/prefill.py)
             lib.sr_avx2_prefill_linear.argtypes = [i64, i64, i64, p, c_int, p, p, p, p, p, c_int, p, ctypes.c_float,
                                                    c_int, c_int, c_int]

@@ -169,7 +169,7 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _amx_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
+def _fused_bf16_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
              bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
              eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None,
              walk: bool = False) -> torch.Tensor:
@@ -217,7 +217,7 @@ def avx2_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: t
     ~2e-7, like any fp32 expf) and the RMSNorm's sum runs in another order than torch's. ``isa``:
     the path to check against (default: the selected one; "avx2" runs it on an AVX-512 CPU too)."""
     if not avx2_prefill_runs(packed, isa):
-        raise ConfigError(f"the AVX2 prefill walk runs fp32 bitmask/csr16 weights on the AVX2 path, not "
+        raise ConfigError(f"the AVX2 prefill walk runs fp32 bitmask/csr16 weights on the AVX2 or AVX-512 path, not "
                           f"{packed.layout} with {packed.values.dtype} on {native.select_isa()}; use another form")
     return avx2_prefill_run(packed, bias, x, threads, isa=native.select_isa(isa), **glue)
 
@@ -292,7 +292,7 @@ def amx_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: to
     if not amx_runs(packed):
         raise ConfigError(f"the AMX prefill form runs bitmask weights with float32/bfloat16 values on AMX CPUs, "
                           f"not {packed.layout} with {packed.values.dtype} here; use another form")
-    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
+    return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
                     VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, **glue)
 
 
@@ -308,7 +308,7 @@ def amx_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, thre
     if not amx_quant_runs(packed):
         raise ConfigError(f"the AMX prefill form runs int8 bitmask codes on AMX CPUs, not {packed.layout} "
                           f"int{packed.bits} here; use the dequantizing form")
-    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
+    return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
                     packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, **glue)
 
 
@@ -336,7 +336,7 @@ def bf16_walk_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: torc
     if not bf16_walk_runs(packed):
         raise ConfigError(f"the bf16 prefill walk runs bitmask weights with float32/bfloat16 values on CPUs with "
                           f"AVX512-BF16, not {packed.layout} with {packed.values.dtype} here; use another form")
-    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
+    return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
                     VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, walk=True,
                     **glue)
 
@@ -366,7 +366,7 @@ def bf16_walk_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor
                           f"{BF16_WALK_DENSE_MIN_SPARSITY:.0%} zeros) on CPUs with AVX512-BF16, not {packed.layout} "
                           f"int{packed.bits} at density {packed.density:.2f} here; use the dequantizing form")
     vtype = VAL_INT8 if packed.bits == 8 else VAL_INT4
-    return _amx_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, vtype,
+    return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, vtype,
                     packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, walk=True, **glue)
 
 
