@@ -59,6 +59,20 @@ def test_head_dim_not_a_multiple_of_the_vector_width(isa):
     compare(model, lean_of(model, isa=isa), steps=5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [3, 4])
+def test_attention_split_across_threads(isa, threads):
+    """The batch-1 step cuts each kv head's positions into one range per thread and merges the ranges'
+    partial softmaxes: 3 and 4 threads over 2 kv heads of 2 query heads, a 40-token prompt (uneven
+    ranges), then a sliding window shorter than the thread count's ranges, and a 1-token prompt
+    (fewer positions than threads: fewer ranges)."""
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2))
+    compare(model, lean_of(model, threads=threads, isa=isa), prompt=40, steps=4)
+    compare(model, lean_of(model, threads=threads, isa=isa), prompt=1, steps=4)
+    windowed = pruned(tiny_model("mistral", sliding_window=5))
+    compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=9, steps=6)
+
+
 @pytest.mark.parametrize("layout", ["bitmask", "csr16"])
 def test_avx2_both_layouts(layout):
     """AVX2 runs both layouts in the C step (csr16 by default; bitmask by the left-pack kernel)."""
