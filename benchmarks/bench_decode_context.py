@@ -1,0 +1,167 @@
+"""Batch-1 decode ms/token of our lean engines as the context grows, with the attention stage's share.
+
+    flock /tmp/sparse-runtime-bench.lock python benchmarks/bench_decode_context.py \
+        --out benchmarks/results --name decode_context_zen4
+
+Why: a decode token reads every weight once, and every cached K/V row of every layer once. At 128
+tokens of context the cache is a few MB beside SmolLM2's 70-130 MB of weights; at 2048 (fp32 cache,
+30 layers x 3 kv heads x 64 dims x 2) it is ~94 MB, more than a 70 % int8 model's weights, so the
+attention stage decides long-context decode and what sparsity buys there.
+
+Rows: dense int8 codes (weight-only; issue 21's "our dense int8 path") and the Wanda 70 % int8 model
+with int8 activations (W8A8, the fastest 70 % decode; weight-only int8 where the CPU has no AVX-512
+VNNI, said in the row's label), optionally the fp32 pair (``--fp32``). Per
+context: prefill the context (untimed), then ``--steps`` single-token steps, ms/token; every row once
+per round in a rotated order, ``--rounds`` rounds, median with min-max; the attention stage from the
+C step's stage profile (thread 0's time between barriers, so it includes waiting for the other
+threads); the K/V MB a token reads (every cached position of every layer, fp32) and the rate that
+makes; and the per-round ratio dense int8 / 70 % W8A8. ``--model tiny`` tests the script.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (label, engine, checkpoint key, engine options)
+ROWS = [("dense int8", "lean-cpu", "dense", {"dtype": "int8"}),
+        ("70 % int8 + W8A8", "sparse-cpu", "wanda-70", {"dtype": "int8", "act_dtype": "int8"})]
+FP32_ROWS = [("dense fp32", "lean-cpu", "dense", {}), ("70 % fp32", "sparse-cpu", "wanda-70", {})]
+REF = ROWS[0][0]
+
+
+def kv_mb_per_token(cfg, context: int, steps: int) -> float:
+    """MB of K and V (fp32) a decode step reads, averaged over the timed steps (positions context ..
+    context + steps - 1, each attending to every earlier position and itself; no sliding window)."""
+    d = cfg.hidden_size // cfg.num_attention_heads
+    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    positions = context + (steps + 1) / 2
+    return cfg.num_hidden_layers * kvh * d * 2 * 4 * positions / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    ap.add_argument("--contexts", default="128,512,1024,2048")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per round and context")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--fp32", action="store_true", help="also the fp32 dense and 70 %% rows")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
+    ap.add_argument("--name", default="decode_context")
+    args = ap.parse_args()
+    if args.rounds < 3:
+        ap.error("--rounds must be at least 3 (a median of fewer says little)")
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        ap.error(f"--contexts {args.contexts!r}: give token counts separated by commas, e.g. 128,1024")
+    if not contexts or min(contexts) < 1:
+        ap.error("--contexts: every context must be at least 1 token")
+    os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
+
+    import torch
+    from transformers import AutoConfig
+
+    from bench_quant_latency import smollm2_checkpoints, tiny_checkpoints
+    from isa_mask import MARKER as ISA_MASK_MARKER
+
+    from sparse_runtime.kernels import decode as cdec
+    from sparse_runtime.report import save_results
+    from sparse_runtime.runtime import get_engine
+    from sparse_runtime.runtime.base import benchmark_ids, default_threads
+
+    threads = args.threads or default_threads()
+    if args.model == "tiny":
+        dense, ckpts = tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
+    else:
+        dense, ckpts = smollm2_checkpoints()
+    paths = {"dense": str(dense), **{k: str(v) for k, v in ckpts.items()}}
+    from sparse_runtime.errors import ConfigError
+
+    engines, fallbacks = {}, []
+    for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []):
+        try:
+            engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
+        except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
+            if "act_dtype" not in opts:
+                raise
+            label = label.replace(" + W8A8", " (weight-only: no W8A8 here)")
+            fallbacks.append(f"{label}: W8A8 refused ({e})")
+            engines[label] = get_engine(name)(paths[key], threads=threads,
+                                              **{k: v for k, v in opts.items() if k != "act_dtype"})
+    labels = list(engines)
+    fast = labels[1]
+    cfg = AutoConfig.from_pretrained(paths["dense"])  # the local checkpoint's config.json
+    vocab = engines[labels[0]].vocab_size
+
+    rows = []
+    raw: dict[str, dict[str, list]] = {}
+    for ctx in contexts:
+        ids = torch.from_numpy(benchmark_ids(vocab, 1, ctx, 0))
+        total = {k: [] for k in labels}
+        attn = {k: [] for k in labels}
+        for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
+            for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+                lean = engines[k].lean
+                lean.prefill(ids)
+                cdec.profile_start()
+                t = time.perf_counter()
+                for i in range(args.steps):
+                    lean.decode_token(100 + i)
+                ms = (time.perf_counter() - t) * 1e3 / args.steps
+                stages = cdec.profile_stop()
+                if r:
+                    total[k].append(ms)
+                    attn[k].append(stages["attention"] * 1e3 / args.steps)
+            if r:
+                print(f"context {ctx} round {r}/{args.rounds}: "
+                      + ", ".join(f"{k} {total[k][-1]:.3f}" for k in labels), flush=True)
+        kv = kv_mb_per_token(cfg, ctx, args.steps)
+        for k in labels:
+            a = statistics.median(attn[k])
+            row = {"context": ctx, "row": k, "decode ms/token": statistics.median(total[k]),
+                   "min-max": f"{min(total[k]):.4g}-{max(total[k]):.4g}", "attention ms": a,
+                   "attention share": a / statistics.median(total[k]), "K/V MB/token": kv,
+                   "K/V GB/s in attention": kv / a if a > 0 else None}
+            if k == fast:
+                ratios = [d / f for d, f in zip(total[REF], total[fast])]
+                row[f"{REF} / this, per round: median"] = statistics.median(ratios)
+                row["ratio min-max"] = f"{min(ratios):.3g}-{max(ratios):.3g}"
+            rows.append(row)
+        raw[str(ctx)] = {"total_ms": total, "attention_ms": attn}
+    evidence = {k: e.evidence().get("sparse_path", "") for k, e in engines.items()}
+    for e in engines.values():
+        e.close()
+
+    notes = [f"decode batch 1: each context prefilled (untimed), then {args.steps} single-token steps, ms/token; "
+             f"{args.rounds} rounds after one warm-up round, every row once per round in a rotated order; "
+             f"median, min-max; {threads} threads; all rows loaded together",
+             "attention ms: the C step's stage profile (sr_decode_profile: thread 0's time between barriers, "
+             "so it includes waiting for the slowest thread and the merge of the threads' partials)",
+             "K/V MB/token: every cached position of every layer, K and V in fp32, averaged over the timed "
+             "steps; GB/s = that / attention ms",
+             *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
+    if os.environ.get(ISA_MASK_MARKER):
+        notes.insert(0, f"ISA MASKED to {os.environ[ISA_MASK_MARKER]} (benchmarks/isa_mask.py; "
+                        "docs/protocols.md#emulating-avx2)")
+    if args.model == "tiny":
+        notes.insert(0, "TINY random model: this run tests the script, its figures mean nothing")
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-ctx-"))
+    save_results(args.name, "Decode ms/token as the context grows, and the attention stage", rows,
+                 protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
+                 model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",
+                 notes=notes, out_dir=out_dir, extra={"times_ms": raw})
+    print(f"written: {out_dir / args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

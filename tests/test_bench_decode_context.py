@@ -1,0 +1,31 @@
+"""benchmarks/bench_decode_context.py (decode ms/token as the context grows): on a tiny pruned Llama
+the script times its rows at each context asked, reports the attention stage and the per-round
+dense int8 / 70 % W8A8 ratio, writes its table to the directory asked (never into the repository's
+benchmarks/results/), and refuses a bad --contexts with one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "benchmarks" / "bench_decode_context.py")
+
+
+def test_decode_context_runs_on_tiny(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--contexts", "8,33", "--rounds", "3", "--steps", "3",
+                        "--out", str(tmp_path), "--name", "ctx"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "ctx.json").read_text())
+    assert [(row["context"], row["row"]) for row in data["rows"]] == [
+        (8, "dense int8"), (8, "70 % int8 + W8A8"), (33, "dense int8"), (33, "70 % int8 + W8A8")]
+    assert all(row["attention ms"] > 0 and row["K/V MB/token"] > 0 for row in data["rows"])
+    assert all(row.get("dense int8 / this, per round: median") for row in data["rows"][1::2])
+    assert all(len(v) == 3 for ctx in data["times_ms"].values() for v in ctx["total_ms"].values())
+    assert "TINY" in (tmp_path / "ctx.md").read_text()
+    r = subprocess.run([sys.executable, SCRIPT, "--contexts", "128,lots"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 2 and "--contexts '128,lots'" in r.stderr
