@@ -207,8 +207,9 @@ int sr_walk_wide(int isa);
 int sr_prefill_attention(const float* q, int64_t q_batch, int64_t q_tok, const float* k, const float* v,
                          int64_t kv_batch, int64_t kv_tok, float* out, int64_t out_batch, int64_t out_tok, int64_t B,
                          int64_t T, int64_t H, int64_t KV, int64_t D, float scale, int isa, int n_threads);
-// The same walk over a dense int8 or int4 linear's codes (symmetric or asymmetric, per row or per group;
-// quant_kernels.inc): rows decoded once per call into their nonzero fp32 weights, then walked.
+// The same walk over an int8 or int4 linear's codes, dense or bitmask (symmetric or asymmetric, per row
+// or per group; quant_kernels.inc): rows decoded once per call into their nonzero (dense: found by
+// value; bitmask: the kept) fp32 weights, then walked.
 int sr_avx2_q_prefill_linear(const SRLinear* L, int64_t M, const float* x, float* y, int in_kind, const float* in_w,
                              float eps, int accumulate, int n_threads);
 // ---- prefill's elementwise glue (prefill_glue.cpp) ----

@@ -175,24 +175,36 @@ def test_lean_prefill_runs_the_walk_and_attention(layout):
     assert all(f.prefill_forms.get("avx2", 0) == 1 for f in lin)
 
 
-@pytest.mark.parametrize("scheme", [(8, 0, True), (8, 64, True), (8, 0, False), (8, 32, False), (4, 32, True),
-                                    (4, 64, False), (4, 0, True)],
-                         ids=["sym", "sym-g64", "asym", "asym-g32", "int4-g32", "int4-g64-asym", "int4-row"])
+SCHEMES = pytest.mark.parametrize(
+    "scheme", [(8, 0, True), (8, 64, True), (8, 0, False), (8, 32, False), (4, 32, True), (4, 64, False), (4, 0, True)],
+    ids=["sym", "sym-g64", "asym", "asym-g32", "int4-g32", "int4-g64-asym", "int4-row"])
+
+
+def _bitmask_codes_pack() -> bool:
+    """Bitmask codes are packed for the AVX-512 (VBMI2) path only."""
+    return "avx512" in supported_isas() and bool(native.lib().sr_cpu_features() & native.FEAT_VBMI2)
+
+
+@SCHEMES
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
-def test_code_walk_matches_dequantized(scheme, sparsity):
-    """Dense int8 / int4 codes walked as their decoded nonzeros: the fp32 product with the dequantized
-    weight, glue included (odd K: a partial last 8-column chunk, and for int4 a partial 32-column
-    chunk; a NaN scale stays NaN)."""
+@pytest.mark.parametrize("layout", ["dense", "bitmask"])
+def test_code_walk_matches_dequantized(scheme, sparsity, layout):
+    """int8 / int4 codes walked as their decoded nonzeros (dense: found by value; bitmask: the kept
+    weights): the fp32 product with the dequantized weight, glue included (odd K: a partial last
+    8-column chunk, and for int4 a partial 32-column chunk or mask word; a NaN scale stays NaN)."""
     from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
     from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
     from sparse_runtime.quant.scheme import QuantScheme
 
+    if layout == "bitmask" and not _bitmask_codes_pack():
+        pytest.skip("bitmask codes run on the AVX-512 (VBMI2) path only")
     bits, group, sym = scheme
     k = 128 if group else 133
     w = pruned_weight(70, k, sparsity, seed=bits + group)
     g = torch.Generator().manual_seed(7)
     b = torch.randn(70, generator=g)
-    q = QuantLinear(quantize_packed(w, QuantScheme(bits, group, sym), "dense"), b, isa="avx2")
+    q = QuantLinear(quantize_packed(w, QuantScheme(bits, group, sym), layout), b,
+                    isa="avx2" if layout == "dense" else "avx512")
     assert avx2_quant_runs(q, 0.7) and not avx2_quant_runs(q, 0.3)
     wd = q.dequantize()
     x = torch.randn(40, k, generator=g) * 2
@@ -202,23 +214,33 @@ def test_code_walk_matches_dequantized(scheme, sparsity):
     r = torch.randn(40, 70, generator=g)
     want = r.double() + reference(h, wd, b)
     close(avx2_quant_linear(q, x, norm=nw, eps=1e-6, residual=r), want, rel=1e-5)
-    if sparsity < 1.0:
-        q.packed.scales[3] = float("nan")  # the descriptor reads the same tensor
+    if sparsity < 1.0:  # a row with kept weights (a row without any has no weight to carry the NaN)
+        r = int((w != 0).sum(1).argmax())
+        q.packed.scales[r] = float("nan")  # the descriptor reads the same tensor
         y = avx2_quant_linear(q, x)
-        assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, torch.arange(70) != 3]).all()
+        assert torch.isnan(y[:, r]).all() and torch.isfinite(y[:, torch.arange(70) != r]).all()
 
 
-def test_code_walk_refuses_other_codes():
-    from sparse_runtime.kernels.prefill import avx2_quant_linear, avx2_quant_runs
+def test_code_walk_bitmask_rows_of_every_fill():
+    """Bitmask int4 codes whose mask words hold 0..32 kept weights (odd counts: a word's last byte
+    half used), rows of every length, against the dequantized product."""
+    from sparse_runtime.kernels.prefill import avx2_quant_linear
     from sparse_runtime.kernels.quant import QuantLinear, quantize_packed
     from sparse_runtime.quant.scheme import QuantScheme
 
-    if "avx512" not in supported_isas() or not native.lib().sr_cpu_features() & native.FEAT_VBMI2:
+    if not _bitmask_codes_pack():
         pytest.skip("bitmask codes run on the AVX-512 (VBMI2) path only")
-    qb = QuantLinear(quantize_packed(pruned_weight(16, 64, 0.7), QuantScheme(8), "bitmask"), isa="avx512")
-    assert not avx2_quant_runs(qb, 0.7)  # the walk decodes dense codes; bitmask codes have their kernels
-    with pytest.raises(ConfigError, match="AVX2 code prefill product failed"):
-        avx2_quant_linear(qb, torch.randn(20, 64))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(33, 96, generator=g)
+    for r in range(33):  # row r keeps r columns, spread over its three words
+        keep = torch.randperm(96, generator=g)[:r]
+        row = torch.zeros(96)
+        row[keep] = w[r, keep]
+        w[r] = row
+    for scheme in (QuantScheme(4, 32, False), QuantScheme(8)):
+        q = QuantLinear(quantize_packed(w, scheme, "bitmask"), isa="avx512")
+        x = torch.randn(20, 96, generator=g)
+        close(avx2_quant_linear(q, x), reference(x, q.dequantize(), None))
 
 
 @pytest.mark.parametrize("dtype,scheme", [("int8", (8, 0)), ("int4", (4, 32))])
@@ -243,3 +265,33 @@ def test_lean_code_prefill_runs_the_walk(dtype, scheme):
     compare_with_hf(ref, lean, prompt=40, steps=3, atol=1e-4)
     lin = [f for l in lean.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
     assert all(f.prefill_forms.get("avx2q", 0) == 1 for f in lin)
+
+
+def test_lean_w8a8_prefill_walks_bitmask_codes():
+    """The lean engine with int8 activations (W8A8) holds bitmask int8 codes on the AVX-512 path; its
+    fp32 prefill (a 40-token prompt: no activation rounding there) walks them (form "avx2q") instead of
+    dequantizing each into a GEMM, and the prompt's logits equal the dequantized Hugging Face model's."""
+    import copy
+
+    from helpers import random_pruned
+    from sparse_runtime.models.tiny import tiny_model
+    from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
+    from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama
+
+    if not _bitmask_codes_pack() or not native.lib().sr_cpu_features() & native.FEAT_VNNI:
+        pytest.skip("W8A8 bitmask codes run on AVX-512 with VNNI and VBMI2")
+    model = random_pruned(tiny_model("llama"))
+    lean = LeanLlama(model, LeanConfig(isa="avx512", value_dtype="int8", act_dtype="int8", calibrate=False,
+                                       initial_cache=16), threads=2)
+    lin = [f for l in lean.layers for f in (l.qkv, l.o, l.gate_up, l.down)]
+    assert any(f.qlin.packed.layout == "bitmask" for f in lin)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(quantize_rtn(m.weight, QuantScheme(8)).dequantize())
+        ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+        want = ref(ids).logits
+        got = lean.prefill(ids)
+    assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert all(f.prefill_forms.get("avx2q", 0) == 1 for f in lin if f.qlin.packed.layout == "bitmask")

@@ -245,21 +245,22 @@ AVX2_QUANT_MIN_SPARSITY = 0.5  # below, a prompt's dequantize + fp32 GEMM beats 
 
 def avx2_quant_runs(qlin, sparsity: float = 1.0) -> bool:
     """Whether the AVX2 prefill walk runs ``qlin`` (a :class:`~sparse_runtime.kernels.quant.QuantLinear`):
-    dense int8 or int4 codes (symmetric or not, per row or per group) on the AVX2 or AVX-512 path (AVX-512
-    holds dense codes where the measured decode chose them, e.g. on AMD Zen 4), K <= 65536, compiled
-    kernels that have it, and a weight at least AVX2_QUANT_MIN_SPARSITY sparse (the walk's work is
-    the nonzeros at about half the GEMM's rate)."""
+    int8 or int4 codes (symmetric or not, per row or per group), dense or bitmask, on the AVX2 or
+    AVX-512 path (AVX-512 holds dense codes where the measured decode chose them, e.g. weight-only
+    int8 on AMD Zen 4, and bitmask codes where it chose the bitmask code kernel, e.g. W8A8), K <= 65536,
+    compiled kernels that have it, and a weight at least AVX2_QUANT_MIN_SPARSITY sparse (the walk's
+    work is the nonzeros at about half the GEMM's rate)."""
     lb = native._load()
     p = qlin.packed
     return (lb is not None and hasattr(lb, "sr_avx2_q_prefill_linear") and qlin.isa in WALK_ISAS
-            and p.layout == "dense" and p.bits in (8, 4) and p.in_features <= 65536
+            and p.layout in ("dense", "bitmask") and p.bits in (8, 4) and p.in_features <= 65536
             and sparsity >= AVX2_QUANT_MIN_SPARSITY)
 
 
 def avx2_quant_linear(qlin, x: torch.Tensor, threads: Optional[int] = None, **glue) -> torch.Tensor:
-    """``y = f(x) W^T + bias`` for dense int8 or int4 codes by the AVX2 prefill walk
+    """``y = f(x) W^T + bias`` for int8 or int4 codes, dense or bitmask, by the AVX2 prefill walk
     (``sr_avx2_q_prefill_linear``, csrc/quant_kernels.inc): each row decoded once per call into its
-    nonzero weights, ``scale * (code - zero)`` in fp32 (exact), then walked as
+    nonzero (bitmask: kept) weights, ``scale * (code - zero)`` in fp32 (exact), then walked as
     :func:`avx2_prefill_linear` walks fp32 values, with the same ``glue``. Equal to the fp32 product
     with the dequantized weight to fp32 rounding."""
     n, k = qlin.shape

@@ -343,14 +343,14 @@ class FusedLinear:
         ``"avx2"`` (fp32 packed weights on the AVX2 path from 16 tokens: in fp32 prefill where the
         module's measured dispatch takes the sparse kernel at this size, in bf16 prefill where the
         measured form choice picked it; the same walk either way, called with the glue) or ``"avx2q"``
-        (dense int8 / int4 codes on the AVX2 or AVX-512 path, at least half zeros: the walk over the
-        decoded nonzeros)."""
+        (int8 / int4 codes, dense or bitmask, on the AVX2 or AVX-512 path, at least half zeros: the
+        walk over the decoded nonzeros)."""
         from ..kernels.prefill import (AVX2_PREFILL_MIN, WALK_ISAS, avx2_prefill_runs, avx2_quant_runs,
                                        choose_prefill_form)
 
         if self.qlin is not None and tokens >= AVX2_PREFILL_MIN and not (
                 self.lean.prefill_dtype == "bfloat16" and self._fused_quant_form()):
-            if self._avx2_runs is None:  # dense int8 codes on the AVX2 path, sparse enough: checked once
+            if self._avx2_runs is None:  # int8 / int4 codes on the walk's path, sparse enough: checked once
                 self._avx2_runs = avx2_quant_runs(self.qlin, self.sparsity)
             if self._avx2_runs:
                 return "avx2q"
