@@ -426,7 +426,8 @@ def main() -> int:
         "W8A8 rows (--act-dtype int8): the decode products (and prompt products of at most 8 tokens) quantize "
         "each token's input to int8 with one scale per token (W8A8-g64: per 64 columns, --act-dtype int8-g64) and "
         "multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
-        "prefill 1 x 128 runs the fp32 (or bf16) GEMM form as without it; their logits move by the activation "
+        "prefill 1 x 128 keeps fp32 (or bf16) activations: the walk over the held codes (dense or bitmask; "
+        "the row's evidence lists the forms) as without it; their logits move by the activation "
         "rounding (perplexity cost: quant_quality.md)",
         "bf16 prefill rows (prefill_dtype bfloat16, opt-in): x and W rounded to bf16, fp32 sums; the products run "
         "the AMX form where the CPU has AMX, the bf16 walk where it has AVX512-BF16 without AMX (the forms each "
