@@ -60,6 +60,14 @@ def test_head_dim_not_a_multiple_of_the_vector_width(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_wide_head_dim(isa):
+    """head_dim 160: past the AVX-512 sum of p v's register tile (its 16-column fallback) and over
+    three AVX2 column blocks (64, 64, 32)."""
+    model = pruned(tiny_model("llama", hidden_size=320, num_attention_heads=2, num_key_value_heads=1))
+    compare(model, lean_of(model, isa=isa), prompt=20, steps=4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [3, 4])
 def test_attention_split_across_threads(isa, threads):
     """The batch-1 step cuts each kv head's positions into one range per thread and merges the ranges'
