@@ -70,22 +70,17 @@ def main() -> int:
     import torch
     from transformers import AutoConfig
 
-    from bench_quant_latency import smollm2_checkpoints, tiny_checkpoints
-    from isa_mask import MARKER as ISA_MASK_MARKER
+    from bench_quant_latency import bench_checkpoints, leading_notes
 
+    from sparse_runtime.errors import ConfigError
     from sparse_runtime.kernels import decode as cdec
     from sparse_runtime.report import save_results
     from sparse_runtime.runtime import get_engine
     from sparse_runtime.runtime.base import benchmark_ids, default_threads
 
     threads = args.threads or default_threads()
-    if args.model == "tiny":
-        dense, ckpts = tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
-    else:
-        dense, ckpts = smollm2_checkpoints()
+    dense, ckpts = bench_checkpoints(args.model)
     paths = {"dense": str(dense), **{k: str(v) for k, v in ckpts.items()}}
-    from sparse_runtime.errors import ConfigError
-
     engines, fallbacks = {}, []
     for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []):
         try:
@@ -141,7 +136,8 @@ def main() -> int:
     for e in engines.values():
         e.close()
 
-    notes = [f"decode batch 1: each context prefilled (untimed), then {args.steps} single-token steps, ms/token; "
+    notes = [*leading_notes(args.model),
+             f"decode batch 1: each context prefilled (untimed), then {args.steps} single-token steps, ms/token; "
              f"{args.rounds} rounds after one warm-up round, every row once per round in a rotated order; "
              f"median, min-max; {threads} threads; all rows loaded together",
              "attention ms: the C step's stage profile (sr_decode_profile: thread 0's time between barriers, "
@@ -149,11 +145,6 @@ def main() -> int:
              "K/V MB/token: every cached position of every layer, K and V in fp32, averaged over the timed "
              "steps; GB/s = that / attention ms",
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
-    if os.environ.get(ISA_MASK_MARKER):
-        notes.insert(0, f"ISA MASKED to {os.environ[ISA_MASK_MARKER]} (benchmarks/isa_mask.py; "
-                        "docs/protocols.md#emulating-avx2)")
-    if args.model == "tiny":
-        notes.insert(0, "TINY random model: this run tests the script, its figures mean nothing")
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-ctx-"))
     save_results(args.name, "Decode ms/token as the context grows, and the attention stage", rows,
                  protocol="latency (docs/protocols.md), batch-1 decode at several contexts",

@@ -51,8 +51,7 @@ def main() -> int:
         ap.error("--rounds must be at least 5 (medians of fewer say little)")
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
-    from bench_quant_latency import smollm2_checkpoints, tiny_checkpoints
-    from isa_mask import MARKER as ISA_MASK_MARKER
+    from bench_quant_latency import bench_checkpoints, leading_notes
 
     from sparse_runtime.measure.stats import summarize
     from sparse_runtime.report import save_results
@@ -60,10 +59,7 @@ def main() -> int:
     from sparse_runtime.runtime.base import benchmark_ids, default_threads
 
     threads = args.threads or default_threads()
-    if args.model == "tiny":
-        _, ckpts = tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
-    else:
-        _, ckpts = smollm2_checkpoints()
+    _, ckpts = bench_checkpoints(args.model)
     if args.checkpoint not in ckpts:
         ap.error(f"--checkpoint {args.checkpoint!r}: choose one of {', '.join(ckpts)}")
     ckpt = str(ckpts[args.checkpoint])
@@ -105,15 +101,11 @@ def main() -> int:
             row["ratio min-max"] = f"{min(ratios):.3g}-{max(ratios):.3g}"
         row["prefill forms"] = str(evidence[k].get("prefill_forms", ""))
         rows.append(row)
-    notes = [f"{args.rounds} rounds; each round calls every engine once (order rotated per round), "
+    notes = [*leading_notes(args.model),
+             f"{args.rounds} rounds; each round calls every engine once (order rotated per round), "
              f"{args.pause} s idle before each call; prefill 1 x {args.prefill}, the last position's logits; "
              f"{threads} threads for every engine; all engines loaded together",
              f"checkpoint: {args.checkpoint} ({ckpt})"]
-    if os.environ.get(ISA_MASK_MARKER):
-        notes.insert(0, f"ISA MASKED to {os.environ[ISA_MASK_MARKER]} (benchmarks/isa_mask.py; "
-                        "docs/protocols.md#emulating-avx2)")
-    if args.model == "tiny":
-        notes.insert(0, "TINY random model: this run tests the script, its figures mean nothing")
     for k, why in skipped.items():
         notes.append(f"skipped {k}: {why}")
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-pair-"))

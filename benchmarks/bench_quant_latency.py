@@ -220,6 +220,28 @@ def tiny_checkpoints(root: Path) -> tuple[Path, dict[str, Path]]:
     return dense, out
 
 
+def bench_checkpoints(model: str) -> tuple[Path, dict[str, Path]]:
+    """The dense checkpoint and the pruned ones (``SPARSE`` keys) a benchmark's ``--model`` names:
+    ``smollm2`` (SmolLM2-135M and the latency benchmark's Wanda checkpoints) or ``tiny`` (a small
+    random Llama, for the scripts' tests)."""
+    if model == "tiny":
+        return tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
+    return smollm2_checkpoints()
+
+
+def leading_notes(model: str) -> list[str]:
+    """The notes a table must open with when its figures are not plain ones: the ISA masked
+    (benchmarks/isa_mask.py) or the tiny test model."""
+    from isa_mask import MARKER
+
+    notes = []
+    if model == "tiny":
+        notes.append("TINY random model: this run tests the script, its figures mean nothing")
+    if os.environ.get(MARKER):
+        notes.append(f"ISA MASKED to {os.environ[MARKER]} (benchmarks/isa_mask.py; docs/protocols.md#emulating-avx2)")
+    return notes
+
+
 def smollm2_checkpoints() -> tuple[Path, dict[str, Path]]:
     from bench_latency import checkpoints  # the same Wanda checkpoints as the latency benchmark
 
@@ -352,10 +374,7 @@ def main() -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     threads = args.threads or default_threads()
-    if args.model == "tiny":
-        dense, ckpts = tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
-    else:
-        dense, ckpts = smollm2_checkpoints()
+    dense, ckpts = bench_checkpoints(args.model)
     paths = {"dense": dense, **ckpts}
     rows = planned_rows(not args.no_deepsparse, args.int4_group)
     if args.rows:
