@@ -10,12 +10,14 @@ attention stage decides long-context decode and what sparsity buys there.
 
 Rows: dense int8 codes (weight-only; issue 21's "our dense int8 path") and the Wanda 70 % int8 model
 with int8 activations (W8A8, the fastest 70 % decode; weight-only int8 where the CPU has no AVX-512
-VNNI, said in the row's label), optionally the fp32 pair (``--fp32``). Per
+VNNI, said in the row's label), optionally the fp32 pair (``--fp32``), each with every K/V cache dtype
+of ``--kv-dtypes`` (``float16``: the rows marked "fp16 K/V", half the cache's bytes). Per
 context: prefill the context (untimed), then ``--steps`` single-token steps, ms/token; every row once
 per round in a rotated order, ``--rounds`` rounds, median with min-max; the attention stage from the
 C step's stage profile (thread 0's time between barriers, so it includes waiting for the other
-threads); the K/V MB a token reads (every cached position of every layer, fp32) and the rate that
-makes; and the per-round ratio dense int8 / 70 % W8A8. ``--model tiny`` tests the script.
+threads); the K/V MB a token reads (every cached position of every layer) and the rate that makes;
+and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--model tiny`` tests the
+script.
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ FP32_ROWS = [("dense fp32", "lean-cpu", "dense", {}), ("70 % fp32", "sparse-cpu"
 REF = ROWS[0][0]
 
 
-def kv_mb_per_token(cfg, context: int, steps: int) -> float:
-    """MB of K and V (fp32) a decode step reads, averaged over the timed steps (positions context ..
-    context + steps - 1, each attending to every earlier position and itself; no sliding window)."""
+def kv_mb_per_token(cfg, context: int, steps: int, element_bytes: int = 4) -> float:
+    """MB of K and V (``element_bytes`` each: 4 fp32, 2 fp16) a decode step reads, averaged over the
+    timed steps (positions context .. context + steps - 1, each attending to every earlier position and
+    itself; no sliding window)."""
     d = cfg.hidden_size // cfg.num_attention_heads
     kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     positions = context + (steps + 1) / 2
-    return cfg.num_hidden_layers * kvh * d * 2 * 4 * positions / 1e6
+    return cfg.num_hidden_layers * kvh * d * 2 * element_bytes * positions / 1e6
 
 
 def main() -> int:
@@ -53,6 +56,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per round and context")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fp32", action="store_true", help="also the fp32 dense and 70 %% rows")
+    ap.add_argument("--kv-dtypes", default="float32",
+                    help="the K/V cache dtypes to run every row with, comma-separated (float32, float16)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
     ap.add_argument("--name", default="decode_context")
@@ -65,6 +70,9 @@ def main() -> int:
         ap.error(f"--contexts {args.contexts!r}: give token counts separated by commas, e.g. 128,1024")
     if not contexts or min(contexts) < 1:
         ap.error("--contexts: every context must be at least 1 token")
+    kv_dtypes = args.kv_dtypes.split(",")
+    if not kv_dtypes or any(k not in ("float32", "float16") for k in kv_dtypes):
+        ap.error(f"--kv-dtypes {args.kv_dtypes!r}: give float32 and/or float16, separated by commas")
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
     import torch
@@ -82,18 +90,26 @@ def main() -> int:
     dense, ckpts = bench_checkpoints(args.model)
     paths = {"dense": str(dense), **{k: str(v) for k, v in ckpts.items()}}
     engines, fallbacks = {}, []
-    for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []):
-        try:
-            engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
-        except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
-            if "act_dtype" not in opts:
-                raise
-            label = label.replace(" + W8A8", " (weight-only: no W8A8 here)")
-            fallbacks.append(f"{label}: W8A8 refused ({e})")
-            engines[label] = get_engine(name)(paths[key], threads=threads,
-                                              **{k: v for k, v in opts.items() if k != "act_dtype"})
+    kv_bytes: dict[str, int] = {}  # bytes per cached element of each row
+    ref_of: dict[str, str] = {}  # the 70 % row of each K/V dtype -> the dense int8 row it is compared with
+    for kv_dtype in kv_dtypes:
+        suffix = "" if kv_dtype == "float32" else ", fp16 K/V"
+        group = []
+        for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []):
+            label, opts = label + suffix, {**opts, "kv_dtype": kv_dtype}
+            try:
+                engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
+            except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
+                if "act_dtype" not in opts:
+                    raise
+                label = label.replace(" + W8A8", " (weight-only: no W8A8 here)")
+                fallbacks.append(f"{label}: W8A8 refused ({e})")
+                engines[label] = get_engine(name)(paths[key], threads=threads,
+                                                  **{k: v for k, v in opts.items() if k != "act_dtype"})
+            kv_bytes[label] = 2 if kv_dtype == "float16" else 4
+            group.append(label)
+        ref_of[group[1]] = group[0]
     labels = list(engines)
-    fast = labels[1]
     cfg = AutoConfig.from_pretrained(paths["dense"])  # the local checkpoint's config.json
     vocab = engines[labels[0]].vocab_size
 
@@ -119,15 +135,15 @@ def main() -> int:
             if r:
                 print(f"context {ctx} round {r}/{args.rounds}: "
                       + ", ".join(f"{k} {total[k][-1]:.3f}" for k in labels), flush=True)
-        kv = kv_mb_per_token(cfg, ctx, args.steps)
         for k in labels:
+            kv = kv_mb_per_token(cfg, ctx, args.steps, kv_bytes[k])
             a = statistics.median(attn[k])
             row = {"context": ctx, "row": k, "decode ms/token": statistics.median(total[k]),
                    "min-max": f"{min(total[k]):.4g}-{max(total[k]):.4g}", "attention ms": a,
                    "attention share": a / statistics.median(total[k]), "K/V MB/token": kv,
                    "K/V GB/s in attention": kv / a if a > 0 else None}
-            if k == fast:
-                ratios = [d / f for d, f in zip(total[REF], total[fast])]
+            if k in ref_of:
+                ratios = [d / f for d, f in zip(total[ref_of[k]], total[k])]
                 row[f"{REF} / this, per round: median"] = statistics.median(ratios)
                 row["ratio min-max"] = f"{min(ratios):.3g}-{max(ratios):.3g}"
             rows.append(row)
@@ -142,8 +158,8 @@ def main() -> int:
              f"median, min-max; {threads} threads; all rows loaded together",
              "attention ms: the C step's stage profile (sr_decode_profile: thread 0's time between barriers, "
              "so it includes waiting for the slowest thread and the merge of the threads' partials)",
-             "K/V MB/token: every cached position of every layer, K and V in fp32, averaged over the timed "
-             "steps; GB/s = that / attention ms",
+             "K/V MB/token: every cached position of every layer, K and V (fp32, or fp16 in the rows marked "
+             "'fp16 K/V': --kv-dtype float16), averaged over the timed steps; GB/s = that / attention ms",
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-ctx-"))
     save_results(args.name, "Decode ms/token as the context grows, and the attention stage", rows,

@@ -1168,7 +1168,8 @@ int sr_cpu_features(void) {
     int f = 1 << SR_PORTABLE;
 #if SR_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= 1 << SR_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        f |= 1 << SR_AVX2;  // F16C: the fp16 K/V cache (every AVX2 CPU has it)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("popcnt"))
@@ -1220,7 +1221,7 @@ int64_t sr_field_offset(const char* struct_name, const char* field) {
         F(SRLayer, in_norm), F(SRLayer, post_norm), F(SRLayer, qkv), F(SRLayer, o), F(SRLayer, gate_up),
         F(SRLayer, down), F(SRLayer, k_cache), F(SRLayer, v_cache), F(SRLayer, window),
         F(SRModel, n_layers), F(SRModel, hidden), F(SRModel, inter), F(SRModel, n_heads), F(SRModel, n_kv_heads),
-        F(SRModel, head_dim), F(SRModel, vocab), F(SRModel, cap), F(SRModel, eps), F(SRModel, pad_),
+        F(SRModel, head_dim), F(SRModel, vocab), F(SRModel, cap), F(SRModel, eps), F(SRModel, kv_f16),
         F(SRModel, embed), F(SRModel, final_norm), F(SRModel, lm_head), F(SRModel, layers), F(SRModel, scratch),
     };
 #undef F

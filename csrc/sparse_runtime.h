@@ -59,15 +59,15 @@ typedef struct {
     SRLinear o;
     SRLinear gate_up;  // gate rows then up rows
     SRLinear down;
-    float* k_cache;    // [n_kv_heads, cap, head_dim]
-    float* v_cache;
+    void* k_cache;     // [n_kv_heads, cap, head_dim], fp32 or fp16 (SRModel.kv_f16)
+    void* v_cache;
     int64_t window;    // sliding window (0: full causal)
 } SRLayer;
 
 typedef struct {
     int64_t n_layers, hidden, inter, n_heads, n_kv_heads, head_dim, vocab, cap;
     float eps;
-    int32_t pad_;
+    int32_t kv_f16;  // 1: the K/V caches hold IEEE fp16 values (rounded to nearest even); 0: fp32
     const float* embed;       // [vocab, hidden]; NULL: rows dequantized from the (tied, quantized) lm_head
     const float* final_norm;  // [hidden]
     SRLinear lm_head;
@@ -127,6 +127,9 @@ int sr_linear_desc_run(const SRLinear* L, const float* x, float* y, int n_thread
 // descriptor dequantized into out [n, K] (prefill's dense form, the tied embedding's rows).
 int sr_linear_desc_run_batch(const SRLinear* L, const float* x, int64_t B, float* y, int n_threads);
 int sr_linear_desc_densify_rows(const SRLinear* L, const int64_t* rows, int64_t n, float* out, int n_threads);
+// out[i] = x[i] rounded to fp16 (nearest even) as the K/V cache stores it with SRModel.kv_f16, by the
+// conversion isa uses (F16C on SR_AVX2 / SR_AVX512, bit arithmetic on SR_PORTABLE).
+int sr_kv_f16_store(const float* x, uint16_t* out, int64_t n, int isa);
 int sr_decode_step(const SRModel* m, int64_t token, int64_t pos, const float* cos_, const float* sin_,
                    float* logits, int n_threads);
 // flags: SR_STEP_BF16 runs the packed bitmask linears (fp32 values or int8 codes) on AMX tiles with
@@ -134,7 +137,7 @@ int sr_decode_step(const SRModel* m, int64_t token, int64_t pos, const float* co
 // CPU has AMX (elsewhere, and for every other linear, the fp32 kernels as without the flag).
 enum { SR_STEP_BF16 = 1 };
 int sr_decode_step_batch(const SRModel* m, int64_t B, const int64_t* tokens, const int64_t* slots,
-                         const int64_t* pos, float* k_base, float* v_base, int64_t n_slots, const float* cos_table,
+                         const int64_t* pos, void* k_base, void* v_base, int64_t n_slots, const float* cos_table,
                          const float* sin_table, float* logits, int n_threads, int flags);
 void sr_set_amx_step_min_batch(int64_t b);
 

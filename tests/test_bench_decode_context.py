@@ -17,18 +17,24 @@ SCRIPT = str(ROOT / "benchmarks" / "bench_decode_context.py")
 def test_decode_context_runs_on_tiny(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--contexts", "8,33", "--rounds", "3", "--steps", "3",
-                        "--out", str(tmp_path), "--name", "ctx"], capture_output=True, text=True, env=env, timeout=600)
+                        "--kv-dtypes", "float32,float16", "--out", str(tmp_path), "--name", "ctx"],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "ctx.json").read_text())
     # 70 % with W8A8 where the CPU has AVX-512 VNNI, else weight-only int8 (said in the label)
     fast = "70 % int8 + W8A8" if any(r["row"] == "70 % int8 + W8A8" for r in data["rows"]) else \
         "70 % int8 (weight-only: no W8A8 here)"
+    h = ", fp16 K/V"
     assert [(row["context"], row["row"]) for row in data["rows"]] == [
-        (8, "dense int8"), (8, fast), (33, "dense int8"), (33, fast)]
+        (c, r) for c in (8, 33) for r in ("dense int8", fast, "dense int8" + h, fast + h)]
     assert all(row["attention ms"] > 0 and row["K/V MB/token"] > 0 for row in data["rows"])
     assert all(row.get("dense int8 / this, per round: median") for row in data["rows"][1::2])
+    assert data["rows"][2]["K/V MB/token"] == data["rows"][0]["K/V MB/token"] / 2  # fp16: half the bytes
     assert all(len(v) == 3 for ctx in data["times_ms"].values() for v in ctx["total_ms"].values())
     assert "TINY" in (tmp_path / "ctx.md").read_text()
     r = subprocess.run([sys.executable, SCRIPT, "--contexts", "128,lots"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 2 and "--contexts '128,lots'" in r.stderr
+    r = subprocess.run([sys.executable, SCRIPT, "--kv-dtypes", "int8"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 2 and "--kv-dtypes 'int8'" in r.stderr

@@ -42,11 +42,12 @@ def _prune(model, kind: str, seed: int = 1):
     return model
 
 
-def _leans(model, sparse: bool, threads: int, isa=None, layout=None, n_slots=8, cap=48):
+def _leans(model, sparse: bool, threads: int, isa=None, layout=None, n_slots=8, cap=48, kv_dtype="float32"):
     """Three engines on one model: batched C step, batched torch path, single-slot steps."""
     out = []
     for c_batch in (True, False, None):
-        lean = LeanLlama(model, LeanConfig(sparse=sparse, calibrate=False, isa=isa, layout=layout), threads=threads)
+        lean = LeanLlama(model, LeanConfig(sparse=sparse, calibrate=False, isa=isa, layout=layout, kv_dtype=kv_dtype),
+                         threads=threads)
         lean.init_slots(n_slots, cap)
         lean.slot_batch_c = bool(c_batch)
         out.append(lean)
@@ -54,11 +55,12 @@ def _leans(model, sparse: bool, threads: int, isa=None, layout=None, n_slots=8, 
 
 
 def _run(model, sparse, threads=1, isa=None, layout=None, slots=(1, 4, 5, 7, 2, 0, 6), lengths=(3, 9, 14, 6, 33, 1, 11),
-         batches=((1, 4), (0, 1, 2, 3, 4, 5, 6), (4, 2, 0), (1, 4, 2, 5, 0)), steps=1, n_slots=8, cap=48):
+         batches=((1, 4), (0, 1, 2, 3, 4, 5, 6), (4, 2, 0), (1, 4, 2, 5, 0)), steps=1, n_slots=8, cap=48,
+         kv_dtype="float32"):
     """Prefill each slot (its own length), then decode steps over changing subsets of the slots (the
     batch positions refer to ``slots``); every batch's logits from the C step equal the torch batch
     and the single steps."""
-    lc, lt, l1 = _leans(model, sparse, threads, isa, layout, n_slots, cap)
+    lc, lt, l1 = _leans(model, sparse, threads, isa, layout, n_slots, cap, kv_dtype)
     if sparse:
         assert any(f.module is not None for f in lc.linears())
     g = torch.Generator().manual_seed(0)
@@ -105,6 +107,16 @@ def test_avx2_both_layouts(layout):
         pytest.skip("CPU lacks avx2")
     lc = _run(_prune(tiny_model("llama"), "u70"), sparse=True, isa="avx2", layout=layout)
     assert {f.module.packed.layout for f in lc.linears() if f.module is not None} == {layout}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp16_kv_cache(isa, threads):
+    """kv_dtype float16: the serving cache holds fp16; the batched C step, the torch batch and the
+    single steps store the same rounded K/V and agree (a sliding window included)."""
+    m = _prune(tiny_model("mistral", sliding_window=8), "u70")
+    lc = _run(m, sparse=True, threads=threads, isa=isa, kv_dtype="float16")
+    assert lc.slot_k.dtype == lc.slot_v.dtype == torch.float16
 
 
 @pytest.mark.parametrize("isa", ISAS)

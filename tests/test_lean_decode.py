@@ -81,6 +81,67 @@ def test_attention_split_across_threads(isa, threads):
     compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=9, steps=6)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp16_cache_rounds_as_torch(isa):
+    """The steps' fp32 -> fp16 conversion (kv_dtype float16) against torch's .half(), bit for bit:
+    ties to even, subnormals, the largest finite values, overflow to infinity, signed zeros."""
+    from sparse_runtime.kernels import decode as cdec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, -7e4, float("inf"), -float("inf"),
+                                 6.1035156e-05, 6.0e-05, 5.96e-08, 2.98e-08, 2.99e-08, 1e-9, 1.00048828125,
+                                 1.000244140625, 1.0007324]),
+                   torch.randn(999, generator=g) * 10, torch.randn(999, generator=g) * 1e-5,
+                   (torch.rand(999, generator=g) - 0.5) * 140000])
+    assert torch.equal(cdec.kv_f16_store(x, isa), x.half().view(torch.int16))
+    assert torch.isnan(cdec.kv_f16_store(torch.tensor([float("nan")]), isa).view(torch.float16)).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp16_kv_cache(isa, threads):
+    """kv_dtype float16: the cache holds fp16 K/V (half the bytes); the C step (its ranges split across
+    threads) equals the torch path reading the same rounded cache (a batch of 2 equal rows), and the
+    logits stay near the fp32 model's (the rounding of K and V only)."""
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2))
+    c = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
+    t = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (1, 30), generator=g)
+    torch.testing.assert_close(c.prefill(ids), t.prefill(ids.repeat(2, 1))[:1], atol=ATOL, rtol=0)
+    for _ in range(6):
+        tok = torch.randint(0, 256, (1, 1), generator=g)
+        torch.testing.assert_close(c.decode(tok), t.decode(tok.repeat(2, 1))[:1], atol=ATOL, rtol=0)
+    assert c.k.dtype == c.v.dtype == torch.float16 and c.c_steps == 6
+    assert "fp16 K/V cache" in c.summary()
+    compare_with_hf(model, lean_of(model, threads=threads, isa=isa, kv_dtype="float16"), 12, 6, 1, 0, atol=2e-3)
+
+
+def test_kv_dtype_option(tmp_path):
+    """--kv-dtype: one list in the parser and the engines; refused with one line where an engine has no
+    such cache or the value is unknown; the engine loads with an fp16 cache and says so."""
+    from sparse_runtime.commands import _dtype
+    from sparse_runtime.runtime import get_engine, load_engine
+    from sparse_runtime.runtime.lean_llama import KV_DTYPES
+
+    from wanda_reference import make_checkpoint
+
+    assert _dtype.KV_DTYPES == tuple(KV_DTYPES) == get_engine("sparse-cpu").kv_dtypes == get_engine("lean-cpu").kv_dtypes
+    assert _dtype.engine_dtype_options("lean-cpu", None, kv_dtype="float16") == {"kv_dtype": "float16"}
+    with pytest.raises(ConfigError, match="no --kv-dtype float16"):
+        _dtype.engine_dtype_options("torch-cpu", None, kv_dtype="float16")
+    with pytest.raises(ConfigError, match="kv_dtype 'bfloat16': choose float32 or float16"):
+        LeanConfig(kv_dtype="bfloat16")
+    eng = load_engine("sparse-cpu", str(make_checkpoint(tmp_path / "ck", "llama", sparsity=0.7)), threads=1,
+                      kv_dtype="float16")
+    try:
+        assert eng.lean.k.dtype == torch.float16 and "fp16 K/V cache" in eng.evidence()["sparse_path"]
+        eng.prefill(np.array([[1, 2, 3]]))
+        assert np.isfinite(eng.decode(np.array([[4]]))).all()
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("layout", ["bitmask", "csr16"])
 def test_avx2_both_layouts(layout):
     """AVX2 runs both layouts in the C step (csr16 by default; bitmask by the left-pack kernel)."""

@@ -1,4 +1,4 @@
-"""The ``--dtype``, ``--prefill-dtype``, ``--batch-dtype`` and ``--act-dtype`` options of the engine commands
+"""The ``--dtype``, ``--prefill-dtype``, ``--batch-dtype``, ``--act-dtype`` and ``--kv-dtype`` options of the engine commands
 (``generate``, ``bench``, ``serve``): the compute dtype an engine loads the model in, or the
 quantized values it runs (``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``:
 int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu); the dtype of the lean engines' prompt
@@ -6,7 +6,8 @@ products, and (``serve``) of their batched decode steps' sparse products (``bflo
 operands with fp32 accumulation, on AMX tiles where the CPU has them, prompts also by the bf16 walk
 on AVX512-BF16 CPUs; docs/kernels.md); and the
 activations of their decode products on int8 codes (``int8``: W8A8, x quantized per token, integer
-dot products on AVX-512 VNNI). Each is checked against what the engine runs before anything is loaded."""
+dot products on AVX-512 VNNI); and the values of their K/V cache (``float16``: half the bytes a decode
+token reads from it). Each is checked against what the engine runs before anything is loaded."""
 from __future__ import annotations
 
 from typing import Optional
@@ -80,6 +81,17 @@ def add_act_dtype_argument(p) -> None:
                         "docs/kernels.md#w8a8-decode); prompt products of more than 8 tokens unchanged")
 
 
+KV_DTYPES = ("float32", "float16")  # runtime.lean_llama.KV_DTYPES
+
+
+def add_kv_dtype_argument(p) -> None:
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                   help="sparse-cpu / lean-cpu: the K/V cache's values (default float32); float16 stores K and V "
+                        "rounded to fp16 (nearest even): half the cache's memory and half the bytes every decode "
+                        "token reads from it, which decide decode at long contexts (docs/kernels.md#decode-attention); "
+                        "logits move by the rounding")
+
+
 def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
     """One line naming the fix when ``engine`` lacks ``value`` for ``flag`` (its class lists what
     it has in ``attr``)."""
@@ -93,8 +105,9 @@ def _engine_option(engine: str, flag: str, attr: str, value: str) -> None:
 
 
 def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optional[str] = None,
-                         batch_dtype: Optional[str] = None, act_dtype: Optional[str] = None) -> dict:
-    """``{"dtype": ..., "prefill_dtype": ..., "batch_dtype": ..., "act_dtype": ...}`` for ``engine``'s
+                         batch_dtype: Optional[str] = None, act_dtype: Optional[str] = None,
+                         kv_dtype: Optional[str] = None) -> dict:
+    """``{"dtype": ..., "prefill_dtype": ..., "batch_dtype": ..., "act_dtype": ..., "kv_dtype": ...}`` for ``engine``'s
     options (each only when given); one line naming the fix when the engine cannot run it."""
     from ..errors import ConfigError
     from ..runtime import engine_names, get_engine
@@ -109,6 +122,9 @@ def engine_dtype_options(engine: str, dtype: Optional[str], prefill_dtype: Optio
     if act_dtype is not None:
         _engine_option(engine, "--act-dtype", "act_dtypes", act_dtype)
         out["act_dtype"] = act_dtype
+    if kv_dtype is not None:
+        _engine_option(engine, "--kv-dtype", "kv_dtypes", kv_dtype)
+        out["kv_dtype"] = kv_dtype
     if dtype is None:
         return out
 

@@ -18,11 +18,12 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per model before timing (>= 1; default 1)")
     p.add_argument("--decode-steps", type=int, default=16, help="tokens per timed decode run")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default min(2, cores))")
-    from ._dtype import add_act_dtype_argument, add_dtype_argument, add_prefill_dtype_argument
+    from ._dtype import add_act_dtype_argument, add_dtype_argument, add_kv_dtype_argument, add_prefill_dtype_argument
 
     add_dtype_argument(p)
     add_prefill_dtype_argument(p)
     add_act_dtype_argument(p)
+    add_kv_dtype_argument(p)
     p.add_argument("--load-order", default="dense-first", choices=sorted(LOAD_ORDERS),
                    help="order in which in-process engines load the models (not neutral for ONNX Runtime: "
                         "run both orders to see the effect)")
@@ -101,7 +102,8 @@ def run(args) -> int:
 
     for e in cfg.engines:  # every engine must run the dtype: one line before any model is loaded
         opts = engine_dtype_options(e, getattr(args, "dtype", None), getattr(args, "prefill_dtype", None),
-                                    act_dtype=getattr(args, "act_dtype", None))
+                                    act_dtype=getattr(args, "act_dtype", None),
+                                    kv_dtype=getattr(args, "kv_dtype", None))
         if opts:
             cfg.engine_options.setdefault(e, {}).update(opts)
     check_request(args, cfg)

@@ -20,11 +20,12 @@ def add_arguments(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--prefill-length", type=int, default=128,
                    help="deepsparse only: the static prompt length it compiles (prompts are left-padded)")
-    from ._dtype import add_act_dtype_argument, add_dtype_argument, add_prefill_dtype_argument
+    from ._dtype import add_act_dtype_argument, add_dtype_argument, add_kv_dtype_argument, add_prefill_dtype_argument
 
     add_dtype_argument(p)
     add_prefill_dtype_argument(p)
     add_act_dtype_argument(p)
+    add_kv_dtype_argument(p)
 
 
 def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -51,7 +52,8 @@ def run(args) -> int:
 
     opts = {"prefill_length": args.prefill_length} if args.engine == "deepsparse" else {}
     opts.update(engine_dtype_options(args.engine, getattr(args, "dtype", None),  # before loading anything
-                                     getattr(args, "prefill_dtype", None), act_dtype=getattr(args, "act_dtype", None)))
+                                     getattr(args, "prefill_dtype", None), act_dtype=getattr(args, "act_dtype", None),
+                                     kv_dtype=getattr(args, "kv_dtype", None)))
     eng = load_engine(args.engine, args.model, threads=args.threads, **opts)
     try:
         tok = eng.tokenizer or ByteTokenizer()

@@ -26,12 +26,14 @@ def add_arguments(p):
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
                    help="seconds in-flight requests get after SIGTERM (default %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
-    from ._dtype import add_act_dtype_argument, add_batch_dtype_argument, add_dtype_argument, add_prefill_dtype_argument
+    from ._dtype import (add_act_dtype_argument, add_batch_dtype_argument, add_dtype_argument, add_kv_dtype_argument,
+                         add_prefill_dtype_argument)
 
     add_dtype_argument(p)
     add_prefill_dtype_argument(p)
     add_batch_dtype_argument(p)
     add_act_dtype_argument(p)
+    add_kv_dtype_argument(p)
 
 
 def run(args) -> int:
@@ -50,7 +52,7 @@ def run(args) -> int:
 
     dtype_opts = engine_dtype_options(args.engine, getattr(args, "dtype", None),  # refused before loading
                                       getattr(args, "prefill_dtype", None), getattr(args, "batch_dtype", None),
-                                      getattr(args, "act_dtype", None))
+                                      getattr(args, "act_dtype", None), getattr(args, "kv_dtype", None))
     for name in ("slots", "max_model_len", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

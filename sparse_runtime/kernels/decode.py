@@ -46,7 +46,7 @@ class CLayer(ctypes.Structure):
 
 class CModel(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("hidden", _i64), ("inter", _i64), ("n_heads", _i64), ("n_kv_heads", _i64),
-                ("head_dim", _i64), ("vocab", _i64), ("cap", _i64), ("eps", _f), ("pad_", _i32), ("embed", _p),
+                ("head_dim", _i64), ("vocab", _i64), ("cap", _i64), ("eps", _f), ("kv_f16", _i32), ("embed", _p),
                 ("final_norm", _p), ("lm_head", CLinear), ("layers", _p), ("scratch", _p)]
 
 
@@ -109,6 +109,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_step.restype = ctypes.c_int
         lb.sr_decode_scratch_floats.argtypes = [ctypes.POINTER(CModel)]
         lb.sr_decode_scratch_floats.restype = _i64
+        lb.sr_kv_f16_store.argtypes = [_p, _p, _i64, ctypes.c_int]
+        lb.sr_kv_f16_store.restype = ctypes.c_int
         lb.sr_linear_desc_run.argtypes = [ctypes.POINTER(CLinear), _p, _p, ctypes.c_int]
         lb.sr_linear_desc_run.restype = ctypes.c_int
         lb.sr_decode_profile.argtypes = [ctypes.c_int]
@@ -170,6 +172,19 @@ def densify_rows(desc: CLinear, out: torch.Tensor, rows: Optional[torch.Tensor] 
     return out
 
 
+def kv_f16_store(x: torch.Tensor, isa: str) -> torch.Tensor:
+    """``x`` (fp32) rounded to fp16 as the decode steps store an fp16 K/V cache (``LeanConfig.kv_dtype``)
+    on ``isa``: the bits of each value, as int16 (compare with ``x.half().view(torch.int16)``)."""
+    from . import native
+
+    x = x.contiguous().float()
+    out = torch.empty(x.shape, dtype=torch.int16)
+    rc = _bind().sr_kv_f16_store(x.data_ptr(), out.data_ptr(), x.numel(), native.ISAS.index(isa))
+    if rc != 0:
+        raise ConfigError(f"sr_kv_f16_store failed: {native.ERRORS.get(rc, rc)}")
+    return out
+
+
 def profile_start() -> None:
     """Zero and start the per-stage timers of the C step (thread 0, between barriers)."""
     _bind().sr_decode_profile(1)
@@ -201,15 +216,18 @@ class DecodeStep:
 
 class DecodeStepBatch:
     """A bound ``sr_decode_step_batch``: one decode token for each of B slots of a serving cache
-    ``[layers, n_slots, kv_heads, capacity, head_dim]`` in ONE C call, every linear's weights read once
+    ``[layers, n_slots, kv_heads, capacity, head_dim]`` (fp32, or fp16 with ``model.kv_f16``) in ONE C call,
+    every linear's weights read once
     for all B rows (the point: decode is bound by weight bytes). ``model`` describes the weights
     (its layers' own cache pointers are unused); the caller keeps the caches and tables alive."""
 
     def __init__(self, model: CModel, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, bf16: bool = False):
-        for name, t in (("k cache", k_cache), ("v cache", v_cache), ("cos table", cos), ("sin table", sin)):
-            if t.dtype != torch.float32 or not t.is_contiguous():
-                raise ConfigError(f"the batched decode step takes contiguous float32 tensors; got a {t.dtype} {name}")
+        kv = torch.float16 if model.kv_f16 else torch.float32  # the caches' element type (CModel.kv_f16)
+        for name, t, want in (("k cache", k_cache, kv), ("v cache", v_cache, kv), ("cos table", cos, torch.float32),
+                              ("sin table", sin, torch.float32)):
+            if t.dtype != want or not t.is_contiguous():
+                raise ConfigError(f"the batched decode step takes a contiguous {want} {name}; got a {t.dtype} one")
         self._fn = _bind().sr_decode_step_batch
         self._model = ctypes.byref(model)
         self.model = model

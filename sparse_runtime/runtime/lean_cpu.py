@@ -70,6 +70,7 @@ class SparseCPUEngine(Engine):
     batch_dtypes = ("float32", "bfloat16")  # LeanConfig.batch_dtype (serve's --batch-dtype)
     # LeanConfig.act_dtype (--act-dtype; the int8 forms need --dtype int8): kernels.decode.ACT_DTYPES
     act_dtypes = ("float32", "int8", "int8-g64", "int8-g128")
+    kv_dtypes = ("float32", "float16")  # LeanConfig.kv_dtype (--kv-dtype): the K/V cache's values
 
     @classmethod
     def check_available(cls) -> None:

@@ -122,6 +122,10 @@ class LeanConfig:
     # numerics (docs/kernels.md#w8a8-decode). Prefill GEMMs and the AMX batched steps of
     # batch_dtype="bfloat16" keep their own dtype.
     act_dtype: str = "float32"
+    # "float16": the K/V cache holds fp16 (IEEE half, rounded to nearest even) instead of fp32: half the bytes
+    # a decode token reads from it, which decide long-context decode (docs/kernels.md#decode-attention);
+    # opt-in, K and V are rounded (the prompt's own attention sees the same rounded values)
+    kv_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES and self.value_dtype not in QUANT_DTYPES:
@@ -137,6 +141,8 @@ class LeanConfig:
 
         if self.act_dtype not in ACT_DTYPES:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype {self.kv_dtype!r}: choose {' or '.join(KV_DTYPES)} (the K/V cache's values)")
         if self.act_dtype != "float32" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
             raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row: load with "
                               "--dtype int8 (not int4, a group size or -asym), or leave --act-dtype out")
@@ -156,6 +162,7 @@ class LeanConfig:
 
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # LeanConfig.kv_dtype: the cache's torch dtype
 QUANT_DTYPES = {"int8": 8, "int4": 4}  # value_dtype -> bits (codes + fp32 scales; fp32 activations)
 W8A8_NO_VNNI = ("int8 activations (W8A8) run on AVX-512 VNNI, which this CPU (or the kernel ISA chosen) lacks (its "
                 "portable integer loops are several times slower than the weight-only int8 kernels): leave --act-dtype out")
@@ -764,6 +771,8 @@ class LeanLlama:
         self.batch = 1
         self.length = 0
         self.cap = 0
+        self.kv_dtype = KV_DTYPES[lean.kv_dtype]  # the caches' element type (the C step reads it from kv_f16)
+        self.kv_f16 = int(self.kv_dtype == torch.float16)
         self._step = None
         self.c_steps = 0  # decode tokens run by the C step (each runs every fused linear once)
         self._grow(max(16, int(lean.initial_cache)), batch=1)
@@ -840,6 +849,8 @@ class LeanLlama:
             if q is not None and q.act != "float32":
                 per = "token" if q.act == "int8" else f"{q.act.split('-g')[1]} columns of each token"
                 vals += f", int8 activations per {per} in decode products (W8A8, {q.run_isa})"
+        if self.kv_f16:
+            vals += ", fp16 K/V cache"
         return (f"lean {'sparse' if self.config.sparse else 'dense'} ({vals}): {len(self.layers)} layers, "
                 f"{sp}/{len(lin)} fused linears sparse (decode step: {dec} packed; prefill thresholds {th}, "
                 f"also sparse at {rng}), isa {self.isa}, "
@@ -870,7 +881,7 @@ class LeanLlama:
         while cap < need:
             cap = max(16, cap * 2)
         shape = (len(self.layers), batch, self.n_kv, cap, self.head_dim)
-        k, v = torch.zeros(shape), torch.zeros(shape)
+        k, v = torch.zeros(shape, dtype=self.kv_dtype), torch.zeros(shape, dtype=self.kv_dtype)
         if batch == self.batch and self.cap:
             k[..., :self.length, :] = self.k[..., :self.length, :]
             v[..., :self.length, :] = self.v[..., :self.length, :]
@@ -898,7 +909,7 @@ class LeanLlama:
         self._c_layers = arr
         lm = self._lm_desc()
         model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                            self.vocab, self.cap, self.eps, 0, self._embed_ptr(), self.final_norm.data_ptr(), lm,
+                            self.vocab, self.cap, self.eps, self.kv_f16, self._embed_ptr(), self.final_norm.data_ptr(), lm,
                             ctypes.addressof(arr), None)
         self._scratch = torch.zeros(cdec.scratch_floats(model))
         model.scratch = self._scratch.data_ptr()
@@ -959,6 +970,10 @@ class LeanLlama:
         attend_bf16 = (self.prefill_bf16 and B * T >= PREFILL_BF16_MIN and bf16_arithmetic()
                        and not (attend_c and not amx_available()))
         attend_c = attend_c and not attend_bf16
+        # an fp16 cache (kv_dtype float16): K and V are rounded to fp16 before anything reads them, so
+        # the prompt's own attention sees the values later tokens will read from the cache
+        f16 = k_cache.dtype == torch.float16
+        cached = (lambda t: t.float()) if f16 else (lambda t: t)
         for i, l in enumerate(self.layers):
             if l.window not in masks:
                 masks[l.window] = causal & (kpos > qpos - l.window) if l.window > 0 else causal
@@ -966,12 +981,16 @@ class LeanLlama:
             whole = l.window <= 0 or l.window >= T  # no window narrower than the block
             if rope_c:  # q and k rotated in place, one C call
                 qkv = rope_rows_(qkv.contiguous(), cos, sin, H + KV, D)
+                if f16:  # k and v in place (the views below and the C attention read qkv)
+                    qkv[..., H * D:] = qkv[..., H * D:].half()
                 q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
                 q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2)
             else:
                 q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
                 q = _rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
                 k = _rotate(k.view(B, T, KV, D).transpose(1, 2), cos, sin)
+                if f16:
+                    k, v = k.half().float(), v.half().float()
             k_cache[i, :, :, p0:p0 + T] = k
             v_cache[i, :, :, p0:p0 + T] = v.view(B, T, KV, D).transpose(1, 2)
             if attend_c and whole:  # [B, T, H * D] straight from qkv: no transposes
@@ -981,11 +1000,11 @@ class LeanLlama:
                     a = _attend_bf16(q, k_cache[i, :, :, :p0 + T], v_cache[i, :, :, :p0 + T], masks[l.window],
                                      p0 == 0 and whole, D)
                 elif starts and whole:
-                    a = F.scaled_dot_product_attention(q, k_cache[i, :, :, :T], v_cache[i, :, :, :T],
+                    a = F.scaled_dot_product_attention(q, cached(k_cache[i, :, :, :T]), cached(v_cache[i, :, :, :T]),
                                                        is_causal=True, scale=D ** -0.5, enable_gqa=True)
                 else:
-                    kk = k_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
-                    vv = v_cache[i, :, :, :p0 + T].repeat_interleave(H // KV, dim=1)
+                    kk = cached(k_cache[i, :, :, :p0 + T]).repeat_interleave(H // KV, dim=1)
+                    vv = cached(v_cache[i, :, :, :p0 + T]).repeat_interleave(H // KV, dim=1)
                     a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=masks[l.window], scale=D ** -0.5)
                 a = a.transpose(1, 2).reshape(B, T, H * D)
             x = _glued(l.o, a, residual=x)
@@ -1047,7 +1066,7 @@ class LeanLlama:
         if n_slots < 1 or capacity < 2:
             raise ConfigError(f"need at least 1 slot of 2 positions (got {n_slots} x {capacity})")
         shape = (len(self.layers), int(n_slots), self.n_kv, int(capacity), self.head_dim)
-        self.slot_k, self.slot_v = torch.zeros(shape), torch.zeros(shape)
+        self.slot_k, self.slot_v = torch.zeros(shape, dtype=self.kv_dtype), torch.zeros(shape, dtype=self.kv_dtype)
         self.slot_len = [0] * int(n_slots)
         self.slot_cap = int(capacity)
         with torch.no_grad():
@@ -1093,7 +1112,7 @@ class LeanLlama:
                                      self.slot_k[i, slot].data_ptr(), self.slot_v[i, slot].data_ptr(), l.window)
             lm = self._lm_desc()
             model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                                self.vocab, self.slot_cap, self.eps, 0, self._embed_ptr(),
+                                self.vocab, self.slot_cap, self.eps, self.kv_f16, self._embed_ptr(),
                                 self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
             if self._slot_scratch is None:  # one scratch for every slot: steps run one at a time
                 self._slot_scratch = torch.zeros(cdec.scratch_floats(model))
@@ -1119,7 +1138,7 @@ class LeanLlama:
                                      None, l.window)
             lm = self._lm_desc()
             model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                                self.vocab, self.slot_cap, self.eps, 0, self._embed_ptr(),
+                                self.vocab, self.slot_cap, self.eps, self.kv_f16, self._embed_ptr(),
                                 self.final_norm.data_ptr(), lm, ctypes.addressof(arr), None)
             from ..kernels.prefill import amx_available  # SPARSE_RUNTIME_AMX=0 turns it off here too
 
@@ -1205,14 +1224,15 @@ class LeanLlama:
             q, k, v = l.qkv(h).split([H * D, KV * D, KV * D], -1)
             q = _rotate(q.view(B, H, D), cos, sin)
             k = _rotate(k.view(B, KV, D), cos, sin)
-            self.slot_k[i].view(-1, D).index_copy_(0, rows_kv, k.reshape(B * KV, D))
-            self.slot_v[i].view(-1, D).index_copy_(0, rows_kv, v.reshape(B * KV, D))
+            kv_t = self.slot_k.dtype  # an fp16 cache: K and V rounded as they are stored
+            self.slot_k[i].view(-1, D).index_copy_(0, rows_kv, k.reshape(B * KV, D).to(kv_t))
+            self.slot_v[i].view(-1, D).index_copy_(0, rows_kv, v.reshape(B * KV, D).to(kv_t))
             if not dense_rows:
                 qf = q.new_zeros(R, H, D)
                 qf[rows] = q
                 q = qf
-            kk = self.slot_k[i, lo:hi, :, :L]  # [R, KV, L, D], a view
-            vv = self.slot_v[i, lo:hi, :, :L]
+            kk = self.slot_k[i, lo:hi, :, :L].float()  # [R, KV, L, D]: a view (fp32 cache) or a copy (fp16)
+            vv = self.slot_v[i, lo:hi, :, :L].float()
             # the G query heads of a kv head are G "positions" of one query against its cache
             a = F.scaled_dot_product_attention(q.view(R, KV, G, D), kk, vv, attn_mask=masks[l.window],
                                                scale=D ** -0.5).reshape(R, H * D)
