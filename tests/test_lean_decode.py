@@ -99,11 +99,12 @@ def test_fp16_cache_rounds_as_torch(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_fp16_kv_cache(isa, threads):
+@pytest.mark.parametrize("hidden", [64, 48], ids=["head_dim16", "head_dim12"])
+def test_fp16_kv_cache(isa, threads, hidden):
     """kv_dtype float16: the cache holds fp16 K/V (half the bytes); the C step (its ranges split across
     threads) equals the torch path reading the same rounded cache (a batch of 2 equal rows), and the
-    logits stay near the fp32 model's (the rounding of K and V only)."""
-    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2))
+    logits stay near the fp32 model's (the rounding of K and V only). head_dim 12: the vector tails."""
+    model = pruned(tiny_model("llama", hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2))
     c = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
     t = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
     g = torch.Generator().manual_seed(0)
