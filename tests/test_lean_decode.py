@@ -118,6 +118,25 @@ def test_fp16_kv_cache(isa, threads, hidden):
     compare_with_hf(model, lean_of(model, threads=threads, isa=isa, kv_dtype="float16"), 12, 6, 1, 0, atol=2e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp16_kv_cache_long_context(threads):
+    """An fp16 cache over 1100 positions (every 16-position block and vector width of the fp16 loads,
+    ranges split across threads): the AVX-512 step still equals the torch path."""
+    if "avx512" not in supported_isas():
+        pytest.skip("CPU lacks avx512")
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
+    c = lean_of(model, threads=threads, isa="avx512", kv_dtype="float16")
+    t = lean_of(model, threads=threads, isa="avx512", kv_dtype="float16")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (1, 1100), generator=g)
+    c.prefill(ids)
+    t.prefill(ids.repeat(2, 1))
+    for _ in range(3):
+        tok = torch.randint(0, 256, (1, 1), generator=g)
+        torch.testing.assert_close(c.decode(tok), t.decode(tok.repeat(2, 1))[:1], atol=ATOL, rtol=0)
+    assert c.c_steps == 3
+
+
 def test_kv_dtype_option(tmp_path):
     """--kv-dtype: one list in the parser and the engines; refused with one line where an engine has no
     such cache or the value is unknown; the engine loads with an fp16 cache and says so."""
