@@ -1,5 +1,5 @@
-"""The ``--dtype``, ``--prefill-dtype``, ``--batch-dtype``, ``--act-dtype`` and ``--kv-dtype`` options of the engine commands
-(``generate``, ``bench``, ``serve``): the compute dtype an engine loads the model in, or the
+"""The ``--dtype``, ``--prefill-dtype``, ``--batch-dtype``, ``--act-dtype`` and ``--kv-dtype`` options of the
+engine commands (``generate``, ``bench``, ``serve``): the compute dtype an engine loads the model in, or the
 quantized values it runs (``int8``, ``int4``, or a full scheme name such as ``int4-g64-asym``:
 int8/int4 codes with fp32 scales, on sparse-cpu / lean-cpu); the dtype of the lean engines' prompt
 products, and (``serve``) of their batched decode steps' sparse products (``bfloat16``: bf16

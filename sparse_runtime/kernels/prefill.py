@@ -170,9 +170,9 @@ def _ptr(t: Optional[torch.Tensor]):
 
 
 def _fused_bf16_run(n: int, k: int, x: torch.Tensor, index, values, vtype: int, row_ptr, group: int, scales, zeros,
-             bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
-             eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None,
-             walk: bool = False) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], threads: Optional[int], norm: Optional[torch.Tensor] = None,
+                    eps: float = 0.0, silu_mul: bool = False, residual: Optional[torch.Tensor] = None,
+                    walk: bool = False) -> torch.Tensor:
     """One product of the fused bf16 forms, which share a C contract: the AMX form
     (``sr_amx_bitmask_linear``) or, with ``walk``, the bf16 walk (``sr_bf16_walk_linear``)."""
     if walk and not bf16_walk_available():
@@ -294,7 +294,7 @@ def amx_prefill_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: to
         raise ConfigError(f"the AMX prefill form runs bitmask weights with float32/bfloat16 values on AMX CPUs, "
                           f"not {packed.layout} with {packed.values.dtype} here; use another form")
     return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
-                    VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, **glue)
+                           VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, **glue)
 
 
 def amx_quant_runs(packed) -> bool:
@@ -310,7 +310,7 @@ def amx_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor, thre
         raise ConfigError(f"the AMX prefill form runs int8 bitmask codes on AMX CPUs, not {packed.layout} "
                           f"int{packed.bits} here; use the dequantizing form")
     return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, VAL_INT8,
-                    packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, **glue)
+                           packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, **glue)
 
 
 def bf16_walk_available() -> bool:
@@ -338,8 +338,8 @@ def bf16_walk_linear(packed: PackedWeight, bias: Optional[torch.Tensor], x: torc
         raise ConfigError(f"the bf16 prefill walk runs bitmask weights with float32/bfloat16 values on CPUs with "
                           f"AVX512-BF16, not {packed.layout} with {packed.values.dtype} here; use another form")
     return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.values,
-                    VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, walk=True,
-                    **glue)
+                           VAL_DTYPE_IDS[packed.values.dtype], packed.row_ptr, 0, None, None, bias, threads, walk=True,
+                           **glue)
 
 
 BF16_WALK_DENSE_MIN_SPARSITY = 0.5  # dense int8 codes: below, the dequantize + bf16 GEMM does less work per weight
@@ -368,11 +368,12 @@ def bf16_walk_quant_linear(packed, bias: Optional[torch.Tensor], x: torch.Tensor
                           f"int{packed.bits} at density {packed.density:.2f} here; use the dequantizing form")
     vtype = VAL_INT8 if packed.bits == 8 else VAL_INT4
     return _fused_bf16_run(packed.out_features, packed.in_features, x, packed.index, packed.codes, vtype,
-                    packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, walk=True, **glue)
+                           packed.row_ptr, packed.group, packed.scales, packed.zeros, bias, threads, walk=True, **glue)
 
 
 def fused_quant_form(packed) -> Optional[str]:
-    """The fused bf16 form that runs int8 codes ``packed`` here: "amx", "bf16walk" or None."""
+    """The fused bf16 form that runs int8 / int4 codes ``packed`` here: "amx" (int8 bitmask codes on AMX),
+    "bf16walk" (AVX512-BF16) or None."""
     return "amx" if amx_quant_runs(packed) else "bf16walk" if bf16_walk_quant_runs(packed) else None
 
 

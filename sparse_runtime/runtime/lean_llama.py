@@ -909,8 +909,8 @@ class LeanLlama:
         self._c_layers = arr
         lm = self._lm_desc()
         model = cdec.CModel(len(self.layers), self.hidden, self.inter, self.n_heads, self.n_kv, self.head_dim,
-                            self.vocab, self.cap, self.eps, self.kv_f16, self._embed_ptr(), self.final_norm.data_ptr(), lm,
-                            ctypes.addressof(arr), None)
+                            self.vocab, self.cap, self.eps, self.kv_f16, self._embed_ptr(), self.final_norm.data_ptr(),
+                            lm, ctypes.addressof(arr), None)
         self._scratch = torch.zeros(cdec.scratch_floats(model))
         model.scratch = self._scratch.data_ptr()
         self._c_model = model
