@@ -16,8 +16,10 @@ context: prefill the context (untimed), then ``--steps`` single-token steps, ms/
 per round in a rotated order, ``--rounds`` rounds, median with min-max; the attention stage from the
 C step's stage profile (thread 0's time between barriers, so it includes waiting for the other
 threads); the K/V MB a token reads (every cached position of every layer) and the rate that makes;
-and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--model tiny`` tests the
-script.
+and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--dense-w8a8`` adds dense
+int8 with W8A8 (the 70 % W8A8 row's like for like); ``--stages`` puts every stage of the profile in
+the rows (where a token's time goes: norms, qkv, RoPE and cache append, attention, o_proj, gate_up,
+SiLU-mul, down, lm_head). ``--model tiny`` tests the script.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROWS = [("dense int8", "lean-cpu", "dense", {"dtype": "int8"}),
         ("70 % int8 + W8A8", "sparse-cpu", "wanda-70", {"dtype": "int8", "act_dtype": "int8"})]
 FP32_ROWS = [("dense fp32", "lean-cpu", "dense", {}), ("70 % fp32", "sparse-cpu", "wanda-70", {})]
+DENSE_W8A8 = ("dense int8 + W8A8", "lean-cpu", "dense", {"dtype": "int8", "act_dtype": "int8"})
 REF = ROWS[0][0]
 
 
@@ -56,6 +59,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per round and context")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fp32", action="store_true", help="also the fp32 dense and 70 %% rows")
+    ap.add_argument("--dense-w8a8", action="store_true",
+                    help="also dense int8 with W8A8 (the like-for-like row of the 70 %% W8A8 one; AVX-512 VNNI only)")
+    ap.add_argument("--stages", action="store_true",
+                    help="every stage of the C step's profile in the rows (ms/token), not only attention")
     ap.add_argument("--kv-dtypes", default="float32",
                     help="the K/V cache dtypes to run every row with, comma-separated (float32, float16)")
     ap.add_argument("--threads", type=int, default=None)
@@ -95,13 +102,17 @@ def main() -> int:
     for kv_dtype in kv_dtypes:
         suffix = "" if kv_dtype == "float32" else ", fp16 K/V"
         group = []
-        for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []):
+        for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []) + ([DENSE_W8A8] if args.dense_w8a8
+                                                                                  else []):
             label, opts = label + suffix, {**opts, "kv_dtype": kv_dtype}
             try:
                 engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
             except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
                 if "act_dtype" not in opts:
                     raise
+                if key == "dense":  # dense weight-only int8 is the first row already
+                    fallbacks.append(f"{label}: not run, W8A8 refused ({e})")
+                    continue
                 label = label.replace(" + W8A8", " (weight-only: no W8A8 here)")
                 fallbacks.append(f"{label}: W8A8 refused ({e})")
                 engines[label] = get_engine(name)(paths[key], threads=threads,
@@ -119,6 +130,7 @@ def main() -> int:
         ids = torch.from_numpy(benchmark_ids(vocab, 1, ctx, 0))
         total = {k: [] for k in labels}
         attn = {k: [] for k in labels}
+        stage_ms = {k: {st: [] for st in cdec.STAGES} for k in labels}
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
                 lean = engines[k].lean
@@ -132,6 +144,8 @@ def main() -> int:
                 if r:
                     total[k].append(ms)
                     attn[k].append(stages["attention"] * 1e3 / args.steps)
+                    for st in cdec.STAGES:
+                        stage_ms[k][st].append(stages[st] * 1e3 / args.steps)
             if r:
                 print(f"context {ctx} round {r}/{args.rounds}: "
                       + ", ".join(f"{k} {total[k][-1]:.3f}" for k in labels), flush=True)
@@ -146,8 +160,10 @@ def main() -> int:
                 ratios = [d / f for d, f in zip(total[ref_of[k]], total[k])]
                 row[f"{REF} / this, per round: median"] = statistics.median(ratios)
                 row["ratio min-max"] = f"{min(ratios):.3g}-{max(ratios):.3g}"
+            if args.stages:
+                row.update({f"{st} ms": statistics.median(stage_ms[k][st]) for st in cdec.STAGES})
             rows.append(row)
-        raw[str(ctx)] = {"total_ms": total, "attention_ms": attn}
+        raw[str(ctx)] = {"total_ms": total, "attention_ms": attn, "stage_ms": stage_ms}
     evidence = {k: e.evidence().get("sparse_path", "") for k, e in engines.items()}
     for e in engines.values():
         e.close()
@@ -160,6 +176,8 @@ def main() -> int:
              "so it includes waiting for the slowest thread and the merge of the threads' partials)",
              "K/V MB/token: every cached position of every layer, K and V (fp32, or fp16 in the rows marked "
              "'fp16 K/V': --kv-dtype float16), averaged over the timed steps; GB/s = that / attention ms",
+             *(["<stage> ms: every stage of the same profile, ms/token (median over the rounds); they sum to "
+                "about the token (the rest: Python's call and the embedding row)"] if args.stages else []),
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-ctx-"))
     save_results(args.name, "Decode ms/token as the context grows, and the attention stage", rows,

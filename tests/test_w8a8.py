@@ -158,16 +158,23 @@ def test_ineligible_weights_are_refused_with_one_line():
         with pytest.raises(ConfigError, match=what) as e:
             QuantLinear(pack_quantized(quantize_rtn(w, sch), "bitmask"), act="int8")
         assert "\n" not in str(e.value)
-    for cfg in (dict(value_dtype="int4"), dict(value_dtype="float32"), dict(value_dtype="int8", group=64),
+    for cfg in (dict(value_dtype="float32"), dict(value_dtype="int8", group=64),
                 dict(value_dtype="int8", symmetric=False)):
         with pytest.raises(ConfigError, match="--dtype int8"):
             LeanConfig(act_dtype="int8", **cfg)
+    for cfg in (dict(value_dtype="int4", symmetric=False, act_dtype="int8"),  # W4A8: symmetric, per token only
+                dict(value_dtype="int4", act_dtype="int8-g64")):
+        with pytest.raises(ConfigError, match="int4") as e:
+            LeanConfig(**cfg)
+        assert "\n" not in str(e.value)
+    LeanConfig(value_dtype="int4", group=64, act_dtype="int8")  # W4A8 (tests/test_w4a8.py)
     with pytest.raises(ConfigError, match="act_dtype"):
         LeanConfig(value_dtype="int8", act_dtype="int4")
-    # the C side refuses a descriptor that asks for int8 activations on codes it cannot take
+    # the C side refuses a descriptor that asks for int8 activations on codes it cannot take (int4 codes
+    # take one activation scale per token only)
     ql = QuantLinear(pack_quantized(quantize_rtn(w, QuantScheme(4)), "dense"))
     desc = type(ql.desc).from_buffer_copy(ql.desc)
-    desc.act = 1
+    desc.act = 64
     rc = native.lib().sr_linear_desc_run(ctypes.byref(desc), torch.randn(128).data_ptr(), torch.empty(8).data_ptr(), 1)
     assert rc == -3
 
@@ -192,8 +199,8 @@ def _fake_quant(x: torch.Tensor, group: int) -> torch.Tensor:
     return round_activations(x, group)
 
 
-def _reference(model, group: int = 0):
-    """The HF model with int8 RTN weights (lm_head included) and every linear's input rounded per
+def _reference(model, group: int = 0, scheme: QuantScheme = INT8):
+    """The HF model with ``scheme`` RTN weights (lm_head included) and every linear's input rounded per
     token as W8A8 rounds it, from position ``ref.a8_from`` of the call on: the engine's products of
     up to 8 tokens (decode, short prompts) take int8 activations, its prefill of more tokens the fp32
     GEMM, so a whole-sequence reference rounds only the positions the engine decoded. The lm_head
@@ -211,7 +218,7 @@ def _reference(model, group: int = 0):
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(quantize_rtn(m.weight, INT8).dequantize())
+                m.weight.copy_(quantize_rtn(m.weight, scheme).dequantize())
                 m.register_forward_pre_hook(hook)
     return ref
 
@@ -221,9 +228,9 @@ def _prompt_rounded_from(n: int) -> int:
     return 0 if n <= 8 else n
 
 
-def _lean(model, act="int8", **cfg):
+def _lean(model, act="int8", value_dtype="int8", **cfg):
     isa = "avx512" if VNNI else "portable"
-    return LeanLlama(model, LeanConfig(value_dtype="int8", act_dtype=act, calibrate=False, initial_cache=16,
+    return LeanLlama(model, LeanConfig(value_dtype=value_dtype, act_dtype=act, calibrate=False, initial_cache=16,
                                        isa=isa, **cfg), threads=2)
 
 
@@ -318,5 +325,11 @@ def test_engine_option(tmp_path):
             assert "W8A8" in eng.lean.summary() and eng.lean.lm_q.act == "int8-g64"
         finally:
             eng.close()
-    with pytest.raises(ConfigError, match="int8"):  # an int4 checkpoint cannot take int8 activations
-        load_engine("sparse-cpu", str(q4), threads=2, calibrate=False, dtype="int4", act_dtype="int8")
+    # an int4 checkpoint takes int8 activations with one scale per token (W4A8, tests/test_w4a8.py), not grouped
+    eng = load_engine("sparse-cpu", str(q4), threads=2, calibrate=False, dtype="int4", act_dtype="int8")
+    try:
+        assert "W4A8" in eng.lean.summary() and np.isfinite(eng.prefill(np.array([[3, 17, 99]]))).all()
+    finally:
+        eng.close()
+    with pytest.raises(ConfigError, match="int4"):
+        load_engine("sparse-cpu", str(q4), threads=2, calibrate=False, dtype="int4", act_dtype="int8-g64")

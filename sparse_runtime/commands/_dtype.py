@@ -73,12 +73,13 @@ ACT_DTYPES = ("float32", "int8", "int8-g64", "int8-g128")  # kernels.decode.ACT_
 
 def add_act_dtype_argument(p) -> None:
     p.add_argument("--act-dtype", default=None, choices=ACT_DTYPES,
-                   help="sparse-cpu / lean-cpu with --dtype int8: the activations of the decode products (default "
-                        "float32: weight-only int8); int8 quantizes each token's input to every product to int8 "
-                        "and multiplies in integers on AVX-512 VNNI (W8A8): faster sparse decode, logits moved by "
-                        "the activation rounding; int8 = one scale per token (fastest), int8-g64 / int8-g128 = one "
-                        "per 64 / 128 columns (a fraction of the rounding error, a little slower; "
-                        "docs/kernels.md#w8a8-decode); prompt products of more than 8 tokens unchanged")
+                   help="sparse-cpu / lean-cpu with --dtype int8 or int4: the activations of the decode products "
+                        "(default float32: weight-only codes); int8 quantizes each token's input to every product "
+                        "to int8 and multiplies in integers on AVX-512 VNNI (W8A8; with int4 codes W4A8, held "
+                        "dense): faster decode, logits moved by the activation rounding; int8 = one scale per "
+                        "token (fastest; the only one int4 codes take), int8-g64 / int8-g128 = one per 64 / 128 "
+                        "columns (a fraction of the rounding error, a little slower; docs/kernels.md#w8a8-decode); "
+                        "prompt products of more than 8 tokens unchanged")
 
 
 KV_DTYPES = ("float32", "float16")  # runtime.lean_llama.KV_DTYPES

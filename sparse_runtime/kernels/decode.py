@@ -73,7 +73,8 @@ def linear_desc(isa: str, *, dense: Optional[torch.Tensor] = None, packed: Optio
     if act != "float32":
         from .reference import w8a8_eligible
 
-        why = "int8 activations need quantized int8 values (--dtype int8)" if quant is None else w8a8_eligible(quant)
+        why = "int8 activations need quantized int8 values (--dtype int8)" if quant is None else \
+            w8a8_eligible(quant, act)
         if why:
             raise ConfigError(why)
     if quant is not None:

@@ -96,10 +96,17 @@ def reference_qlinear(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] 
 W8A8_MAX_K = 65536  # csrc/w8a8.inc kA8MaxK: every int32 partial sum stays in range
 
 
-def w8a8_eligible(p: QuantPacked) -> Optional[str]:
-    """None when ``p`` can run with int8 activations (W8A8), else why not: int8 symmetric codes with
-    one scale per row, dense or bitmask, at most ``W8A8_MAX_K`` inputs (csrc/w8a8.inc)."""
-    if p.bits != 8 or not p.symmetric or p.group != 0:
+def w8a8_eligible(p: QuantPacked, act: str = "int8") -> Optional[str]:
+    """None when ``p`` can run with int8 activations ``act`` (``int8``: one scale per token;
+    ``int8-g64`` / ``int8-g128``: per 64 / 128 columns), else why not: int8 symmetric codes with one
+    scale per row, dense or bitmask (W8A8, csrc/w8a8.inc), or int4 symmetric dense codes of any group
+    with one scale per token (W4A8, csrc/w4a8.inc); at most ``W8A8_MAX_K`` inputs."""
+    if p.bits == 4:
+        if not p.symmetric or p.layout != "dense" or act != "int8":
+            return ("int8 activations with int4 codes (W4A8) take symmetric dense codes and one activation "
+                    f"scale per token (got int4{'' if p.group == 0 else f'-g{p.group}'}"
+                    f"{'' if p.symmetric else '-asym'}, {p.layout} layout, --act-dtype {act})")
+    elif p.bits != 8 or not p.symmetric or p.group != 0:
         return (f"int8 activations need int8 symmetric codes with one scale per row (got int{p.bits}"
                 f"{'' if p.group == 0 else f'-g{p.group}'}{'' if p.symmetric else '-asym'})")
     if p.in_features > W8A8_MAX_K:
@@ -132,14 +139,14 @@ def quantize_activations(x: np.ndarray, group: int = 0) -> tuple[np.ndarray, np.
 
 
 def _int_codes(p: QuantPacked) -> np.ndarray:
-    """The integer codes [N, K] of int8 symmetric values (pruned: 0), recovered exactly from the
-    layout's decoded weights and its scales (``codes_from``, as for a quantized checkpoint)."""
+    """The integer codes [N, K] of symmetric values (pruned: 0), recovered exactly from the layout's
+    decoded weights and its scales (``codes_from``, as for a quantized checkpoint)."""
     import torch
 
     from ..quant.scheme import QuantScheme, codes_from
 
     w = torch.from_numpy(quant_decode(p))
-    return codes_from(w, p.scales, None, QuantScheme(8)).codes.numpy().astype(np.int64)
+    return codes_from(w, p.scales, None, QuantScheme(p.bits, p.group)).codes.numpy().astype(np.int64)
 
 
 def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None, group: int = 0) -> np.ndarray:
@@ -147,8 +154,10 @@ def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = N
     (``group`` 0) or per ``group`` columns. Per token, exactly the C kernels' arithmetic:
     ``(float)(sum code * q) * (sx * scale) + bias`` in fp32 with an exact integer sum (the kernels
     equal it bit for bit); grouped, each group's integer sum times its scale summed in float64 (the
-    kernels sum the groups in fp32, so they agree to fp32 rounding)."""
-    why = w8a8_eligible(p)
+    kernels sum the groups in fp32, so they agree to fp32 rounding). int4 codes (W4A8, one activation
+    scale per token): ``(sum over weight groups of scale * (sum code * q)) * sx + bias``, the groups
+    summed in float64 (the kernels: fp32, in their own order)."""
+    why = w8a8_eligible(p, "int8" if group == 0 else f"int8-g{group}")
     if why:
         raise ValueError(why)
     x = np.asarray(x, dtype=np.float32)
@@ -160,7 +169,14 @@ def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = N
     out = np.empty((xs.shape[0], p.out_features), np.float32)
     for i, row in enumerate(xs):
         q, s = quantize_activations(row, group)
-        if group == 0:
+        if p.bits == 4:
+            G = p.group or p.in_features
+            sc = p.scales.numpy().astype(np.float64).reshape(p.out_features, -1)
+            acc = np.zeros(p.out_features, np.float64)
+            for g, k0 in enumerate(range(0, p.in_features, G)):
+                acc += sc[:, g] * (codes[:, k0:k0 + G] @ q[k0:k0 + G])  # each group's sum exact
+            out[i] = (acc * np.float64(s[0])).astype(np.float32)
+        elif group == 0:
             acc = (codes @ q).astype(np.int32).astype(np.float32)
             out[i] = acc * (s[0] * scales)
         else:

@@ -119,7 +119,8 @@ class LeanConfig:
     # "int8" / "int8-g64" / "int8-g128" (W8A8, int8 symmetric per-row codes only): the decode products (the
     # C step's, and the torch path's up to C_MAX_TOKENS tokens) quantize their input to int8, one scale per
     # token or per 64 / 128 columns of it, and multiply in integers on AVX-512 VNNI; opt-in, it changes the
-    # numerics (docs/kernels.md#w8a8-decode). Prefill GEMMs and the AMX batched steps of
+    # numerics (docs/kernels.md#w8a8-decode). With int4 symmetric codes (any group) "int8" only: W4A8, the
+    # codes held dense (docs/kernels.md#w4a8-decode). Prefill GEMMs and the AMX batched steps of
     # batch_dtype="bfloat16" keep their own dtype.
     act_dtype: str = "float32"
     # "float16": the K/V cache holds fp16 (IEEE half, rounded to nearest even) instead of fp32: half the bytes
@@ -143,9 +144,14 @@ class LeanConfig:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r}: choose {' or '.join(KV_DTYPES)} (the K/V cache's values)")
-        if self.act_dtype != "float32" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
-            raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row: load with "
-                              "--dtype int8 (not int4, a group size or -asym), or leave --act-dtype out")
+        if self.act_dtype != "float32" and self.value_dtype == "int4":
+            if not self.symmetric or self.act_dtype != "int8":
+                raise ConfigError("int8 activations with int4 codes (W4A8) take symmetric codes and one activation "
+                                  "scale per token: load with --dtype int4 (not -asym) and --act-dtype int8")
+        elif self.act_dtype != "float32" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
+            raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row (or "
+                              "int4 symmetric codes, W4A8): load with --dtype int8 (not a group size or -asym) or "
+                              "--dtype int4, or leave --act-dtype out")
 
     @property
     def quantized(self) -> bool:
@@ -434,13 +440,16 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
                      act: str = "float32"):
     """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
     round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact);
-    ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row,
-    and the ISA path one with VNNI: LeanLlama checks that once, before any weight is quantized)."""
+    ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row, or
+    int4 symmetric with one activation scale per token, W4A8, held dense; the ISA path one with VNNI:
+    LeanLlama checks that once, before any weight is quantized)."""
     from ..kernels import native
     from ..kernels.quant import QuantLinear, quantize_packed
 
     if layout == "bitmask" and native.quant_isa(isa, "bitmask") == "portable" and isa != "portable":
         layout = "dense"  # no vectorised bitmask-code kernel on this path: dense codes stream faster
+    if layout == "bitmask" and act != "float32" and scheme.bits == 4:
+        layout = "dense"  # W4A8 runs dense int4 codes (csrc/w4a8.inc): no bitmask int4 form with int8 activations
     sc, zr = scales if scales is not None else (None, None)
     packed = quantize_packed(w, scheme, layout, scales=sc, zeros=zr)
     return QuantLinear(packed, bias, isa=isa, scratch=scratch, act=act)
@@ -848,7 +857,8 @@ class LeanLlama:
                     if q is not None else f"{vals} requested, no weight quantized")
             if q is not None and q.act != "float32":
                 per = "token" if q.act == "int8" else f"{q.act.split('-g')[1]} columns of each token"
-                vals += f", int8 activations per {per} in decode products (W8A8, {q.run_isa})"
+                vals += (f", int8 activations per {per} in decode products "
+                         f"({'W4A8' if q.packed.bits == 4 else 'W8A8'}, {q.run_isa})")
         if self.kv_f16:
             vals += ", fp16 K/V cache"
         return (f"lean {'sparse' if self.config.sparse else 'dense'} ({vals}): {len(self.layers)} layers, "

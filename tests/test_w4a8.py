@@ -1,0 +1,143 @@
+"""W4A8 decode products (csrc/w4a8.inc): dense int4 symmetric codes of every group times int8
+activations with one scale per token. The kernels against the plain reference (each group's integer
+sum exact, the groups summed in fp32, so the paths agree to fp32 rounding), edge inputs, the
+refusals, and the lean engine against the Hugging Face model with int4 weights and every product's
+input rounded the same way."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_runtime.errors import ConfigError
+from sparse_runtime.kernels import available, unavailable_reason
+from sparse_runtime.models.tiny import tiny_model
+from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
+
+from helpers import pruned_weight as _weight, random_pruned
+
+if not available():
+    if os.environ.get("SPARSE_RUNTIME_REQUIRE_KERNELS") == "1":
+        raise RuntimeError(unavailable_reason())
+    pytest.skip(unavailable_reason() or "sparse kernels unavailable", allow_module_level=True)
+
+from sparse_runtime.kernels import native  # noqa: E402
+from sparse_runtime.kernels.decode import run_linear_batch  # noqa: E402
+from sparse_runtime.kernels.layout import pack_quantized  # noqa: E402
+from sparse_runtime.kernels.quant import QuantLinear  # noqa: E402
+from sparse_runtime.kernels.reference import reference_w8a8  # noqa: E402
+from sparse_runtime.runtime.lean_llama import LeanConfig  # noqa: E402
+
+from test_w8a8 import PATHS, VNNI, _close, _lean, _reference, _x  # noqa: E402
+
+# (K, groups): a partial 32-column chunk and a partial 64-column step (77, per row only), an odd
+# number of chunks (96, 1056: a last step of one chunk), SmolLM2's 576 and 1536
+SHAPES = [(77, (0,)), (96, (0, 32)), (128, (0, 32, 64, 128)), (576, (0, 32, 64)), (1056, (0, 32)),
+          (1536, (32, 64, 128))]
+
+
+def _close_to(y: np.ndarray, want: np.ndarray, what: str) -> None:
+    scale = np.abs(want).max() + 1
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-6 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_kernels_match_the_reference(isa):
+    """Every group (0 = one scale per row, 32, 64, 128), sparsity 0 / 0.7 / 1 (pruned weights are
+    zero codes), batch 1 / 3 / 8 through the QuantLinear (the decode sizes, the counted path) and 16
+    through the C entry, bias and none; the AVX-512 and portable paths agree with each other too."""
+    for K, groups in SHAPES:
+        for g in groups:
+            for sp in (0.0, 0.7, 1.0):
+                p = pack_quantized(quantize_rtn(_weight(37, K, sp), QuantScheme(4, g)), "dense")
+                for bias in (torch.randn(37), None):
+                    ql = QuantLinear(p, bias, isa=isa, act="int8")
+                    assert ql.run_isa == isa
+                    other = QuantLinear(p, bias, isa="portable", act="int8")
+                    b = None if bias is None else bias.numpy()
+                    slot = f"dense-int4/{isa}"
+                    for B in (1, 3, 8):
+                        x = _x(B, K, seed=B)
+                        before = native.counters()[slot]
+                        y = ql(x).numpy()
+                        assert native.counters()[slot] == before + 1
+                        what = f"K={K} g={g} {sp} B={B} bias={bias is not None}"
+                        _close_to(y, reference_w8a8(x.numpy(), p, b), what)
+                        _close_to(y, other(x).numpy(), what + " (portable)")
+                    x = _x(16, K, seed=16)
+                    y = torch.empty(16, 37)
+                    run_linear_batch(ql.desc, x, y, 2)
+                    _close_to(y.numpy(), reference_w8a8(x.numpy(), p, b), f"K={K} g={g} {sp} B=16")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_edge_inputs(isa):
+    """A zero token gives the bias exactly; a token with a NaN or an infinity gives NaN rows; the
+    others in the batch are unaffected."""
+    p = pack_quantized(quantize_rtn(_weight(19, 96, 0.5), QuantScheme(4, 32)), "dense")
+    bias = torch.randn(19)
+    ql = QuantLinear(p, bias, isa=isa, act="int8")
+    x = _x(4, 96)
+    x[0] = 0
+    x[1, 5] = float("nan")
+    x[2, 9] = float("-inf")
+    y = ql(x)
+    torch.testing.assert_close(y[0], bias, atol=0, rtol=0)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    _close_to(y[3:].numpy(), reference_w8a8(x[3:].numpy(), p, bias.numpy()), "the finite token")
+
+
+def test_w4a8_moves_the_result_by_the_activation_rounding():
+    """Against the weight-only product of the same codes: close and not equal (the integer path ran)."""
+    p = pack_quantized(quantize_rtn(_weight(64, 576, 0.0), QuantScheme(4, 64)), "dense")
+    x = torch.randn(1, 576)
+    isa = "avx512" if VNNI else "portable"
+    a8, wo = QuantLinear(p, isa=isa, act="int8")(x), QuantLinear(p, isa=isa)(x)
+    rel = float((a8 - wo).norm() / wo.norm())
+    assert 0 < rel < 0.03, rel
+
+
+def test_ineligible_int4_is_refused_with_one_line():
+    """W4A8 takes symmetric dense int4 codes and one activation scale per token: bitmask codes,
+    asymmetric codes and per-column-group activations are refused by the descriptor, the engine's
+    config and the reference alike."""
+    w = _weight(8, 128, 0.5)
+    cases = [(QuantScheme(4, 32), "bitmask", "int8"), (QuantScheme(4, 32, False), "dense", "int8"),
+             (QuantScheme(4, 32), "dense", "int8-g64")]
+    for scheme, layout, act in cases:
+        p = pack_quantized(quantize_rtn(w, scheme), layout)
+        with pytest.raises(ConfigError, match="int4") as e:
+            QuantLinear(p, act=act)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="int4"):
+            reference_w8a8(np.zeros((1, 128), np.float32), p, group=64 if act == "int8-g64" else 0)
+    with pytest.raises(ConfigError, match="-asym"):
+        LeanConfig(value_dtype="int4", symmetric=False, act_dtype="int8")
+
+
+@pytest.mark.parametrize("family,group", [("llama", 32), ("qwen2", 0)])
+@torch.no_grad()
+def test_lean_decode_equals_the_rounded_reference(family, group):
+    """The lean engine with int4 codes (held dense, also for a pruned model) and W4A8 decode: the
+    prompt of 12 tokens runs fp32 GEMMs on the int4 weights, each decoded token's products (lm_head
+    included) take int8 activations."""
+    model = random_pruned(tiny_model(family))
+    lean = _lean(model, "int8", value_dtype="int4", group=group, sparse=True)
+    assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == "int8"
+    assert "W4A8" in lean.summary()
+    assert all(f.qlin.packed.layout == "dense" for f in lean.linears())
+    ref = _reference(model, 0, QuantScheme(4, group))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (1, 12), generator=g)
+    ref.a8_from = 12
+    r = ref(ids, use_cache=True)
+    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=2e-5, rtol=0)
+    cache = r.past_key_values
+    ref.a8_from = 0
+    for _ in range(6):
+        tok = torch.randint(0, 256, (1, 1), generator=g)
+        r = ref(tok, past_key_values=cache, use_cache=True)
+        cache = r.past_key_values
+        _close(lean.decode(tok), r.logits)
