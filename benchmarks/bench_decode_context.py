@@ -16,8 +16,8 @@ context: prefill the context (untimed), then ``--steps`` single-token steps, ms/
 per round in a rotated order, ``--rounds`` rounds, median with min-max; the attention stage from the
 C step's stage profile (thread 0's time between barriers, so it includes waiting for the other
 threads); the K/V MB a token reads (every cached position of every layer) and the rate that makes;
-and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--dense-w8a8`` adds dense
-int8 with W8A8 (the 70 % W8A8 row's like for like); ``--stages`` puts every stage of the profile in
+and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--dense-a8`` adds dense
+int8 with W8A8 (the 70 % W8A8 row's like for like) and dense int4-g64 with W4A8; ``--stages`` puts every stage of the profile in
 the rows (where a token's time goes: norms, qkv, RoPE and cache append, attention, o_proj, gate_up,
 SiLU-mul, down, lm_head). ``--model tiny`` tests the script.
 """
@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROWS = [("dense int8", "lean-cpu", "dense", {"dtype": "int8"}),
         ("70 % int8 + W8A8", "sparse-cpu", "wanda-70", {"dtype": "int8", "act_dtype": "int8"})]
 FP32_ROWS = [("dense fp32", "lean-cpu", "dense", {}), ("70 % fp32", "sparse-cpu", "wanda-70", {})]
-DENSE_W8A8 = ("dense int8 + W8A8", "lean-cpu", "dense", {"dtype": "int8", "act_dtype": "int8"})
+DENSE_A8 = [("dense int8 + W8A8", "lean-cpu", "dense", {"dtype": "int8", "act_dtype": "int8"}),
+            ("dense int4-g64 + W4A8", "lean-cpu", "dense", {"dtype": "int4-g64", "act_dtype": "int8"})]
 REF = ROWS[0][0]
 
 
@@ -59,8 +60,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per round and context")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fp32", action="store_true", help="also the fp32 dense and 70 %% rows")
-    ap.add_argument("--dense-w8a8", action="store_true",
-                    help="also dense int8 with W8A8 (the like-for-like row of the 70 %% W8A8 one; AVX-512 VNNI only)")
+    ap.add_argument("--dense-a8", action="store_true",
+                    help="also dense int8 with W8A8 (the like-for-like row of the 70 %% W8A8 one) and dense int4-g64 "
+                         "with W4A8 (AVX-512 VNNI only)")
     ap.add_argument("--stages", action="store_true",
                     help="every stage of the C step's profile in the rows (ms/token), not only attention")
     ap.add_argument("--kv-dtypes", default="float32",
@@ -102,15 +104,14 @@ def main() -> int:
     for kv_dtype in kv_dtypes:
         suffix = "" if kv_dtype == "float32" else ", fp16 K/V"
         group = []
-        for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []) + ([DENSE_W8A8] if args.dense_w8a8
-                                                                                  else []):
+        for label, name, key, opts in ROWS + (FP32_ROWS if args.fp32 else []) + (DENSE_A8 if args.dense_a8 else []):
             label, opts = label + suffix, {**opts, "kv_dtype": kv_dtype}
             try:
                 engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
             except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
                 if "act_dtype" not in opts:
                     raise
-                if key == "dense":  # dense weight-only int8 is the first row already
+                if key == "dense":  # no weight-only stand-in: dense weight-only int8 is the first row already
                     fallbacks.append(f"{label}: not run, W8A8 refused ({e})")
                     continue
                 label = label.replace(" + W8A8", " (weight-only: no W8A8 here)")

@@ -119,6 +119,8 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
         rows += [Row(f"{ck} int8 + {tag}, sparse-cpu", "sparse-cpu", ck, "int8", a8) for ck in SPARSE]
     rows += [Row("wanda-70 int8 + W8A8 + bf16 prefill, sparse-cpu", "sparse-cpu", "wanda-70", "int8",
                  {"act_dtype": "int8", **bf16_prefill})]
+    # int4 codes with int8 activations (W4A8, VNNI; docs/kernels.md#w4a8-decode): held dense, so the dense row only
+    rows += [Row(f"dense {g4} + W4A8, lean", "lean-cpu", "dense", g4, {"act_dtype": "int8"})]
     if with_deepsparse:
         rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
     return rows
@@ -447,7 +449,8 @@ def main() -> int:
         "multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
         "prefill 1 x 128 keeps fp32 (or bf16) activations: the walk over the held codes (dense or bitmask; "
         "the row's evidence lists the forms) as without it; their logits move by the activation "
-        "rounding (perplexity cost: quant_quality.md)",
+        "rounding (perplexity cost: quant_quality.md); the W4A8 row: int4 codes (held dense) with the same "
+        "int8 activations per token",
         "bf16 prefill rows (prefill_dtype bfloat16, opt-in): x and W rounded to bf16, fp32 sums; the products run "
         "the AMX form where the CPU has AMX, the bf16 walk where it has AVX512-BF16 without AMX (the forms each "
         "row ran: prefill_forms in the JSON evidence)",

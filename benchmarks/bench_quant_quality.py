@@ -69,6 +69,8 @@ ROWS: list[tuple[str, str, str, str]] = (
     + [(f"{b} int8 w8a8", b, "int8", "rtn+a8") for b in WANDA]
     + [(f"{b} int8 w8a8-g64", b, "int8", "rtn+a8g64") for b in WANDA]
     + [(f"{b} int8 w8a8-g128", b, "int8", "rtn+a8g128") for b in ("dense", "wanda-70")]
+    # int4 codes with int8 activations per token (--dtype int4-g64 --act-dtype int8, W4A8)
+    + [(f"{b} int4-g64 w4a8", b, "int4-g64", "rtn+a8") for b in WANDA]
 )
 # the order they are measured in: what the issue's acceptance needs first (int8 and int4 on a 50 % model,
 # the joint method against round-to-nearest), so a run cut short still answers it
@@ -85,7 +87,8 @@ PRIORITY = ["wanda-50 fp32", "wanda-50 int8", "wanda-50 int4-g64", "wanda-50 int
             "dense int4-g32-asym gptq+mse", "wanda-50 int8 mse", "wanda-70 int8 mse", "dense int4-g64-asym gptq",
             "dense int8 w8a8", "wanda-50 int8 w8a8", "wanda-70 int8 w8a8", "wanda-2:4 int8 w8a8",
             "dense int8 w8a8-g64", "wanda-70 int8 w8a8-g64", "wanda-50 int8 w8a8-g64", "wanda-2:4 int8 w8a8-g64",
-            "dense int8 w8a8-g128", "wanda-70 int8 w8a8-g128"]
+            "dense int8 w8a8-g128", "wanda-70 int8 w8a8-g128",
+            "dense int4-g64 w4a8", "wanda-70 int4-g64 w4a8", "wanda-50 int4-g64 w4a8", "wanda-2:4 int4-g64 w4a8"]
 assert sorted(PRIORITY) == sorted(k for k, *_ in ROWS)
 COLUMNS = ["row", "base", "values", "method", "sparsity", "mask", "ppl", "cost vs fp32 %", "rounded to 0 %", "quant s"]
 # --zeroshot: fp32, int8 and GPTQ int4 (the int4 the perplexity table measured at every base) of each Wanda base
@@ -210,7 +213,8 @@ def notes(args, proto, wall: Optional[float]) -> list[str]:
         "pass (docs/quantization.md); +a8 (w8a8 rows) = the int8 rtn model with every linear's input (lm_head "
         "included) rounded to int8 per token, as the engines' --act-dtype int8 does in decode "
         "(sparse_runtime.quant.activations; every token measured as if decoded); +a8g64 / +a8g128 = one scale per "
-        "64 / 128 columns of each token (--act-dtype int8-g64 / int8-g128)",
+        "64 / 128 columns of each token (--act-dtype int8-g64 / int8-g128); w4a8 rows: the int4-g64 rtn model "
+        "with the same per-token rounding (--dtype int4-g64 --act-dtype int8)",
         "cost vs fp32 % = ppl / ppl(same base, fp32 values) - 1; mask = every layer's W != 0 bit-identical to the "
         "base's after quantization",
         "quant s = wall from loading the base to the end of its quantization (the load included; for the joint "

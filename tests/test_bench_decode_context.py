@@ -40,22 +40,22 @@ def test_decode_context_runs_on_tiny(tmp_path):
     assert r.returncode == 2 and "--kv-dtypes 'int8'" in r.stderr
 
 
-def test_decode_context_stages_and_dense_w8a8(tmp_path):
-    """--stages puts every stage of the profile in the rows (summing to about the token); --dense-w8a8
-    adds the like-for-like dense row where W8A8 runs and says why where it does not."""
+def test_decode_context_stages_and_dense_a8(tmp_path):
+    """--stages puts every stage of the profile in the rows (summing to about the token); --dense-a8
+    adds the dense rows with int8 activations where W8A8 runs and says why where it does not."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--contexts", "8", "--rounds", "3", "--steps", "3",
-                        "--stages", "--dense-w8a8", "--out", str(tmp_path), "--name", "st"],
+                        "--stages", "--dense-a8", "--out", str(tmp_path), "--name", "st"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "st.json").read_text())
     labels = [row["row"] for row in data["rows"]]
     md = (tmp_path / "st.md").read_text()
     if "70 % int8 + W8A8" in labels:
-        assert labels == ["dense int8", "70 % int8 + W8A8", "dense int8 + W8A8"]
+        assert labels == ["dense int8", "70 % int8 + W8A8", "dense int8 + W8A8", "dense int4-g64 + W4A8"]
     else:  # no VNNI: the dense W8A8 row is left out, with the reason
         assert labels == ["dense int8", "70 % int8 (weight-only: no W8A8 here)"]
-        assert "dense int8 + W8A8: not run, W8A8 refused" in md
+        assert "dense int8 + W8A8: not run, W8A8 refused" in md and "dense int4-g64 + W4A8: not run" in md
     from sparse_runtime.kernels.decode import STAGES
 
     for row in data["rows"]:

@@ -30,7 +30,7 @@ from sparse_runtime.kernels.quant import QuantLinear  # noqa: E402
 from sparse_runtime.kernels.reference import reference_w8a8  # noqa: E402
 from sparse_runtime.runtime.lean_llama import LeanConfig  # noqa: E402
 
-from test_w8a8 import PATHS, VNNI, _close, _lean, _reference, _x  # noqa: E402
+from test_w8a8 import PATHS, VNNI, _check_slots, _close, _lean, _reference, _x  # noqa: E402
 
 # (K, groups): a partial 32-column chunk and a partial 64-column step (77, per row only), an odd
 # number of chunks (96, 1056: a last step of one chunk), SmolLM2's 576 and 1536
@@ -141,3 +141,11 @@ def test_lean_decode_equals_the_rounded_reference(family, group):
         r = ref(tok, past_key_values=cache, use_cache=True)
         cache = r.past_key_values
         _close(lean.decode(tok), r.logits)
+
+
+@torch.no_grad()
+def test_batched_slots_equal_the_rounded_reference():
+    """``decode_slots`` at B = 3: each row of int4 codes made bytes once and dotted with every token."""
+    model = random_pruned(tiny_model("llama"))
+    _check_slots(_lean(model, "int8", value_dtype="int4", group=32), _reference(model, 0, QuantScheme(4, 32)))
+

@@ -275,9 +275,12 @@ def test_lean_decode_equals_the_rounded_reference(family, act, group):
 def test_batched_slots_equal_the_rounded_reference(act, group):
     """``decode_slots`` at B = 3 (the batched C step, each token quantized with its own scales)."""
     model = random_pruned(tiny_model("llama"))
-    lean = _lean(model, act)
+    _check_slots(_lean(model, act), _reference(model, group))
+
+
+def _check_slots(lean, ref) -> None:
+    """Three slots of different lengths prefilled, then three batched steps, against the reference."""
     lean.init_slots(4, 32)
-    ref = _reference(model, group)
     g = torch.Generator().manual_seed(1)
     seqs = {s: torch.randint(0, 256, (n,), generator=g) for s, n in ((0, 5), (2, 9), (3, 3))}
     start = {s: _prompt_rounded_from(len(ids)) for s, ids in seqs.items()}
