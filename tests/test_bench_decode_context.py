@@ -14,13 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "benchmarks" / "bench_decode_context.py")
 
 
+def _run_tiny(tmp_path, name: str, *args: str) -> dict:
+    """The script on the tiny model, 3 rounds of 3 steps, its table written to tmp_path; its JSON."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--rounds", "3", "--steps", "3", *args,
+                        "--out", str(tmp_path), "--name", name], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
 def test_decode_context_runs_on_tiny(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--contexts", "8,33", "--rounds", "3", "--steps", "3",
-                        "--kv-dtypes", "float32,float16", "--out", str(tmp_path), "--name", "ctx"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    data = json.loads((tmp_path / "ctx.json").read_text())
+    data = _run_tiny(tmp_path, "ctx", "--contexts", "8,33", "--kv-dtypes", "float32,float16")
     # 70 % with W8A8 where the CPU has AVX-512 VNNI, else weight-only int8 (said in the label)
     fast = "70 % int8 + W8A8" if any(r["row"] == "70 % int8 + W8A8" for r in data["rows"]) else \
         "70 % int8 (weight-only: no W8A8 here)"
@@ -43,12 +48,7 @@ def test_decode_context_runs_on_tiny(tmp_path):
 def test_decode_context_stages_and_dense_a8(tmp_path):
     """--stages puts every stage of the profile in the rows (summing to about the token); --dense-a8
     adds the dense rows with int8 activations where W8A8 runs and says why where it does not."""
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, SCRIPT, "--model", "tiny", "--contexts", "8", "--rounds", "3", "--steps", "3",
-                        "--stages", "--dense-a8", "--out", str(tmp_path), "--name", "st"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    data = json.loads((tmp_path / "st.json").read_text())
+    data = _run_tiny(tmp_path, "st", "--contexts", "8", "--stages", "--dense-a8")
     labels = [row["row"] for row in data["rows"]]
     md = (tmp_path / "st.md").read_text()
     if "70 % int8 + W8A8" in labels:

@@ -1,8 +1,9 @@
 """W4A8 decode products (csrc/w4a8.inc): dense int4 symmetric codes of every group times int8
 activations with one scale per token. The kernels against the plain reference (each group's integer
-sum exact, the groups summed in fp32, so the paths agree to fp32 rounding), edge inputs, the
-refusals, and the lean engine against the Hugging Face model with int4 weights and every product's
-input rounded the same way."""
+sum exact, the groups summed in fp32, so the paths agree to fp32 rounding), the refusals, and the
+lean engine (step and batched slots) against the Hugging Face model with int4 weights and every
+product's input rounded the same way. Edge inputs and the activation rounding's effect: tests/test_w8a8.py,
+parametrized over both."""
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ from sparse_runtime.kernels.quant import QuantLinear  # noqa: E402
 from sparse_runtime.kernels.reference import reference_w8a8  # noqa: E402
 from sparse_runtime.runtime.lean_llama import LeanConfig  # noqa: E402
 
-from test_w8a8 import PATHS, VNNI, _check_slots, _close, _lean, _reference, _x  # noqa: E402
+from test_w8a8 import PATHS, _check_decode, _check_slots, _lean, _reference, _x  # noqa: E402
 
 # (K, groups): a partial 32-column chunk and a partial 64-column step (77, per row only), an odd
 # number of chunks (96, 1056: a last step of one chunk), SmolLM2's 576 and 1536
@@ -72,33 +73,6 @@ def test_kernels_match_the_reference(isa):
                     _close_to(y.numpy(), reference_w8a8(x.numpy(), p, b), f"K={K} g={g} {sp} B=16")
 
 
-@pytest.mark.parametrize("isa", PATHS)
-def test_edge_inputs(isa):
-    """A zero token gives the bias exactly; a token with a NaN or an infinity gives NaN rows; the
-    others in the batch are unaffected."""
-    p = pack_quantized(quantize_rtn(_weight(19, 96, 0.5), QuantScheme(4, 32)), "dense")
-    bias = torch.randn(19)
-    ql = QuantLinear(p, bias, isa=isa, act="int8")
-    x = _x(4, 96)
-    x[0] = 0
-    x[1, 5] = float("nan")
-    x[2, 9] = float("-inf")
-    y = ql(x)
-    torch.testing.assert_close(y[0], bias, atol=0, rtol=0)
-    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
-    _close_to(y[3:].numpy(), reference_w8a8(x[3:].numpy(), p, bias.numpy()), "the finite token")
-
-
-def test_w4a8_moves_the_result_by_the_activation_rounding():
-    """Against the weight-only product of the same codes: close and not equal (the integer path ran)."""
-    p = pack_quantized(quantize_rtn(_weight(64, 576, 0.0), QuantScheme(4, 64)), "dense")
-    x = torch.randn(1, 576)
-    isa = "avx512" if VNNI else "portable"
-    a8, wo = QuantLinear(p, isa=isa, act="int8")(x), QuantLinear(p, isa=isa)(x)
-    rel = float((a8 - wo).norm() / wo.norm())
-    assert 0 < rel < 0.03, rel
-
-
 def test_ineligible_int4_is_refused_with_one_line():
     """W4A8 takes symmetric dense int4 codes and one activation scale per token: bitmask codes,
     asymmetric codes and per-column-group activations are refused by the descriptor, the engine's
@@ -128,19 +102,7 @@ def test_lean_decode_equals_the_rounded_reference(family, group):
     assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == "int8"
     assert "W4A8" in lean.summary()
     assert all(f.qlin.packed.layout == "dense" for f in lean.linears())
-    ref = _reference(model, 0, QuantScheme(4, group))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (1, 12), generator=g)
-    ref.a8_from = 12
-    r = ref(ids, use_cache=True)
-    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=2e-5, rtol=0)
-    cache = r.past_key_values
-    ref.a8_from = 0
-    for _ in range(6):
-        tok = torch.randint(0, 256, (1, 1), generator=g)
-        r = ref(tok, past_key_values=cache, use_cache=True)
-        cache = r.past_key_values
-        _close(lean.decode(tok), r.logits)
+    _check_decode(lean, _reference(model, 0, QuantScheme(4, group)))
 
 
 @torch.no_grad()

@@ -101,11 +101,12 @@ def test_grouped_kernels_match_the_reference(isa, layout, act):
 
 
 @pytest.mark.parametrize("isa", PATHS)
-@pytest.mark.parametrize("act", ["int8", "int8-g64"])
-def test_edge_inputs(isa, act):
+@pytest.mark.parametrize("scheme,layout,act", [(INT8, "bitmask", "int8"), (INT8, "bitmask", "int8-g64"),
+                                               (QuantScheme(4, 32), "dense", "int8")])  # the last: W4A8
+def test_edge_inputs(isa, scheme, layout, act):
     """A zero token gives the bias exactly; a token with a NaN or an infinity gives NaN rows (as fp32
     would), never a finite value from a clamped input; the others in the batch are unaffected."""
-    p = pack_quantized(quantize_rtn(_weight(19, 96, 0.7), INT8), "bitmask")
+    p = pack_quantized(quantize_rtn(_weight(19, 96, 0.7), scheme), layout)
     bias = torch.randn(19)
     ql = QuantLinear(p, bias, isa=isa, act=act)
     x = _x(4, 96)
@@ -141,10 +142,11 @@ def test_activation_rounding_is_the_contract():
         np.testing.assert_array_equal(round_activations(xr, g).numpy(), want.astype(np.float32))
 
 
-def test_w8a8_moves_the_result_by_the_activation_rounding():
+@pytest.mark.parametrize("scheme,layout", [(INT8, "bitmask"), (QuantScheme(4, 64), "dense")])  # W8A8, W4A8
+def test_int8_activations_move_the_result_by_their_rounding(scheme, layout):
     """Against the weight-only product of the same codes: close (per-token int8 keeps ~2 significant
     digits per element) and not equal (the integer path ran)."""
-    p = pack_quantized(quantize_rtn(_weight(64, 576, 0.7), INT8), "bitmask")
+    p = pack_quantized(quantize_rtn(_weight(64, 576, 0.7), scheme), layout)
     x = torch.randn(1, 576)
     isa = "avx512" if VNNI else "portable"
     a8, wo = QuantLinear(p, isa=isa, act="int8")(x), QuantLinear(p, isa=isa)(x)
@@ -255,12 +257,17 @@ def test_lean_decode_equals_the_rounded_reference(family, act, group):
     lean = _lean(model, act)
     assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == act
     assert "W8A8" in lean.summary()
-    ref = _reference(model, group)
+    _check_decode(lean, _reference(model, group))
+
+
+def _check_decode(lean, ref) -> None:
+    """A 12-token prompt (fp32 GEMMs: no activation rounding), then 6 decoded tokens (rounded), against
+    the reference."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (1, 12), generator=g)
     ref.a8_from = _prompt_rounded_from(12)
     r = ref(ids, use_cache=True)
-    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=2e-5, rtol=0)  # 12 tokens: fp32 GEMMs
+    torch.testing.assert_close(lean.prefill(ids), r.logits, atol=2e-5, rtol=0)
     cache = r.past_key_values
     ref.a8_from = 0
     for _ in range(6):
