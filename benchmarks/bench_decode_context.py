@@ -17,9 +17,9 @@ per round in a rotated order, ``--rounds`` rounds, median with min-max; the atte
 C step's stage profile (thread 0's time between barriers, so it includes waiting for the other
 threads); the K/V MB a token reads (every cached position of every layer) and the rate that makes;
 and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--dense-a8`` adds dense
-int8 with W8A8 (the 70 % W8A8 row's like for like) and dense int4-g64 with W4A8; ``--stages`` puts every stage of the profile in
-the rows (where a token's time goes: norms, qkv, RoPE and cache append, attention, o_proj, gate_up,
-SiLU-mul, down, lm_head). ``--model tiny`` tests the script.
+int8 with W8A8 (the 70 % W8A8 row's like for like) and dense int4-g64 with W4A8; ``--stages`` puts
+every stage of the profile in the rows (where a token's time goes: norms, qkv, RoPE and cache
+append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--model tiny`` tests the script.
 """
 from __future__ import annotations
 

@@ -18,6 +18,11 @@
 #define SR_X86 0
 #endif
 
+// n bytes of stack, 64-byte aligned: a vector kernel's per-call buffers (its quantized token), so
+// that no 64-byte load of them splits across two cache lines (alloca aligns to 16 only, and where
+// the stack pointer falls differs per thread and call depth: a kernel's speed varied per process).
+#define SR_ALLOCA64(n) ((void*)(((uintptr_t)alloca((size_t)(n) + 63) + 63) & ~(uintptr_t)63))
+
 // A grow-only 64-byte-aligned scratch buffer, one per thread and use (declare it `static
 // thread_local`): the OpenMP pool's threads persist, so a kernel does not pay page faults for its
 // scratch on every call (buffers over glibc's mmap threshold are otherwise mapped and unmapped
