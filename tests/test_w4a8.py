@@ -46,13 +46,14 @@ def _close_to(y: np.ndarray, want: np.ndarray, what: str) -> None:
 
 @pytest.mark.parametrize("isa", PATHS)
 def test_kernels_match_the_reference(isa):
-    """Every group (0 = one scale per row, 32, 64, 128), sparsity 0 / 0.7 / 1 (pruned weights are
-    zero codes), batch 1 / 3 / 8 through the QuantLinear (the decode sizes, the counted path) and 16
-    through the C entry, bias and none; the AVX-512 and portable paths agree with each other too."""
+    """Every group (0 = one scale per row, 32, 64, 128), symmetric codes and codes with zero points
+    (-asym: a zero weight holds its zero point), sparsity 0 / 0.7 / 1, batch 1 / 3 / 8 through the
+    QuantLinear (the decode sizes, the counted path) and 16 through the C entry, bias and none; the
+    AVX-512 and portable paths agree with each other too."""
     for K, groups in SHAPES:
         for g in groups:
-            for sp in (0.0, 0.7, 1.0):
-                p = pack_quantized(quantize_rtn(_weight(37, K, sp), QuantScheme(4, g)), "dense")
+            for sp, sym in ((0.0, True), (0.7, True), (1.0, True), (0.0, False), (0.7, False)):
+                p = pack_quantized(quantize_rtn(_weight(37, K, sp), QuantScheme(4, g, sym)), "dense")
                 for bias in (torch.randn(37), None):
                     ql = QuantLinear(p, bias, isa=isa, act="int8")
                     assert ql.run_isa == isa
@@ -64,22 +65,21 @@ def test_kernels_match_the_reference(isa):
                         before = native.counters()[slot]
                         y = ql(x).numpy()
                         assert native.counters()[slot] == before + 1
-                        what = f"K={K} g={g} {sp} B={B} bias={bias is not None}"
+                        what = f"K={K} g={g} sym={sym} {sp} B={B} bias={bias is not None}"
                         _close_to(y, reference_w8a8(x.numpy(), p, b), what)
                         _close_to(y, other(x).numpy(), what + " (portable)")
                     x = _x(16, K, seed=16)
                     y = torch.empty(16, 37)
                     run_linear_batch(ql.desc, x, y, 2)
-                    _close_to(y.numpy(), reference_w8a8(x.numpy(), p, b), f"K={K} g={g} {sp} B=16")
+                    _close_to(y.numpy(), reference_w8a8(x.numpy(), p, b), f"K={K} g={g} sym={sym} {sp} B=16")
 
 
 def test_ineligible_int4_is_refused_with_one_line():
-    """W4A8 takes symmetric dense int4 codes and one activation scale per token: bitmask codes,
-    asymmetric codes and per-column-group activations are refused by the descriptor, the engine's
-    config and the reference alike."""
+    """W4A8 takes dense int4 codes and one activation scale per token: bitmask codes and
+    per-column-group activations are refused by the descriptor, the engine's config and the reference
+    alike."""
     w = _weight(8, 128, 0.5)
-    cases = [(QuantScheme(4, 32), "bitmask", "int8"), (QuantScheme(4, 32, False), "dense", "int8"),
-             (QuantScheme(4, 32), "dense", "int8-g64")]
+    cases = [(QuantScheme(4, 32), "bitmask", "int8"), (QuantScheme(4, 32, False), "dense", "int8-g64")]
     for scheme, layout, act in cases:
         p = pack_quantized(quantize_rtn(w, scheme), layout)
         with pytest.raises(ConfigError, match="int4") as e:
@@ -87,22 +87,23 @@ def test_ineligible_int4_is_refused_with_one_line():
         assert "\n" not in str(e.value)
         with pytest.raises(ValueError, match="int4"):
             reference_w8a8(np.zeros((1, 128), np.float32), p, group=64 if act == "int8-g64" else 0)
-    with pytest.raises(ConfigError, match="-asym"):
-        LeanConfig(value_dtype="int4", symmetric=False, act_dtype="int8")
+    with pytest.raises(ConfigError, match="--act-dtype int8"):
+        LeanConfig(value_dtype="int4", symmetric=False, act_dtype="int8-g128")
+    LeanConfig(value_dtype="int4", group=64, symmetric=False, act_dtype="int8")
 
 
-@pytest.mark.parametrize("family,group", [("llama", 32), ("qwen2", 0)])
+@pytest.mark.parametrize("family,group,sym", [("llama", 32, True), ("qwen2", 0, True), ("llama", 32, False)])
 @torch.no_grad()
-def test_lean_decode_equals_the_rounded_reference(family, group):
+def test_lean_decode_equals_the_rounded_reference(family, group, sym):
     """The lean engine with int4 codes (held dense, also for a pruned model) and W4A8 decode: the
     prompt of 12 tokens runs fp32 GEMMs on the int4 weights, each decoded token's products (lm_head
     included) take int8 activations."""
     model = random_pruned(tiny_model(family))
-    lean = _lean(model, "int8", value_dtype="int4", group=group, sparse=True)
+    lean = _lean(model, "int8", value_dtype="int4", group=group, symmetric=sym, sparse=True)
     assert lean._step is not None and lean.lm_q is not None and lean.lm_q.act == "int8"
     assert "W4A8" in lean.summary()
     assert all(f.qlin.packed.layout == "dense" for f in lean.linears())
-    _check_decode(lean, _reference(model, 0, QuantScheme(4, group)))
+    _check_decode(lean, _reference(model, 0, QuantScheme(4, group, sym)))
 
 
 @torch.no_grad()

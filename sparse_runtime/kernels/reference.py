@@ -99,13 +99,12 @@ W8A8_MAX_K = 65536  # csrc/w8a8.inc kA8MaxK: every int32 partial sum stays in ra
 def w8a8_eligible(p: QuantPacked, act: str = "int8") -> Optional[str]:
     """None when ``p`` can run with int8 activations ``act`` (``int8``: one scale per token;
     ``int8-g64`` / ``int8-g128``: per 64 / 128 columns), else why not: int8 symmetric codes with one
-    scale per row, dense or bitmask (W8A8, csrc/w8a8.inc), or int4 symmetric dense codes of any group
-    with one scale per token (W4A8, csrc/w4a8.inc); at most ``W8A8_MAX_K`` inputs."""
+    scale per row, dense or bitmask (W8A8, csrc/w8a8.inc), or int4 dense codes of any group, symmetric
+    or with zero points, with one scale per token (W4A8, csrc/w4a8.inc); at most ``W8A8_MAX_K`` inputs."""
     if p.bits == 4:
-        if not p.symmetric or p.layout != "dense" or act != "int8":
-            return ("int8 activations with int4 codes (W4A8) take symmetric dense codes and one activation "
-                    f"scale per token (got int4{'' if p.group == 0 else f'-g{p.group}'}"
-                    f"{'' if p.symmetric else '-asym'}, {p.layout} layout, --act-dtype {act})")
+        if p.layout != "dense" or act != "int8":
+            return ("int8 activations with int4 codes (W4A8) take dense codes and one activation scale per "
+                    f"token (got the {p.layout} layout, --act-dtype {act})")
     elif p.bits != 8 or not p.symmetric or p.group != 0:
         return (f"int8 activations need int8 symmetric codes with one scale per row (got int{p.bits}"
                 f"{'' if p.group == 0 else f'-g{p.group}'}{'' if p.symmetric else '-asym'})")
@@ -139,14 +138,18 @@ def quantize_activations(x: np.ndarray, group: int = 0) -> tuple[np.ndarray, np.
 
 
 def _int_codes(p: QuantPacked) -> np.ndarray:
-    """The integer codes [N, K] of symmetric values (pruned: 0), recovered exactly from the layout's
-    decoded weights and its scales (``codes_from``, as for a quantized checkpoint)."""
+    """The integer codes [N, K] (symmetric: pruned 0; asymmetric: the stored codes, 0..2^bits - 1, before
+    the zero point is subtracted: a zero weight holds the zero point), recovered exactly from the
+    layout's decoded weights, scales and zero points (``codes_from``, as for a quantized checkpoint,
+    every position rounded: an asymmetric code that decodes to 0 is its zero point, not 0)."""
     import torch
 
     from ..quant.scheme import QuantScheme, codes_from
 
     w = torch.from_numpy(quant_decode(p))
-    return codes_from(w, p.scales, None, QuantScheme(p.bits, p.group)).codes.numpy().astype(np.int64)
+    every = torch.ones(w.shape, dtype=torch.bool)
+    scheme = QuantScheme(p.bits, p.group, p.symmetric)
+    return codes_from(w, p.scales, p.zeros, scheme, mask=every).codes.numpy().astype(np.int64)
 
 
 def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = None, group: int = 0) -> np.ndarray:
@@ -172,9 +175,11 @@ def reference_w8a8(x: np.ndarray, p: QuantPacked, bias: Optional[np.ndarray] = N
         if p.bits == 4:
             G = p.group or p.in_features
             sc = p.scales.numpy().astype(np.float64).reshape(p.out_features, -1)
+            zr = None if p.zeros is None else p.zeros.numpy().astype(np.int64).reshape(p.out_features, -1)
             acc = np.zeros(p.out_features, np.float64)
             for g, k0 in enumerate(range(0, p.in_features, G)):
-                acc += sc[:, g] * (codes[:, k0:k0 + G] @ q[k0:k0 + G])  # each group's sum exact
+                c = codes[:, k0:k0 + G] if zr is None else codes[:, k0:k0 + G] - zr[:, g:g + 1]
+                acc += sc[:, g] * (c @ q[k0:k0 + G])  # each group's sum exact
             out[i] = (acc * np.float64(s[0])).astype(np.float32)
         elif group == 0:
             acc = (codes @ q).astype(np.int32).astype(np.float32)

@@ -119,7 +119,7 @@ class LeanConfig:
     # "int8" / "int8-g64" / "int8-g128" (W8A8, int8 symmetric per-row codes only): the decode products (the
     # C step's, and the torch path's up to C_MAX_TOKENS tokens) quantize their input to int8, one scale per
     # token or per 64 / 128 columns of it, and multiply in integers on AVX-512 VNNI; opt-in, it changes the
-    # numerics (docs/kernels.md#w8a8-decode). With int4 symmetric codes (any group) "int8" only: W4A8, the
+    # numerics (docs/kernels.md#w8a8-decode). With int4 codes (any group, symmetric or not) "int8" only: W4A8, the
     # codes held dense (docs/kernels.md#w4a8-decode). Prefill GEMMs and the AMX batched steps of
     # batch_dtype="bfloat16" keep their own dtype.
     act_dtype: str = "float32"
@@ -144,13 +144,13 @@ class LeanConfig:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r}: choose {' or '.join(KV_DTYPES)} (the K/V cache's values)")
-        if self.act_dtype != "float32" and self.value_dtype == "int4":
-            if not self.symmetric or self.act_dtype != "int8":
-                raise ConfigError("int8 activations with int4 codes (W4A8) take symmetric codes and one activation "
-                                  "scale per token: load with --dtype int4 (not -asym) and --act-dtype int8")
-        elif self.act_dtype != "float32" and not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
+        if self.act_dtype not in ("float32", "int8") and self.value_dtype == "int4":
+            raise ConfigError("int8 activations with int4 codes (W4A8) take one activation scale per token: "
+                              "--act-dtype int8")
+        elif self.act_dtype != "float32" and self.value_dtype != "int4" and \
+                not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
             raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row (or "
-                              "int4 symmetric codes, W4A8): load with --dtype int8 (not a group size or -asym) or "
+                              "int4 codes, W4A8): load with --dtype int8 (not a group size or -asym) or "
                               "--dtype int4, or leave --act-dtype out")
 
     @property
@@ -441,7 +441,7 @@ def quantized_linear(w: torch.Tensor, scheme, layout: str, isa: str, bias, scrat
     """A :class:`~sparse_runtime.kernels.quant.QuantLinear` of fp32 ``w`` (mask ``w != 0``): codes by
     round-to-nearest, or from the checkpoint's ``scales = (scales, zeros)`` (``codes_from``, exact);
     ``act="int8[-gG]"``: its C products take int8 activations (W8A8; the scheme must be int8 per row, or
-    int4 symmetric with one activation scale per token, W4A8, held dense; the ISA path one with VNNI:
+    int4 with one activation scale per token, W4A8, held dense; the ISA path one with VNNI:
     LeanLlama checks that once, before any weight is quantized)."""
     from ..kernels import native
     from ..kernels.quant import QuantLinear, quantize_packed
