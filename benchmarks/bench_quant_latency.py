@@ -119,8 +119,9 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
         rows += [Row(f"{ck} int8 + {tag}, sparse-cpu", "sparse-cpu", ck, "int8", a8) for ck in SPARSE]
     rows += [Row("wanda-70 int8 + W8A8 + bf16 prefill, sparse-cpu", "sparse-cpu", "wanda-70", "int8",
                  {"act_dtype": "int8", **bf16_prefill})]
-    # int4 codes with int8 activations (W4A8, VNNI; docs/kernels.md#w4a8-decode): held dense, so the dense row only
-    rows += [Row(f"dense {g4} + W4A8, lean", "lean-cpu", "dense", g4, {"act_dtype": "int8"})]
+    # int4 codes with int8 activations (W4A8, VNNI; docs/kernels.md#w4a8-decode): held dense, so dense rows only,
+    # symmetric and with zero points (GPTQ's usual form)
+    rows += [Row(f"dense {v} + W4A8, lean", "lean-cpu", "dense", v, {"act_dtype": "int8"}) for v in (g4, f"{g4}-asym")]
     if with_deepsparse:
         rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
     return rows
@@ -145,13 +146,15 @@ def layer_shapes(path: str) -> list[tuple[int, int, int]]:
 
 def scheme_overhead(values: str, k: int) -> tuple[float, float]:
     """(bytes per stored value, bytes of scales/zeros per weight) of a value type, per the
-    quantization contract: int8 = one fp32 scale per output row; int4-gG = one fp32 scale per G."""
+    quantization contract: int8 = one fp32 scale per output row; int4-gG = one fp32 scale per G;
+    -asym adds an fp32 zero point per scale."""
     if values == "fp32":
         return 4.0, 0.0
-    if values == "int8":
-        return 1.0, 4.0 / k
-    bits, g = values.split("-g")
-    return int(bits[3:]) / 8, 4.0 / int(g)
+    from sparse_runtime.quant.scheme import QuantScheme
+
+    s = QuantScheme.parse(values)
+    per = 4.0 / (s.group or k)
+    return s.bits / 8, per * (1 if s.symmetric else 2)
 
 
 def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng) -> dict[str, Any]:
