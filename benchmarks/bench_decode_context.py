@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,12 +72,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a median of fewer says little)")
-    try:
-        contexts = [int(c) for c in args.contexts.split(",")]
-    except ValueError:
-        ap.error(f"--contexts {args.contexts!r}: give token counts separated by commas, e.g. 128,1024")
-    if not contexts or min(contexts) < 1:
-        ap.error("--contexts: every context must be at least 1 token")
+    from bench_quant_latency import count_list
+
+    contexts = count_list(ap, "--contexts", args.contexts, "token", "128,1024")
     kv_dtypes = args.kv_dtypes.split(",")
     if not kv_dtypes or any(k not in ("float32", "float16") for k in kv_dtypes):
         ap.error(f"--kv-dtypes {args.kv_dtypes!r}: give float32 and/or float16, separated by commas")
@@ -87,11 +83,10 @@ def main() -> int:
     import torch
     from transformers import AutoConfig
 
-    from bench_quant_latency import bench_checkpoints, leading_notes
+    from bench_quant_latency import bench_checkpoints, leading_notes, save_bench
 
     from sparse_runtime.errors import ConfigError
     from sparse_runtime.kernels import decode as cdec
-    from sparse_runtime.report import save_results
     from sparse_runtime.runtime import get_engine
     from sparse_runtime.runtime.base import benchmark_ids, default_threads
 
@@ -180,13 +175,10 @@ def main() -> int:
              *(["<stage> ms: every stage of the same profile, ms/token (median over the rounds); they sum to "
                 "about the token (the rest: Python's call and the embedding row)"] if args.stages else []),
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-ctx-"))
-    save_results(args.name, "Decode ms/token as the context grows, and the attention stage", rows,
-                 protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
-                 model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",
-                 notes=notes, out_dir=out_dir, extra={"times_ms": raw})
-    print(f"written: {out_dir / args.name}.md")
-    return 0
+    return save_bench(args, "ctx", "Decode ms/token as the context grows, and the attention stage", rows,
+                      protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
+                      model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",
+                      notes=notes, extra={"times_ms": raw})
 
 
 if __name__ == "__main__":

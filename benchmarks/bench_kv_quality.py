@@ -18,7 +18,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,9 +44,8 @@ def main() -> int:
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
     import torch
-    from bench_quant_latency import bench_checkpoints, leading_notes
+    from bench_quant_latency import bench_checkpoints, leading_notes, save_bench
 
-    from sparse_runtime.report import save_results
     from sparse_runtime.runtime import get_engine
     from sparse_runtime.runtime.base import default_threads
 
@@ -105,13 +103,9 @@ def main() -> int:
              f"positions decoded one C step at a time with the true token fed; {count} decoded positions scored; "
              f"{threads} threads",
              *(f"{kv}: {ev}" for kv, ev in evidence.items())]
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-kvq-"))
-    save_results(args.name, "fp16 against fp32 K/V cache: decode quality", rows,
-                 protocol="teacher-forced decode (this script's docstring), fp32 and fp16 caches side by side",
-                 model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama", notes=notes,
-                 out_dir=out_dir)
-    print(f"written: {out_dir / args.name}.md")
-    return 0
+    return save_bench(args, "kvq", "fp16 against fp32 K/V cache: decode quality", rows,
+                      protocol="teacher-forced decode (this script's docstring), fp32 and fp16 caches side by side",
+                      model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama", notes=notes)
 
 
 if __name__ == "__main__":

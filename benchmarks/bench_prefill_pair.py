@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,10 +50,9 @@ def main() -> int:
         ap.error("--rounds must be at least 5 (medians of fewer say little)")
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
-    from bench_quant_latency import bench_checkpoints, leading_notes
+    from bench_quant_latency import bench_checkpoints, leading_notes, save_bench
 
     from sparse_runtime.measure.stats import summarize
-    from sparse_runtime.report import save_results
     from sparse_runtime.runtime import get_engine
     from sparse_runtime.runtime.base import benchmark_ids, default_threads
 
@@ -108,13 +106,10 @@ def main() -> int:
              f"checkpoint: {args.checkpoint} ({ckpt})"]
     for k, why in skipped.items():
         notes.append(f"skipped {k}: {why}")
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-pair-"))
-    save_results(args.name, "Prefill against DeepSparse, engines alternated call by call", rows,
-                 protocol="latency (docs/protocols.md), engines alternated per call with a pause",
-                 model=f"SmolLM2-135M-Instruct {args.checkpoint}" if args.model == "smollm2" else "tiny Llama",
-                 notes=notes, out_dir=out_dir, extra={"times_ms": times})
-    print(f"written: {out_dir / args.name}.md")
-    return 0
+    return save_bench(args, "pair", "Prefill against DeepSparse, engines alternated call by call", rows,
+                      protocol="latency (docs/protocols.md), engines alternated per call with a pause",
+                      model=f"SmolLM2-135M-Instruct {args.checkpoint}" if args.model == "smollm2" else "tiny Llama",
+                      notes=notes, extra={"times_ms": times})
 
 
 if __name__ == "__main__":

@@ -234,6 +234,29 @@ def bench_checkpoints(model: str) -> tuple[Path, dict[str, Path]]:
     return smollm2_checkpoints()
 
 
+def save_bench(args, prefix: str, title: str, rows, *, protocol: str, model: str, notes, extra=None) -> int:
+    """Write a benchmark's table (markdown and JSON) into ``--out``, or a new temporary directory (never
+    the repository's benchmarks/results/ unless asked), and print where; main()'s exit code."""
+    from sparse_runtime.report import save_results
+
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"sr-bench-{prefix}-"))
+    save_results(args.name, title, rows, protocol=protocol, model=model, notes=notes, out_dir=out_dir, extra=extra)
+    print(f"written: {out_dir / args.name}.md")
+    return 0
+
+
+def count_list(ap, flag: str, text: str, unit: str, example: str) -> list[int]:
+    """``text`` (positive integers separated by commas: contexts, batches) as a list, or the parser's
+    one-line error naming the fix."""
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: give {unit} counts separated by commas, e.g. {example}")
+    if not values or min(values) < 1:
+        ap.error(f"{flag}: every value must be at least 1 {unit}")
+    return values
+
+
 def leading_notes(model: str) -> list[str]:
     """The notes a table must open with when its figures are not plain ones: the ISA masked
     (benchmarks/isa_mask.py) or the tiny test model."""

@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +51,13 @@ def main() -> int:
 
     import torch
 
-    from bench_quant_latency import leading_notes
+    from bench_quant_latency import leading_notes, save_bench
 
     from sparse_runtime.errors import ConfigError
     from sparse_runtime.kernels import decode as cdec, native
     from sparse_runtime.kernels.layout import pack_quantized
     from sparse_runtime.kernels.quant import QuantLinear
     from sparse_runtime.quant.scheme import QuantScheme, quantize_rtn
-    from sparse_runtime.report import save_results
 
     shapes = [(40, 128), (24, 192)] if args.quick else SHAPES
     rounds, calls = (3, 5) if args.quick else (args.rounds, args.calls)
@@ -100,13 +98,10 @@ def main() -> int:
              f"after a warm-up, {rounds} rounds, median (us per call) and min-max; warm: the codes stay in the caches",
              "weights / ns: stored and pruned weights (N x K) per nanosecond; code bytes / ns: the codes (and the "
              "bitmask) read per nanosecond, scales left out", *(f"skipped {s}" for s in skipped)]
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-rows-"))
-    save_results(args.name, "Quantized product kernels, warm, batch 1", rows,
-                 protocol="kernel microbenchmark (warm, docs/protocols.md)",
-                 model="SmolLM2-135M shapes, random weights" if not args.quick else "small shapes (--quick)",
-                 notes=notes, out_dir=out_dir)
-    print(f"written: {out_dir / args.name}.md")
-    return 0
+    return save_bench(args, "rows", "Quantized product kernels, warm, batch 1", rows,
+                      protocol="kernel microbenchmark (warm, docs/protocols.md)",
+                      model="SmolLM2-135M shapes, random weights" if not args.quick else "small shapes (--quick)",
+                      notes=notes)
 
 
 if __name__ == "__main__":

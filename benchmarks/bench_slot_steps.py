@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,20 +40,16 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a median of fewer says little)")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        ap.error(f"--batches {args.batches!r}: give sequence counts separated by commas, e.g. 1,4,8")
-    if not batches or min(batches) < 1:
-        ap.error("--batches: every batch must be at least 1 sequence")
+    from bench_quant_latency import count_list
+
+    batches = count_list(ap, "--batches", args.batches, "sequence", "1,4,8")
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
 
     import torch
 
-    from bench_quant_latency import bench_checkpoints, leading_notes
+    from bench_quant_latency import bench_checkpoints, leading_notes, save_bench
 
     from sparse_runtime.errors import ConfigError
-    from sparse_runtime.report import save_results
     from sparse_runtime.runtime import get_engine
     from sparse_runtime.runtime.base import default_threads
 
@@ -97,13 +92,10 @@ def main() -> int:
              f"{args.steps} batched steps (decode_slots, one C call each) per round, {args.rounds} rounds after one "
              f"warm-up, rows rotated per round; median ms per step, min-max; tokens/s = B / step; {threads} threads",
              *(f"{k}: {v}" for k, v in evidence.items()), *(f"skipped {s}" for s in skipped)]
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-slots-"))
-    save_results(args.name, "The serving slots' batched decode step per value type", rows,
-                 protocol="latency (docs/protocols.md), batched decode steps",
-                 model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",
-                 notes=notes, out_dir=out_dir, extra={"times_ms": raw})
-    print(f"written: {out_dir / args.name}.md")
-    return 0
+    return save_bench(args, "slots", "The serving slots' batched decode step per value type", rows,
+                      protocol="latency (docs/protocols.md), batched decode steps",
+                      model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",
+                      notes=notes, extra={"times_ms": raw})
 
 
 if __name__ == "__main__":
