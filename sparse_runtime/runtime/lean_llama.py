@@ -144,11 +144,13 @@ class LeanConfig:
             raise ConfigError(f"act_dtype {self.act_dtype!r}: choose {' or '.join(ACT_DTYPES)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r}: choose {' or '.join(KV_DTYPES)} (the K/V cache's values)")
-        if self.act_dtype not in ("float32", "int8") and self.value_dtype == "int4":
-            raise ConfigError("int8 activations with int4 codes (W4A8) take one activation scale per token: "
-                              "--act-dtype int8")
-        elif self.act_dtype != "float32" and self.value_dtype != "int4" and \
-                not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
+        if self.act_dtype == "float32":
+            return
+        if self.value_dtype == "int4":  # W4A8: any group, symmetric or not
+            if self.act_dtype != "int8":
+                raise ConfigError("int8 activations with int4 codes (W4A8) take one activation scale per token: "
+                                  "--act-dtype int8")
+        elif not (self.value_dtype == "int8" and self.group == 0 and self.symmetric):
             raise ConfigError("int8 activations (W8A8) multiply int8 symmetric codes with one scale per row (or "
                               "int4 codes, W4A8): load with --dtype int8 (not a group size or -asym) or "
                               "--dtype int4, or leave --act-dtype out")
