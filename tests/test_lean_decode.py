@@ -327,6 +327,32 @@ def test_measured_decode_form_keeps_logits():
     compare(model, lean, steps=3)
 
 
+def test_measured_decode_form_times_from_memory(monkeypatch):
+    """Every timed pass of the dense/packed measurement starts with the caches emptied (a decode token
+    finds its weights in memory; a group that fits in cache would favour dense), and the eviction
+    buffer is freed after."""
+    from sparse_runtime.kernels import cache
+    from sparse_runtime.runtime import lean_llama
+
+    monkeypatch.setattr(lean_llama, "_DECODE_FORM", {})
+    passes = []
+    monkeypatch.setattr(cache, "evict_caches", lambda: passes.append(1))
+    released = []
+    monkeypatch.setattr(cache, "release_eviction_buffer", lambda: released.append(1))
+    lean = lean_of(pruned(tiny_model("llama")))
+    groups = {(f.shape, round(f.module.packed.density * 20)) for f in lean.linears() if f.module is not None}
+    lean_llama.choose_decode_forms(lean.linears(), lean.isa, 2, repeats=2)
+    assert len(passes) == len(lean_llama._DECODE_FORM) * 3 * 2 and len(lean_llama._DECODE_FORM) == len(groups)
+    assert released == [1]
+
+
+def test_last_level_cache_size():
+    from sparse_runtime.kernels.cache import _parse_size, last_level_cache_bytes
+
+    assert _parse_size("32768K\n") == 32 << 20 and _parse_size("1M") == 1 << 20 and _parse_size("512") == 512
+    assert last_level_cache_bytes() >= 1 << 20
+
+
 @pytest.mark.skipif(not available(), reason="compiled kernels unavailable")
 def test_prefill_last_only_equals_last_row():
     """``prefill(last_only=True)`` (what generation and the prefill timer use) is the last position

@@ -463,9 +463,14 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
 
     A group's members (e.g. the 30 q/k/v matrices of SmolLM2) are run in sequence at batch 1
     through the C step's kernels and threads, all dense then all packed, alternately (median of
-    ``repeats`` rounds): each weight is read once per round, as in a decode token. Timing one
-    matrix repeatedly instead would keep it in cache and favour dense on the small shapes (measured:
-    it chose dense for q/k/v and o, which ran ~1.8x slower than packed inside the real step). The
+    ``repeats`` rounds): each weight is read once per pass, as in a decode token, and every pass
+    starts with the caches emptied (:func:`~sparse_runtime.kernels.cache.evict_caches`), as a
+    token finds its weights in memory. Timing one matrix repeatedly would keep it in cache and
+    favour dense on the small shapes (measured: it chose dense for q/k/v and o, which ran ~1.8x
+    slower than packed inside the real step); so did timing a whole group whose dense form fits in
+    the last-level cache (SmolLM2's q/k/v and o as int8 codes: 10-17 MB against a 32 MB L3 on AMD
+    Zen 4, where W8A8's bitmask rows do more arithmetic than its dense rows; the 70 % model's token
+    then ran 0.1-0.2 ms slower, docs/kernels.md "Measured dispatch in the streamed regime"). The
     dense forms are rebuilt for the timing only, for as many members as fit in
     ``DECODE_FORM_BUDGET`` bytes (at least one; all of them on SmolLM2), then freed. The packed form
     is kept unless dense was clearly faster (median at most ``DENSE_DECODE_MARGIN`` of packed's:
@@ -476,6 +481,7 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
     memory-bound, or at 50 %, dense codes can win). Cached per (isa, layout, shape, density to 0.05,
     threads) (+ the scheme for codes)."""
     from ..kernels import decode as cdec
+    from ..kernels.cache import evict_caches, release_eviction_buffer
     from ..kernels.module import densify_into
 
     groups: dict[tuple, list[FusedLinear]] = {}
@@ -503,6 +509,7 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
             times: dict[bool, list[float]] = {True: [], False: []}
             for _ in range(repeats + 1):  # the first round warms up
                 for form, descs in forms.items():
+                    evict_caches()
                     t = time.perf_counter()
                     for d in descs:
                         cdec.run_linear(d, x, y, threads)
@@ -512,6 +519,7 @@ def choose_decode_forms(linears: list[FusedLinear], isa: str, threads: int, repe
             _DECODE_FORM[key] = not dense_s <= DENSE_DECODE_MARGIN * packed_s
         for f in members:
             f.decode_packed = _DECODE_FORM[key]
+    release_eviction_buffer()
 
 
 def held_tensor_bytes(root: object) -> int:
