@@ -60,6 +60,19 @@ def test_head_dim_not_a_multiple_of_the_vector_width(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_odd_widths_and_thread_shares(isa, threads):
+    """hidden 40 and intermediate 37: the vector tails of the norm's sum of squares and of SiLU * up;
+    3 threads: uneven shares of whole q/k/v heads (each thread rotates and caches its own heads) and
+    of gate/up row pairs (each thread takes SiLU of its own rows), and every thread's own copy of the
+    residual stream; dense and sparse."""
+    model = tiny_model("llama", hidden_size=40, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2)
+    compare(model, lean_of(model, threads=threads, isa=isa, sparse=False), steps=4)
+    model = pruned(model)
+    compare(model, lean_of(model, threads=threads, isa=isa), steps=4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_wide_head_dim(isa):
     """head_dim 160: past the AVX-512 sum of p v's register tile (its 16-column fallback) and over
     three AVX2 column blocks (64, 64, 32)."""
