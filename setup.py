@@ -24,7 +24,7 @@ ext = Extension(
     sources=["csrc/sparse_kernels.cpp", "csrc/sparsegpt_solver.cpp", "csrc/densify.cpp", "csrc/amx_prefill.cpp",
              "csrc/prefill_glue.cpp", "csrc/prefill_attention.cpp"],
     # the C interface (sparse_runtime.h), the shared internals, the included parts, ORT's ABI
-    depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/sr_avx2.h", "csrc/lean_decode.inc", "csrc/quant_kernels.inc", "csrc/bf16_walk.inc", "csrc/w8a8.inc",
+    depends=["csrc/sparse_runtime.h", "csrc/sr_common.h", "csrc/sr_avx2.h", "csrc/sr_avx512.h", "csrc/lean_decode.inc", "csrc/quant_kernels.inc", "csrc/bf16_walk.inc", "csrc/w8a8.inc",
              "csrc/w4a8.inc",
              "csrc/ort_op.inc", "csrc/ort_abi.h"],
     language="c++",

@@ -27,6 +27,7 @@
 #include "sparse_runtime.h"
 #include "sr_common.h"
 #include "sr_avx2.h"
+#include "sr_avx512.h"
 
 static int64_t g_calls[SR_NISA][SR_NLAYOUT];
 
