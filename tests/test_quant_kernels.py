@@ -30,7 +30,8 @@ from sparse_runtime.runtime.lean_llama import LeanConfig, LeanLlama  # noqa: E40
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in supported_isas(), reason=f"CPU lacks {i}"))
         for i in ("avx512", "avx2", "portable")]
 SCHEMES = [QuantScheme(8), QuantScheme(8, 0, False), QuantScheme(8, 64), QuantScheme(8, 128, False),
-           QuantScheme(4), QuantScheme(4, 0, False), QuantScheme(4, 32), QuantScheme(4, 128, False)]
+           QuantScheme(4), QuantScheme(4, 0, False), QuantScheme(4, 32), QuantScheme(4, 64),
+           QuantScheme(4, 128, False)]
 SPARSITIES = (0.0, 0.5, 0.7, 0.95, "2:4")
 ATOL = 2e-5
 
