@@ -80,6 +80,24 @@ def test_wide_head_dim(isa):
     compare(model, lean_of(model, isa=isa), prompt=20, steps=4)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(16, 8, 1), (32, 5, 1), (48, 6, 2), (64, 9, 3), (128, 3, 1),
+                                                     (64, 12, 1), (112, 2, 2)],
+                         ids=["d16-g8", "d32-g5", "d48-g3", "d64-g3", "d128-g3", "d64-g12", "d112-g1"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_attention_head_dims_and_groups(head_dim, heads, kv_heads, threads, kv_dtype):
+    """The AVX-512 grouped-query attention (every D = 16 NC up to 128 has its own form): query heads
+    per kv head 1 to 12 (the V pass in chunks of 4, or 2 at D > 64; the running maxima 8 heads at a
+    time), 40 prompt positions (whole and partial 16-position blocks, ranges split across threads),
+    fp32 and fp16 caches, against Hugging Face's forward."""
+    if "avx512" not in supported_isas():
+        pytest.skip("CPU lacks avx512")
+    model = pruned(tiny_model("llama", hidden_size=head_dim * heads, num_attention_heads=heads,
+                              num_key_value_heads=kv_heads, head_dim=head_dim))
+    lean = lean_of(model, threads=threads, isa="avx512", kv_dtype=kv_dtype)
+    compare_with_hf(model, lean, 40, 4, 1, 0, atol=ATOL if kv_dtype == "float32" else 2e-3)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [3, 4])
 def test_attention_split_across_threads(isa, threads):
