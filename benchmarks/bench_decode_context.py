@@ -19,7 +19,11 @@ threads); the K/V MB a token reads (every cached position of every layer) and th
 and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--dense-a8`` adds dense
 int8 with W8A8 (the 70 % W8A8 row's like for like) and dense int4-g64 with W4A8; ``--stages`` puts
 every stage of the profile in the rows (where a token's time goes: norms, qkv, RoPE and cache
-append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--model tiny`` tests the script.
+append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--attn-forms`` times every row twice
+per round, once as the engines run (each kv head one work item up to ``sr_attn_whole_max``, 256 cached
+positions, then ranges split across threads) and once with ranges at every length (the rows marked
+"[ranges always]"; the tuning hook set to 0 around that row's steps), so the two forms meet the same
+drift. ``--model tiny`` tests the script.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ def main() -> int:
                     help="every stage of the C step's profile in the rows (ms/token), not only attention")
     ap.add_argument("--kv-dtypes", default="float32",
                     help="the K/V cache dtypes to run every row with, comma-separated (float32, float16)")
+    ap.add_argument("--attn-forms", action="store_true",
+                    help="also every row with the attention's ranges split across threads at every length")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
     ap.add_argument("--name", default="decode_context")
@@ -117,6 +123,13 @@ def main() -> int:
             group.append(label)
         ref_of[group[1]] = group[0]
     labels = list(engines)
+    RANGES = " [ranges always]"
+    whole_max = cdec.attn_whole_max()  # the compiled bound, restored after each "[ranges always]" row
+    if args.attn_forms:  # the same engines, timed a second time per round with ranges at every length
+        for k in list(labels):
+            labels.append(k + RANGES)
+            kv_bytes[k + RANGES] = kv_bytes[k]
+        ref_of.update({f + RANGES: d + RANGES for f, d in ref_of.items()})
     cfg = AutoConfig.from_pretrained(paths["dense"])  # the local checkpoint's config.json
     vocab = engines[labels[0]].vocab_size
 
@@ -129,7 +142,8 @@ def main() -> int:
         stage_ms = {k: {st: [] for st in cdec.STAGES} for k in labels}
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
-                lean = engines[k].lean
+                lean = engines[k.removesuffix(RANGES)].lean
+                cdec.attn_whole_max(0 if k.endswith(RANGES) else whole_max)
                 lean.prefill(ids)
                 cdec.profile_start()
                 t = time.perf_counter()
@@ -137,6 +151,7 @@ def main() -> int:
                     lean.decode_token(100 + i)
                 ms = (time.perf_counter() - t) * 1e3 / args.steps
                 stages = cdec.profile_stop()
+                cdec.attn_whole_max(whole_max)
                 if r:
                     total[k].append(ms)
                     attn[k].append(stages["attention"] * 1e3 / args.steps)
@@ -174,7 +189,10 @@ def main() -> int:
              "'fp16 K/V': --kv-dtype float16), averaged over the timed steps; GB/s = that / attention ms",
              *(["<stage> ms: every stage of the same profile, ms/token (median over the rounds); they sum to "
                 "about the token (the rest: Python's call and the embedding row)"] if args.stages else []),
-             *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks]
+             *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks,
+             *([f"'{RANGES.strip()}' rows: the same engine as the row without it, timed with sr_attn_whole_max(0) "
+                f"(each kv head's positions cut into one range per thread at every length; the engines' own form "
+                f"keeps each kv head whole up to {whole_max} cached positions)"] if args.attn_forms else [])]
     return save_bench(args, "ctx", "Decode ms/token as the context grows, and the attention stage", rows,
                       protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
                       model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",

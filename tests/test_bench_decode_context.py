@@ -63,3 +63,13 @@ def test_decode_context_stages_and_dense_a8(tmp_path):
         assert all(p >= 0 for p in parts)  # "attention ms" is the same column as before
         assert 0.3 * row["decode ms/token"] < sum(parts) < 1.2 * row["decode ms/token"]  # medians of each
     assert "<stage> ms" in md
+
+
+def test_decode_context_attn_forms(tmp_path):
+    """--attn-forms times every row a second time with the attention's ranges split at every length
+    (the same engine, sr_attn_whole_max(0) around its steps), with its own per-round ratio."""
+    data = _run_tiny(tmp_path, "af", "--contexts", "8", "--attn-forms")
+    labels = [row["row"] for row in data["rows"]]
+    assert labels[2:] == [k + " [ranges always]" for k in labels[:2]]
+    assert data["rows"][3].get("dense int8 / this, per round: median")
+    assert "sr_attn_whole_max(0)" in (tmp_path / "af.md").read_text()

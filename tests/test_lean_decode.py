@@ -84,32 +84,59 @@ def test_wide_head_dim(isa):
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(16, 8, 1), (32, 5, 1), (48, 6, 2), (64, 9, 3), (128, 3, 1),
                                                      (64, 12, 1), (112, 2, 2)],
                          ids=["d16-g8", "d32-g5", "d48-g3", "d64-g3", "d128-g3", "d64-g12", "d112-g1"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_grouped_attention_head_dims_and_groups(head_dim, heads, kv_heads, threads, kv_dtype):
+@pytest.mark.parametrize("threads,prompt", [(1, 40), (2, 40), (2, 270)])
+def test_grouped_attention_head_dims_and_groups(head_dim, heads, kv_heads, threads, prompt, kv_dtype):
     """The AVX-512 grouped-query attention (every D = 16 NC up to 128 has its own form): query heads
     per kv head 1 to 12 (the V pass in chunks of 4, or 2 at D > 64; the running maxima 8 heads at a
-    time), 40 prompt positions (whole and partial 16-position blocks, ranges split across threads),
-    fp32 and fp16 caches, against Hugging Face's forward."""
+    time), 40 and 270 prompt positions (whole and partial 16-position blocks; whole kv heads where
+    there are at least as many as threads, else ranges), fp32 and fp16 caches, against Hugging Face's
+    forward."""
     if "avx512" not in supported_isas():
         pytest.skip("CPU lacks avx512")
     model = pruned(tiny_model("llama", hidden_size=head_dim * heads, num_attention_heads=heads,
-                              num_key_value_heads=kv_heads, head_dim=head_dim))
+                              num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=512))
     lean = lean_of(model, threads=threads, isa="avx512", kv_dtype=kv_dtype)
-    compare_with_hf(model, lean, 40, 4, 1, 0, atol=ATOL if kv_dtype == "float32" else 2e-3)
+    compare_with_hf(model, lean, prompt, 4, 1, 0, atol=ATOL if kv_dtype == "float32" else 2e-3)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [3, 4])
 def test_attention_split_across_threads(isa, threads):
-    """The batch-1 step cuts each kv head's positions into one range per thread and merges the ranges'
-    partial softmaxes: 3 and 4 threads over 2 kv heads of 2 query heads, a 40-token prompt (uneven
-    ranges), then a sliding window shorter than the thread count's ranges, and a 1-token prompt
-    (fewer positions than threads: fewer ranges)."""
-    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2))
+    """The batch-1 step cuts each kv head's positions into ranges and merges the ranges' partial
+    softmaxes: up to kAttnWholeMax (256) cached positions into ceil(threads / kv heads) = 2 ranges,
+    past it into one range per thread. 3 and 4 threads over 2 kv heads of 2 query heads: prompts of
+    40 and 1 positions (fewer positions than ranges), of 300 (uneven ranges per thread) and of 254
+    (the steps cross the bound), a sliding window of 270 (ranges over the window only) and one of 5."""
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
     compare(model, lean_of(model, threads=threads, isa=isa), prompt=40, steps=4)
     compare(model, lean_of(model, threads=threads, isa=isa), prompt=1, steps=4)
+    compare(model, lean_of(model, threads=threads, isa=isa), prompt=300, steps=3)
+    compare(model, lean_of(model, threads=threads, isa=isa), prompt=254, steps=4)
+    windowed = pruned(tiny_model("mistral", sliding_window=270, max_position_embeddings=512))
+    compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=280, steps=3)
     windowed = pruned(tiny_model("mistral", sliding_window=5))
     compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=9, steps=6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_whole_max_hook(isa):
+    """sr_attn_whole_max: with 2 threads over 2 kv heads each kv head is one item normalized in place
+    up to the bound (256 compiled), one range per thread past it; 0 gives ranges at every length (the
+    form before), a large bound whole heads at 300 positions. Every form equals HF, and the hook
+    returns and restores the compiled bound."""
+    from sparse_runtime.kernels import decode as cdec
+
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    default = cdec.attn_whole_max()
+    try:
+        compare(model, lean_of(model, threads=2, isa=isa), prompt=40, steps=3)  # whole heads
+        assert cdec.attn_whole_max(0) == default == 256
+        compare(model, lean_of(model, threads=2, isa=isa), prompt=40, steps=3)  # ranges
+        assert cdec.attn_whole_max(10_000) == 0
+        compare(model, lean_of(model, threads=2, isa=isa), prompt=300, steps=3)  # whole heads
+    finally:
+        cdec.attn_whole_max(default)
+    assert cdec.attn_whole_max() == 256
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -155,7 +182,7 @@ def test_fp16_kv_cache_long_context(threads):
     ranges split across threads): the AVX-512 step still equals the torch path."""
     if "avx512" not in supported_isas():
         pytest.skip("CPU lacks avx512")
-    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
+    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
     c = lean_of(model, threads=threads, isa="avx512", kv_dtype="float16")
     t = lean_of(model, threads=threads, isa="avx512", kv_dtype="float16")
     g = torch.Generator().manual_seed(1)

@@ -118,6 +118,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile.restype = None
         lb.sr_decode_profile_get.argtypes = [_p]
         lb.sr_decode_profile_get.restype = None
+        lb.sr_attn_whole_max.argtypes = [_i64]
+        lb.sr_attn_whole_max.restype = _i64
         if hasattr(lb, "sr_linear_desc_run_batch"):
             lb.sr_linear_desc_run_batch.argtypes = [ctypes.POINTER(CLinear), _p, _i64, _p, ctypes.c_int]
             lb.sr_linear_desc_run_batch.restype = ctypes.c_int
@@ -198,6 +200,14 @@ def profile_stop() -> dict[str, float]:
     lb.sr_decode_profile_get(buf)
     lb.sr_decode_profile(0)
     return {name: float(buf[i]) for i, name in enumerate(STAGES)}
+
+
+def attn_whole_max(positions: int = -1) -> int:
+    """The batch-1 step's whole-head bound: up to this many cached positions each kv head's attention
+    is one work item (no partials to merge); past it the positions are cut into one range per thread.
+    ``positions >= 0`` sets it (0: ranges at every length); returns the value before the call. A tuning
+    and benchmarking hook (docs/kernels.md "Decode attention"), process-wide."""
+    return int(_bind().sr_attn_whole_max(int(positions)))
 
 
 class DecodeStep:
