@@ -203,10 +203,11 @@ def profile_stop() -> dict[str, float]:
 
 
 def attn_whole_max(positions: int = -1) -> int:
-    """The batch-1 step's whole-head bound: up to this many cached positions each kv head's attention
-    is one work item (no partials to merge); past it the positions are cut into one range per thread.
-    ``positions >= 0`` sets it (0: ranges at every length); returns the value before the call. A tuning
-    and benchmarking hook (docs/kernels.md "Decode attention"), process-wide."""
+    """The batch-1 step's whole-head bound: up to this many cached positions a kv head's attention is
+    cut into only ``ceil(threads / kv heads)`` ranges (one work item, no partials to merge, where there
+    are at least as many kv heads as threads); past it into one range per thread. ``positions >= 0``
+    sets it (0: one range per thread at every length); returns the value before the call. A tuning and
+    benchmarking hook (docs/kernels.md "Decode attention", "Whole kv heads"), process-wide."""
     return int(_bind().sr_attn_whole_max(int(positions)))
 
 
