@@ -34,6 +34,14 @@ static inline void transpose8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r3,
     r6 = _mm256_permute2f128_ps(s2, s6, 0x31); r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+// Lane i of the result = the sum of the 8 lanes of v[i], for 8 vectors at once (a transpose and 7
+// adds, in place of 8 horizontal sums; v is overwritten): rows and positions reduced 8 at a time.
+static inline __m256 hsum8x8_ps(__m256* v) {
+    transpose8_ps(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
+                         _mm256_add_ps(_mm256_add_ps(v[4], v[5]), _mm256_add_ps(v[6], v[7])));
+}
+
 // e^x on 8 lanes (the AVX2 prefill's SiLU and softmax; the AMX form's exp512 on AVX2): x = n ln2 + r,
 // |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7), times 2^n built in the exponent
 // bits; x is clamped to [-87, 88] (e^-87 is the smallest normal's order), and the clamp keeps NaN
