@@ -1,5 +1,5 @@
-"""Pieces shared by the fine-tuning benchmarks: pruned bases, per-process memory measurement and
-fresh-subprocess workers.
+"""Pieces shared by the benchmarks: pruned bases, per-process memory measurement, fresh-subprocess
+workers (the fine-tuning benchmarks) and the K/V bytes a decode step reads (the latency benchmarks).
 
 Peak memory is only comparable between methods when each runs in its own process (the allocator
 never returns all freed memory), so every method is trained in a fresh worker that reports one JSON
@@ -93,3 +93,16 @@ def run_worker(script: str, args: Sequence[str]) -> dict:
     if r.returncode:
         raise RuntimeError(f"worker {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def kv_bytes_per_token(cfg, context: int, steps: int, element_bytes: int = 4) -> float:
+    """Bytes of K and V (``element_bytes`` each: 4 fp32, 2 fp16) a decode step reads, averaged over the
+    timed steps: step i (0-based) after a ``context``-token prompt attends to context + i + 1 positions
+    (every earlier one and itself; no sliding window), so the mean is context + (steps + 1) / 2, each
+    position once per layer and kv head. ``cfg``: a transformers config or its ``config.json`` dict."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    heads = int(get("num_attention_heads"))
+    d = int(get("head_dim", None) or int(get("hidden_size")) // heads)
+    kvh = int(get("num_key_value_heads", None) or heads)
+    positions = context + (steps + 1) / 2
+    return int(get("num_hidden_layers")) * kvh * d * 2 * element_bytes * positions

@@ -46,16 +46,6 @@ DENSE_A8 = [("dense int8 + W8A8", "lean-cpu", "dense", {"dtype": "int8", "act_dt
 REF = ROWS[0][0]
 
 
-def kv_mb_per_token(cfg, context: int, steps: int, element_bytes: int = 4) -> float:
-    """MB of K and V (``element_bytes`` each: 4 fp32, 2 fp16) a decode step reads, averaged over the
-    timed steps (positions context .. context + steps - 1, each attending to every earlier position and
-    itself; no sliding window)."""
-    d = cfg.hidden_size // cfg.num_attention_heads
-    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    positions = context + (steps + 1) / 2
-    return cfg.num_hidden_layers * kvh * d * 2 * element_bytes * positions / 1e6
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
@@ -89,6 +79,7 @@ def main() -> int:
     import torch
     from transformers import AutoConfig
 
+    from _common import kv_bytes_per_token
     from bench_quant_latency import bench_checkpoints, leading_notes, save_bench
 
     from sparse_runtime.errors import ConfigError
@@ -161,7 +152,7 @@ def main() -> int:
                 print(f"context {ctx} round {r}/{args.rounds}: "
                       + ", ".join(f"{k} {total[k][-1]:.3f}" for k in labels), flush=True)
         for k in labels:
-            kv = kv_mb_per_token(cfg, ctx, args.steps, kv_bytes[k])
+            kv = kv_bytes_per_token(cfg, ctx, args.steps, kv_bytes[k]) / 1e6
             a = statistics.median(attn[k])
             row = {"context": ctx, "row": k, "decode ms/token": statistics.median(total[k]),
                    "min-max": f"{min(total[k]):.4g}-{max(total[k]):.4g}", "attention ms": a,

@@ -122,6 +122,13 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
     # int4 codes with int8 activations (W4A8, VNNI; docs/kernels.md#w4a8-decode): held dense, so dense rows only,
     # symmetric and with zero points (GPTQ's usual form)
     rows += [Row(f"dense {v} + W4A8, lean", "lean-cpu", "dense", v, {"act_dtype": "int8"}) for v in (g4, f"{g4}-asym")]
+    # an fp16 K/V cache (opt-in: docs/kernels.md#decode-attention): half the cache's bytes, which both tokens
+    # of a ratio read; the like-for-like reference of the sparse row is the dense row with the same cache
+    kv16 = {"kv_dtype": "float16"}
+    rows += [Row("dense int8 + fp16 K/V, lean", "lean-cpu", "dense", "int8", kv16),
+             Row("dense int8 + W8A8 + fp16 K/V, lean", "lean-cpu", "dense", "int8", {"act_dtype": "int8", **kv16}),
+             Row("wanda-70 int8 + W8A8 + fp16 K/V, sparse-cpu", "sparse-cpu", "wanda-70", "int8",
+                 {"act_dtype": "int8", **kv16})]
     if with_deepsparse:
         rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
     return rows
@@ -157,13 +164,18 @@ def scheme_overhead(values: str, k: int) -> tuple[float, float]:
     return s.bits / 8, per * (1 if s.symmetric else 2)
 
 
-def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng) -> dict[str, Any]:
-    """Weight bytes a decode token reads: block linears + lm_head (embedding row and KV cache left out).
-    ORT's quantized rows: measured from the graph's initializers (export manifest). Our rows: from
+def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng, kv_fp32: float) -> dict[str, Any]:
+    """Bytes a decode token reads: block linears + lm_head + the K/V cache (``kv_fp32``: the timed
+    steps' mean K/V bytes with fp32 elements; halved for a row with ``kv_dtype`` float16; the
+    embedding row is left out). The K/V cache belongs in the bound: both tokens of a ratio read it,
+    so leaving it out overstates what fewer weight bytes can buy (at SmolLM2's 136 cached positions
+    it is 6.3 MB against 45 MB of 70 % W8A8 products). ORT's quantized rows: weights measured from the
+    graph's initializers (export manifest), the cache fp32 (its past/present tensors). Our rows: from
     the scheme (values + 1-bit bitmask for sparse layers; the lm_head dense in the same value type).
     DeepSparse's internal format is not public: n/a."""
     if row.engine == "deepsparse":
-        return {"bpw_blocks": None, "bpw_lm_head": None, "mb_per_token": None}
+        return {"bpw_blocks": None, "bpw_lm_head": None, "kv_mb": None, "mb_per_token": None}
+    kv = kv_fp32 / (2 if row.options.get("kv_dtype") == "float16" else 1)
     numel = sum(n * k for n, k, _ in shapes)
     if row.engine.startswith("ort-int"):
         bpw = eng.scheme().get("bytes_per_weight", {})
@@ -183,7 +195,7 @@ def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng) -> di
         vb, sb = scheme_overhead(row.values, hidden)
         head = vb + sb
         total += head * vocab_hidden
-    return {"bpw_blocks": blocks, "bpw_lm_head": head, "mb_per_token": total / 2 ** 20,
+    return {"bpw_blocks": blocks, "bpw_lm_head": head, "kv_mb": kv / 2 ** 20, "mb_per_token": (total + kv) / 2 ** 20,
             "logit_rel_l2": export_error(eng)}
 
 
@@ -336,11 +348,12 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
     ours = next((r.label for r in rows if r.group == "ours-dense-int8" and r.label in med), None)
 
     def same_kind(r: Row) -> Optional[str]:
-        """Our dense row with r's values and activations (decode is what is compared): the like-for-like
-        reference of a sparse row of ours."""
-        act = r.options.get("act_dtype")
+        """Our dense row with r's values, activations and K/V cache (decode is what is compared): the
+        like-for-like reference of a sparse row of ours."""
+        keys = ("act_dtype", "kv_dtype")
         return next((d.label for d in rows if d.engine == "lean-cpu" and d.ckpt == "dense" and d.values == r.values
-                     and d.options.get("act_dtype") == act and d.label in med), None) if r.engine == "sparse-cpu" else None
+                     and all(d.options.get(k) == r.options.get(k) for k in keys) and d.label in med),
+                    None) if r.engine == "sparse-cpu" else None
     ort_q = [r.label for r in rows if r.group == "ort-quant" and r.label in med]
     fastest_ort = min(ort_q, key=med.get) if ort_q else None
     out = []
@@ -355,7 +368,8 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
                "decode ms/token": d.median if d else None, "decode IQR": f"{d.q1:.4g}-{d.q3:.4g}" if d else None,
                "decode min-max": f"{d.min:.4g}-{d.max:.4g}" if d else None,
                "prefill ms": p.median if p else None, "prefill IQR": f"{p.q1:.4g}-{p.q3:.4g}" if p else None,
-               "B/w blocks": b["bpw_blocks"], "B/w lm_head": b["bpw_lm_head"], "MB/token": b["mb_per_token"],
+               "B/w blocks": b["bpw_blocks"], "B/w lm_head": b["bpw_lm_head"], "K/V MB/token": b.get("kv_mb"),
+               "MB/token": b["mb_per_token"],
                "logit rel L2 prefill / decode": b.get("logit_rel_l2")}
         for ref, col in ((ours, "vs our dense int8"), (same_kind(r), "vs our dense, same values"),
                          (fastest_ort, "vs fastest ORT quant")):
@@ -395,6 +409,7 @@ def main() -> int:
     if args.repeats < (2 if args.quick else 5):
         ap.error("the latency protocol needs at least 5 repeats (--quick: 2, and then it is not a result)")
 
+    from _common import kv_bytes_per_token
     from sparse_runtime.measure.latency import LatencyConfig, _time_scenario
     from sparse_runtime.report import save_results
     from sparse_runtime.runtime.base import Scenario, default_threads, peak_rss_mb
@@ -421,6 +436,7 @@ def main() -> int:
 
     cfg_json = json.loads((Path(dense) / "config.json").read_text())
     hidden, vocab = int(cfg_json["hidden_size"]), int(cfg_json["vocab_size"])
+    kv_fp32 = kv_bytes_per_token(cfg_json, args.context, args.decode_steps, 4)
     shapes = {k: layer_shapes(str(p)) for k, p in paths.items()}
     prof = {k: {"sparsity": 1 - sum(z for *_, z in v) / max(1, sum(n * kk for n, kk, _ in v))}
             for k, v in shapes.items()}
@@ -440,7 +456,8 @@ def main() -> int:
         try:
             for r in members:
                 if r.label in engines:
-                    bytes_[r.label] = bytes_per_token(r, shapes[r.ckpt], vocab * hidden, hidden, engines[r.label])
+                    bytes_[r.label] = bytes_per_token(r, shapes[r.ckpt], vocab * hidden, hidden, engines[r.label],
+                                                      kv_fp32)
             for key, sc in (("decode", decode_sc), ("prefill", prefill_sc)):
                 if not engines:
                     break
@@ -480,9 +497,10 @@ def main() -> int:
         "bf16 prefill rows (prefill_dtype bfloat16, opt-in): x and W rounded to bf16, fp32 sums; the products run "
         "the AMX form where the CPU has AMX, the bf16 walk where it has AVX512-BF16 without AMX (the forms each "
         "row ran: prefill_forms in the JSON evidence)",
-        "bound = MB/token of the reference / MB/token of the row (weights read per decode token: block linears + "
-        "lm_head; embedding row and KV cache left out). ORT rows: bytes of codes + scales + zero points from the "
-        "graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; int4-gG: 0.5 B + an fp32 scale per G; "
+        "bound = MB/token of the reference / MB/token of the row (bytes read per decode token: block linears + "
+        "lm_head + the K/V cache, its mean over the timed steps in the K/V MB/token column, fp32 unless the row "
+        "says kv_dtype float16; the embedding row left out; MB = 2^20 bytes). ORT rows: weights = bytes of "
+        "codes + scales + zero points from the graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; int4-gG: 0.5 B + an fp32 scale per G; "
         "sparse: stored values + a 1-bit bitmask, or dense where smaller); our quantized lm_head assumed in the "
         "row's value type (the issue-21 contract); DeepSparse: n/a (its format is not public)",
         "ORT quantized exports: onnx-int8 = quantize_dynamic (int8 weights per channel, activations per tensor at "
@@ -519,7 +537,7 @@ def main() -> int:
         notes.append(f"skipped {k}: {why}")
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
     cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
-            "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "MB/token", "vs our dense int8",
+            "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "K/V MB/token", "MB/token", "vs our dense int8",
             "vs our dense, same values", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")

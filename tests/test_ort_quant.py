@@ -197,4 +197,8 @@ def test_bench_quant_latency_quick_runs_on_a_tiny_model(tmp_path):
     assert rows["dense int4-g32, ORT MatMulNBits"]["B/w blocks"] == pytest.approx(0.625)
     assert rows["wanda-70 fp32, sparse-cpu"]["decode ms/token"] > 0
     assert data["references"]["fastest_ort_quant"] in rows
+    # the bound counts the K/V cache both tokens read: fp32 unless the row says fp16 (half)
+    kv = rows["dense int8, lean"]["K/V MB/token"]
+    assert kv > 0 and rows["dense int8 + fp16 K/V, lean"]["K/V MB/token"] == pytest.approx(kv / 2)
+    assert rows["dense int8, lean"]["MB/token"] > kv
     assert "vs fastest ORT quant" in rows["wanda-70 fp32, sparse-cpu"]
