@@ -20,10 +20,9 @@ and the per-round ratio dense int8 / 70 % W8A8 (within one cache dtype). ``--den
 int8 with W8A8 (the 70 % W8A8 row's like for like) and dense int4-g64 with W4A8; ``--stages`` puts
 every stage of the profile in the rows (where a token's time goes: norms, qkv, RoPE and cache
 append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--attn-forms`` times every row twice
-per round, once as the engines run (each kv head one work item up to ``sr_attn_whole_max``, 256 cached
-positions, then ranges split across threads) and once with ranges at every length (the rows marked
-"[ranges always]"; the tuning hook set to 0 around that row's steps), so the two forms meet the same
-drift. ``--model tiny`` tests the script.
+per round, once as the engines run (equal shares of the (kv head, position) pairs per thread) and once
+with every kv head cut into one range per thread (the rows marked "[ranges]";
+``kernels.decode.attn_form("ranges")`` around that row's steps), so the two forms meet the same drift. ``--model tiny`` tests the script.
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def main() -> int:
     ap.add_argument("--kv-dtypes", default="float32",
                     help="the K/V cache dtypes to run every row with, comma-separated (float32, float16)")
     ap.add_argument("--attn-forms", action="store_true",
-                    help="also every row with the attention's ranges split across threads at every length")
+                    help="also every row with the attention's other form: every kv head cut into one range per thread")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
     ap.add_argument("--name", default="decode_context")
@@ -114,9 +113,8 @@ def main() -> int:
             group.append(label)
         ref_of[group[1]] = group[0]
     labels = list(engines)
-    RANGES = " [ranges always]"
-    whole_max = cdec.attn_whole_max()  # the compiled bound, restored after each "[ranges always]" row
-    if args.attn_forms:  # the same engines, timed a second time per round with ranges at every length
+    RANGES = " [ranges]"
+    if args.attn_forms:  # the same engines, timed a second time per round in the ranges form
         for k in list(labels):
             labels.append(k + RANGES)
             kv_bytes[k + RANGES] = kv_bytes[k]
@@ -134,7 +132,7 @@ def main() -> int:
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
                 lean = engines[k.removesuffix(RANGES)].lean
-                cdec.attn_whole_max(0 if k.endswith(RANGES) else whole_max)
+                cdec.attn_form("ranges" if k.endswith(RANGES) else "shares")
                 lean.prefill(ids)
                 cdec.profile_start()
                 t = time.perf_counter()
@@ -142,7 +140,7 @@ def main() -> int:
                     lean.decode_token(100 + i)
                 ms = (time.perf_counter() - t) * 1e3 / args.steps
                 stages = cdec.profile_stop()
-                cdec.attn_whole_max(whole_max)
+                cdec.attn_form("shares")
                 if r:
                     total[k].append(ms)
                     attn[k].append(stages["attention"] * 1e3 / args.steps)
@@ -181,9 +179,11 @@ def main() -> int:
              *(["<stage> ms: every stage of the same profile, ms/token (median over the rounds); they sum to "
                 "about the token (the rest: Python's call and the embedding row)"] if args.stages else []),
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks,
-             *([f"'{RANGES.strip()}' rows: the same engine as the row without it, timed with sr_attn_whole_max(0) "
-                f"(each kv head's positions cut into one range per thread at every length; the engines' own form "
-                f"keeps each kv head whole up to {whole_max} cached positions)"] if args.attn_forms else [])]
+             *([f"'{RANGES.strip()}' rows: the same engine as the row without it, timed with "
+                f"kernels.decode.attn_form('ranges') (every kv head's positions cut into one range per thread, "
+                f"every head's partials merged; the engines' own form gives every thread an equal, contiguous "
+                f"share of the (kv head, position) pairs and merges only the heads cut between shares)"]
+               if args.attn_forms else [])]
     return save_bench(args, "ctx", "Decode ms/token as the context grows, and the attention stage", rows,
                       protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
                       model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",

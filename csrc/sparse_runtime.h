@@ -121,10 +121,10 @@ int sr_obs_columns(int isa, float* W1, float* Err1, const float* Hinv1, const fl
 int64_t sr_decode_scratch_floats(const SRModel* m);
 void sr_decode_profile(int on);
 void sr_decode_profile_get(double* out);
-// batch-1 attention: up to this many cached positions a kv head is cut into ceil(threads / kv heads)
-// ranges (whole heads where there are enough), past it into one per thread (set when >= 0; returns
-// the previous value; 0: one range per thread at every length)
-int64_t sr_attn_whole_max(int64_t positions);
+// batch-1 attention's form: 0 equal shares of the (kv head, position) pairs per thread (the default),
+// 1 one range per thread of every kv head; set when form >= 0, returns the previous form (-1 asks;
+// -2: form unknown, nothing changed)
+int sr_attn_form(int form);
 int sr_linear_desc_run(const SRLinear* L, const float* x, float* y, int n_threads);
 // y [B, N] = x [B, K] W^T + b for any descriptor at any batch (fp32 or quantized; the standalone
 // entry of the quantized kernels), and the listed rows (all when rows is NULL, n = N) of a quantized

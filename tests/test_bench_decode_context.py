@@ -66,10 +66,10 @@ def test_decode_context_stages_and_dense_a8(tmp_path):
 
 
 def test_decode_context_attn_forms(tmp_path):
-    """--attn-forms times every row a second time with the attention's ranges split at every length
-    (the same engine, sr_attn_whole_max(0) around its steps), with its own per-round ratio."""
+    """--attn-forms times every row a second time in the attention's ranges form (the same engine,
+    kernels.decode.attn_form("ranges") around its steps), with its own per-round ratio."""
     data = _run_tiny(tmp_path, "af", "--contexts", "8", "--attn-forms")
     labels = [row["row"] for row in data["rows"]]
-    assert labels[2:] == [k + " [ranges always]" for k in labels[:2]]
+    assert labels[2:] == [k + " [ranges]" for k in labels[:2]]
     assert data["rows"][3].get("dense int8 / this, per round: median")
-    assert "sr_attn_whole_max(0)" in (tmp_path / "af.md").read_text()
+    assert "attn_form('ranges')" in (tmp_path / "af.md").read_text()

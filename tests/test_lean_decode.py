@@ -88,9 +88,9 @@ def test_wide_head_dim(isa):
 def test_grouped_attention_head_dims_and_groups(head_dim, heads, kv_heads, threads, prompt, kv_dtype):
     """The AVX-512 grouped-query attention (every D = 16 NC up to 128 has its own form): query heads
     per kv head 1 to 12 (the V pass in chunks of 4, or 2 at D > 64; the running maxima 8 heads at a
-    time), 40 and 270 prompt positions (whole and partial 16-position blocks; whole kv heads where
-    there are at least as many as threads, else ranges), fp32 and fp16 caches, against Hugging Face's
-    forward."""
+    time), 40 and 270 prompt positions (whole and partial 16-position blocks; with 2 threads whole kv
+    heads where their count is even, else one head cut between the threads' shares), fp32 and fp16
+    caches, against Hugging Face's forward."""
     if "avx512" not in supported_isas():
         pytest.skip("CPU lacks avx512")
     model = pruned(tiny_model("llama", hidden_size=head_dim * heads, num_attention_heads=heads,
@@ -100,43 +100,61 @@ def test_grouped_attention_head_dims_and_groups(head_dim, heads, kv_heads, threa
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("form", ["shares", "ranges"])
 @pytest.mark.parametrize("threads", [3, 4])
-def test_attention_split_across_threads(isa, threads):
-    """The batch-1 step cuts each kv head's positions into ranges and merges the ranges' partial
-    softmaxes: up to kAttnWholeMax (256) cached positions into ceil(threads / kv heads) = 2 ranges,
-    past it into one range per thread. 3 and 4 threads over 2 kv heads of 2 query heads: prompts of
-    40 and 1 positions (fewer positions than ranges), of 300 (uneven ranges per thread) and of 254
-    (the steps cross the bound), a sliding window of 270 (ranges over the window only) and one of 5."""
-    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
-    compare(model, lean_of(model, threads=threads, isa=isa), prompt=40, steps=4)
-    compare(model, lean_of(model, threads=threads, isa=isa), prompt=1, steps=4)
-    compare(model, lean_of(model, threads=threads, isa=isa), prompt=300, steps=3)
-    compare(model, lean_of(model, threads=threads, isa=isa), prompt=254, steps=4)
-    windowed = pruned(tiny_model("mistral", sliding_window=270, max_position_embeddings=512))
-    compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=280, steps=3)
-    windowed = pruned(tiny_model("mistral", sliding_window=5))
-    compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=9, steps=6)
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_attention_whole_max_hook(isa):
-    """sr_attn_whole_max: with 2 threads over 2 kv heads each kv head is one item normalized in place
-    up to the bound (256 compiled), one range per thread past it; 0 gives ranges at every length (the
-    form before), a large bound whole heads at 300 positions. Every form equals HF, and the hook
-    returns and restores the compiled bound."""
+def test_attention_split_across_threads(isa, form, threads):
+    """The batch-1 step cuts the attention into pieces and merges the pieces' partial softmaxes: equal
+    shares of the (kv head, position) pairs (3 threads over 2 kv heads: both heads cut, one of them
+    between 2 shares; 4: each head between 2) or one range per thread of every head. 2 kv heads of 2
+    query heads: prompts of 40, 1 (fewer pairs than threads: fewer shares), 300 and 254 positions, a
+    sliding window of 270 (pieces over the window only) and one of 5."""
     from sparse_runtime.kernels import decode as cdec
 
-    model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
-    default = cdec.attn_whole_max()
+    old = cdec.attn_form(form)
     try:
-        compare(model, lean_of(model, threads=2, isa=isa), prompt=40, steps=3)  # whole heads
-        assert cdec.attn_whole_max(0) == default == 256
-        compare(model, lean_of(model, threads=2, isa=isa), prompt=40, steps=3)  # ranges
-        assert cdec.attn_whole_max(10_000) == 0
-        compare(model, lean_of(model, threads=2, isa=isa), prompt=300, steps=3)  # whole heads
+        model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+        for prompt, steps in ((40, 4), (1, 4), (300, 3), (254, 4)):
+            compare(model, lean_of(model, threads=threads, isa=isa), prompt=prompt, steps=steps)
+        windowed = pruned(tiny_model("mistral", sliding_window=270, max_position_embeddings=512))
+        compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=280, steps=3)
+        windowed = pruned(tiny_model("mistral", sliding_window=5))
+        compare(windowed, lean_of(windowed, threads=threads, isa=isa), prompt=9, steps=6)
     finally:
-        cdec.attn_whole_max(default)
-    assert cdec.attn_whole_max() == 256
+        cdec.attn_form(old)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3, 5])
+@pytest.mark.parametrize("threads", [2, 5, 7])
+def test_attention_equal_shares(kv_heads, threads):
+    """Equal shares at head and thread counts that do not divide each other: a share holding the end
+    of one head and the start of the next, a head cut into up to 7 pieces (1 kv head, 7 threads), whole
+    heads between cut ones (5 kv heads, 2 threads), and as few positions as threads (prompt 1), against
+    Hugging Face's forward."""
+    if "avx512" not in supported_isas():
+        pytest.skip("CPU lacks avx512")
+    model = pruned(tiny_model("llama", hidden_size=16 * kv_heads * 2, num_attention_heads=2 * kv_heads,
+                              num_key_value_heads=kv_heads, max_position_embeddings=512))
+    for prompt in (1, 5, 40, 300):
+        compare(model, lean_of(model, threads=threads, isa="avx512"), prompt=prompt, steps=3)
+
+
+def test_attention_form_hook():
+    """kernels.decode.attn_form: shares by default, returns the form before each call, refuses an
+    unknown name (and the C entry an unknown number) without changing the form."""
+    from sparse_runtime.kernels import decode as cdec
+    from sparse_runtime.kernels import native
+
+    assert cdec.attn_form() == "shares"
+    try:
+        assert cdec.attn_form("ranges") == "shares"
+        assert cdec.attn_form() == "ranges"
+        with pytest.raises(ValueError, match="choose shares or ranges"):
+            cdec.attn_form("whole")
+        assert native.lib().sr_attn_form(7) == -2
+        assert cdec.attn_form() == "ranges"
+    finally:
+        cdec.attn_form("shares")
+    assert cdec.attn_form() == "shares"
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -159,8 +177,8 @@ def test_fp16_cache_rounds_as_torch(isa):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("hidden", [64, 48], ids=["head_dim16", "head_dim12"])
 def test_fp16_kv_cache(isa, threads, hidden):
-    """kv_dtype float16: the cache holds fp16 K/V (half the bytes); the C step (its ranges split across
-    threads) equals the torch path reading the same rounded cache (a batch of 2 equal rows), and the
+    """kv_dtype float16: the cache holds fp16 K/V (half the bytes); the C step (with 3 threads its kv
+    heads cut between the threads' shares) equals the torch path reading the same rounded cache (a batch of 2 equal rows), and the
     logits stay near the fp32 model's (the rounding of K and V only). head_dim 12: the vector tails."""
     model = pruned(tiny_model("llama", hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2))
     c = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
@@ -176,10 +194,11 @@ def test_fp16_kv_cache(isa, threads, hidden):
     compare_with_hf(model, lean_of(model, threads=threads, isa=isa, kv_dtype="float16"), 12, 6, 1, 0, atol=2e-3)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_fp16_kv_cache_long_context(threads):
-    """An fp16 cache over 1100 positions (every 16-position block and vector width of the fp16 loads,
-    ranges split across threads): the AVX-512 step still equals the torch path."""
+    """An fp16 cache over 1100 positions (every 16-position block and vector width of the fp16 loads;
+    2 threads: a whole kv head each, 3: both heads cut between shares): the AVX-512 step still equals
+    the torch path."""
     if "avx512" not in supported_isas():
         pytest.skip("CPU lacks avx512")
     model = pruned(tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))

@@ -118,8 +118,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile.restype = None
         lb.sr_decode_profile_get.argtypes = [_p]
         lb.sr_decode_profile_get.restype = None
-        lb.sr_attn_whole_max.argtypes = [_i64]
-        lb.sr_attn_whole_max.restype = _i64
+        lb.sr_attn_form.argtypes = [ctypes.c_int]
+        lb.sr_attn_form.restype = ctypes.c_int
         if hasattr(lb, "sr_linear_desc_run_batch"):
             lb.sr_linear_desc_run_batch.argtypes = [ctypes.POINTER(CLinear), _p, _i64, _p, ctypes.c_int]
             lb.sr_linear_desc_run_batch.restype = ctypes.c_int
@@ -202,13 +202,20 @@ def profile_stop() -> dict[str, float]:
     return {name: float(buf[i]) for i, name in enumerate(STAGES)}
 
 
-def attn_whole_max(positions: int = -1) -> int:
-    """The batch-1 step's whole-head bound: up to this many cached positions a kv head's attention is
-    cut into only ``ceil(threads / kv heads)`` ranges (one work item, no partials to merge, where there
-    are at least as many kv heads as threads); past it into one range per thread. ``positions >= 0``
-    sets it (0: one range per thread at every length); returns the value before the call. A tuning and
-    benchmarking hook (docs/kernels.md "Decode attention", "Whole kv heads"), process-wide."""
-    return int(_bind().sr_attn_whole_max(int(positions)))
+ATTN_FORMS = ("shares", "ranges")  # sr_attn_form's 0 and 1
+
+
+def attn_form(form: Optional[str] = None) -> str:
+    """The batch-1 step's attention form, process-wide; returns the form before the call and sets
+    ``form`` when given. ``shares`` (the default): the (kv head, position) pairs cut into one equal,
+    contiguous share per thread, only the heads a share boundary falls inside merged; ``ranges``:
+    every kv head cut into one range per thread, every head merged (the flash-decoding split). Both
+    give the same result to fp32 rounding; a tuning and benchmarking hook (docs/kernels.md "Decode
+    attention", "Equal shares")."""
+    if form is not None and form not in ATTN_FORMS:
+        raise ValueError(f"attention form {form!r}: choose {' or '.join(ATTN_FORMS)}")
+    old = int(_bind().sr_attn_form(ATTN_FORMS.index(form) if form is not None else -1))
+    return ATTN_FORMS[old]
 
 
 class DecodeStep:
