@@ -110,6 +110,22 @@ def test_avx2_both_layouts(layout):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_attention_shares_across_rows(isa, threads):
+    """The batched step's attention in equal shares of all rows' (kv head, position) pairs: rows of 1
+    to 90 positions, so a share holds the end of one row's heads and the start of the next row's, a
+    long head is cut between up to 5 shares (its first and last pieces the threads' partial slots),
+    whole heads sit between cut ones; 1 and 3 kv heads, a sliding window (pieces over the window
+    only), and an fp16 cache."""
+    for kvh, heads in ((1, 2), (3, 6)):
+        m = _prune(tiny_model("llama", hidden_size=16 * heads, num_attention_heads=heads, num_key_value_heads=kvh),
+                   "u70")
+        _run(m, sparse=True, threads=threads, isa=isa, lengths=(1, 40, 2, 90, 5, 1, 17), cap=128, steps=2)
+    m = _prune(tiny_model("mistral", sliding_window=24), "u70")
+    _run(m, sparse=True, threads=threads, isa=isa, lengths=(1, 40, 2, 90, 5, 1, 17), cap=128, kv_dtype="float16")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fp16_kv_cache(isa, threads):
     """kv_dtype float16: the serving cache holds fp16; the batched C step, the torch batch and the
