@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -379,9 +380,23 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
             x = ratio(med[ref], d.median)
             bound = ratio(bytes_[ref]["mb_per_token"], b["mb_per_token"])
             row[col] = f"{x:.2f}x (bound {bound:.2f}x)" if bound else f"{x:.2f}x (bound n/a)"
+        row["vs our dense int8, per round"] = per_round_ratio(times.get("decode", {}), ours, r, rows)
         row["evidence"] = str(evidence[r.label].get("sparse_path", ""))[:90]
         out.append(row)
     return out, {"our_dense_int8": ours, "fastest_ort_quant": fastest_ort}
+
+
+def per_round_ratio(decode_times: dict[str, list[float]], ref: Optional[str], r: Row, rows: list[Row]) -> Optional[str]:
+    """``ref``'s decode time / ``r``'s, round by round: "median (min-max)", for rows timed in the same
+    rounds as ``ref`` (its runtime group: interleaved, so round i of both ran seconds apart), None
+    otherwise. The pace of this kind of VM drifts over minutes, which moves two medians apart more
+    than the ratio of the times taken side by side (docs/protocols.md)."""
+    ref_row = next((x for x in rows if x.label == ref), None)
+    a, b = decode_times.get(ref or ""), decode_times.get(r.label)
+    if ref_row is None or not a or not b or len(a) != len(b) or runtime_group(ref_row) != runtime_group(r):
+        return None
+    q = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(q):.2f}x ({min(q):.2f}-{max(q):.2f})"
 
 
 def main() -> int:
@@ -497,6 +512,9 @@ def main() -> int:
         "bf16 prefill rows (prefill_dtype bfloat16, opt-in): x and W rounded to bf16, fp32 sums; the products run "
         "the AMX form where the CPU has AMX, the bf16 walk where it has AVX512-BF16 without AMX (the forms each "
         "row ran: prefill_forms in the JSON evidence)",
+        "vs our dense int8, per round: the reference's decode time / the row's in each round, median (min-max), "
+        "for our rows (timed in the same interleaved rounds as the reference; this VM's pace drifts over "
+        "minutes, which moves two medians more than side-by-side ratios)",
         "bound = MB/token of the reference / MB/token of the row (bytes read per decode token: block linears + "
         "lm_head + the K/V cache, its mean over the timed steps in the K/V MB/token column, fp32 unless the row "
         "says kv_dtype float16; the embedding row left out; MB = 2^20 bytes). ORT rows: weights = bytes of "
@@ -538,7 +556,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
     cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
             "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "K/V MB/token", "MB/token", "vs our dense int8",
-            "vs our dense, same values", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
+            "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")
     protocol = (f"latency (docs/protocols.md), rows interleaved within each runtime group: decode:1@{args.context} "

@@ -201,4 +201,8 @@ def test_bench_quant_latency_quick_runs_on_a_tiny_model(tmp_path):
     kv = rows["dense int8, lean"]["K/V MB/token"]
     assert kv > 0 and rows["dense int8 + fp16 K/V, lean"]["K/V MB/token"] == pytest.approx(kv / 2)
     assert rows["dense int8, lean"]["MB/token"] > kv
+    # side-by-side ratios only for rows timed in the reference's rounds (ours), not ORT's
+    assert rows["dense int8, lean"]["vs our dense int8, per round"].startswith("1.00x (1.00-1.00)")
+    assert rows["wanda-70 fp32, sparse-cpu"]["vs our dense int8, per round"].endswith(")")
+    assert rows["dense int8, ORT dynamic"]["vs our dense int8, per round"] is None
     assert "vs fastest ORT quant" in rows["wanda-70 fp32, sparse-cpu"]
