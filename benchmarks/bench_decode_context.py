@@ -22,7 +22,8 @@ every stage of the profile in the rows (where a token's time goes: norms, qkv, R
 append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--attn-forms`` times every row twice
 per round, once as the engines run (equal shares of the (kv head, position) pairs per thread) and once
 with every kv head cut into one range per thread (the rows marked "[ranges]";
-``kernels.decode.attn_form("ranges")`` around that row's steps), so the two forms meet the same drift. ``--model tiny`` tests the script.
+``kernels.decode.attn_form("ranges")`` around that row's steps), so the two forms meet the same drift.
+``--model tiny`` tests the script.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def main() -> int:
         ref_of[group[1]] = group[0]
     labels = list(engines)
     RANGES = " [ranges]"
+    form0 = cdec.attn_form()  # the engines' own form, restored after each "[ranges]" row
     if args.attn_forms:  # the same engines, timed a second time per round in the ranges form
         for k in list(labels):
             labels.append(k + RANGES)
@@ -132,7 +134,7 @@ def main() -> int:
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
                 lean = engines[k.removesuffix(RANGES)].lean
-                cdec.attn_form("ranges" if k.endswith(RANGES) else "shares")
+                cdec.attn_form("ranges" if k.endswith(RANGES) else form0)
                 lean.prefill(ids)
                 cdec.profile_start()
                 t = time.perf_counter()
@@ -140,7 +142,7 @@ def main() -> int:
                     lean.decode_token(100 + i)
                 ms = (time.perf_counter() - t) * 1e3 / args.steps
                 stages = cdec.profile_stop()
-                cdec.attn_form("shares")
+                cdec.attn_form(form0)
                 if r:
                     total[k].append(ms)
                     attn[k].append(stages["attention"] * 1e3 / args.steps)

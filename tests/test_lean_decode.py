@@ -177,8 +177,9 @@ def test_fp16_cache_rounds_as_torch(isa):
 @pytest.mark.parametrize("hidden", [64, 48], ids=["head_dim16", "head_dim12"])
 def test_fp16_kv_cache(isa, threads, hidden):
     """kv_dtype float16: the cache holds fp16 K/V (half the bytes); the C step (with 3 threads its kv
-    heads cut between the threads' shares) equals the torch path reading the same rounded cache (a batch of 2 equal rows), and the
-    logits stay near the fp32 model's (the rounding of K and V only). head_dim 12: the vector tails."""
+    heads cut between the threads' shares) equals the torch path reading the same rounded cache (a
+    batch of 2 equal rows), and the logits stay near the fp32 model's (the rounding of K and V only).
+    head_dim 12: the vector tails."""
     model = pruned(tiny_model("llama", hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2))
     c = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
     t = lean_of(model, threads=threads, isa=isa, kv_dtype="float16")
