@@ -518,8 +518,8 @@ def main() -> int:
         "bound = MB/token of the reference / MB/token of the row (bytes read per decode token: block linears + "
         "lm_head + the K/V cache, its mean over the timed steps in the K/V MB/token column, fp32 unless the row "
         "says kv_dtype float16; the embedding row left out; MB = 2^20 bytes). ORT rows: weights = bytes of "
-        "codes + scales + zero points from the graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; int4-gG: 0.5 B + an fp32 scale per G; "
-        "sparse: stored values + a 1-bit bitmask, or dense where smaller); our quantized lm_head assumed in the "
+        "codes + scales + zero points from the graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; "
+        "int4-gG: 0.5 B + an fp32 scale per G; sparse: stored values + a 1-bit bitmask, or dense where smaller); our quantized lm_head assumed in the "
         "row's value type (the issue-21 contract); DeepSparse: n/a (its format is not public)",
         "ORT quantized exports: onnx-int8 = quantize_dynamic (int8 weights per channel, activations per tensor at "
         "run time), onnx-int4 = MatMulNBits (symmetric blocks, accuracy_level 4 = int8 compute); the lm_head is "
@@ -556,7 +556,8 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
     cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
             "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "K/V MB/token", "MB/token", "vs our dense int8",
-            "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant", "logit rel L2 prefill / decode", "evidence"]
+            "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant",
+            "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")
     protocol = (f"latency (docs/protocols.md), rows interleaved within each runtime group: decode:1@{args.context} "
