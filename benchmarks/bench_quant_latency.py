@@ -519,8 +519,9 @@ def main() -> int:
         "lm_head + the K/V cache, its mean over the timed steps in the K/V MB/token column, fp32 unless the row "
         "says kv_dtype float16; the embedding row left out; MB = 2^20 bytes). ORT rows: weights = bytes of "
         "codes + scales + zero points from the graph; ours: from the scheme (int8: 1 B + an fp32 scale per row; "
-        "int4-gG: 0.5 B + an fp32 scale per G; sparse: stored values + a 1-bit bitmask, or dense where smaller); our quantized lm_head assumed in the "
-        "row's value type (the issue-21 contract); DeepSparse: n/a (its format is not public)",
+        "int4-gG: 0.5 B + an fp32 scale per G; sparse: stored values + a 1-bit bitmask, or dense where smaller); "
+        "our quantized lm_head assumed in the row's value type (the issue-21 contract); DeepSparse: n/a (its "
+        "format is not public)",
         "ORT quantized exports: onnx-int8 = quantize_dynamic (int8 weights per channel, activations per tensor at "
         "run time), onnx-int4 = MatMulNBits (symmetric blocks, accuracy_level 4 = int8 compute); the lm_head is "
         "quantized in every one (docs/runtime.md#ort-int8-and-ort-int4)",
