@@ -23,11 +23,17 @@ append, attention, o_proj, gate_up, SiLU-mul, down, lm_head). ``--attn-forms`` t
 per round, once as the engines run (equal shares of the (kv head, position) pairs per thread) and once
 with every kv head cut into one range per thread (the rows marked "[ranges]";
 ``kernels.decode.attn_form("ranges")`` around that row's steps), so the two forms meet the same drift.
+``--bytes-only`` times every W8A8 row a second time per round with its products only reading their
+bytes (the rows marked "[bytes only]", ``kernels.decode.bytes_only()`` around that row's steps: wrong
+results by design, the time the bytes take to arrive in this token), with the per-round ratio of the
+real dense int8 row to it: the floor any kernel for the format meets on this machine, beside the
+ratio the real kernels reach (docs/kernels.md "The format's floor inside the token").
 ``--model tiny`` tests the script.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -62,6 +68,9 @@ def main() -> int:
                     help="the K/V cache dtypes to run every row with, comma-separated (float32, float16)")
     ap.add_argument("--attn-forms", action="store_true",
                     help="also every row with the attention's other form: every kv head cut into one range per thread")
+    ap.add_argument("--bytes-only", action="store_true",
+                    help="also every W8A8 row with its products only reading their bytes (wrong results; the "
+                         "format's timing floor in the token)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
     ap.add_argument("--name", default="decode_context")
@@ -91,6 +100,7 @@ def main() -> int:
     dense, ckpts = bench_checkpoints(args.model)
     paths = {"dense": str(dense), **{k: str(v) for k, v in ckpts.items()}}
     engines, fallbacks = {}, []
+    a8_rows: list[str] = []  # the rows whose products are W8A8 (what --bytes-only times again)
     kv_bytes: dict[str, int] = {}  # bytes per cached element of each row
     ref_of: dict[str, str] = {}  # the 70 % row of each K/V dtype -> the dense int8 row it is compared with
     for kv_dtype in kv_dtypes:
@@ -100,6 +110,8 @@ def main() -> int:
             label, opts = label + suffix, {**opts, "kv_dtype": kv_dtype}
             try:
                 engines[label] = get_engine(name)(paths[key], threads=threads, **opts)
+                if opts.get("act_dtype") and opts.get("dtype") == "int8":  # W8A8 (W4A8 has no bytes-only form)
+                    a8_rows.append(label)
             except ConfigError as e:  # W8A8 needs AVX-512 VNNI: weight-only int8 is that CPU's fastest 70 % decode
                 if "act_dtype" not in opts:
                     raise
@@ -121,6 +133,14 @@ def main() -> int:
             labels.append(k + RANGES)
             kv_bytes[k + RANGES] = kv_bytes[k]
         ref_of.update({f + RANGES: d + RANGES for f, d in ref_of.items()})
+    BYTES = " [bytes only]"
+    if args.bytes_only:  # the W8A8 engines again per round, their products only reading their bytes
+        refs = dict(ref_of)
+        for k in a8_rows:
+            labels.append(k + BYTES)
+            kv_bytes[k + BYTES] = kv_bytes[k]
+            if k in refs:  # against the real dense int8 row: the floor of the ratio
+                ref_of[k + BYTES] = refs[k]
     cfg = AutoConfig.from_pretrained(paths["dense"])  # the local checkpoint's config.json
     vocab = engines[labels[0]].vocab_size
 
@@ -133,14 +153,15 @@ def main() -> int:
         stage_ms = {k: {st: [] for st in cdec.STAGES} for k in labels}
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
-                lean = engines[k.removesuffix(RANGES)].lean
+                lean = engines[k.removesuffix(RANGES).removesuffix(BYTES)].lean
                 cdec.attn_form("ranges" if k.endswith(RANGES) else form0)
                 lean.prefill(ids)
-                cdec.profile_start()
-                t = time.perf_counter()
-                for i in range(args.steps):
-                    lean.decode_token(100 + i)
-                ms = (time.perf_counter() - t) * 1e3 / args.steps
+                with cdec.bytes_only() if k.endswith(BYTES) else contextlib.nullcontext():
+                    cdec.profile_start()
+                    t = time.perf_counter()
+                    for i in range(args.steps):
+                        lean.decode_token(100 + i)
+                    ms = (time.perf_counter() - t) * 1e3 / args.steps
                 stages = cdec.profile_stop()
                 cdec.attn_form(form0)
                 if r:
@@ -185,7 +206,14 @@ def main() -> int:
                 f"kernels.decode.attn_form('ranges') (every kv head's positions cut into one range per thread, "
                 f"every head's partials merged; the engines' own form gives every thread an equal, contiguous "
                 f"share of the (kv head, position) pairs and merges only the heads cut between shares)"]
-               if args.attn_forms else [])]
+               if args.attn_forms else []),
+             *([f"'{BYTES.strip()}' rows: the same engine as the row without it, timed inside "
+                f"kernels.decode.bytes_only(): every W8A8 product quantizes its input, then only reads its "
+                f"weight bytes (flat, a line at a time: codes, then mask words) and writes zeros, so the "
+                f"outputs are wrong by design and the time is what the products' bytes take to arrive in the "
+                f"token; the other stages (attention, norms, lm_head when not W8A8) run as usual. Its ratio "
+                f"column is against the real dense int8 row: what no kernel for the format can beat here"]
+               if args.bytes_only else [])]
     return save_bench(args, "ctx", "Decode ms/token as the context grows, and the attention stage", rows,
                       protocol="latency (docs/protocols.md), batch-1 decode at several contexts",
                       model="SmolLM2-135M-Instruct" if args.model == "smollm2" else "tiny Llama",

@@ -73,3 +73,19 @@ def test_decode_context_attn_forms(tmp_path):
     assert labels[2:] == [k + " [ranges]" for k in labels[:2]]
     assert data["rows"][3].get("dense int8 / this, per round: median")
     assert "attn_form('ranges')" in (tmp_path / "af.md").read_text()
+
+
+def test_decode_context_bytes_only(tmp_path):
+    """--bytes-only times every W8A8 row a second time with its products only reading their bytes
+    (kernels.decode.bytes_only() around its steps), with the per-round ratio of the real dense int8 row
+    to it; no W8A8 row (no VNNI) means no such row."""
+    data = _run_tiny(tmp_path, "bo", "--contexts", "8", "--bytes-only", "--dense-a8")
+    labels = [row["row"] for row in data["rows"]]
+    if "70 % int8 + W8A8" not in labels:
+        assert not any(k.endswith("[bytes only]") for k in labels)
+        return
+    assert labels == ["dense int8", "70 % int8 + W8A8", "dense int8 + W8A8", "dense int4-g64 + W4A8",
+                      "70 % int8 + W8A8 [bytes only]", "dense int8 + W8A8 [bytes only]"]
+    assert data["rows"][4].get("dense int8 / this, per round: median")
+    assert all(len(v) == 3 for v in data["times_ms"]["8"]["total_ms"].values())
+    assert "wrong by design" in (tmp_path / "bo.md").read_text()

@@ -73,6 +73,34 @@ def test_kernels_equal_the_contract_bit_for_bit(isa, layout):
                 np.testing.assert_array_equal(y.numpy(), want, err_msg=f"K={K} {sp} B=16")
 
 
+@pytest.mark.skipif(not VNNI, reason="CPU lacks AVX-512 VNNI/VBMI2")
+@pytest.mark.parametrize("layout", ["dense", "bitmask"])
+def test_bytes_only_hook_is_scoped(layout):
+    """kernels.decode.bytes_only (the timing floor's hook): off by default; inside the block a batch-1
+    AVX-512 W8A8 product writes zeros (its bytes only read; K = 77: a masked last read, 1056: an odd
+    number of mask words; the last rows end at the end of the codes); on exit the setting before is
+    back and the products equal the contract again, also when the block raises."""
+    from sparse_runtime.kernels import decode as cdec
+
+    lib = native.lib()
+    assert lib.sr_a8_bytes_only(-1) == 0
+    for K in (77, 1056):
+        w = _weight(37, K, 0.7)
+        p = pack_quantized(quantize_rtn(w, INT8), layout)
+        ql = QuantLinear(p, torch.randn(37), isa="avx512", act="int8")
+        x = _x(1, K)
+        want = ql(x).numpy()
+        with cdec.bytes_only():
+            assert lib.sr_a8_bytes_only(-1) == 1
+            assert not ql(x).any()
+        assert lib.sr_a8_bytes_only(-1) == 0
+        np.testing.assert_array_equal(ql(x).numpy(), want)
+        with pytest.raises(RuntimeError, match="inside"):
+            with cdec.bytes_only():
+                raise RuntimeError("inside")
+        assert lib.sr_a8_bytes_only(-1) == 0
+
+
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("layout", ["dense", "bitmask"])
 @pytest.mark.parametrize("act", ["int8-g64", "int8-g128"])

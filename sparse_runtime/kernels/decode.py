@@ -11,8 +11,9 @@ how, the KV cache, prefill) lives in :mod:`sparse_runtime.runtime.lean_llama`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -120,6 +121,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile_get.restype = None
         lb.sr_attn_form.argtypes = [ctypes.c_int]
         lb.sr_attn_form.restype = ctypes.c_int
+        lb.sr_a8_bytes_only.argtypes = [ctypes.c_int]
+        lb.sr_a8_bytes_only.restype = ctypes.c_int
         if hasattr(lb, "sr_linear_desc_run_batch"):
             lb.sr_linear_desc_run_batch.argtypes = [ctypes.POINTER(CLinear), _p, _i64, _p, ctypes.c_int]
             lb.sr_linear_desc_run_batch.restype = ctypes.c_int
@@ -216,6 +219,23 @@ def attn_form(form: Optional[str] = None) -> str:
         raise ValueError(f"attention form {form!r}: choose {' or '.join(ATTN_FORMS)}")
     old = int(_bind().sr_attn_form(ATTN_FORMS.index(form) if form is not None else -1))
     return ATTN_FORMS[old]
+
+
+@contextlib.contextmanager
+def bytes_only() -> Iterator[None]:
+    """Inside the block, every batch-1 W8A8 product with one scale per token (AVX-512, dense or
+    bitmask codes) quantizes its input, then only reads its weight bytes (flat, a line at a time) and
+    writes zeros: **wrong results by design**, process-wide, restored on exit. What it is for: timing a
+    decode token whose products take only as long as their bytes take to arrive, the floor any kernel
+    for the format meets on this machine (``benchmarks/bench_decode_context.py --bytes-only``;
+    docs/kernels.md "The format's floor inside the token"). A context manager only, so it cannot be
+    left on."""
+    lb = _bind()
+    old = int(lb.sr_a8_bytes_only(1))
+    try:
+        yield
+    finally:
+        lb.sr_a8_bytes_only(old)
 
 
 class DecodeStep:
