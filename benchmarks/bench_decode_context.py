@@ -28,6 +28,10 @@ bytes (the rows marked "[bytes only]", ``kernels.decode.bytes_only()`` around th
 results by design, the time the bytes take to arrive in this token), with the per-round ratio of the
 real dense int8 row to it: the floor any kernel for the format meets on this machine, beside the
 ratio the real kernels reach (docs/kernels.md "The format's floor inside the token").
+Before every row's steps each thread of the team runs the same short dependent chain
+(``kernels.decode.thread_pace``); a note gives each thread's pace over the rounds and how many rounds
+had a thread at least 1.3x slower than the fastest (on a VM, a vCPU time-shared with another guest:
+docs/protocols.md "Machine pace"), and the JSON keeps it per round.
 ``--model tiny`` tests the script.
 """
 from __future__ import annotations
@@ -50,6 +54,22 @@ FP32_ROWS = [("dense fp32", "lean-cpu", "dense", {}), ("70 % fp32", "sparse-cpu"
 DENSE_A8 = [("dense int8 + W8A8", "lean-cpu", "dense", {"dtype": "int8", "act_dtype": "int8"}),
             ("dense int4-g64 + W4A8", "lean-cpu", "dense", {"dtype": "int4-g64", "act_dtype": "int8"})]
 REF = ROWS[0][0]
+
+
+PACE_ITERS = 200_000  # ~50 us a sample (kernels.decode.thread_pace), one before every row's steps
+
+
+def pace_note(ctx: int, pace: list[list[float]]) -> str:
+    """One line on the vCPUs' pace over the timed rounds at context ctx: each thread's median and
+    min-max (us for the same chain; docs/protocols.md "Machine pace") and how many rounds had a thread
+    at least 1.3x slower than the fastest."""
+    per_thread = list(zip(*pace))
+    uneven = sum(1 for p in pace if max(p) >= 1.3 * min(p))
+    return (f"vCPU pace at context {ctx} (kernels.decode.thread_pace: the same dependent chain on every thread, us, "
+            f"sampled before every row's steps; per round each thread's median): "
+            + ", ".join(f"thread {i} {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+                        for i, v in enumerate(per_thread))
+            + f"; rounds with a thread >= 1.3x the fastest: {uneven} of {len(pace)}")
 
 
 def main() -> int:
@@ -146,13 +166,17 @@ def main() -> int:
 
     rows = []
     raw: dict[str, dict[str, list]] = {}
+    pace_notes: list[str] = []
     for ctx in contexts:
         ids = torch.from_numpy(benchmark_ids(vocab, 1, ctx, 0))
         total = {k: [] for k in labels}
         attn = {k: [] for k in labels}
         stage_ms = {k: {st: [] for st in cdec.STAGES} for k in labels}
+        pace: list[list[float]] = []  # per timed round: each thread's median vCPU pace (us) over its rows
         for r in range(args.rounds + 1):  # round 0 warms up (cache growth, first touches)
+            samples = []
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+                samples.append(cdec.thread_pace(threads, PACE_ITERS))
                 lean = engines[k.removesuffix(RANGES).removesuffix(BYTES)].lean
                 cdec.attn_form("ranges" if k.endswith(RANGES) else form0)
                 lean.prefill(ids)
@@ -170,6 +194,7 @@ def main() -> int:
                     for st in cdec.STAGES:
                         stage_ms[k][st].append(stages[st] * 1e3 / args.steps)
             if r:
+                pace.append([statistics.median(v) for v in zip(*samples)])
                 print(f"context {ctx} round {r}/{args.rounds}: "
                       + ", ".join(f"{k} {total[k][-1]:.3f}" for k in labels), flush=True)
         for k in labels:
@@ -186,7 +211,8 @@ def main() -> int:
             if args.stages:
                 row.update({f"{st} ms": statistics.median(stage_ms[k][st]) for st in cdec.STAGES})
             rows.append(row)
-        raw[str(ctx)] = {"total_ms": total, "attention_ms": attn, "stage_ms": stage_ms}
+        raw[str(ctx)] = {"total_ms": total, "attention_ms": attn, "stage_ms": stage_ms, "vcpu_pace_us": pace}
+        pace_notes.append(pace_note(ctx, pace))
     evidence = {k: e.evidence().get("sparse_path", "") for k, e in engines.items()}
     for e in engines.values():
         e.close()
@@ -199,6 +225,7 @@ def main() -> int:
              "so it includes waiting for the slowest thread and the merge of the threads' partials)",
              "K/V MB/token: every cached position of every layer, K and V (fp32, or fp16 in the rows marked "
              "'fp16 K/V': --kv-dtype float16), averaged over the timed steps; GB/s = that / attention ms",
+             *pace_notes,
              *(["<stage> ms: every stage of the same profile, ms/token (median over the rounds); they sum to "
                 "about the token (the rest: Python's call and the embedding row)"] if args.stages else []),
              *(f"{k}: {v}" for k, v in evidence.items()), *fallbacks,

@@ -37,6 +37,8 @@ def test_decode_context_runs_on_tiny(tmp_path):
     assert data["rows"][2]["K/V MB/token"] == data["rows"][0]["K/V MB/token"] / 2  # fp16: half the bytes
     assert all(len(v) == 3 for ctx in data["times_ms"].values() for v in ctx["total_ms"].values())
     assert "TINY" in (tmp_path / "ctx.md").read_text()
+    assert "vCPU pace at context 33" in (tmp_path / "ctx.md").read_text()  # per round, each thread's pace
+    assert all(len(data["times_ms"][c]["vcpu_pace_us"]) == 3 for c in ("8", "33"))
     r = subprocess.run([sys.executable, SCRIPT, "--contexts", "128,lots"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 2 and "--contexts '128,lots'" in r.stderr

@@ -156,6 +156,18 @@ def test_attention_form_hook():
     assert cdec.attn_form() == "shares"
 
 
+def test_thread_pace():
+    """kernels.decode.thread_pace: one positive time per thread asked (the team may share cores: only
+    the count and the sign are checked), and bad arguments refused."""
+    from sparse_runtime.kernels import decode as cdec
+
+    for n in (1, 2, 3):
+        us = cdec.thread_pace(n, 1000)
+        assert len(us) == n and all(u > 0 for u in us)
+    with pytest.raises(ValueError, match="at least one thread"):
+        cdec.thread_pace(0)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_fp16_cache_rounds_as_torch(isa):
     """The steps' fp32 -> fp16 conversion (kv_dtype float16) against torch's .half(), bit for bit:

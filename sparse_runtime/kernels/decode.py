@@ -121,6 +121,8 @@ def _bind() -> ctypes.CDLL:
         lb.sr_decode_profile_get.restype = None
         lb.sr_attn_form.argtypes = [ctypes.c_int]
         lb.sr_attn_form.restype = ctypes.c_int
+        lb.sr_thread_pace.argtypes = [ctypes.c_int, _i64, _p]
+        lb.sr_thread_pace.restype = ctypes.c_int
         lb.sr_a8_bytes_only.argtypes = [ctypes.c_int]
         lb.sr_a8_bytes_only.restype = ctypes.c_int
         if hasattr(lb, "sr_linear_desc_run_batch"):
@@ -219,6 +221,21 @@ def attn_form(form: Optional[str] = None) -> str:
         raise ValueError(f"attention form {form!r}: choose {' or '.join(ATTN_FORMS)}")
     old = int(_bind().sr_attn_form(ATTN_FORMS.index(form) if form is not None else -1))
     return ATTN_FORMS[old]
+
+
+def thread_pace(threads: int, iters: int = 100_000) -> list[float]:
+    """Microseconds each of ``threads`` OpenMP threads takes, started together, for the same dependent
+    chain of ``iters`` multiply-adds (``sr_thread_pace``); -1 for a thread the runtime did not start.
+    Equal on a machine whose cores run at one pace; on a VM a vCPU time-shared with another guest reads
+    about twice the others for as long as that lasts, and every timing then moves with it. The latency
+    benchmarks record it per round (docs/protocols.md "Machine pace")."""
+    if threads < 1 or iters < 1:
+        raise ValueError(f"thread_pace({threads}, {iters}): give at least one thread and one iteration")
+    out = (ctypes.c_double * threads)()
+    rc = _bind().sr_thread_pace(threads, iters, out)
+    if rc != 0:
+        raise ConfigError(f"sr_thread_pace failed: {native.ERRORS.get(rc, rc)}")
+    return list(out)
 
 
 @contextlib.contextmanager
