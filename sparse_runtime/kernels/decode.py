@@ -227,8 +227,8 @@ def thread_pace(threads: int, iters: int = 100_000) -> list[float]:
     """Microseconds each of ``threads`` OpenMP threads takes, started together, for the same dependent
     chain of ``iters`` multiply-adds (``sr_thread_pace``); -1 for a thread the runtime did not start.
     Equal on a machine whose cores run at one pace; on a VM a vCPU time-shared with another guest reads
-    about twice the others for as long as that lasts, and every timing then moves with it. The latency
-    benchmarks record it per round (docs/protocols.md "Machine pace")."""
+    about twice the others for as long as that lasts, and every timing then moves with it.
+    ``benchmarks/bench_decode_context.py`` records it per round (docs/protocols.md "Machine pace")."""
     if threads < 1 or iters < 1:
         raise ValueError(f"thread_pace({threads}, {iters}): give at least one thread and one iteration")
     out = (ctypes.c_double * threads)()
