@@ -125,6 +125,13 @@ void sr_decode_profile_get(double* out);
 // 1 one range per thread of every kv head; set when form >= 0, returns the previous form (-1 asks;
 // -2: form unknown, nothing changed)
 int sr_attn_form(int form);
+// each of n_threads OpenMP threads' microseconds for the same dependent chain of iters multiply-adds,
+// started together at a barrier (-1: a thread the runtime did not start): the machine-pace sample
+int sr_thread_pace(int n_threads, int64_t iters, double* us);
+// benchmarking only (w8a8.inc): on = 1 makes every batch-1 W8A8 product with one scale per token read
+// its weight bytes and write zeros, wrong results by design; set when on >= 0, returns the previous
+// setting (-1 asks)
+int sr_a8_bytes_only(int on);
 int sr_linear_desc_run(const SRLinear* L, const float* x, float* y, int n_threads);
 // y [B, N] = x [B, K] W^T + b for any descriptor at any batch (fp32 or quantized; the standalone
 // entry of the quantized kernels), and the listed rows (all when rows is NULL, n = N) of a quantized
