@@ -16,14 +16,17 @@ warmed up, then ``--repeats`` rounds in an order rotated each round), decode fir
 - ``sparse-cpu`` on Wanda 50 % / 70 % / 2:4 x {fp32, int8, int4-g``--int4-group``};
 - the int4 group defaults to 64, not the issue's 128: SmolLM2's width 576 is 4.5 x 128, and our
   quantization refuses groups that do not divide a row (ORT pads the last block);
+- llama.cpp (``llamacpp``, where llama-cpp-python is installed) on dense GGUF Q8_0 and Q4_0, and on
+  the 70 % checkpoint in Q4_0 (it multiplies the zeros: the dense speed);
 - DeepSparse (fp32 values, dense and the three sparse checkpoints) where it runs.
 
 A row that cannot run here (an engine not installed, a value type our engines do not accept yet) is
 listed under "skipped" with its reason; nothing else changes. Columns: decode ms/token at context
 ``--context`` (median, IQR, min-max), prefill 1 x ``--prefill`` ms, bytes per weight of the block
-linears and of the lm_head, MB read per token, and each row's speedup against our dense int8 row
-and against the fastest dense quantized ORT row, each beside its memory-bandwidth bound (bytes per
-token of the reference / bytes per token of the row; docs/protocols.md#the-memory-bandwidth-bound).
+linears and of the lm_head, MB read per token, and each row's speedup against our dense int8 row,
+against the fastest dense quantized ORT row and against the fastest llama.cpp row, each beside its
+memory-bandwidth bound (bytes per token of the reference / bytes per token of the row;
+docs/protocols.md#the-memory-bandwidth-bound).
 
 Checkpoints: SmolLM2-135M pruned with Wanda exactly as ``bench_latency.py`` does (its
 ``checkpoints`` helper; cached under ``$SPARSE_RUNTIME_CACHE/bench-latency``). ``--model tiny``
@@ -130,6 +133,11 @@ def planned_rows(with_deepsparse: bool, group: int) -> list[Row]:
              Row("dense int8 + W8A8 + fp16 K/V, lean", "lean-cpu", "dense", "int8", {"act_dtype": "int8", **kv16}),
              Row("wanda-70 int8 + W8A8 + fp16 K/V, sparse-cpu", "sparse-cpu", "wanda-70", "int8",
                  {"act_dtype": "int8", **kv16})]
+    # llama.cpp on its dense GGUF types (every 2-D weight incl. the lm_head in the type; fp16 K/V, its default):
+    # the runtime CPU users would otherwise pick for 8- and 4-bit models; a pruned checkpoint runs at dense speed
+    rows += [Row(f"dense {q}, llama.cpp", "llamacpp", "dense", q, {"qtype": q}, group="llamacpp")
+             for q in ("Q8_0", "Q4_0")]
+    rows += [Row("wanda-70 Q4_0, llama.cpp", "llamacpp", "wanda-70", "Q4_0", {"qtype": "Q4_0"})]
     if with_deepsparse:
         rows += [Row(f"{ck} fp32, deepsparse", "deepsparse", ck, "fp32") for ck in ("dense", *SPARSE)]
     return rows
@@ -182,6 +190,10 @@ def bytes_per_token(row: Row, shapes, vocab_hidden: int, hidden: int, eng, kv_fp
         bpw = eng.scheme().get("bytes_per_weight", {})
         blocks, head = bpw.get("blocks"), bpw.get("lm_head")
         total = blocks * numel + head * vocab_hidden
+    elif row.engine == "llamacpp":  # one GGUF type for every 2-D weight; llama.cpp's K/V cache is fp16
+        blocks = head = eng.scheme().get("bytes_per_weight")
+        total = blocks * (numel + vocab_hidden)
+        kv = kv_fp32 / (1 if row.options.get("kv_dtype") == "float32" else 2)
     elif row.engine == "ort-cpu":
         blocks = head = 4.0
         total = 4.0 * (numel + vocab_hidden)
@@ -294,6 +306,8 @@ def smollm2_checkpoints() -> tuple[Path, dict[str, Path]]:
 # -- the run ----------------------------------------------------------------------------------------
 def runtime_group(row: Row) -> str:
     """Rows that share a runtime are timed together (interleaved); runtimes one after the other."""
+    # llama.cpp's OpenMP regions run on the same libgomp pool as our kernels', so its rows are interleaved
+    # with ours: their per-round ratio against our dense int8 is a side-by-side one
     return "ort" if row.engine.startswith("ort-") else "deepsparse" if row.engine == "deepsparse" else "lean"
 
 
@@ -357,6 +371,8 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
                     None) if r.engine == "sparse-cpu" else None
     ort_q = [r.label for r in rows if r.group == "ort-quant" and r.label in med]
     fastest_ort = min(ort_q, key=med.get) if ort_q else None
+    llama = [r.label for r in rows if r.group == "llamacpp" and r.label in med]
+    fastest_llama = min(llama, key=med.get) if llama else None
     out = []
     for r in rows:
         if r.label not in stats:
@@ -373,7 +389,7 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
                "MB/token": b["mb_per_token"],
                "logit rel L2 prefill / decode": b.get("logit_rel_l2")}
         for ref, col in ((ours, "vs our dense int8"), (same_kind(r), "vs our dense, same values"),
-                         (fastest_ort, "vs fastest ORT quant")):
+                         (fastest_ort, "vs fastest ORT quant"), (fastest_llama, "vs fastest llama.cpp")):
             if ref is None or d is None:
                 row[col] = None
                 continue
@@ -383,7 +399,7 @@ def table(rows: list[Row], evidence, times, bytes_, shapes_by_ckpt, decode_sc, p
         row["vs our dense int8, per round"] = per_round_ratio(times.get("decode", {}), ours, r, rows)
         row["evidence"] = str(evidence[r.label].get("sparse_path", ""))[:90]
         out.append(row)
-    return out, {"our_dense_int8": ours, "fastest_ort_quant": fastest_ort}
+    return out, {"our_dense_int8": ours, "fastest_ort_quant": fastest_ort, "fastest_llama_cpp": fastest_llama}
 
 
 def per_round_ratio(decode_times: dict[str, list[float]], ref: Optional[str], r: Row, rows: list[Row]) -> Optional[str]:
@@ -443,8 +459,8 @@ def main() -> int:
         from sparse_runtime.runtime.exports import ensure_export
 
         for r in rows:
-            if r.engine.startswith("ort-"):
-                fmt = {"ort-cpu": "onnx", "ort-int8": "onnx-int8", "ort-int4": "onnx-int4"}[r.engine]
+            if r.engine.startswith("ort-") or r.engine == "llamacpp":
+                fmt = {"ort-cpu": "onnx", "ort-int8": "onnx-int8", "ort-int4": "onnx-int4", "llamacpp": "gguf"}[r.engine]
                 ensure_export(str(paths[r.ckpt]), fmt, **r.options)
                 log(f"export ready: {r.label}")
         return 0
@@ -501,7 +517,13 @@ def main() -> int:
         f"ratio references: our dense int8 = {refs['our_dense_int8'] or 'not run'} (weight-only: fp32 activations); "
         "our dense, same values = our dense row with the row's value type and activations (fp32, int8 weight-only, "
         "W8A8 per token, W8A8-g64: the like-for-like comparison of a sparse row); fastest dense quantized ORT "
-        f"(by decode median) = {refs['fastest_ort_quant'] or 'not run'}; ratio = median(reference) / median(row)",
+        f"(by decode median) = {refs['fastest_ort_quant'] or 'not run'}; fastest llama.cpp = "
+        f"{refs['fastest_llama_cpp'] or 'not run'}; ratio = median(reference) / median(row)",
+        "llama.cpp rows: llama-cpp-python (llama.cpp compiled by pip for this CPU, -march=native, OpenMP) on the "
+        "gguf export (exporters/gguf.py): Q8_0 = blocks of 32 int8 + an fp16 scale (8.5 bits), Q4_0 = blocks of "
+        "32 4-bit codes + an fp16 scale (4.5 bits), every 2-D weight incl. the embedding and lm_head (--pure); "
+        "its K/V cache fp16 and attention as llama.cpp picks (its defaults); timed in the same interleaved "
+        "rounds as our rows",
         "W8A8 rows (--act-dtype int8): the decode products (and prompt products of at most 8 tokens) quantize "
         "each token's input to int8 with one scale per token (W8A8-g64: per 64 columns, --act-dtype int8-g64) and "
         "multiply int8 x int8 on AVX-512 VNNI (vpdpbusd); "
@@ -557,7 +579,7 @@ def main() -> int:
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sr-bench-quant-"))
     cols = ["row", "engine", "checkpoint", "sparsity", "values", "decode ms/token", "decode IQR", "decode min-max",
             "prefill ms", "prefill IQR", "B/w blocks", "B/w lm_head", "K/V MB/token", "MB/token", "vs our dense int8",
-            "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant",
+            "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant", "vs fastest llama.cpp",
             "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")

@@ -73,7 +73,7 @@ class Exporter:
 
 
 EXPORTERS: Registry[type[Exporter]] = Registry("export format")
-_MODULES = ("onnx_ort", "onnx_deepsparse", "semi_structured", "bitmask", "onnx_quant")
+_MODULES = ("onnx_ort", "onnx_deepsparse", "semi_structured", "bitmask", "onnx_quant", "gguf")
 
 
 def _discover() -> None:

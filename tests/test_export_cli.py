@@ -33,7 +33,7 @@ def test_cli_refuses_non_24(tmp_path, capsys):
 def test_engines_list(capsys):
     assert main(["engines", "list"]) == 0
     out = capsys.readouterr().out
-    assert "deepsparse:" in out and "onnxruntime:" in out and "licence" in out
+    assert "deepsparse:" in out and "onnxruntime:" in out and "llamacpp:" in out and "licence" in out
 
 
 def test_recipe_stage_export(tmp_path):

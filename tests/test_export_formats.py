@@ -26,7 +26,7 @@ def ckpts(tmp_path_factory):
 
 
 def test_registry_lists_the_formats():
-    assert formats() == ["bitmask", "deepsparse", "onnx", "onnx-int4", "onnx-int8", "semi-structured"]
+    assert formats() == ["bitmask", "deepsparse", "gguf", "onnx", "onnx-int4", "onnx-int8", "semi-structured"]
     with pytest.raises(ConfigError, match="choose one of"):
         export("tiny-llama", "tflite", "/nonexistent/x")
 

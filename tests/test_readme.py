@@ -42,8 +42,16 @@ PARSE_ONLY = {"engines", "serve", "eval"}
 EXPECT = {
     "repair": ("| sparsity (measured) |", "| masks |"),
     "merge": ("| sparsity | target ", "verified", "| checkpoint |"),
-    "export": ("compressed-tensors==0.14.0.1",),
+    "export bitmask": ("compressed-tensors==0.14.0.1",),
+    "export gguf": ("llama-cli -m",),
 }
+
+
+def expected_output(argv: list[str]) -> tuple[str, ...]:
+    """What ``argv``'s output must show: by verb, or by verb and format for exports."""
+    if argv[0] == "export" and "--format" in argv:
+        return EXPECT.get(f"export {argv[argv.index('--format') + 1]}", ())
+    return EXPECT.get(argv[0], ())
 
 
 def bash_lines(text: str) -> list[str]:
@@ -140,7 +148,7 @@ def _run_readme(tmp_path: Path, capsys, include_slow: bool) -> list[str]:
         print(f"{time.perf_counter() - t0:6.1f} s  {' '.join(argv)}", file=sys.__stderr__)
         assert rc == 0, f"README command failed on {TINY} (rc {rc}): {' '.join(argv)}\n{out.err[-2000:]}"
         ran.append(argv[0])
-        for want in EXPECT.get(argv[0], ()):  # results a user can read, not raw dicts
+        for want in expected_output(argv):  # results a user can read, not raw dicts
             assert want in out.out, f"{' '.join(argv)} printed no {want!r}:\n{out.out[-2000:]}"
     from sparse_runtime.runtime import get_engine
 

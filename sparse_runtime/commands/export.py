@@ -1,4 +1,4 @@
-"""``sparse-runtime export DIR --format onnx|deepsparse|semi-structured|bitmask --out DIR2``.
+"""``sparse-runtime export DIR --format onnx|onnx-int8|onnx-int4|gguf|deepsparse|semi-structured|bitmask --out DIR2``.
 
 Common flags map to exporter options only when given; ``-o KEY=VALUE`` passes any other option
 (values read as YAML scalars: ``-o cache_length=512 -o decode=false``). Unknown options are errors
@@ -15,7 +15,7 @@ FLAG_OPTIONS = ("dtype", "optimize", "sparse_initializers", "external_data", "op
 
 def add_arguments(p):
     p.add_argument("model", help="sparse-runtime checkpoint directory, HF directory, 'smollm2-135m' or tiny-*")
-    p.add_argument("--format", required=True, help="onnx | onnx-int8 | onnx-int4 | deepsparse | semi-structured | bitmask")
+    p.add_argument("--format", required=True, help="onnx | onnx-int8 | onnx-int4 | gguf | deepsparse | semi-structured | bitmask")
     add_out_args(p)
     p.add_argument("--dtype", default=None, help="STORED dtype of the exported weights: float32 | float16 | bfloat16 "
                                                  "(format default if omitted; --load-dtype is the compute dtype)")
@@ -100,6 +100,9 @@ def how_to_read(fmt: str, out) -> list[str]:
                 "(without them it stops at 'Unexpected external input name: position_ids'):",
                 f"    {env_dir() / 'bin' / 'deepsparse.benchmark'} {out}/prefill.onnx "
                 "--disable-kv-cache-overrides --no-internal-kv-cache"]
+    if fmt == "gguf":
+        return [f"run it with llama.cpp: llama-cli -m {out}/model.gguf, llama-server -m {out}/model.gguf, or "
+                f"llama-bench -m {out}/model.gguf -t THREADS (llama.cpp multiplies the zeros: dense speed)"]
     if fmt == "bitmask":
         return ["read it with exporters.bitmask.load_bitmask, or with compressed-tensors 0.14 "
                 "(pip install 'compressed-tensors==0.14.0.1'; 0.15 and later have no sparse-bitmask "
@@ -107,6 +110,6 @@ def how_to_read(fmt: str, out) -> list[str]:
     return []
 
 
-COMMAND = Command("export", "export a model as onnx | onnx-int8 | onnx-int4 | deepsparse | semi-structured | bitmask "
+COMMAND = Command("export", "export a model as onnx | onnx-int8 | onnx-int4 | gguf | deepsparse | semi-structured | bitmask "
                   "(verified on load)",
                   add_arguments, run)

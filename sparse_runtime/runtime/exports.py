@@ -29,6 +29,16 @@ def export_format(path: Path) -> str | None:
     return None
 
 
+def export_quantization(path: Path) -> dict[str, Any]:
+    """The export manifest's quantization record (scheme, method, lm_head, bytes per weight, ...) of a
+    quantized export; empty when there is none."""
+    try:
+        man = json.loads((Path(path) / EXPORT_MANIFEST).read_text())
+        return dict(man.get("contents", {}).get("quantization", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def source_key(source: str) -> str:
     h = hashlib.sha256()
     p = Path(source)

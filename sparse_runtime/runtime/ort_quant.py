@@ -14,7 +14,6 @@ Options: ``graph_optimization`` (as ``ort-cpu``) and the export options of the f
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .ort_cpu import MODEL_FILE, OrtCPUEngine
@@ -28,11 +27,9 @@ class _OrtQuantEngine(OrtCPUEngine):
 
     def scheme(self) -> dict[str, Any]:
         """The export manifest's quantization record (scheme, method, lm_head, bytes per weight)."""
-        try:
-            man = json.loads((self.export_dir / "export_manifest.json").read_text())
-            return dict(man.get("contents", {}).get("quantization", {}))
-        except (OSError, ValueError):
-            return {}
+        from .exports import export_quantization
+
+        return export_quantization(self.export_dir)
 
     def info(self) -> dict[str, Any]:
         q = self.scheme()

@@ -11,7 +11,7 @@ import importlib
 from ..registry import Registry
 
 ENGINES: Registry = Registry("engine")
-_MODULES = ("torch_cpu", "ort_cpu", "deepsparse_engine", "torch_cuda", "lean_cpu", "ort_quant")
+_MODULES = ("torch_cpu", "ort_cpu", "deepsparse_engine", "torch_cuda", "lean_cpu", "ort_quant", "llamacpp")
 
 
 def discover() -> None:
