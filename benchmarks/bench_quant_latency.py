@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPARSE = ("wanda-50", "wanda-70", "wanda-2:4")
+# real shapes of random weights (--model): latency at a user's size; the pruned rows are magnitude-pruned
+SYNTHETIC = ("llama-3.2-1b",)
 # int4 group of our rows: 64, because SmolLM2's hidden width 576 = 4.5 x 128, so groups of 128 do not
 # divide the q/k/v/gate/up rows (the quantization contract refuses that; ORT's MatMulNBits pads the last
 # block instead). --int4-group 128 runs g128 on models whose widths allow it.
@@ -250,13 +252,39 @@ def tiny_checkpoints(root: Path) -> tuple[Path, dict[str, Path]]:
     return dense, out
 
 
-def bench_checkpoints(model: str) -> tuple[Path, dict[str, Path]]:
+def bench_checkpoints(model: str, needed: Optional[set[str]] = None) -> tuple[Path, dict[str, Path]]:
     """The dense checkpoint and the pruned ones (``SPARSE`` keys) a benchmark's ``--model`` names:
-    ``smollm2`` (SmolLM2-135M and the latency benchmark's Wanda checkpoints) or ``tiny`` (a small
-    random Llama, for the scripts' tests)."""
+    ``smollm2`` (SmolLM2-135M and the latency benchmark's Wanda checkpoints), ``tiny`` (a small
+    random Llama, for the scripts' tests) or a real shape of random weights (``SYNTHETIC``; only the
+    ``needed`` pruned checkpoints are made)."""
     if model == "tiny":
         return tiny_checkpoints(Path(tempfile.gettempdir()) / "sr-bench-quant-tiny")
+    if model in SYNTHETIC:
+        return synthetic_checkpoints(model, needed)
     return smollm2_checkpoints()
+
+
+def synthetic_checkpoints(shape: str, needed: Optional[set[str]] = None) -> tuple[Path, dict[str, Path]]:
+    """A random-weight model of a real shape (``sparse_runtime.models.synthetic``, bf16, the embedded
+    tokenizer) and magnitude-pruned copies at 50 % / 70 % / 2:4, cached under
+    ``$SPARSE_RUNTIME_CACHE/bench-quant-synthetic``: latency and bytes at that size (they do not depend
+    on the values), never quality."""
+    from sparse_runtime.models.loading import cache_dir
+    from sparse_runtime.models.synthetic import write_synthetic
+    from sparse_runtime.prune import PruneConfig, prune_checkpoint
+
+    root = cache_dir() / "bench-quant-synthetic" / shape
+    dense = root / "dense"
+    if not (dense / "config.json").is_file():
+        write_synthetic(shape, dense, dtype="bfloat16", overwrite=True)
+    cfgs = {"wanda-50": dict(sparsity=0.5), "wanda-70": dict(sparsity=0.7), "wanda-2:4": dict(structure="2:4")}
+    out = {}
+    for label, kw in cfgs.items():
+        d = root / ("magnitude-" + label.split("-")[1].replace(":", ""))
+        if (needed is None or label in needed) and not (d / "sparsity_manifest.json").is_file():
+            prune_checkpoint(str(dense), PruneConfig(method="magnitude", **kw), d, overwrite=True)
+        out[label] = d
+    return dense, out
 
 
 def save_bench(args, prefix: str, title: str, rows, *, protocol: str, model: str, notes, extra=None) -> int:
@@ -342,6 +370,15 @@ def load_rows(rows: list[Row], paths: dict[str, Path], threads: int, ds_opts: di
     return engines, skipped
 
 
+def llama_cpp_version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("llama_cpp_python")
+    except md.PackageNotFoundError:
+        return "(not installed)"
+
+
 def ratio(ref: Optional[float], got: Optional[float]) -> Optional[float]:
     return ref / got if ref and got else None
 
@@ -417,8 +454,10 @@ def per_round_ratio(decode_times: dict[str, list[float]], ref: Optional[str], r:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                    help="tiny: a small random Llama, to test the script (no meaningful figures)")
+    ap.add_argument("--model", choices=("smollm2", "tiny", *SYNTHETIC), default="smollm2",
+                    help="tiny: a small random Llama, to test the script (no meaningful figures); "
+                         f"{', '.join(SYNTHETIC)}: random weights of that shape, magnitude-pruned (latency "
+                         "only; pick rows with --rows, every row of a runtime is held in memory at once)")
     ap.add_argument("--quick", action="store_true", help="2 repeats, context 32, prefill 1x32, 4 decode steps")
     ap.add_argument("--prepare-only", action="store_true", help="prune and export, no timing")
     ap.add_argument("--out", default=None, help="directory for <name>.md/.json (default: a temporary directory)")
@@ -432,7 +471,8 @@ def main() -> int:
     ap.add_argument("--int4-group", type=int, default=INT4_GROUP, choices=(32, 64, 128),
                     help="int4 group of our rows and of the matching ORT row (default 64: 128 does not divide "
                          "SmolLM2's width 576)")
-    ap.add_argument("--rows", default="", help="comma-separated substrings: keep only rows whose label has one")
+    ap.add_argument("--rows", default="", help="substrings separated by commas, or by semicolons when they hold "
+                                               "commas (whole labels): keep only rows whose label has one")
     args = ap.parse_args()
     os.environ.setdefault("SPARSE_RUNTIME_QUIET", "1")
     if args.quick:
@@ -448,12 +488,12 @@ def main() -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     threads = args.threads or default_threads()
-    dense, ckpts = bench_checkpoints(args.model)
-    paths = {"dense": dense, **ckpts}
     rows = planned_rows(not args.no_deepsparse, args.int4_group)
     if args.rows:
-        keys = [k for k in args.rows.split(",") if k]
+        keys = [k.strip() for k in args.rows.split(";" if ";" in args.rows else ",") if k.strip()]
         rows = [r for r in rows if any(k in r.label for k in keys)]
+    dense, ckpts = bench_checkpoints(args.model, {r.ckpt for r in rows})
+    paths = {k: p for k, p in {"dense": dense, **ckpts}.items() if k == "dense" or any(r.ckpt == k for r in rows)}
     ds_opts = {"prefill_length": args.prefill, "cache_length": args.context + max(64, args.decode_steps + 1)}
     if args.prepare_only:  # the ORT exports (cached; ~1 min each on SmolLM2), pruning done above
         from sparse_runtime.runtime.exports import ensure_export
@@ -519,7 +559,8 @@ def main() -> int:
         "W8A8 per token, W8A8-g64: the like-for-like comparison of a sparse row); fastest dense quantized ORT "
         f"(by decode median) = {refs['fastest_ort_quant'] or 'not run'}; fastest llama.cpp = "
         f"{refs['fastest_llama_cpp'] or 'not run'}; ratio = median(reference) / median(row)",
-        "llama.cpp rows: llama-cpp-python (llama.cpp compiled by pip for this CPU, -march=native, OpenMP) on the "
+        f"llama.cpp rows: llama-cpp-python {llama_cpp_version()} (llama.cpp compiled by pip for this CPU, "
+        "-march=native, OpenMP) on the "
         "gguf export (exporters/gguf.py): Q8_0 = blocks of 32 int8 + an fp16 scale (8.5 bits), Q4_0 = blocks of "
         "32 4-bit codes + an fp16 scale (4.5 bits), every 2-D weight incl. the embedding and lm_head (--pure); "
         "its K/V cache fp16 and attention as llama.cpp picks (its defaults); timed in the same interleaved "
@@ -582,6 +623,8 @@ def main() -> int:
             "vs our dense int8, per round", "vs our dense, same values", "vs fastest ORT quant", "vs fastest llama.cpp",
             "logit rel L2 prefill / decode", "evidence"]
     model = ("tiny random Llama (hidden 128), not a benchmark model" if args.model == "tiny"
+             else f"{args.model}: RANDOM weights of that shape (bf16 on disk), magnitude-pruned (rows named wanda-* "
+                  "are magnitude here): latency only, never quality" if args.model in SYNTHETIC
              else "SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF) and its Wanda 50/70/2:4 checkpoints")
     protocol = (f"latency (docs/protocols.md), rows interleaved within each runtime group: decode:1@{args.context} "
                 f"x {args.decode_steps} steps, prefill:1x{args.prefill}; {args.repeats} rounds, {threads} threads")

@@ -40,6 +40,7 @@ others catch garbage only, their error reported), and tokenizes the fixed text a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -62,8 +63,9 @@ BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q4_0": 
 ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
           "qwen3": ("qwen3", False)}
 VOCABS = ("auto", "none")
-# Pre-tokenizer names llama.cpp knows, by (model_type, vocabulary size); anything else is "default".
-# The verification compares llama.cpp's tokens with Hugging Face's, so a wrong guess fails loudly.
+# Pre-tokenizer names llama.cpp knows, by (model_type, the TOKENIZER's vocabulary size: a model may carry
+# another model's tokenizer, as the synthetic shapes do); anything else is "default". The verification
+# compares llama.cpp's tokens with Hugging Face's, so a wrong guess fails loudly.
 KNOWN_PRE = {("llama", 128256): "llama-bpe", ("llama", 49152): "smollm", ("qwen2", None): "qwen2",
              ("qwen3", None): "qwen2"}
 LOGITS_GATE_F32 = 1e-3  # relative L2 of llama.cpp's F32 logits against PyTorch's
@@ -164,11 +166,11 @@ def rope_freq_factors(model) -> Optional[np.ndarray]:
     return (default / own).astype(np.float32)
 
 
-def pick_pre_tokenizer(cfg, requested: str) -> str:
+def pick_pre_tokenizer(cfg, tokenizer_size: int, requested: str) -> str:
     if requested != "auto":
         return requested
     mt = getattr(cfg, "model_type", "")
-    return KNOWN_PRE.get((mt, int(cfg.vocab_size)), KNOWN_PRE.get((mt, None), "default"))
+    return KNOWN_PRE.get((mt, int(tokenizer_size)), KNOWN_PRE.get((mt, None), "default"))
 
 
 def bpe_vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
@@ -199,6 +201,7 @@ def bpe_vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
     special = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     return {"tokens": toks, "types": tys, "merges": merges, "special": special, "add_bos": add_bos,
+            "tokenizer_size": max(tokens) + 1,
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
@@ -261,6 +264,7 @@ class GgufExporter(Exporter):
             raise ConfigError("the gguf export writes Hugging Face fast BPE tokenizers; this model has "
                               f"{type(src.tokenizer).__name__}: pass vocab=none (token ids only)")
 
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file at INFO
         w = gguf.GGUFWriter(str(out / GGUF_NAME), arch)
         w.add_name(str(src.manifest.base_model or src.spec)[:200])
         w.add_file_type(int(getattr(gguf.LlamaFileType, {"F32": "ALL_F32"}.get(opts.qtype, "MOSTLY_" + opts.qtype))))
@@ -281,7 +285,7 @@ class GgufExporter(Exporter):
         if vocab is None:
             w.add_tokenizer_model("none")
         else:
-            pre = pick_pre_tokenizer(cfg, opts.pre_tokenizer)
+            pre = pick_pre_tokenizer(cfg, vocab["tokenizer_size"], opts.pre_tokenizer)
             w.add_tokenizer_model("gpt2")
             w.add_tokenizer_pre(pre)
             w.add_token_list(vocab["tokens"])
@@ -394,7 +398,13 @@ class GgufExporter(Exporter):
         ids = fixed_prompt_ids(src.tokenizer, src.model.config.vocab_size, batch=1)
         ref = torch_reference(src.model, ids, decode=True)
         gate = LOGITS_GATE_F32 if opts.qtype == "F32" else LOGITS_GATE
-        with runner(out / GGUF_NAME, threads=1, n_ctx=64, kv_f32=opts.qtype == "F32") as m:
+        try:
+            m = runner(out / GGUF_NAME, threads=1, n_ctx=64, kv_f32=opts.qtype == "F32")
+        except RuntimeError as e:
+            raise ExportVerificationError(f"{e}, so the gguf export was not written"
+                                          + (f"; pre_tokenizer {contents['pre_tokenizer']!r} must be a name llama.cpp "
+                                             "knows" if contents.get("pre_tokenizer") else "")) from e
+        with m:
             pre = m.prefill(ids.numpy()[0])
             step = m.decode(int(ref["next_token"][0, 0]))
             checks = [relative_check("prefill", ref["prefill"][0], pre, gate),

@@ -46,7 +46,7 @@ def test_recipe_stage_export(tmp_path):
 
 
 def test_recipe_stage_validates_before_work():
-    bad = Recipe.from_dict({"model": "tiny-llama", "steps": [{"stage": "export", "format": "gguf"}]})
+    bad = Recipe.from_dict({"model": "tiny-llama", "steps": [{"stage": "export", "format": "tflite"}]})
     with pytest.raises(ConfigError, match="export.format"):
         bad.validate()
     bad = Recipe.from_dict({"model": "tiny-llama", "steps": [{"stage": "export", "format": "bitmask",

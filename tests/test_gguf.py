@@ -146,3 +146,27 @@ def test_llamacpp_engine_decodes_like_pytorch(tmp_path):
                 eng.prefill(np.zeros((2, 4), dtype=np.int64))
         finally:
             eng.close()
+
+
+@needs_llama
+def test_a_bpe_vocabulary_tokenizes_as_hugging_face(tmp_path):
+    """SmolLM2's byte-level BPE tokenizer on a tiny model of its vocabulary size: written as llama.cpp's
+    gpt2 vocabulary with the pre-tokenizer it knows, and llama.cpp tokenizes the fixed text as Hugging
+    Face does (the export checks it); a pre-tokenizer llama.cpp does not know fails the export, in one
+    line that names the option, and writes nothing."""
+    from transformers import AutoTokenizer
+
+    from exporters.verify import ExportVerificationError
+    from sparse_runtime.models.loading import ensure_smollm2
+    from sparse_runtime.models.tiny import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    m = tiny_model("llama", vocab_size=49152)
+    src = sr.save_checkpoint(m, tok, tmp_path / "bpe", sr.build_manifest(m, sr.load_model("tiny-llama").family,
+                                                                          base_model="tiny-bpe"))
+    res = export(src, "gguf", tmp_path / "g", qtype="Q8_0")
+    assert res.contents["vocab"] == "gpt2 BPE, 49152 tokens" and res.contents["pre_tokenizer"] == "smollm"
+    assert res.verification["tokenizer"]["same_as_hugging_face"] is True
+    with pytest.raises(ExportVerificationError, match="pre_tokenizer 'no-such-pre'"):
+        export(src, "gguf", tmp_path / "bad", qtype="Q8_0", pre_tokenizer="no-such-pre")
+    assert not (tmp_path / "bad").exists()

@@ -10,6 +10,7 @@ Used by the ``llamacpp`` engine (:mod:`.llamacpp`) and by the ``gguf`` export's 
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import importlib.util
 from pathlib import Path
@@ -19,7 +20,8 @@ import numpy as np
 
 INSTALL_HINT = ("sparse-runtime engines install llamacpp (pip-installs llama-cpp-python, which compiles llama.cpp "
                 "for this CPU: about 4 minutes on 2 cores)")
-_LOG_CALLBACK = None  # the ctypes callback that silences llama.cpp's log (kept alive here)
+_LOG_CALLBACK = None  # the ctypes callback that takes llama.cpp's log (kept alive here)
+_LOG_TAIL: "collections.deque[str]" = collections.deque(maxlen=4)  # its last lines: the reason of a failed load
 
 
 def llama_cpp_available() -> tuple[bool, str]:
@@ -32,12 +34,24 @@ def llama_cpp_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _keep(level, text, user) -> None:
+    line = (text or b"").decode("utf-8", "replace").strip()
+    if line:
+        _LOG_TAIL.append(line)
+
+
 def _quiet(L) -> None:
-    """Drop llama.cpp's log lines (load reports, per-context notes): the tool prints its own."""
+    """Keep llama.cpp's log off the terminal (load reports, per-context notes: the tool prints its
+    own); its last lines go into the error when a load fails."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
+        _LOG_CALLBACK = L.llama_log_callback(_keep)
         L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def _why() -> str:
+    lines = [ln for ln in _LOG_TAIL if "error" in ln.lower()] or list(_LOG_TAIL)
+    return f" (llama.cpp: {' | '.join(lines)})" if lines else ""
 
 
 class LlamaCppModel:
@@ -58,9 +72,10 @@ class LlamaCppModel:
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        _LOG_TAIL.clear()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+            raise RuntimeError(f"llama.cpp could not load {path}{_why()}")
         cp = L.llama_context_default_params()
         cp.n_ctx = int(n_ctx)
         cp.n_batch = cp.n_ubatch = int(min(n_batch, n_ctx))
@@ -73,7 +88,7 @@ class LlamaCppModel:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
-            raise RuntimeError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx})")
+            raise RuntimeError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx}){_why()}")
         self.n_ctx, self.n_batch, self.threads = int(n_ctx), int(cp.n_batch), int(threads)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
