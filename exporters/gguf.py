@@ -3,8 +3,8 @@
 llama.cpp has no sparse formats: a pruned model runs there at its dense speed, its zeros stored and
 multiplied like any weight. So this export is a *baseline*, like ``onnx-int8`` / ``onnx-int4``: what a
 user would otherwise ship, against which the sparse-quantized paths must show their speed
-(docs/formats.md#gguf, docs/quantization.md). It is also a way out: a model pruned and repaired here
-runs in every llama.cpp tool (``llama-cli``, ``llama-server``, ``llama-bench``).
+(docs/formats.md#gguf-llamacpp, docs/quantization.md). It is also a way out: a model pruned and
+repaired here runs in every llama.cpp tool (``llama-cli``, ``llama-server``, ``llama-bench``).
 
 **Layout.** The writer is the ``gguf`` package's (the llama.cpp project's own Python writer). Tensor
 names and metadata keys follow llama.cpp's architectures ``llama`` (LLaMA, Mistral, SmolLM2),
@@ -420,8 +420,8 @@ class GgufExporter(Exporter):
             bad.append(f"llama.cpp tokenizes the fixed text differently from Hugging Face with pre-tokenizer "
                        f"{contents['pre_tokenizer']!r}: pass pre_tokenizer=NAME (a name llama.cpp knows)")
         if bad:
-            raise ExportVerificationError(f"llama.cpp does not reproduce the source model from the gguf export, so it was "
-                                          f"not written: {'; '.join(bad)}")
+            raise ExportVerificationError(f"llama.cpp does not reproduce the source model from the gguf export, so it "
+                                          f"was not written: {'; '.join(bad)}")
         self._quality = max(c["relative_l2"] for c in checks)
         import llama_cpp
 

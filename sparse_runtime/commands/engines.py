@@ -65,7 +65,9 @@ def _llama_install(args) -> dict[str, Any]:
     if st["installed"] and not args.force:
         return {**st, "path": sys.prefix}
     print(f"compiling llama.cpp for this CPU ({LLAMA_CPP_PIN}; about 4 minutes on 2 cores) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP_PIN] + (["--force-reinstall"] if args.force else [])
+    # --no-cache-dir: a wheel pip cached on another CPU was compiled for that CPU (-march=native)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP_PIN] + \
+        (["--force-reinstall"] if args.force else [])
     if subprocess.call(cmd) != 0:
         raise ConfigError(f"pip install {LLAMA_CPP_PIN} failed (it needs a C++ compiler and cmake); its output "
                           "is above")
@@ -111,7 +113,8 @@ def run(args) -> int:
                               "executable (e.g. --python python3.11)")
     st = install(args)
     if args.engine == "deepsparse":
-        print(f"{args.engine}: installed in {st.get('path')} (deepsparse {st.get('deepsparse')}, python {st.get('python')})")
+        print(f"{args.engine}: installed in {st.get('path')} (deepsparse {st.get('deepsparse')}, "
+              f"python {st.get('python')})")
         print(f"  licence: {st.get('licence')}")
     else:
         print(f"{args.engine}: installed in {st.get('path')} (version {st.get('version')})")

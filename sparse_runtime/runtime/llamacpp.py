@@ -2,7 +2,7 @@
 4-bit models on.
 
 The dense quantized baseline beside ORT's (``ort-int8`` / ``ort-int4``): a checkpoint is exported
-once to GGUF in ``qtype`` (``Q8_0`` by default; ``Q4_0``, ``F16``, ``F32``; every 2-D weight incl. the
+once to GGUF in ``qtype`` (``Q8_0`` by default; ``Q4_0``, ``F16``, ``BF16``, ``F32``; every 2-D weight incl. the
 embedding and lm_head in that type, llama.cpp's ``--pure``; :mod:`exporters.gguf`) and cached, then
 run through ``llama-cpp-python``'s C bindings (:mod:`.llamacpp_model`). llama.cpp has no sparse
 formats: a pruned checkpoint runs at the dense speed of its type, zeros multiplied. Its K/V cache is
@@ -32,7 +32,7 @@ class LlamaCppEngine(Engine):
     description = "llama.cpp CPU backend (llama-cpp-python) on a dense GGUF export (Q8_0 / Q4_0 / F16 / F32)"
     install_hint = INSTALL_HINT
     exploits_sparsity = "no"
-    dtypes = ("Q8_0", "Q4_0", "F16", "F32")
+    dtypes = ("Q8_0", "Q4_0", "F16", "BF16", "F32")
 
     @classmethod
     def check_available(cls) -> None:
@@ -44,6 +44,7 @@ class LlamaCppEngine(Engine):
 
     def _load(self, model: str, qtype: str = "Q8_0", n_ctx: int = 2048, kv_dtype: str = "float16",
               flash_attn: Optional[bool] = None, dtype: Optional[str] = None, **export_options: Any) -> None:
+        from exporters.gguf import GGUF_NAME
         from sparse_runtime.errors import ConfigError
 
         from .exports import ensure_export
@@ -53,8 +54,6 @@ class LlamaCppEngine(Engine):
             raise ConfigError(f"llamacpp kv_dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
         self.qtype = str(dtype or qtype).upper()  # ``dtype`` is the engines' common spelling of the value type
         self.export_dir = ensure_export(model, "gguf", qtype=self.qtype, **export_options)
-        from exporters.gguf import GGUF_NAME
-
         self.kv_dtype = kv_dtype
         self.m = LlamaCppModel(self.export_dir / GGUF_NAME, threads=self.threads, n_ctx=n_ctx,
                                kv_f32=kv_dtype == "float32", flash_attn=flash_attn)
