@@ -142,6 +142,9 @@ def test_llamacpp_engine_decodes_like_pytorch(tmp_path):
             f = eng.timer(Scenario("decode", 8, 1, 3))
             assert f() > 0 and f() > 0  # the timer restores the cache between rounds
             assert eng.evidence()["sparse_path"].startswith("none")
+            from sparse_runtime.serve.slots import make_slots
+
+            assert make_slots(eng, 4, 256).n == 1  # its state cannot be swapped: served one sequence at a time
             with pytest.raises(ConfigError, match="batch 1"):
                 eng.prefill(np.zeros((2, 4), dtype=np.int64))
         finally:

@@ -83,6 +83,10 @@ class LlamaCppEngine(Engine):
         return self.m.decode(int(self._one(ids)[0]))[None, None]
 
     def _snapshot(self) -> int:
+        """The cache's length: restoring cuts the cache back to it, which is what the timer needs (the
+        same sequence, rerun from its context). It cannot bring back positions another sequence
+        overwrote, and the engine has none of the state attributes the server swaps, so
+        ``serve`` runs llamacpp sequences one at a time (sparse_runtime/serve/slots.py)."""
         return self.m.n_past
 
     def _restore(self, snap: int) -> None:
