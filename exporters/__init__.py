@@ -113,7 +113,7 @@ class ExportResult:
 
 
 LOAD_DTYPES = ("float32", "bfloat16")
-LOAD_DTYPE_FORMATS = ("bitmask", "semi-structured")  # formats that read the weights without tracing the model
+LOAD_DTYPE_FORMATS = ("bitmask", "semi-structured", "gguf")  # formats that read the weights without tracing the model
 
 
 def export(model_dir_or_spec, format: str, out: os.PathLike, overwrite: bool = False, *,

@@ -265,7 +265,9 @@ class GgufExporter(Exporter):
                               f"{type(src.tokenizer).__name__}: pass vocab=none (token ids only)")
 
         logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file at INFO
-        w = gguf.GGUFWriter(str(out / GGUF_NAME), arch)
+        # use_temp_file: each tensor goes to a spooled temporary file as it is made (memory holds one
+        # tensor, not the whole quantized model, on top of the source)
+        w = gguf.GGUFWriter(str(out / GGUF_NAME), arch, use_temp_file=True)
         w.add_name(str(src.manifest.base_model or src.spec)[:200])
         w.add_file_type(int(getattr(gguf.LlamaFileType, {"F32": "ALL_F32"}.get(opts.qtype, "MOSTLY_" + opts.qtype))))
         w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
@@ -397,7 +399,8 @@ class GgufExporter(Exporter):
 
         ids = fixed_prompt_ids(src.tokenizer, src.model.config.vocab_size, batch=1)
         ref = torch_reference(src.model, ids, decode=True)
-        gate = LOGITS_GATE_F32 if opts.qtype == "F32" else LOGITS_GATE
+        fp32_source = next(src.model.parameters()).dtype == torch.float32  # --load-dtype bfloat16: bf16 compute
+        gate = LOGITS_GATE_F32 if opts.qtype == "F32" and fp32_source else LOGITS_GATE
         try:
             m = runner(out / GGUF_NAME, threads=1, n_ctx=64, kv_f32=opts.qtype == "F32")
         except RuntimeError as e:

@@ -173,3 +173,16 @@ def test_a_bpe_vocabulary_tokenizes_as_hugging_face(tmp_path):
     with pytest.raises(ExportVerificationError, match="pre_tokenizer 'no-such-pre'"):
         export(src, "gguf", tmp_path / "bad", qtype="Q8_0", pre_tokenizer="no-such-pre")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_bf16_source_exports_with_half_the_memory(ckpt, tmp_path):
+    """``load_dtype="bfloat16"``: the source held in bf16; the file holds its values (F32 exactly the
+    bf16 values, zeros intact)."""
+    res = export(ckpt, "gguf", tmp_path / "g", qtype="F32", load_dtype="bfloat16")
+    reader = gguf.GGUFReader(str(tmp_path / "g" / GGUF_NAME))
+    t = {x.name: x for x in reader.tensors}["blk.0.ffn_down.weight"]
+    w = sr.load_model(str(ckpt)).model.model.layers[0].mlp.down_proj.weight.detach()
+    got = decode_tensor(t.data, t.tensor_type, tuple(w.shape))
+    assert np.array_equal(got, w.to(torch.bfloat16).float().numpy())
+    if HAS_LLAMA:  # bf16 compute on the reference side: the loose gate
+        assert all(c["tolerance"] == 0.75 for c in res.verification["logits"])

@@ -21,7 +21,7 @@ def add_arguments(p):
                                                  "(format default if omitted; --load-dtype is the compute dtype)")
     p.add_argument("--load-dtype", dest="load_dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype the source model is loaded and verified in (default float32; bfloat16 halves "
-                        "its memory, bitmask and semi-structured only; the bitmask then stores bf16 unless --dtype "
+                        "its memory, bitmask, semi-structured and gguf only; the bitmask then stores bf16 unless --dtype "
                         "says otherwise)")
     p.add_argument("--optimize", default=None, help="onnx: ORT offline graph optimisation none|basic|extended")
     p.add_argument("--sparse-initializers", dest="sparse_initializers", action="store_const", const=True,
