@@ -186,3 +186,25 @@ def test_a_bf16_source_exports_with_half_the_memory(ckpt, tmp_path):
     assert np.array_equal(got, w.to(torch.bfloat16).float().numpy())
     if HAS_LLAMA:  # bf16 compute on the reference side: the loose gate
         assert all(c["tolerance"] == 0.75 for c in res.verification["logits"])
+
+
+@needs_llama
+def test_qwen3_with_its_qk_norms_and_a_wider_head(tmp_path):
+    """Qwen3: q/k RMS norms per head and head_dim 32 != hidden / heads (llama.cpp's key/value length)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from sparse_runtime.models import ByteTokenizer, family_of
+
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms that are not all ones, so a missing or misplaced one shows
+        for layer in m.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    src = sr.save_checkpoint(m, ByteTokenizer(), tmp_path / "q3", sr.build_manifest(m, family_of(m), base_model="q3"))
+    res = export(src, "gguf", tmp_path / "g", qtype="F32")
+    assert res.contents["architecture"] == "qwen3" and res.contents["rope_rows_reordered"] is False
+    assert all(c["relative_l2"] <= 1e-3 for c in res.verification["logits"])
