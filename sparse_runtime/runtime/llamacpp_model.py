@@ -1,9 +1,10 @@
 """A GGUF model in llama.cpp, one sequence at a time, through ``llama-cpp-python``'s C bindings.
 
 The low-level calls (``llama_decode`` on a batch, ``llama_get_logits_ith``, ``llama_memory_seq_rm``)
-rather than the ``Llama`` class: that class keeps its own token history and copies every
-position's logits when asked for any, while the engine interface needs exactly "prefill these
-ids, keep the cache" and "one more token", and a benchmark must time llama.cpp, not a wrapper.
+rather than the ``Llama`` class: that class keeps its own token history and score array (every
+position's logits when a caller needs them for a prefill), while the engine interface needs exactly
+"prefill these ids, keep the cache" and "one more token", and a benchmark must time llama.cpp, not
+a wrapper.
 Measured on SmolLM2-135M Q4_0 (Zen 4, 2 threads): the Python side of a decode token is 0.13-0.18 ms of
 4.0-4.8 -- filling the batch 8 us, ``llama_get_logits_ith`` 14-30 us, and copying the 49,152 logits out
 of llama.cpp's buffer 60-100 us (written by the other core), the same copy our lean engines make of
