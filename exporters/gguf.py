@@ -57,7 +57,6 @@ from .verify import FIXED_PROMPT, ExportVerificationError, fixed_prompt_ids, tor
 GGUF_NAME = "model.gguf"
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 QUANT_BLOCK = 32  # Q8_0 and Q4_0: 32 weights a block along the input dimension
-BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5}
 # llama.cpp's architecture for each model_type we export, and whether its rope rotates adjacent pairs
 # (``llama``: HF's q/k rows are reordered) or halves (``qwen2``/``qwen3``: kept as they are).
 ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
@@ -194,7 +193,10 @@ def bpe_vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
     for a in spec.get("added_tokens", []):
         tokens[int(a["id"])] = a["content"]
         types[int(a["id"])] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-    n = max(vocab_size, max(tokens) + 1)
+    if max(tokens) + 1 > vocab_size:  # llama.cpp would refuse the file: one token per embedding row
+        raise ConfigError(f"the tokenizer has {max(tokens) + 1} token ids and the model's embedding {vocab_size} rows: "
+                          "export with vocab=none (token ids only), or give the model its own tokenizer")
+    n = vocab_size
     toks = [tokens.get(i, f"[PAD{i}]") for i in range(n)]
     tys = [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]

@@ -208,3 +208,18 @@ def test_qwen3_with_its_qk_norms_and_a_wider_head(tmp_path):
     res = export(src, "gguf", tmp_path / "g", qtype="F32")
     assert res.contents["architecture"] == "qwen3" and res.contents["rope_rows_reordered"] is False
     assert all(c["relative_l2"] <= 1e-3 for c in res.verification["logits"])
+
+
+def test_a_tokenizer_larger_than_the_embedding_gets_one_line(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sparse_runtime.models.loading import ensure_smollm2
+    from sparse_runtime.models.tiny import tiny_model
+
+    m = tiny_model("llama")  # 256 embedding rows, a 49,152-token tokenizer
+    src = sr.save_checkpoint(m, AutoTokenizer.from_pretrained(ensure_smollm2()), tmp_path / "big-tok",
+                             sr.build_manifest(m, sr.load_model("tiny-llama").family, base_model="tiny"))
+    with pytest.raises(ConfigError, match="49152 token ids.*256 rows.*vocab=none"):
+        export(src, "gguf", tmp_path / "g", qtype="F32")
+    assert not (tmp_path / "g").exists()
+    assert export(src, "gguf", tmp_path / "g", qtype="F32", vocab="none").contents["vocab"] == "none (token ids only)"
