@@ -52,7 +52,7 @@ from sparse_runtime.errors import ConfigError
 
 from . import CommonOptions, EXPORTERS, Exporter
 from .source import Source
-from .verify import FIXED_PROMPT, ExportVerificationError, fixed_prompt_ids, torch_reference
+from .verify import FIXED_PROMPT, ExportVerificationError, fixed_prompt_ids, relative_check, torch_reference
 
 GGUF_NAME = "model.gguf"
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
@@ -143,6 +143,12 @@ def tensor_map(model, arch: str, reorder: bool) -> list[tuple[str, str, Optional
     return out
 
 
+def rope_heads(cfg) -> dict[str, int]:
+    """Heads of q_proj's and k_proj's rows (the rope reorder works head by head)."""
+    return {"q": int(cfg.num_attention_heads),
+            "k": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)}
+
+
 def head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
@@ -207,18 +213,6 @@ def bpe_vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-class QuantReport:
-    """What quantizing the weights did: kept weights that became zero, per tensor."""
-
-    def __init__(self) -> None:
-        self.rounded_to_zero: dict[str, int] = {}
-
-    def add(self, name: str, w: np.ndarray, deq: np.ndarray) -> None:
-        lost = int(((w != 0) & (deq == 0)).sum())
-        if lost:
-            self.rounded_to_zero[name] = lost
-
-
 def encode_tensor(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     """``w`` (float32) as the bytes/array GGUFWriter takes, and its GGML type."""
     gguf = _gguf()
@@ -249,22 +243,19 @@ class GgufExporter(Exporter):
             raise ConfigError(f"the gguf export writes {', '.join(sorted(ARCHES))} models; this one is {mt!r}")
         arch, reorder = ARCHES[mt]
         names = tensor_map(model, arch, reorder)
+        sd = model.state_dict()
         if opts.qtype in ("Q8_0", "Q4_0"):
-            bad = [hf for _, hf, _ in names if "weight" in hf and model.state_dict()[hf].ndim == 2
-                   and model.state_dict()[hf].shape[-1] % QUANT_BLOCK]
+            bad = [hf for _, hf, _ in names if sd[hf].ndim == 2 and sd[hf].shape[-1] % QUANT_BLOCK]
             if bad:
                 raise ConfigError(f"{opts.qtype} quantizes blocks of {QUANT_BLOCK} along a row, and {bad[0]} has "
-                                  f"{model.state_dict()[bad[0]].shape[-1]} columns: export with qtype F16 or F32")
+                                  f"{sd[bad[0]].shape[-1]} columns: export with qtype F16 or F32")
         freqs = rope_freq_factors(model)
         if freqs is not None and arch != "llama":
             raise ConfigError(f"a scaled rope on llama.cpp's {arch} architecture is not exported here; use "
                               "llama.cpp's convert_hf_to_gguf.py")
-        vocab = None
-        if opts.vocab == "auto" and src.tokenizer is not None and hasattr(src.tokenizer, "backend_tokenizer"):
+        vocab = None  # tiny models' byte tokenizer: token ids only, as vocab=none
+        if opts.vocab == "auto" and src.tokenizer is not None and not _is_byte_tokenizer(src.tokenizer):
             vocab = bpe_vocabulary(src.tokenizer, int(cfg.vocab_size))
-        elif opts.vocab == "auto" and src.tokenizer is not None and not _is_byte_tokenizer(src.tokenizer):
-            raise ConfigError("the gguf export writes Hugging Face fast BPE tokenizers; this model has "
-                              f"{type(src.tokenizer).__name__}: pass vocab=none (token ids only)")
 
         logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file at INFO
         # use_temp_file: each tensor goes to a spooled temporary file as it is made (memory holds one
@@ -277,7 +268,7 @@ class GgufExporter(Exporter):
         w.add_block_count(int(cfg.num_hidden_layers))
         w.add_feed_forward_length(int(cfg.intermediate_size))
         w.add_head_count(int(cfg.num_attention_heads))
-        w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+        w.add_head_count_kv(rope_heads(cfg)["k"])
         w.add_rope_dimension_count(head_dim(cfg))
         if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
             w.add_key_length(head_dim(cfg))
@@ -302,10 +293,8 @@ class GgufExporter(Exporter):
             if vocab["chat_template"]:
                 w.add_chat_template(vocab["chat_template"])
 
-        sd = model.state_dict()
-        heads = {"q": int(cfg.num_attention_heads),
-                 "k": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)}
-        report = QuantReport()
+        heads = rope_heads(cfg)
+        rounded_to_zero: dict[str, int] = {}  # kept weights the type rounds to 0, per tensor: reported, never hidden
         stored_bytes, weights = 0, 0
         for gname, hf, r in names:
             a = sd[hf].detach().float().cpu().numpy()
@@ -313,7 +302,9 @@ class GgufExporter(Exporter):
                 a = rope_pairs(a, heads[r])
             data, t = encode_tensor(a, opts.qtype)
             if a.ndim == 2:
-                report.add(gname, a, decode_tensor(data, t, a.shape))
+                lost = int(((a != 0) & (decode_tensor(data, t, a.shape) == 0)).sum())
+                if lost:
+                    rounded_to_zero[gname] = lost
                 weights += a.size
                 stored_bytes += data.nbytes
             plain = t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
@@ -334,7 +325,7 @@ class GgufExporter(Exporter):
                                  "lm_head": "tied to the embedding" if getattr(cfg, "tie_word_embeddings", False)
                                  else opts.qtype, "embedding": opts.qtype,
                                  "bytes_per_weight": round(stored_bytes / max(1, weights), 4),
-                                 "kept_weights_rounded_to_zero": report.rounded_to_zero}}
+                                 "kept_weights_rounded_to_zero": rounded_to_zero}}
 
     def verify(self, src: Source, out: Path, opts: GgufOptions, contents: dict[str, Any]) -> dict[str, Any]:
         problems = self._verify_tensors(src, out, opts, contents)
@@ -360,8 +351,7 @@ class GgufExporter(Exporter):
         reader = gguf.GGUFReader(str(out / GGUF_NAME))
         got = {t.name: t for t in reader.tensors}
         sd = model.state_dict()
-        heads = {"q": int(cfg.num_attention_heads),
-                 "k": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)}
+        heads = rope_heads(cfg)
         problems = []
         for gname, hf, r in tensor_map(model, arch, reorder):
             t = got.get(gname)
@@ -397,8 +387,6 @@ class GgufExporter(Exporter):
 
     def _verify_llama_cpp(self, src: Source, out: Path, opts: GgufOptions, contents: dict[str, Any],
                           runner) -> dict[str, Any]:
-        from .onnx_quant import relative_check
-
         ids = fixed_prompt_ids(src.tokenizer, src.model.config.vocab_size, batch=1)
         ref = torch_reference(src.model, ids, decode=True)
         fp32_source = next(src.model.parameters()).dtype == torch.float32  # --load-dtype bfloat16: bf16 compute

@@ -51,7 +51,7 @@ from . import CommonOptions, EXPORTERS, Exporter
 from .onnx_common import EXTERNAL_DATA_MODES, load_onnx, ort_session, save_onnx
 from .onnx_ort import MODEL_NAME, OnnxOptions, OnnxOrtExporter, run_with_past
 from .source import Source
-from .verify import fixed_prompt_ids, torch_reference
+from .verify import fixed_prompt_ids, relative_check, torch_reference
 
 BLOCK_SIZES = (32, 64, 128)
 NBITS = (4, 8)  # MatMulNBits' bit widths that ORT's CPU provider runs (2 exists but is not a baseline)
@@ -318,23 +318,6 @@ class _OnnxQuantExporter(Exporter):
                 "any weight (no sparsity exploited)",
                 "the lm_head is quantized too (a tied lm_head is materialised from the embedding's Transpose "
                 "first: ORT's quantizers skip non-constant weights)"]
-
-
-def relative_check(name: str, ref, got, tol: float) -> dict[str, Any]:
-    """Relative L2 error ``||got - ref|| / ||ref||`` against ``tol``, with the max |diff| and the
-    top-1 (argmax) agreement beside it."""
-    ref = np.asarray(ref.detach().float().numpy() if hasattr(ref, "detach") else ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    if ref.shape != got.shape:
-        from .verify import ExportVerificationError
-
-        raise ExportVerificationError(f"{name}: export returned logits of shape {got.shape}, PyTorch {ref.shape}")
-    finite = bool(np.isfinite(got).all())
-    rel = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30)) if finite else float("inf")
-    return {"name": name, "relative_l2": rel, "tolerance": tol,
-            "max_abs_diff": float(np.abs(ref - got).max()) if finite else float("inf"),
-            "max_abs_ref": float(np.abs(ref).max()),
-            "argmax_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "ok": bool(rel <= tol)}
 
 
 @EXPORTERS.register("onnx-int8")

@@ -7,6 +7,9 @@ Every exporter reloads what it wrote and compares it with the float32 PyTorch mo
   max|ref|`` (float32: 1e-3 + 1e-4 x scale; float16: 2e-2 + 2e-2 x scale; bfloat16: 5e-2 +
   5e-2 x scale). The greedy-token (argmax) agreement is reported beside it; on a random tiny model
   near-ties make it a weaker signal than the max difference, so it is reported, not gated.
+- **relative L2** (:func:`relative_check`) for the lossy formats (``onnx-int8`` / ``onnx-int4``, the
+  quantized ``gguf`` types): ``||got - ref|| / ||ref||`` against a gate that catches garbage, with
+  max |diff| and top-1 agreement reported beside it.
 - **sparsity and pattern**: every pruned layer's keep-mask digest must be found in the export
   (float32: exactly the source mask; reduced precision may only *lose* nonzeros that underflow to
   zero in the new dtype, which is counted and reported), and N:M layers must still comply.
@@ -87,6 +90,21 @@ def compare_logits(name: str, ref, got, dtype: str) -> LogitCheck:
     tol = atol + rtol * scale
     agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
     return LogitCheck(name, diff, scale, tol, agree, bool(diff <= tol))
+
+
+def relative_check(name: str, ref, got, tol: float) -> dict[str, Any]:
+    """Relative L2 error ``||got - ref|| / ||ref||`` against ``tol``, with the max |diff| and the
+    top-1 (argmax) agreement beside it."""
+    ref = np.asarray(ref.detach().float().numpy() if hasattr(ref, "detach") else ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape:
+        raise ExportVerificationError(f"{name}: export returned logits of shape {got.shape}, PyTorch {ref.shape}")
+    finite = bool(np.isfinite(got).all())
+    rel = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30)) if finite else float("inf")
+    return {"name": name, "relative_l2": rel, "tolerance": tol,
+            "max_abs_diff": float(np.abs(ref - got).max()) if finite else float("inf"),
+            "max_abs_ref": float(np.abs(ref).max()),
+            "argmax_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "ok": bool(rel <= tol)}
 
 
 @dataclass
